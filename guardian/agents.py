@@ -1,0 +1,76 @@
+"""The agent registry: who may open sessions, and with which token.
+
+A token is shown once, when the agent is added; the guardian stores only its
+HMAC under the token key ring, so the database alone cannot reveal or forge
+one.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from guardian.database import Connection
+from guardian.keys import KeyRing
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.formats import AGENT_NAME_RE, is_agent_token
+
+__all__ = ["AgentRecord", "AgentRegistry"]
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """One registered agent."""
+
+    name: str
+    created_at_ms: int
+    revoked_at_ms: int | None
+
+
+class AgentRegistry:
+    """Adds, lists, revokes and authenticates agents."""
+
+    def __init__(self, ring: KeyRing) -> None:
+        self._ring = ring
+
+    def add(self, connection: Connection, name: str, now_ms: int) -> str:
+        """Register name and return its new token (the only time it exists in clear)."""
+        if AGENT_NAME_RE.fullmatch(name) is None:
+            raise InvalidArgument("name: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if connection.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone() is not None:
+            raise FailedPrecondition(f"an agent named {name!r} already exists")
+        token = "agt_" + secrets.token_urlsafe(32)
+        key_id, digest = self._ring.sign(token.encode())
+        connection.execute(
+            "INSERT INTO agents (name, token_key_id, token_hash, created_at_ms) VALUES (?, ?, ?, ?)",
+            (name, key_id, digest, now_ms),
+        )
+        return token
+
+    def authenticate(self, connection: Connection, token: str) -> str | None:
+        """The name of the active agent holding token, or None."""
+        if not is_agent_token(token):
+            return None
+        for key_id in self._ring.keys:
+            _, digest = KeyRing(key_id, self._ring.keys).sign(token.encode())
+            row = connection.execute(
+                "SELECT name, revoked_at_ms FROM agents WHERE token_hash = ? AND token_key_id = ?",
+                (digest, key_id),
+            ).fetchone()
+            if row is not None:
+                return None if row[1] is not None else str(row[0])
+        return None
+
+    def revoke(self, connection: Connection, name: str, now_ms: int) -> None:
+        """Refuse name's token from now on."""
+        row = connection.execute("SELECT revoked_at_ms FROM agents WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no agent named {name!r}")
+        if row[0] is not None:
+            raise FailedPrecondition(f"the agent {name!r} is already revoked")
+        connection.execute("UPDATE agents SET revoked_at_ms = ? WHERE name = ?", (now_ms, name))
+
+    def list(self, connection: Connection) -> list[AgentRecord]:
+        """Every registered agent, by name."""
+        rows = connection.execute("SELECT name, created_at_ms, revoked_at_ms FROM agents ORDER BY name").fetchall()
+        return [AgentRecord(name=row[0], created_at_ms=row[1], revoked_at_ms=row[2]) for row in rows]

@@ -1,0 +1,93 @@
+"""``agent-guardian``: run the guardian daemon.
+
+Loads and validates the config, keys and policy, opens the encrypted
+database, binds the agent and admin sockets and serves until SIGTERM or
+SIGINT (in-flight requests finish, then the database is closed). SIGHUP
+reloads the policy; a policy that fails validation leaves the running one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from guardian.config import load_config
+from guardian.core import GuardianCore
+from guardian.server import GuardianServer
+from shared.errors import ConfigError
+from shared.jsonlog import configure_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("agent_guardian")
+security_log = logging.getLogger("agent_guardian.security")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent-guardian",
+        description="Run the agent-guardian daemon: the only process that holds the encrypted memory database,"
+        " its keys and the policy. Serves agents on the agent socket and guardianctl on the admin socket.",
+        epilog="Create a working state dir first with: guardianctl init --state-dir DIR. Signals: SIGTERM/SIGINT"
+        " stop gracefully, SIGHUP reloads the policy.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="path to config.yaml (see guardianctl init)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``agent-guardian``."""
+    args = _parser().parse_args(argv)
+    configure_logging("info")
+    os.umask(0o077)
+    try:
+        config = load_config(args.config)
+        configure_logging(config.log_level)
+        core = GuardianCore.open(config)
+    except ConfigError as error:
+        log.error("cannot start: %s", error.message, extra={"event": "start_failed"})
+        return 2
+    server = GuardianServer(core)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
+        stop.set()
+
+    def reload_policy(_signum: int, _frame: FrameType | None) -> None:
+        try:
+            policy = core.swap_policy()
+        except ConfigError as error:
+            security_log.error(
+                "policy reload refused; the running policy stays",
+                extra={"event": "policy_reload_failed", "error": error.message},
+            )
+            return
+        security_log.info("policy reloaded", extra={"event": "policy_reloaded", "policy_version": policy.version})
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, reload_policy)
+    try:
+        server.start()
+    except ConfigError as error:
+        log.error("cannot start: %s", error.message, extra={"event": "start_failed"})
+        server.stop(0)
+        core.close()
+        return 2
+    while not stop.wait(1.0):
+        pass
+    server.stop(config.shutdown_grace_s)
+    core.close()
+    log.info("stopped", extra={"event": "stopped"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

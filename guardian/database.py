@@ -1,0 +1,226 @@
+"""The encrypted database: opening it, its schema, and its one writer.
+
+SQLCipher 4 through ``sqlcipher3`` (its wheel bundles SQLCipher). The key is a
+random 32-byte raw key given as ``PRAGMA key = "x'<hex>'"`` (no PBKDF2 on
+open), built only from a validated hex string and always the first statement
+on a connection. ``cipher_version`` proves the build is SQLCipher.
+
+Concurrency: WAL; one long-lived writer connection used under a lock (every
+change and every audit row goes through it, so the audit row shares the
+change's transaction); one long-lived reader connection per thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import sqlcipher3
+
+from shared.errors import ConfigError, InternalError
+
+__all__ = ["SCHEMA_VERSION", "Connection", "Database"]
+
+_HEX_KEY_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+class Connection(Protocol):
+    """The slice of a DB-API connection the guardian uses."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any:
+        """Run one parameterised statement."""
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
+        """Run one statement once per parameter set."""
+
+
+# Each migration takes the schema from version N-1 to N; they run in order at
+# start, each in its own transaction with the user_version bump.
+_MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE agents (
+        name TEXT PRIMARY KEY,
+        token_key_id TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at_ms INTEGER NOT NULL,
+        revoked_at_ms INTEGER
+    );
+    CREATE TABLE memories (
+        rowid INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        agent TEXT NOT NULL REFERENCES agents(name),
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        content TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        hmac TEXT NOT NULL
+    );
+    CREATE INDEX memories_by_agent_newest ON memories(agent, created_at_ms DESC, rowid DESC);
+    CREATE VIRTUAL TABLE memories_fts USING fts5(
+        content, tags, content='memories', content_rowid='rowid', tokenize='unicode61 remove_diacritics 2'
+    );
+    CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN
+        INSERT INTO memories_fts(rowid, content, tags) VALUES (new.rowid, new.content, new.tags);
+    END;
+    CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, content, tags)
+        VALUES ('delete', old.rowid, old.content, old.tags);
+    END;
+    CREATE TRIGGER memories_fts_update AFTER UPDATE OF content, tags ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, content, tags)
+        VALUES ('delete', old.rowid, old.content, old.tags);
+        INSERT INTO memories_fts(rowid, content, tags) VALUES (new.rowid, new.content, new.tags);
+    END;
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms INTEGER NOT NULL,
+        agent TEXT NOT NULL,
+        session TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        object_id TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        policy_version TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_agent ON audit(agent, seq);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN
+        SELECT RAISE(ABORT, 'audit rows are append-only');
+    END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN
+        SELECT RAISE(ABORT, 'audit rows are append-only');
+    END;
+    """,
+)
+
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+
+def _connect(path: Path, key_hex: str) -> Any:
+    if _HEX_KEY_RE.fullmatch(key_hex) is None:
+        raise ConfigError("the database key must be 64 lowercase hex characters")
+    connection = sqlcipher3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+    # PRAGMA key must be the first statement; the key is validated hex, never agent input.
+    connection.execute(f"PRAGMA key = \"x'{key_hex}'\"")
+    row = connection.execute("PRAGMA cipher_version").fetchone()
+    if not row or not row[0]:
+        connection.close()
+        raise ConfigError("the sqlcipher3 module is not a SQLCipher build; refusing to store data unencrypted")
+    try:
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlcipher3.DatabaseError as exc:
+        connection.close()
+        raise ConfigError(
+            f"the database {path} cannot be opened with the configured key (wrong key or not a database)"
+        ) from exc
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("PRAGMA busy_timeout = 30000")
+    return connection
+
+
+class Database:
+    """The open, migrated, encrypted database."""
+
+    def __init__(self, path: Path, key_hex: str) -> None:
+        self.path = path
+        self._key_hex = key_hex
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists():
+            # Create the file 0600 before SQLCipher opens it, so it never exists with a wider mode.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        self._writer = _connect(path, key_hex)
+        self._writer.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode: a committed transaction survives a crash of this process.
+        self._writer.execute("PRAGMA synchronous = NORMAL")
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[Any] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._migrate()
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the file is at."""
+        return int(self._writer.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.schema_version
+        if current > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the database is at schema version {current}, newer than this guardian knows ({SCHEMA_VERSION});"
+                " run a newer agent-guardian"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with self.write() as connection:
+                for statement in _split_statements(_MIGRATIONS[version - 1]):
+                    connection.execute(statement)
+                # user_version takes no parameter; version is an int from this module.
+                connection.execute(f"PRAGMA user_version = {int(version)}")
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction on the single writer; commits on success, rolls back on error."""
+        with self._write_lock:
+            if self._closed:
+                raise InternalError("the database is closed")
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+    def reader(self) -> Connection:
+        """This thread's long-lived read connection."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            if self._closed:
+                raise InternalError("the database is closed")
+            connection = _connect(self.path, self._key_hex)
+            connection.execute("PRAGMA query_only = ON")
+            self._local.connection = connection
+            with self._readers_lock:
+                self._readers.append(connection)
+        return connection  # type: ignore[no-any-return]
+
+    def integrity_check(self) -> str:
+        """SQLite's integrity check: 'ok' or the first problems found."""
+        rows = self.reader().execute("PRAGMA integrity_check").fetchall()
+        return "; ".join(str(row[0]) for row in rows)
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close every connection."""
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self._readers_lock:
+                for connection in self._readers:
+                    connection.close()
+                self._readers.clear()
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._writer.close()
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a migration into statements; triggers keep their inner semicolons."""
+    statements: list[str] = []
+    buffer: list[str] = []
+    for line in script.strip().splitlines():
+        buffer.append(line)
+        joined = "\n".join(buffer).strip()
+        if joined.endswith(";") and sqlcipher3.complete_statement(joined):
+            statements.append(joined)
+            buffer = []
+    if "\n".join(buffer).strip():
+        raise ConfigError("a schema migration ends in an incomplete statement")
+    return statements

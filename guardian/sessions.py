@@ -1,0 +1,101 @@
+"""Agent sessions: issued by OpenSession, held only in the guardian's memory.
+
+A session ends when unused for the policy's idle timeout, at its absolute
+lifetime, when closed, or when its agent is revoked. A guardian restart ends
+every session; the gateway re-opens one with the agent's token.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass
+
+from shared.errors import Unauthenticated
+from shared.formats import SESSION_ID_RE
+
+__all__ = ["Session", "SessionTable"]
+
+
+@dataclass
+class Session:
+    """One open session. Mutable only under the table's lock."""
+
+    id: str
+    agent: str
+    created_at_ms: int
+    expires_at_ms: int
+    idle_timeout_ms: int
+    last_used_ms: int
+
+
+class SessionTable:
+    """The open sessions, safe to use from many threads."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def open(self, agent: str, now_ms: int, idle_timeout_ms: int, max_lifetime_ms: int) -> Session:
+        """A new session for agent."""
+        session = Session(
+            id="ses_" + secrets.token_urlsafe(24),
+            agent=agent,
+            created_at_ms=now_ms,
+            expires_at_ms=now_ms + max_lifetime_ms,
+            idle_timeout_ms=idle_timeout_ms,
+            last_used_ms=now_ms,
+        )
+        with self._lock:
+            self._sessions[session.id] = session
+        return session
+
+    def resolve(self, session_id: str, now_ms: int) -> Session:
+        """The live session with this id, touched; Unauthenticated if none."""
+        if not session_id:
+            raise Unauthenticated("no session: open one with an agent token first")
+        if SESSION_ID_RE.fullmatch(session_id) is None:
+            raise Unauthenticated("unknown session: open a new one with the agent token")
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                raise Unauthenticated("unknown session: open a new one with the agent token")
+            if now_ms >= session.expires_at_ms or now_ms - session.last_used_ms >= session.idle_timeout_ms:
+                del self._sessions[session_id]
+                raise Unauthenticated("the session expired: open a new one with the agent token")
+            session.last_used_ms = now_ms
+            return session
+
+    def close(self, session_id: str) -> bool:
+        """End a session; whether it existed."""
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def end_agent(self, agent: str) -> int:
+        """End every session of agent; how many ended."""
+        with self._lock:
+            ended = [sid for sid, session in self._sessions.items() if session.agent == agent]
+            for sid in ended:
+                del self._sessions[sid]
+        return len(ended)
+
+    def count(self, agent: str, now_ms: int) -> int:
+        """How many live sessions agent has."""
+        with self._lock:
+            return sum(
+                1
+                for s in self._sessions.values()
+                if s.agent == agent and now_ms < s.expires_at_ms and now_ms - s.last_used_ms < s.idle_timeout_ms
+            )
+
+    def sweep(self, now_ms: int) -> int:
+        """Forget expired sessions; how many."""
+        with self._lock:
+            expired = [
+                sid
+                for sid, s in self._sessions.items()
+                if now_ms >= s.expires_at_ms or now_ms - s.last_used_ms >= s.idle_timeout_ms
+            ]
+            for sid in expired:
+                del self._sessions[sid]
+        return len(expired)

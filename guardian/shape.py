@@ -1,0 +1,147 @@
+"""The shape stage: field types, sizes and counts, checked before any data is touched.
+
+Each function takes what arrived on the wire and the caller's limits, and
+returns a validated value or raises InvalidArgument naming the field and the
+limit, never echoing the content.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from guardian.integrity import canonical_json
+from guardian.memories import Draft
+from guardian.policy import Limits
+from shared.errors import InvalidArgument
+from shared.formats import MEMORY_ID_RE
+
+__all__ = [
+    "check_known_fields",
+    "content",
+    "draft",
+    "memory_id",
+    "metadata_json",
+    "page_size",
+    "query",
+    "tags",
+]
+
+
+def check_known_fields(message: Message) -> None:
+    """Refuse a request carrying fields this guardian's contract does not define."""
+    if len(UnknownFieldSet(message)) > 0:
+        raise InvalidArgument("the request has fields this guardian does not know; check the client's version")
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        values = value if descriptor.is_repeated else [value]
+        for item in values:
+            check_known_fields(item)
+
+
+def content(value: str, limits: Limits, field: str = "content") -> str:
+    """Non-blank content within max_content_bytes."""
+    if not value.strip():
+        raise InvalidArgument(f"{field}: must not be empty")
+    size = len(value.encode("utf-8"))
+    if size > limits.max_content_bytes:
+        raise InvalidArgument(f"{field}: {size} bytes is over the limit of {limits.max_content_bytes} bytes")
+    return value
+
+
+def tags(values: Sequence[str], limits: Limits, field: str = "tags") -> tuple[str, ...]:
+    """At most max_tags distinct, non-blank tags of at most max_tag_bytes each (duplicates dropped)."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) > limits.max_tags:
+        raise InvalidArgument(f"{field}: {len(unique)} tags is over the limit of {limits.max_tags}")
+    for index, tag in enumerate(unique):
+        if not tag.strip():
+            raise InvalidArgument(f"{field}[{index}]: must not be empty")
+        if any(ord(char) < 32 or ord(char) == 127 for char in tag):
+            raise InvalidArgument(f"{field}[{index}]: must not contain control characters")
+        size = len(tag.encode("utf-8"))
+        if size > limits.max_tag_bytes:
+            raise InvalidArgument(f"{field}[{index}]: {size} bytes is over the limit of {limits.max_tag_bytes}")
+    return tuple(unique)
+
+
+def metadata_json(value: str, limits: Limits, field: str = "metadata") -> str:
+    """A JSON object (empty string means {}) within max_metadata_bytes, in canonical form."""
+    if not value:
+        return "{}"
+    if len(value.encode("utf-8")) > limits.max_metadata_bytes * 4:
+        raise InvalidArgument(f"{field}: over the limit of {limits.max_metadata_bytes} bytes")
+    try:
+        parsed = json.loads(value, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise InvalidArgument(f"{field}: is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument(f"{field}: must be a JSON object, not {_json_kind(parsed)}")
+    _check_finite(parsed, field)
+    canonical = canonical_json(parsed)
+    size = len(canonical.encode("utf-8"))
+    if size > limits.max_metadata_bytes:
+        raise InvalidArgument(f"{field}: {size} bytes is over the limit of {limits.max_metadata_bytes} bytes")
+    return canonical
+
+
+def draft(content_value: str, tag_values: Sequence[str], metadata_value: str, limits: Limits, field: str) -> Draft:
+    """A whole memory draft."""
+    return Draft(
+        content=content(content_value, limits, f"{field}.content" if field else "content"),
+        tags=tags(tag_values, limits, f"{field}.tags" if field else "tags"),
+        metadata_json=metadata_json(metadata_value, limits, f"{field}.metadata" if field else "metadata"),
+    )
+
+
+def memory_id(value: str) -> str:
+    """An id of the form the guardian issues."""
+    if not value:
+        raise InvalidArgument("id: is required")
+    if MEMORY_ID_RE.fullmatch(value) is None:
+        raise InvalidArgument("id: not a memory id this guardian issues (expected mem_ and 32 hex digits)")
+    return value
+
+
+def query(value: str, limits: Limits) -> str:
+    """A non-blank search query within max_query_bytes."""
+    if not value.strip():
+        raise InvalidArgument("query: must not be empty")
+    size = len(value.encode("utf-8"))
+    if size > limits.max_query_bytes:
+        raise InvalidArgument(f"query: {size} bytes is over the limit of {limits.max_query_bytes} bytes")
+    return value
+
+
+def page_size(value: int, limits: Limits, field: str) -> int:
+    """0 (meaning the maximum) or 1..max_page_size."""
+    if value == 0:
+        return limits.max_page_size
+    if value > limits.max_page_size:
+        raise InvalidArgument(f"{field}: {value} is over the limit of {limits.max_page_size}")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_finite(value: object, field: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"{field}: numbers must be finite")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_finite(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite(item, field)
+
+
+def _json_kind(value: object) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")

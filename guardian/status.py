@@ -1,0 +1,54 @@
+"""The one place guardian errors become gRPC statuses.
+
+Messages are passed through as written (they are made safe to show an
+agent); InternalError always goes out as a bare "internal error", and a
+RateLimited carries ``retry-after-ms`` in the trailing metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Final, NoReturn
+
+import grpc
+
+from shared.errors import (
+    ConfigError,
+    DataLoss,
+    FailedPrecondition,
+    GuardianError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
+
+__all__ = ["RETRY_AFTER_KEY", "STATUS_OF", "abort_with"]
+
+#: Trailing-metadata key carrying a RateLimited's retry_after_ms (decimal).
+RETRY_AFTER_KEY: Final = "retry-after-ms"
+
+STATUS_OF: Final[dict[type[GuardianError], grpc.StatusCode]] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
+    InternalError: grpc.StatusCode.INTERNAL,
+    ConfigError: grpc.StatusCode.INTERNAL,
+}
+
+
+def abort_with(context: grpc.ServicerContext, error: GuardianError) -> NoReturn:
+    """End the call with the status that error maps to."""
+    code = STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
+    if code is grpc.StatusCode.INTERNAL:
+        context.abort(code, "internal error")
+    if isinstance(error, RateLimited):
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(error.retry_after_ms)),))
+    context.abort(code, error.message)

@@ -1,0 +1,32 @@
+"""Formats of the identifiers the guardian issues.
+
+Both processes check these before anything else, so malformed input is
+refused early with a clear message; only the guardian mints them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = [
+    "AGENT_NAME_RE",
+    "MEMORY_ID_RE",
+    "SESSION_ID_RE",
+    "TOKEN_RE",
+    "is_agent_token",
+]
+
+#: ``agt_`` and 43 base64url characters (32 random bytes).
+TOKEN_RE: Final = re.compile(r"agt_[A-Za-z0-9_-]{43}")
+#: ``ses_`` and 32 base64url characters (24 random bytes).
+SESSION_ID_RE: Final = re.compile(r"ses_[A-Za-z0-9_-]{32}")
+#: ``mem_`` and 32 lowercase hex characters (16 random bytes).
+MEMORY_ID_RE: Final = re.compile(r"mem_[0-9a-f]{32}")
+#: An agent's name: 1-64 characters, letters, digits, '-', '_', '.', not starting with a symbol.
+AGENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_agent_token(value: str) -> bool:
+    """Whether value has the shape of an agent token (not whether it is valid)."""
+    return TOKEN_RE.fullmatch(value) is not None

@@ -1,0 +1,65 @@
+"""Regenerate the Python gRPC stubs in shared/rpc/ from proto/ (`make stubs`).
+
+The proto files are mapped under the virtual path ``shared/rpc`` so the
+generated imports read ``from shared.rpc.guardian.v1 import ...``: the proto
+package stays ``guardian.v1`` on the wire, and nothing collides with the
+``guardian`` Python package. tests/test_stubs.py regenerates into a temporary
+directory and fails when the committed stubs differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+STUB_PACKAGE = Path("shared/rpc")
+
+
+def proto_files() -> list[Path]:
+    """Every .proto under proto/, in a stable order."""
+    return sorted(PROTO_DIR.rglob("*.proto"))
+
+
+def generate(out_dir: Path) -> None:
+    """Write the stubs for every proto file into out_dir/shared/rpc/..."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{STUB_PACKAGE}={PROTO_DIR}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        f"--mypy_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
+        *(str(path) for path in proto_files()),
+    ]
+    result = subprocess.run(command, check=False, env=env, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"protoc failed:\n{result.stderr}")
+    package = out_dir / STUB_PACKAGE
+    for directory in [package, *(p for p in package.rglob("*") if p.is_dir())]:
+        (directory / "__init__.py").touch()
+
+
+def main() -> None:
+    """Regenerate the committed stubs in place."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    target = ROOT / STUB_PACKAGE / "guardian"
+    if target.exists():
+        shutil.rmtree(target)
+    generate(ROOT)
+    print(f"stubs written to {target.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
