@@ -1,0 +1,33 @@
+# agent-guardian: `make run` starts both processes locally, `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test lint stubs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) tools/bootstrap_venv.py $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## run: guardian + gateway on ./var (created on first run), as the current user; Ctrl-C stops both
+run: $(STAMP)
+	$(PY) tools/run_local.py --state-dir var
+
+## test: lint, type-check, then the whole suite
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+## stubs: regenerate shared/rpc from proto/
+stubs: $(STAMP)
+	$(PY) tools/gen_stubs.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,16 @@
+"""Shared fixtures: a real guardian process per test module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import Guardian, running_guardian
+
+
+@pytest.fixture(scope="module")
+def guardian() -> Iterator[Guardian]:
+    """A guardian process on a fresh state dir, shared by one test module."""
+    with running_guardian() as started:
+        yield started
