@@ -83,9 +83,19 @@ def main() -> None:
     try:
         _wait_for(config.admin_socket.path.exists, "guardian", 30, guardian)
         token = _local_token(state_dir, config.admin_socket.path)
+        socket_path = config.agent_socket.path
         gateway = subprocess.Popen(
-            [python, "-m", "gateway.cli", "--transport", "http", "--port", str(args.port)]
-            + ["--socket", str(config.agent_socket.path)],
+            [
+                python,
+                "-m",
+                "gateway.cli",
+                "--transport",
+                "http",
+                "--port",
+                str(args.port),
+                "--socket",
+                str(socket_path),
+            ],
             cwd=ROOT,
         )
         _wait_for(lambda: _port_open(args.port), "gateway", 30, gateway)
