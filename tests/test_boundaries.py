@@ -30,7 +30,5 @@ def imported_roots(path: Path) -> set[str]:
 def test_package_imports_stay_on_its_side(package: str) -> None:
     files = [p for p in (ROOT / package).rglob("*.py") if "rpc" not in p.relative_to(ROOT / package).parts]
     assert files
-    offenders = {
-        str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package]) for path in files
-    }
+    offenders = {str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package]) for path in files}
     assert not {path: names for path, names in offenders.items() if names}

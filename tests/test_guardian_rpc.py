@@ -28,7 +28,9 @@ def alice(guardian: Guardian):
 
 
 def store(stub, session: str, content: str, tags=(), metadata: str = "") -> pb.Memory:
-    request = pb.StoreRequest(session_id=session, memory=pb.MemoryDraft(content=content, tags=tags, metadata_json=metadata))
+    request = pb.StoreRequest(
+        session_id=session, memory=pb.MemoryDraft(content=content, tags=tags, metadata_json=metadata)
+    )
     return stub.Store(request).memory
 
 
@@ -39,7 +41,9 @@ def count_memories(guardian: Guardian, agent: str) -> int:
 
 def test_store_get_search_update_list_delete(guardian: Guardian, alice) -> None:
     stub, session = alice
-    memory = store(stub, session, "The deploy key lives in the vault under ops/deploy", ["ops"], '{"b": 1, "a": [1, 2]}')
+    memory = store(
+        stub, session, "The deploy key lives in the vault under ops/deploy", ["ops"], '{"b": 1, "a": [1, 2]}'
+    )
     assert memory.id.startswith("mem_")
     assert memory.metadata_json == '{"a":[1,2],"b":1}'
     got = stub.Get(pb.GetRequest(session_id=session, id=memory.id)).memory

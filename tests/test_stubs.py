@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.harness import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
-import gen_stubs  # noqa: E402
+import gen_stubs
 
 
 def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
@@ -18,7 +18,9 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     committed = ROOT / "shared" / "rpc" / "guardian"
     names = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file())
     assert names == sorted(
-        p.relative_to(committed).as_posix() for p in committed.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        p.relative_to(committed).as_posix()
+        for p in committed.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
     )
     stale = [name for name in names if not filecmp.cmp(fresh / name, committed / name, shallow=False)]
     assert not stale, f"stubs are stale; run `make stubs`: {stale}"

@@ -1,0 +1,238 @@
+"""``agent-gateway``: serve the memory tools over stdio or streamable HTTP.
+
+stdio: the agent token comes from ``AGENT_GUARDIAN_TOKEN``; the gateway opens
+its guardian session at start, so the tool descriptions carry the session's
+limits. Stdout carries only the MCP protocol; logs are JSON lines on stderr.
+
+HTTP: ``/mcp`` on 127.0.0.1:8765 by default; every request needs
+``Authorization: Bearer <agent token>``.
+
+SIGTERM and SIGINT stop either mode after closing the guardian sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Coroutine, Iterator, Sequence
+from typing import Any, Final
+
+import uvicorn
+
+from gateway.client import DEFAULT_DEADLINE_S
+from gateway.http_auth import MCP_PATH, build_http_app
+from gateway.logs import configure_logging
+from gateway.state import open_gateway
+from gateway.tools import build_server
+from shared.errors import GuardianError, Unauthenticated
+from shared.formats import is_agent_token
+
+__all__ = ["main"]
+
+SOCKET_ENV: Final = "AGENT_GUARDIAN_SOCKET"
+TOKEN_ENV: Final = "AGENT_GUARDIAN_TOKEN"  # noqa: S105 (a variable's name, not a secret)
+DEFAULT_SOCKET: Final = "/run/agent-guardian/agent.sock"
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_TOKEN_REFUSED: Final = 3
+_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+_log = logging.getLogger("gateway")
+
+_EPILOG = f"""\
+environment:
+  {TOKEN_ENV}   the agent token (agt_...), required with --transport stdio;
+                          never printed. Over HTTP each client sends its own token.
+  {SOCKET_ENV}  default for --socket
+
+examples:
+  {TOKEN_ENV}=agt_... agent-gateway --transport stdio
+  agent-gateway --transport http --port 8765
+      then point an MCP client at http://127.0.0.1:8765{MCP_PATH} with the header
+      'Authorization: Bearer agt_...'
+
+exit status: 0 stopped cleanly; 1 could not start (e.g. the port is in use);
+             2 bad usage or missing/malformed token; 3 the guardian refused the agent token (stdio)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent-gateway",
+        description="MCP server giving an AI agent a persistent memory kept by the agent-guardian daemon. "
+        "It holds no data or keys: every tool call is forwarded to the guardian's agent socket.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--transport", choices=("stdio", "http"), required=True, help="stdio (one client) or streamable HTTP"
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=os.environ.get(SOCKET_ENV, DEFAULT_SOCKET),
+        help=f"absolute path of the guardian's agent socket (default: ${SOCKET_ENV} or %(default)s)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP: address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8765, help="HTTP: port to bind, 0 for any (default: %(default)s)")
+    parser.add_argument(
+        "--allowed-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="HTTP: another Host name clients use to reach the gateway (repeatable); "
+        "127.0.0.1, localhost and --host are always allowed",
+    )
+    parser.add_argument(
+        "--deadline",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_DEADLINE_S,
+        help="deadline of each guardian call (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="least severe level logged to stderr as JSON lines (default: %(default)s)",
+    )
+    return parser
+
+
+@contextlib.contextmanager
+def _stop_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def _until_signal(work: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run ``work`` until it ends (None) or a stop signal arrives (the cancelled, maybe unfinished, task)."""
+    stop = asyncio.Event()
+    with _stop_signals(stop):
+        task = asyncio.create_task(work)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if task.done():
+            task.result()
+            return None
+        _log.info("stopping")
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+        return task
+
+
+async def _serve_stdio(args: argparse.Namespace, token: str) -> int:
+    async with open_gateway(args.socket, token=token, deadline_s=args.deadline) as state:
+        try:
+            limits = (await state.broker.open(None, token)).limits
+        except Unauthenticated as err:
+            _log.error("agent token refused", extra={"detail": err.message})
+            return EXIT_TOKEN_REFUSED
+        except GuardianError as err:
+            # Serve anyway (e.g. the guardian is restarting): calls report the error until it is back.
+            _log.warning(
+                "no guardian session at start; tool descriptions state limits generally", extra={"kind": err.kind}
+            )
+            limits = None
+        server = build_server(state, limits=limits, log_level=args.log_level.upper())
+        _log.info("serving MCP on stdio", extra={"socket": args.socket})
+        unfinished = await _until_signal(server.run_stdio_async())
+    _log.info("stopped")
+    if unfinished is not None and not unfinished.done():
+        # The SDK reads stdin in a worker thread that no cancellation can interrupt, and
+        # the interpreter would wait for it at exit; the sessions are closed, so leave now.
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn that logs one line when listening and lets the gateway finish its own shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises a captured signal after serve() returns, which would kill the
+        # process before the guardian sessions are closed; handle the signals on the loop instead.
+        loop = asyncio.get_running_loop()
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in _STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            url = f"http://{host if ':' not in host else f'[{host}]'}:{port}{MCP_PATH}"
+            _log.info("listening", extra={"url": url, "host": host, "port": port})
+
+
+async def _serve_http(args: argparse.Namespace) -> int:
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _log.warning("binding a non-loopback address; any host that can reach it may try tokens")
+    async with open_gateway(args.socket, deadline_s=args.deadline) as state:
+        server = build_server(state, log_level=args.log_level.upper())
+        app = build_http_app(server, state, host=args.host, port=args.port, extra_hosts=args.allowed_host)
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            lifespan="on",
+        )
+        try:
+            await _Uvicorn(config).serve()
+        except SystemExit:  # uvicorn's way of failing to start; it logged why (e.g. the port is in use)
+            _log.error("could not start the HTTP server", extra={"host": args.host, "port": args.port})
+            return EXIT_FAILED
+    _log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the gateway; returns the exit status."""
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    if not os.path.isabs(args.socket):
+        print(f"agent-gateway: error: --socket must be an absolute path, got {args.socket!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.exists(args.socket):
+        _log.warning(
+            "guardian socket not found yet; calls fail as unavailable until it appears", extra={"socket": args.socket}
+        )
+    if args.log_level != "debug":
+        logging.getLogger("uvicorn").setLevel(logging.WARNING)  # the gateway logs its own "listening"
+    if args.transport == "http":
+        return asyncio.run(_serve_http(args))
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        print(f"agent-gateway: error: set {TOKEN_ENV} to the agent token (agt_...)", file=sys.stderr)
+        return EXIT_USAGE
+    if not is_agent_token(token):
+        print(
+            f"agent-gateway: error: {TOKEN_ENV} is not an agent token ('agt_' and 43 base64url characters)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return asyncio.run(_serve_stdio(args, token))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

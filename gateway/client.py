@@ -1,0 +1,323 @@
+"""The gateway's only caller of the guardian: typed stubs over one gRPC channel.
+
+This is the one module that imports the generated stubs and ``grpc``. Every
+method takes and returns plain values (``gateway.models``); every gRPC failure
+becomes a ``shared.errors`` exception in one place, ``guardian_errors()``, so no
+gRPC type leaks out of here.
+
+- One async channel to a filesystem Unix socket (``unix:/abs/path``), with a
+  short reconnect backoff so the gateway notices a restarted guardian quickly.
+- Every call has a deadline (default 10 s). Calls never wait for the channel
+  to become ready: a stopped guardian is reported at once, not after the
+  deadline.
+- Reads (OpenSession, Get, Search, List) are retried on ``Unavailable`` with
+  exponential backoff and jitter, a few times within about two seconds and
+  never past the call's deadline. Writes are not retried: the proto carries no
+  idempotency key, so a write whose answer was lost might have been applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Final, Self, TypeVar, cast
+
+import grpc
+import grpc.aio
+
+from gateway.models import Limits, Memory, MemoryDraft, Page, SearchHit, SessionInfo
+from shared.errors import (
+    DataLoss,
+    FailedPrecondition,
+    GuardianError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
+from shared.rpc.guardian.v1 import agent_pb2 as pb
+from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
+
+__all__ = ["DEFAULT_DEADLINE_S", "UNAVAILABLE_MESSAGE", "GuardianClient", "guardian_errors"]
+
+DEFAULT_DEADLINE_S: Final = 10.0
+UNAVAILABLE_MESSAGE: Final = "the memory guardian is unavailable; retry in a few seconds"
+
+#: Trailing metadata key of RESOURCE_EXHAUSTED: milliseconds until a retry may succeed.
+_RETRY_AFTER_KEY: Final = "retry-after-ms"
+_DEFAULT_RETRY_AFTER_MS: Final = 1000
+#: Status details are written by the guardian to be safe to show; this only bounds their size.
+_MAX_DETAILS_CHARS: Final = 500
+
+_CHANNEL_OPTIONS: Final = (
+    # A restarted guardian is reachable again within about a second.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+_R = TypeVar("_R")
+_jitter = secrets.SystemRandom()
+
+
+def _details(exc: grpc.aio.AioRpcError, default: str) -> str:
+    details = (exc.details() or "").strip()
+    return details[:_MAX_DETAILS_CHARS] if details else default
+
+
+def _retry_after_ms(exc: grpc.aio.AioRpcError) -> int:
+    # grpc.aio returns a grpc.aio.Metadata of (key, value) pairs; grpc-stubs types it as sync grpc's.
+    metadata = cast("Iterable[tuple[str, str | bytes]]", exc.trailing_metadata() or ())
+    for key, value in metadata:
+        if key == _RETRY_AFTER_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            if text.isdecimal():
+                return int(text)
+    return _DEFAULT_RETRY_AFTER_MS
+
+
+def _from_status(exc: grpc.aio.AioRpcError) -> GuardianError:
+    """The ``shared.errors`` exception for one gRPC status (see DESIGN.md's table)."""
+    code = exc.code()
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(_details(exc, "the request is malformed"))
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(_details(exc, "the policy does not allow this request"))
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return RateLimited(_details(exc, "rate limit reached"), _retry_after_ms(exc))
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(_details(exc, "the session is unknown or has expired"))
+    if code is grpc.StatusCode.NOT_FOUND:
+        return NotFound(_details(exc, "not found"))
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(_details(exc, "the request cannot run in the current state"))
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(UNAVAILABLE_MESSAGE)
+    if code is grpc.StatusCode.DATA_LOSS:
+        return DataLoss(_details(exc, "a stored memory failed its integrity check"))
+    # INTERNAL never carries detail; UNKNOWN, CANCELLED, ... are bugs or faults.
+    return InternalError()
+
+
+@contextmanager
+def guardian_errors() -> Iterator[None]:
+    """Turn a gRPC failure raised inside the block into the matching ``shared.errors`` exception."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise _from_status(exc) from exc
+    except grpc.aio.UsageError as exc:  # the channel was closed: the gateway is stopping
+        raise Unavailable(UNAVAILABLE_MESSAGE) from exc
+
+
+@contextmanager
+def _request_shape() -> Iterator[None]:
+    """Values protobuf cannot encode are the caller's mistake, reported before anything is sent."""
+    try:
+        yield
+    except UnicodeEncodeError:
+        raise InvalidArgument("text must be valid Unicode (no unpaired surrogate characters)") from None
+    except (ValueError, TypeError):
+        raise InvalidArgument("a number is out of range or a field has the wrong type") from None
+
+
+def _memory(msg: pb.Memory) -> Memory:
+    return Memory(
+        id=msg.id,
+        content=msg.content,
+        tags=tuple(msg.tags),
+        metadata_json=msg.metadata_json,
+        created_at_ms=msg.created_at_ms,
+        updated_at_ms=msg.updated_at_ms,
+        sha256=msg.sha256,
+    )
+
+
+def _draft(draft: MemoryDraft) -> pb.MemoryDraft:
+    return pb.MemoryDraft(content=draft.content, tags=draft.tags, metadata_json=draft.metadata_json)
+
+
+def _limits(msg: pb.Limits) -> Limits:
+    return Limits(
+        max_content_bytes=msg.max_content_bytes,
+        max_metadata_bytes=msg.max_metadata_bytes,
+        max_tags=msg.max_tags,
+        max_tag_bytes=msg.max_tag_bytes,
+        max_batch=msg.max_batch,
+        max_page_size=msg.max_page_size,
+        max_query_bytes=msg.max_query_bytes,
+    )
+
+
+def _check(condition: bool) -> None:
+    """An answer that does not fit its request is a guardian bug, never passed on."""
+    if not condition:
+        raise InternalError()
+
+
+class GuardianClient:
+    """Typed async client of the guardian's agent service on a Unix socket.
+
+    Create it inside a running event loop; close it with ``await close()`` or
+    use it as an async context manager.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        *,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        read_attempts: int = 4,
+        retry_window_s: float = 2.0,
+    ) -> None:
+        path = os.fspath(socket_path)
+        if not os.path.isabs(path):
+            raise ValueError(f"the guardian socket must be an absolute filesystem path, got {path!r}")
+        if deadline_s <= 0 or read_attempts < 1 or retry_window_s < 0:
+            raise ValueError("deadline_s must be > 0, read_attempts >= 1 and retry_window_s >= 0")
+        self.socket_path: Final = path
+        self._deadline_s = deadline_s
+        self._read_attempts = read_attempts
+        self._retry_window_s = retry_window_s
+        self._channel = grpc.aio.insecure_channel(f"unix:{path}", options=list(_CHANNEL_OPTIONS))
+        self._stub = pb_grpc.AgentServiceStub(self._channel)
+
+    async def close(self) -> None:
+        """Close the channel; calls made afterwards fail with ``Unavailable``."""
+        await self._channel.close(grace=None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- the two ways of calling ------------------------------------------------
+
+    async def _write(self, call: Callable[[float], Awaitable[_R]]) -> _R:
+        with guardian_errors():
+            return await call(self._deadline_s)
+
+    async def _read(self, call: Callable[[float], Awaitable[_R]]) -> _R:
+        """Run a call that is safe to repeat, retrying ``Unavailable`` within a short window."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + self._deadline_s
+        attempt = 1
+        while True:
+            try:
+                with guardian_errors():
+                    return await call(max(deadline - loop.time(), 0.001))
+            except Unavailable:
+                delay = 0.1 * 3 ** (attempt - 1) * _jitter.uniform(0.5, 1.0)
+                now = loop.time()
+                if (
+                    attempt >= self._read_attempts
+                    or now + delay - start > self._retry_window_s
+                    or now + delay >= deadline
+                ):
+                    raise
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    # -- one method per RPC ------------------------------------------------------
+
+    async def open_session(self, agent_token: str) -> SessionInfo:
+        """Exchange an agent token for a session (retried: a spare session only idles out)."""
+        with _request_shape():
+            request = pb.OpenSessionRequest(agent_token=agent_token)
+        response = await self._read(lambda t: self._stub.OpenSession(request, timeout=t, wait_for_ready=False))
+        _check(bool(response.session_id) and response.HasField("limits"))
+        return SessionInfo(
+            session_id=response.session_id,
+            agent=response.agent,
+            expires_at_ms=response.expires_at_ms,
+            idle_timeout_ms=response.idle_timeout_ms,
+            limits=_limits(response.limits),
+        )
+
+    async def close_session(self, session_id: str) -> None:
+        """End a session."""
+        with _request_shape():
+            request = pb.CloseSessionRequest(session_id=session_id)
+        await self._write(lambda t: self._stub.CloseSession(request, timeout=t, wait_for_ready=False))
+
+    async def store(self, session_id: str, draft: MemoryDraft) -> Memory:
+        """Store one memory."""
+        with _request_shape():
+            request = pb.StoreRequest(session_id=session_id, memory=_draft(draft))
+        response = await self._write(lambda t: self._stub.Store(request, timeout=t, wait_for_ready=False))
+        _check(response.HasField("memory"))
+        return _memory(response.memory)
+
+    async def store_batch(self, session_id: str, drafts: Sequence[MemoryDraft]) -> tuple[Memory, ...]:
+        """Store all drafts or none; memories come back in the order of the drafts."""
+        with _request_shape():
+            request = pb.StoreBatchRequest(session_id=session_id, memories=[_draft(d) for d in drafts])
+        response = await self._write(lambda t: self._stub.StoreBatch(request, timeout=t, wait_for_ready=False))
+        _check(len(response.memories) == len(drafts))
+        return tuple(_memory(m) for m in response.memories)
+
+    async def get(self, session_id: str, memory_id: str) -> Memory:
+        """One memory by id."""
+        with _request_shape():
+            request = pb.GetRequest(session_id=session_id, id=memory_id)
+        response = await self._read(lambda t: self._stub.Get(request, timeout=t, wait_for_ready=False))
+        _check(response.HasField("memory") and response.memory.id == memory_id)
+        return _memory(response.memory)
+
+    async def search(self, session_id: str, query: str, limit: int | None = None) -> tuple[SearchHit, ...]:
+        """Full-text search, best match first; ``limit=None`` means the session's maximum."""
+        with _request_shape():
+            request = pb.SearchRequest(session_id=session_id, query=query, limit=limit or 0)
+        response = await self._read(lambda t: self._stub.Search(request, timeout=t, wait_for_ready=False))
+        _check(limit is None or len(response.hits) <= limit)
+        return tuple(SearchHit(memory=_memory(h.memory), score=h.score) for h in response.hits)
+
+    async def list(self, session_id: str, page_size: int | None = None, cursor: str | None = None) -> Page:
+        """One page of memories, newest first; pass the returned ``next_cursor`` for the next."""
+        with _request_shape():
+            request = pb.ListRequest(session_id=session_id, page_size=page_size or 0, cursor=cursor or "")
+        response = await self._read(lambda t: self._stub.List(request, timeout=t, wait_for_ready=False))
+        _check(page_size is None or len(response.memories) <= page_size)
+        return Page(
+            memories=tuple(_memory(m) for m in response.memories),
+            next_cursor=response.next_cursor or None,
+        )
+
+    async def update(
+        self,
+        session_id: str,
+        memory_id: str,
+        *,
+        content: str | None = None,
+        tags: Sequence[str] | None = None,
+        metadata_json: str | None = None,
+    ) -> Memory:
+        """Replace each given field of a memory; fields left as None keep their value."""
+        with _request_shape():
+            request = pb.UpdateRequest(
+                session_id=session_id,
+                id=memory_id,
+                content=content,
+                tags=None if tags is None else pb.TagList(tags=tags),
+                metadata_json=metadata_json,
+            )
+        response = await self._write(lambda t: self._stub.Update(request, timeout=t, wait_for_ready=False))
+        _check(response.HasField("memory") and response.memory.id == memory_id)
+        return _memory(response.memory)
+
+    async def delete(self, session_id: str, memory_id: str) -> None:
+        """Delete a memory."""
+        with _request_shape():
+            request = pb.DeleteRequest(session_id=session_id, id=memory_id)
+        await self._write(lambda t: self._stub.Delete(request, timeout=t, wait_for_ready=False))

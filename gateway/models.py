@@ -1,0 +1,83 @@
+"""Plain values the gateway exchanges with the guardian.
+
+These mirror the messages of ``proto/guardian/v1/agent.proto`` without any gRPC
+type, so nothing outside ``gateway/client.py`` touches the generated stubs.
+They are frozen: a value read from the guardian is never changed in place.
+
+Fields that hold an agent's data (memory content) or a credential (a session
+id) are left out of ``repr`` so that a stray log line or traceback cannot leak
+them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Limits", "Memory", "MemoryDraft", "Page", "SearchHit", "SessionInfo"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits the guardian enforces for a session (sizes in UTF-8 bytes)."""
+
+    max_content_bytes: int
+    max_metadata_bytes: int
+    max_tags: int
+    max_tag_bytes: int
+    max_batch: int
+    max_page_size: int
+    max_query_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A guardian session, as OpenSession returned it."""
+
+    session_id: str = field(repr=False)
+    agent: str
+    #: Unix milliseconds after which the session is gone whatever happens.
+    expires_at_ms: int
+    #: The session also ends after this many milliseconds without a call.
+    idle_timeout_ms: int
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryDraft:
+    """What an agent writes: content, tags and optional metadata as a JSON object text."""
+
+    content: str = field(repr=False)
+    tags: tuple[str, ...] = ()
+    #: A JSON object serialised to text, or "" for none.
+    metadata_json: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """A stored memory, as the guardian returned it after its HMAC verified."""
+
+    id: str
+    content: str = field(repr=False)
+    tags: tuple[str, ...]
+    #: A JSON object serialised to text, or "" for none.
+    metadata_json: str = field(repr=False)
+    created_at_ms: int
+    updated_at_ms: int
+    #: Hex sha256 of the content.
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """One search result; a higher score is a better match."""
+
+    memory: Memory
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing; ``next_cursor`` is None on the last page."""
+
+    memories: tuple[Memory, ...]
+    next_cursor: str | None

@@ -1,0 +1,397 @@
+"""The MCP server: seven memory tools, each one guardian call on the caller's session.
+
+``build_server(state, limits=...)`` returns an ``MCPServer`` whose lifespan
+yields ``state``. A tool handler only reshapes: it checks the id format, turns
+metadata into JSON text, runs one ``GuardianClient`` call through the session
+broker and returns a typed result model; ``_tool`` turns that into a result
+with structured output, and any ``GuardianError`` into
+``gateway.outcomes.mcp_outcome(err)`` (an ``isError`` result or an
+``MCPError``). A tool never returns error text as a success.
+
+The caller's token is the stdio gateway's own (``GatewayState.token``) or, over
+HTTP, the request's bearer token (``ctx.headers``; the HTTP gate has checked it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Any, Final, Literal, ParamSpec, TypeVar
+
+from mcp import MCPError
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import INTERNAL_ERROR, CallToolResult, TextContent, ToolAnnotations
+from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from pydantic import BaseModel, Field
+
+from gateway.client import GuardianClient
+from gateway.http_auth import bearer_token
+from gateway.models import Limits, MemoryDraft
+from gateway.outcomes import mcp_outcome
+from gateway.schemas import (
+    DeleteResult,
+    GetResult,
+    Hit,
+    ListResult,
+    MemoryInput,
+    SearchResult,
+    StoreBatchResult,
+    StoredMemory,
+    StoreResult,
+    UpdateResult,
+    metadata_to_json,
+)
+from gateway.state import GatewayState
+from shared.errors import GuardianError, InvalidArgument
+from shared.formats import MEMORY_ID_RE
+
+__all__ = ["TOOL_NAMES", "build_server", "tool_descriptions"]
+
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound=BaseModel)
+_P = ParamSpec("_P")
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+_log = logging.getLogger(__name__)
+
+TOOL_NAMES: Final = (
+    "memory_store",
+    "memory_store_batch",
+    "memory_search",
+    "memory_get",
+    "memory_list",
+    "memory_update",
+    "memory_delete",
+)
+_UINT32_MAX: Final = 2**32 - 1
+
+_INSTRUCTIONS: Final = (
+    "A persistent memory for you, the agent. Store what you want to remember across conversations "
+    "with memory_store, find it again with memory_search (plain words) or memory_list (newest first), "
+    "and keep it current with memory_update and memory_delete. Every memory is private to your agent "
+    "identity. Errors start with their kind: invalid_argument (fix the call), permission_denied "
+    "(the policy or a content filter refused it; do not retry as is), rate_limited (retry after the "
+    "time given), not_found (no memory with that id visible to you)."
+)
+
+# -- parameters -----------------------------------------------------------------
+
+Content = Annotated[str, Field(description="The text to remember, as plain text.")]
+Tags = Annotated[
+    list[str], Field(description="Short labels to find the memory by later, e.g. 'project-x', 'preference'.")
+]
+Metadata = Annotated[
+    dict[str, Any] | None,
+    Field(description='Optional JSON object of extra structured data, e.g. {"source": "chat"}; null for none.'),
+]
+MemoryId = Annotated[
+    str,
+    Field(
+        description="The memory's id as memory_store, memory_search or memory_list returned it: "
+        "'mem_' followed by 32 lowercase hex characters."
+    ),
+]
+Query = Annotated[
+    str,
+    Field(description="Plain words to look for. Not a query language: quotes and operators are matched as text."),
+]
+Limit = Annotated[
+    int | None, Field(ge=1, le=_UINT32_MAX, description="At most this many hits; omit for the maximum allowed.")
+]
+PageSize = Annotated[
+    int | None,
+    Field(ge=1, le=_UINT32_MAX, description="At most this many memories on the page; omit for the maximum allowed."),
+]
+Cursor = Annotated[str | None, Field(description="The next_cursor of the previous page; omit for the first page.")]
+Drafts = Annotated[list[MemoryInput], Field(min_length=1, description="The memories to store, all or none.")]
+
+# -- the path of every call ---------------------------------------------------------
+
+
+def _scope(ctx: Context[GatewayState, Any]) -> str | None:
+    """The MCP session a call belongs to, for the broker (see ``gateway.sessions``)."""
+    headers = ctx.headers
+    if headers is None or ctx.request_context.protocol_version not in HANDSHAKE_PROTOCOL_VERSIONS:
+        return None
+    return headers.get("mcp-session-id") or None
+
+
+def _token(ctx: Context[GatewayState, Any], state: GatewayState) -> str:
+    if state.token is not None:
+        return state.token
+    headers = ctx.headers
+    token = bearer_token(headers.get("authorization") if headers is not None else None)
+    if token is None:  # the HTTP gate lets no such request through; this is a wiring fault
+        raise MCPError(
+            code=INTERNAL_ERROR, message="no agent token on this request", data={"kind": "internal", "retryable": False}
+        )
+    return token
+
+
+def _tool(fn: Callable[_P, Awaitable[_M]]) -> Callable[_P, Awaitable[CallToolResult]]:
+    """Make a handler that returns a result model into a tool that returns the SDK's ``CallToolResult``.
+
+    A ``GuardianError`` the handler raises becomes ``mcp_outcome(err)``: an ``isError``
+    result starting with the error's kind, or a raised ``MCPError``. The SDK reads the
+    signature through ``__wrapped__``, so the input and output schemas are ``fn``'s, and
+    it checks a successful result's structured content against the output model.
+    """
+
+    @functools.wraps(fn)
+    async def tool(*args: _P.args, **kwargs: _P.kwargs) -> CallToolResult:
+        try:
+            result = await fn(*args, **kwargs)
+        except GuardianError as err:
+            _log.info("tool call refused", extra={"tool": fn.__name__, "kind": err.kind})
+            return mcp_outcome(err)
+        return CallToolResult(
+            content=[TextContent(type="text", text=result.model_dump_json())],
+            structured_content=result.model_dump(mode="json"),
+        )
+
+    return tool
+
+
+async def _call(ctx: Context[GatewayState, Any], op: Callable[[GuardianClient, str], Awaitable[_T]]) -> _T:
+    """Run ``op(client, session_id)`` on the caller's guardian session."""
+    state = ctx.request_context.lifespan_context
+    return await state.broker.run(_scope(ctx), _token(ctx, state), lambda sid: op(state.client, sid))
+
+
+def _memory_id(value: str) -> str:
+    if MEMORY_ID_RE.fullmatch(value) is None:
+        raise InvalidArgument(
+            "id must be 'mem_' followed by 32 lowercase hex characters, "
+            "as memory_store, memory_search or memory_list returned it"
+        )
+    return value
+
+
+def _draft(content: str, tags: list[str], metadata: dict[str, Any] | None) -> MemoryDraft:
+    return MemoryDraft(content=content, tags=tuple(tags), metadata_json=metadata_to_json(metadata))
+
+
+# -- the tools ------------------------------------------------------------------------
+
+
+@_tool
+async def memory_store(
+    ctx: Context[GatewayState, Any],
+    content: Content,
+    tags: Tags = [],  # noqa: B006 (pydantic copies it; never mutated)
+    metadata: Metadata = None,
+) -> StoreResult:
+    """Store one memory."""
+    draft = _draft(content, tags, metadata)
+    memory = await _call(ctx, lambda c, sid: c.store(sid, draft))
+    return StoreResult(memory=StoredMemory.of(memory))
+
+
+@_tool
+async def memory_store_batch(ctx: Context[GatewayState, Any], memories: Drafts) -> StoreBatchResult:
+    """Store several memories at once, all or none."""
+    drafts = [_draft(m.content, m.tags, m.metadata) for m in memories]
+    stored = await _call(ctx, lambda c, sid: c.store_batch(sid, drafts))
+    return StoreBatchResult(memories=[StoredMemory.of(m) for m in stored])
+
+
+@_tool
+async def memory_search(ctx: Context[GatewayState, Any], query: Query, limit: Limit = None) -> SearchResult:
+    """Full-text search over your memories, best match first."""
+    hits = await _call(ctx, lambda c, sid: c.search(sid, query, limit))
+    return SearchResult(hits=[Hit.of(h) for h in hits])
+
+
+@_tool
+async def memory_get(ctx: Context[GatewayState, Any], id: MemoryId) -> GetResult:
+    """One memory by id."""
+    memory_id = _memory_id(id)
+    memory = await _call(ctx, lambda c, sid: c.get(sid, memory_id))
+    return GetResult(memory=StoredMemory.of(memory))
+
+
+@_tool
+async def memory_list(ctx: Context[GatewayState, Any], page_size: PageSize = None, cursor: Cursor = None) -> ListResult:
+    """Your memories, newest first, a page at a time."""
+    page = await _call(ctx, lambda c, sid: c.list(sid, page_size, cursor))
+    return ListResult(memories=[StoredMemory.of(m) for m in page.memories], next_cursor=page.next_cursor)
+
+
+@_tool
+async def memory_update(
+    ctx: Context[GatewayState, Any],
+    id: MemoryId,
+    content: Annotated[str | None, Field(description="New text; omit to keep the current text.")] = None,
+    tags: Annotated[list[str] | None, Field(description="New labels (replace all); omit to keep.")] = None,
+    metadata: Annotated[
+        dict[str, Any] | None, Field(description="New JSON object metadata (replaces it); omit to keep.")
+    ] = None,
+) -> UpdateResult:
+    """Replace the given fields of a memory."""
+    memory_id = _memory_id(id)
+    if content is None and tags is None and metadata is None:
+        raise InvalidArgument("nothing to update; give at least one of content, tags, metadata")
+    metadata_json = None if metadata is None else metadata_to_json(metadata)
+    memory = await _call(
+        ctx, lambda c, sid: c.update(sid, memory_id, content=content, tags=tags, metadata_json=metadata_json)
+    )
+    return UpdateResult(memory=StoredMemory.of(memory))
+
+
+@_tool
+async def memory_delete(ctx: Context[GatewayState, Any], id: MemoryId) -> DeleteResult:
+    """Delete a memory for good."""
+    memory_id = _memory_id(id)
+    await _call(ctx, lambda c, sid: c.delete(sid, memory_id))
+    return DeleteResult(deleted=memory_id)
+
+
+# -- descriptions and registration ------------------------------------------------------------
+
+
+_COMMON: Final = (
+    " The policy or a content filter may refuse a request (permission_denied), and calls are rate "
+    "limited (rate_limited says after how many milliseconds to retry)."
+)
+_GENERAL_LIMITS: Final = (
+    " The memory guardian limits {what}; a request over a limit fails with invalid_argument, "
+    "which states the exact limit."
+)
+
+
+def tool_descriptions(limits: Limits | None) -> dict[str, str]:
+    """Each tool's description, with the session's numbers when ``limits`` is known."""
+    if limits is None:
+        write = _GENERAL_LIMITS.format(what="the size of content and metadata and the number and length of tags")
+        batch = _GENERAL_LIMITS.format(what="the number of memories per call, their size and their tags")
+        search = _GENERAL_LIMITS.format(what="the number of hits and the length of the query")
+        page = _GENERAL_LIMITS.format(what="the page size")
+    else:
+        write = (
+            f" Limits: content at most {limits.max_content_bytes} bytes (UTF-8), metadata at most "
+            f"{limits.max_metadata_bytes} bytes as JSON, at most {limits.max_tags} tags of at most "
+            f"{limits.max_tag_bytes} bytes each."
+        )
+        batch = f" At most {limits.max_batch} memories per call." + write
+        search = f" Limits: at most {limits.max_page_size} hits; a query of at most {limits.max_query_bytes} bytes."
+        page = f" Limits: at most {limits.max_page_size} memories per page."
+    return {
+        "memory_store": "Store one memory (text you want to remember later), with optional tags and a JSON "
+        "object of metadata. Returns the stored memory and its id." + write + _COMMON,
+        "memory_store_batch": "Store several memories in one call; either all are stored or none. Returns "
+        "them in the order given." + batch + _COMMON,
+        "memory_search": "Search your memories for plain words, best match first. Returns the matching "
+        "memories with a relevance score." + search + _COMMON,
+        "memory_get": "Get one memory by its id." + _COMMON,
+        "memory_list": "List your memories, newest first, one page at a time; pass next_cursor back as "
+        "cursor for the next page (null means no more pages)." + page + _COMMON,
+        "memory_update": "Change a memory: each of content, tags and metadata that you give replaces the "
+        "stored value; the others stay as they are. Returns the memory after the change." + write + _COMMON,
+        "memory_delete": "Delete a memory for good. It cannot be restored." + _COMMON,
+    }
+
+
+_ANNOTATIONS: Final = {
+    "memory_store": ToolAnnotations(
+        title="Store a memory",
+        read_only_hint=False,
+        destructive_hint=False,
+        idempotent_hint=False,
+        open_world_hint=False,
+    ),
+    "memory_store_batch": ToolAnnotations(
+        title="Store several memories",
+        read_only_hint=False,
+        destructive_hint=False,
+        idempotent_hint=False,
+        open_world_hint=False,
+    ),
+    "memory_search": ToolAnnotations(
+        title="Search memories", read_only_hint=True, idempotent_hint=True, open_world_hint=False
+    ),
+    "memory_get": ToolAnnotations(
+        title="Get a memory", read_only_hint=True, idempotent_hint=True, open_world_hint=False
+    ),
+    "memory_list": ToolAnnotations(
+        title="List memories", read_only_hint=True, idempotent_hint=True, open_world_hint=False
+    ),
+    "memory_update": ToolAnnotations(
+        title="Update a memory",
+        read_only_hint=False,
+        destructive_hint=True,
+        idempotent_hint=True,
+        open_world_hint=False,
+    ),
+    "memory_delete": ToolAnnotations(
+        title="Delete a memory",
+        read_only_hint=False,
+        destructive_hint=True,
+        idempotent_hint=True,
+        open_world_hint=False,
+    ),
+}
+
+_HANDLERS: Final[dict[str, Callable[..., Awaitable[Any]]]] = {
+    "memory_store": memory_store,
+    "memory_store_batch": memory_store_batch,
+    "memory_search": memory_search,
+    "memory_get": memory_get,
+    "memory_list": memory_list,
+    "memory_update": memory_update,
+    "memory_delete": memory_delete,
+}
+
+
+def _lifespan(state: GatewayState) -> Callable[[MCPServer[GatewayState]], AbstractAsyncContextManager[GatewayState]]:
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer[GatewayState]) -> AsyncIterator[GatewayState]:
+        # ``open_gateway`` owns the resources; the server only hands them to its handlers.
+        yield state
+
+    return lifespan
+
+
+def _version() -> str:
+    try:
+        return version("agent-guardian")
+    except PackageNotFoundError:  # running from a source tree
+        return "0"
+
+
+def build_server(
+    state: GatewayState,
+    *,
+    limits: Limits | None = None,
+    log_level: LogLevel = "INFO",
+) -> MCPServer[GatewayState]:
+    """The gateway's MCP server over ``state``.
+
+    Args:
+        state: the resources ``open_gateway`` made; the server's lifespan yields it.
+        limits: the session's limits when known at start (stdio), put into the tool
+            descriptions as numbers; otherwise the descriptions state them generally.
+        log_level: the level the SDK passes to ``logging.basicConfig`` (a no-op when
+            logging is already configured, as the CLI does).
+    """
+    server: MCPServer[GatewayState] = MCPServer(
+        "agent-guardian",
+        title="Agent memory (agent-guardian)",
+        instructions=_INSTRUCTIONS,
+        version=_version(),
+        lifespan=_lifespan(state),
+        log_level=log_level,
+    )
+    descriptions = tool_descriptions(limits)
+    for name in TOOL_NAMES:
+        annotations = _ANNOTATIONS[name]
+        server.add_tool(
+            _HANDLERS[name],
+            name=name,
+            title=annotations.title,
+            description=descriptions[name],
+            annotations=annotations,
+            structured_output=True,
+        )
+    return server

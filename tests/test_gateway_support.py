@@ -1,0 +1,246 @@
+"""A fake guardian for the gateway's tests, served at the real seam: gRPC on a Unix socket.
+
+It implements the agent service over a small dict store and can simulate what
+the real guardian does to a gateway: a restart (sessions forgotten, so calls get
+UNAUTHENTICATED), being stopped (UNAVAILABLE), a rate limit (RESOURCE_EXHAUSTED
+with ``retry-after-ms``), a refused token, and any status injected per method.
+
+No tests here; the gateway's test modules import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+from shared.rpc.guardian.v1 import agent_pb2 as pb
+from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
+
+TOKEN = "agt_" + "A" * 43
+OTHER_TOKEN = "agt_" + "B" * 43
+UNKNOWN_TOKEN = "agt_" + "Z" * 43
+LIMITS = pb.Limits(
+    max_content_bytes=4096,
+    max_metadata_bytes=1024,
+    max_tags=8,
+    max_tag_bytes=32,
+    max_batch=5,
+    max_page_size=50,
+    max_query_bytes=256,
+)
+
+
+@dataclass
+class Injected:
+    code: grpc.StatusCode
+    details: str
+    trailing: tuple[tuple[str, str], ...] = ()
+    times: int = 1
+
+
+@dataclass
+class FakeGuardian(pb_grpc.AgentServiceServicer):
+    """The agent service over dicts, with knobs for the failures a gateway must survive."""
+
+    tokens: dict[str, str] = field(default_factory=lambda: {TOKEN: "agent-a", OTHER_TOKEN: "agent-b"})
+    sessions: dict[str, str] = field(default_factory=dict)
+    memories: dict[str, tuple[str, pb.Memory]] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+    closed: list[str] = field(default_factory=list)
+    #: The agent of every session opened, in order.
+    opened: list[str] = field(default_factory=list)
+    injected: dict[str, Injected] = field(default_factory=dict)
+    #: Seconds each call sleeps before answering (to simulate a hung guardian).
+    delay_s: float = 0.0
+
+    def restart(self) -> None:
+        """Forget every session, as a restarted guardian does (its sessions live in memory)."""
+        self.sessions.clear()
+
+    def inject(
+        self,
+        method: str,
+        code: grpc.StatusCode,
+        details: str = "",
+        *,
+        trailing: tuple[tuple[str, str], ...] = (),
+        times: int = 1,
+    ) -> None:
+        """Make the next ``times`` calls of ``method`` fail with ``code``."""
+        self.injected[method] = Injected(code, details, trailing, times)
+
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext, session_id: str | None) -> str:
+        self.calls[method] += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        injected = self.injected.get(method)
+        if injected is not None and injected.times > 0:
+            injected.times -= 1
+            if injected.trailing:
+                context.set_trailing_metadata(injected.trailing)
+            await context.abort(injected.code, injected.details)
+        if session_id is None:
+            return ""
+        agent = self.sessions.get(session_id)
+        if agent is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
+        return agent
+
+    def _memory(self, agent: str, draft: pb.MemoryDraft, memory_id: str | None = None) -> pb.Memory:
+        now = int(time.time() * 1000)
+        memory = pb.Memory(
+            id=memory_id or "mem_" + secrets.token_hex(16),
+            content=draft.content,
+            tags=list(draft.tags),
+            metadata_json=draft.metadata_json,
+            created_at_ms=now,
+            updated_at_ms=now,
+            sha256=hashlib.sha256(draft.content.encode()).hexdigest(),
+        )
+        self.memories[memory.id] = (agent, memory)
+        return memory
+
+    async def _visible(self, agent: str, memory_id: str, context: grpc.aio.ServicerContext) -> pb.Memory:
+        owner, memory = self.memories.get(memory_id, ("", None))  # type: ignore[arg-type]
+        if memory is None or owner != agent:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no memory with that id")
+        return memory
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        await self._enter("OpenSession", context, None)
+        agent = self.tokens.get(request.agent_token)
+        if agent is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked token")
+        session_id = "ses_" + secrets.token_urlsafe(24)
+        self.sessions[session_id] = agent
+        self.opened.append(agent)
+        return pb.OpenSessionResponse(
+            session_id=session_id,
+            agent=agent,
+            expires_at_ms=int(time.time() * 1000) + 3_600_000,
+            idle_timeout_ms=600_000,
+            limits=LIMITS,
+        )
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        await self._enter("CloseSession", context, request.session_id)
+        del self.sessions[request.session_id]
+        self.closed.append(request.session_id)
+        return pb.CloseSessionResponse()
+
+    async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
+        agent = await self._enter("Store", context, request.session_id)
+        if len(request.memory.content.encode()) > LIMITS.max_content_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "content is over 4096 bytes")
+        return pb.StoreResponse(memory=self._memory(agent, request.memory))
+
+    async def StoreBatch(
+        self, request: pb.StoreBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StoreBatchResponse:
+        agent = await self._enter("StoreBatch", context, request.session_id)
+        if len(request.memories) > LIMITS.max_batch:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 5 memories per batch")
+        return pb.StoreBatchResponse(memories=[self._memory(agent, d) for d in request.memories])
+
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
+        agent = await self._enter("Get", context, request.session_id)
+        return pb.GetResponse(memory=await self._visible(agent, request.id, context))
+
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        agent = await self._enter("Search", context, request.session_id)
+        words = request.query.lower().split()
+        hits = [
+            pb.SearchHit(memory=m, score=float(sum(m.content.lower().count(w) for w in words)))
+            for owner, m in self.memories.values()
+            if owner == agent and any(w in m.content.lower() for w in words)
+        ]
+        hits.sort(key=lambda h: -h.score)
+        return pb.SearchResponse(hits=hits[: request.limit or LIMITS.max_page_size])
+
+    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
+        agent = await self._enter("List", context, request.session_id)
+        mine = [m for owner, m in reversed(self.memories.values()) if owner == agent]
+        start = int(request.cursor) if request.cursor else 0
+        size = request.page_size or LIMITS.max_page_size
+        end = start + size
+        return pb.ListResponse(memories=mine[start:end], next_cursor=str(end) if end < len(mine) else "")
+
+    async def Update(self, request: pb.UpdateRequest, context: grpc.aio.ServicerContext) -> pb.UpdateResponse:
+        agent = await self._enter("Update", context, request.session_id)
+        memory = await self._visible(agent, request.id, context)
+        if request.HasField("content"):
+            memory.content = request.content
+        if request.HasField("tags"):
+            memory.ClearField("tags")
+            memory.tags.extend(request.tags.tags)
+        if request.HasField("metadata_json"):
+            memory.metadata_json = request.metadata_json
+        memory.updated_at_ms += 1
+        return pb.UpdateResponse(memory=memory)
+
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        agent = await self._enter("Delete", context, request.session_id)
+        await self._visible(agent, request.id, context)
+        del self.memories[request.id]
+        return pb.DeleteResponse()
+
+
+@contextmanager
+def socket_dir() -> Iterator[str]:
+    """A short temp dir (a Unix socket path must fit in 108 bytes; pytest's tmp_path may not)."""
+    path = tempfile.mkdtemp(prefix="agw-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class FakeGuardianServer:
+    """Serves a FakeGuardian on a Unix socket; can be stopped and started again on the same path."""
+
+    def __init__(self, path: str, fake: FakeGuardian | None = None) -> None:
+        self.path = path
+        self.fake = fake or FakeGuardian()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        server = grpc.aio.server()
+        pb_grpc.add_AgentServiceServicer_to_server(self.fake, server)
+        server.add_insecure_port(f"unix:{self.path}")
+        await server.start()
+        self._server = server
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=None)
+            self._server = None
+
+
+@asynccontextmanager
+async def fake_guardian() -> AsyncIterator[FakeGuardianServer]:
+    """A running fake guardian on a fresh socket, stopped on exit."""
+    with socket_dir() as directory:
+        server = FakeGuardianServer(os.path.join(directory, "agent.sock"))
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
