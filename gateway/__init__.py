@@ -14,7 +14,6 @@ Modules, one concept each::
     outcomes    shared.errors -> tool error or MCPError, in one place
     tools       build_server(): the MCPServer and its seven memory tools
     http_auth   the bearer-token gate and DNS-rebinding settings for HTTP
-    logs        JSON-lines logging on stderr
     cli         the agent-gateway command
 """
 

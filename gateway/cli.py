@@ -27,11 +27,11 @@ import uvicorn
 
 from gateway.client import DEFAULT_DEADLINE_S
 from gateway.http_auth import MCP_PATH, build_http_app
-from gateway.logs import configure_logging
 from gateway.state import open_gateway
 from gateway.tools import build_server
 from shared.errors import GuardianError, Unauthenticated
 from shared.formats import is_agent_token
+from shared.jsonlog import configure_logging
 
 __all__ = ["main"]
 

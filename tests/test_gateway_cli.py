@@ -98,7 +98,7 @@ async def read_log_until(process: asyncio.subprocess.Process, msg: str, seen: li
         assert line, f"gateway exited before logging {msg!r}: {seen}"
         entry = json.loads(line)  # every stderr line is a JSON object
         seen.append(entry)
-        if entry["msg"] == msg:
+        if entry["message"] == msg:
             return entry
 
 
@@ -137,7 +137,7 @@ async def test_stdio_speaks_only_protocol_on_stdout_and_stops_cleanly_on_sigterm
             assert await process.stdout.read() == b""
     assert len(guardian.fake.closed) == 1  # the session opened at start was closed
     assert all(TOKEN not in json.dumps(entry) for entry in seen)
-    assert any(entry["msg"] == "closed guardian sessions" for entry in seen)
+    assert any(entry["message"] == "closed guardian sessions" for entry in seen)
 
 
 @pytest.mark.anyio
@@ -190,5 +190,5 @@ async def test_http_logs_one_listening_line_serves_and_stops_cleanly_on_sigterm(
                 assert (await http.post(listening["url"], json={})).status_code == 401
             assert await stop(process, seen) == 0
     assert guardian.fake.closed  # the session the gate opened was closed
-    assert [entry["msg"] for entry in seen].count("listening") == 1
+    assert [entry["message"] for entry in seen].count("listening") == 1
     assert all(TOKEN not in json.dumps(entry) for entry in seen)
