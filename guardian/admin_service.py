@@ -6,12 +6,18 @@ with the caller recorded as the admin socket.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
+from guardian import policy_history
 from guardian.core import GuardianCore
 from guardian.database import Connection
+from guardian.memories import StoredMemory
 from guardian.pipeline import Call
+from guardian.policy import Policy, compile_policy
+from guardian.shape import memory_id
+from shared.errors import ConfigError, InvalidArgument
 from shared.rpc.guardian.v1 import admin_pb2 as pb
 
 __all__ = ["AdminHandlers"]
@@ -36,6 +42,7 @@ class AdminHandlers:
 
     def ListAgents(self, call: Call, request: pb.ListAgentsRequest) -> Work:
         def work(connection: Connection) -> pb.ListAgentsResponse:
+            locked = {name for scope, name, _ in self._core.anomalies.locks(call.now_ms) if scope == "agent"}
             return pb.ListAgentsResponse(
                 agents=[
                     pb.AgentInfo(
@@ -44,6 +51,7 @@ class AdminHandlers:
                         revoked_at_ms=agent.revoked_at_ms or 0,
                         open_sessions=self._core.sessions.count(agent.name, call.now_ms),
                         memories=self._core.memories.count(connection, agent.name),
+                        locked=agent.name in locked,
                     )
                     for agent in self._core.agents.list(connection)
                 ]
@@ -60,3 +68,187 @@ class AdminHandlers:
             return pb.RevokeAgentResponse(sessions_ended=self._core.sessions.end_agent(request.name))
 
         return work
+
+    def UnlockAgent(self, call: Call, request: pb.UnlockAgentRequest) -> Work:
+        call.object_id = request.name
+
+        def work(connection: Connection) -> pb.UnlockAgentResponse:
+            self._core.agents.require(connection, request.name)
+            self._core.rates.reset_agent(request.name)
+            return pb.UnlockAgentResponse(was_locked=self._core.anomalies.unlock_agent(request.name))
+
+        return work
+
+    # -- policy ------------------------------------------------------------------------------
+
+    def ShowPolicy(self, call: Call, request: pb.ShowPolicyRequest) -> Work:
+        def work(connection: Connection) -> pb.PolicyInfo:
+            policy = self._core.policy
+            call.object_id = policy.version
+            entry = next(
+                (e for e in policy_history.entries(connection, 200) if e.version == policy.version),
+                None,
+            )
+            return pb.PolicyInfo(
+                version=policy.version,
+                text=policy.text,
+                applied_at_ms=entry.applied_at_ms if entry else 0,
+                applied_by=entry.applied_by if entry else "",
+                source=entry.source if entry else "",
+            )
+
+        return work
+
+    def ValidatePolicy(self, call: Call, request: pb.PolicyText) -> Work:
+        policy = _compile(request.text)
+        call.object_id = policy.version
+
+        def work(_: Connection) -> pb.ValidatePolicyResponse:
+            return pb.ValidatePolicyResponse(version=policy.version, summary=_summary(policy))
+
+        return work
+
+    def DiffPolicy(self, call: Call, request: pb.PolicyText) -> Work:
+        policy = _compile(request.text)
+        call.object_id = policy.version
+
+        def work(_: Connection) -> pb.DiffPolicyResponse:
+            running = self._core.policy
+            diff = "" if running.version == policy.version else _unified_diff(running, policy)
+            return pb.DiffPolicyResponse(running_version=running.version, new_version=policy.version, diff=diff)
+
+        return work
+
+    def ApplyPolicy(self, call: Call, request: pb.PolicyText) -> Work:
+        policy = _compile(request.text)
+        return self._apply(call, policy, "apply")
+
+    def PolicyHistory(self, call: Call, request: pb.PolicyHistoryRequest) -> Work:
+        limit = min(request.limit or 50, 1000)
+
+        def work(connection: Connection) -> pb.PolicyHistoryResponse:
+            return pb.PolicyHistoryResponse(
+                entries=[
+                    pb.PolicyHistoryEntry(
+                        seq=e.seq,
+                        version=e.version,
+                        applied_at_ms=e.applied_at_ms,
+                        applied_by=e.applied_by,
+                        source=e.source,
+                    )
+                    for e in policy_history.entries(connection, limit)
+                ]
+            )
+
+        return work
+
+    def RollbackPolicy(self, call: Call, request: pb.RollbackPolicyRequest) -> Work:
+        entry = policy_history.find(self._core.database.reader(), request.version)
+        return self._apply(call, _compile(entry.text), "rollback")
+
+    def _apply(self, call: Call, policy: Policy, source: policy_history.Source) -> Work:
+        call.object_id = policy.version
+
+        def work(connection: Connection) -> pb.ApplyPolicyResponse:
+            running = self._core.policy
+            if running.version == policy.version:
+                return pb.ApplyPolicyResponse(version=policy.version, previous_version=running.version, unchanged=True)
+            policy_history.append(
+                connection,
+                version=policy.version,
+                text=policy.text,
+                applied_at_ms=call.now_ms,
+                applied_by=call.agent,
+                source=source,
+            )
+            call.after_commit.append(lambda: self._core.swap_policy(policy))
+            return pb.ApplyPolicyResponse(version=policy.version, previous_version=running.version)
+
+        return work
+
+    # -- quarantine --------------------------------------------------------------------------
+
+    def ListQuarantine(self, call: Call, request: pb.ListQuarantineRequest) -> Work:
+        limit = min(request.limit or 100, 1000)
+        after = memory_id(request.after_id) if request.after_id else ""
+
+        def work(connection: Connection) -> pb.ListQuarantineResponse:
+            held = self._core.memories.held(connection, limit, after)
+            return pb.ListQuarantineResponse(memories=[_held_message(memory) for memory in held])
+
+        return work
+
+    def ShowQuarantined(self, call: Call, request: pb.QuarantineRequest) -> Work:
+        held_id = call.object_id = memory_id(request.id)
+
+        def work(connection: Connection) -> pb.ShowQuarantinedResponse:
+            memory = self._core.memories.get_held(connection, held_id)
+            return pb.ShowQuarantinedResponse(
+                memory=_held_message(memory),
+                content=memory.content,
+                tags=list(memory.tags),
+                metadata_json=memory.metadata_json,
+            )
+
+        return work
+
+    def ReleaseQuarantined(self, call: Call, request: pb.QuarantineRequest) -> Work:
+        held_id = call.object_id = memory_id(request.id)
+
+        def work(connection: Connection) -> pb.QuarantineActionResponse:
+            self._core.memories.release(connection, held_id, call.now_ms)
+            return pb.QuarantineActionResponse(id=held_id)
+
+        return work
+
+    def PurgeQuarantined(self, call: Call, request: pb.QuarantineRequest) -> Work:
+        held_id = call.object_id = memory_id(request.id)
+
+        def work(connection: Connection) -> pb.QuarantineActionResponse:
+            self._core.memories.purge_held(connection, held_id)
+            return pb.QuarantineActionResponse(id=held_id)
+
+        return work
+
+
+def _compile(text: str) -> Policy:
+    """A policy sent by guardianctl, compiled; its errors are the caller's to fix (INVALID_ARGUMENT)."""
+    try:
+        return compile_policy(text, "the policy")
+    except ConfigError as error:
+        raise InvalidArgument(error.message) from None
+
+
+def _unified_diff(running: Policy, new: Policy) -> str:
+    lines = difflib.unified_diff(
+        running.text.splitlines(keepends=True),
+        new.text.splitlines(keepends=True),
+        fromfile=f"running {running.version[:12]}",
+        tofile=f"new {new.version[:12]}",
+    )
+    return "".join(lines)
+
+
+def _summary(policy: Policy) -> list[str]:
+    lines = [
+        f"profile {profile.name}: {', '.join(sorted(profile.operations)) or 'no operations'}"
+        + (f"; read window {profile.read_window_ms // 1000}s" if profile.read_window_ms else "")
+        + ("; allowed hours" if profile.allowed_hours else "")
+        for profile in policy.profiles.values()
+    ]
+    lines.append(f"default profile: {policy.default_profile}; {len(policy.agent_profiles)} agents assigned")
+    lines.append(f"filters: {len(policy.filters)} rules ({', '.join(policy.filters.names)})")
+    lines.append(f"anomaly detectors: {', '.join(d.kind for d in policy.anomaly.detectors) or 'none'}")
+    lines.append(f"alert webhook: {'configured' if policy.webhook_url else 'none'}")
+    return lines
+
+
+def _held_message(memory: StoredMemory) -> pb.QuarantinedMemory:
+    return pb.QuarantinedMemory(
+        id=memory.id,
+        namespace=memory.namespace,
+        author=memory.author,
+        created_at_ms=memory.created_at_ms,
+        content_bytes=len(memory.content.encode()),
+        rules=list(memory.filter_hits),
+    )

@@ -9,12 +9,13 @@ policy and write the audit row.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from guardian import shape
 from guardian.core import GuardianCore
 from guardian.database import Connection
-from guardian.memories import StoredMemory
+from guardian.memories import Draft, StoredMemory
 from guardian.pipeline import Call
 from guardian.policy import Limits
 from shared.errors import InvalidArgument, Unauthenticated
@@ -35,6 +36,9 @@ def memory_message(memory: StoredMemory) -> pb.Memory:
         created_at_ms=memory.created_at_ms,
         updated_at_ms=memory.updated_at_ms,
         sha256=memory.sha256,
+        namespace=memory.namespace,
+        author=memory.author,
+        status=memory.status,
     )
 
 
@@ -43,6 +47,7 @@ def limits_message(limits: Limits) -> pb.Limits:
     return pb.Limits(
         max_content_bytes=limits.max_content_bytes,
         max_metadata_bytes=limits.max_metadata_bytes,
+        max_metadata_depth=limits.max_metadata_depth,
         max_tags=limits.max_tags,
         max_tag_bytes=limits.max_tag_bytes,
         max_batch=limits.max_batch,
@@ -58,41 +63,43 @@ class AgentHandlers:
         self._core = core
 
     def OpenSession(self, call: Call, request: pb.OpenSessionRequest) -> Work:
-        token = request.agent_token
-        if not token:
-            raise Unauthenticated("no agent token: pass the token `guardianctl agents add` printed")
+        token = request.agent_token  # authenticated at the session stage; checked again under the writer lock
 
         def work(connection: Connection) -> pb.OpenSessionResponse:
-            agent = self._core.agents.authenticate(connection, token)
-            if agent is None:
+            # A revocation that committed since the session stage must win.
+            if self._core.agents.authenticate(connection, token) != call.agent:
                 raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
-            call.agent = agent
             rules = call.policy.sessions
-            session = self._core.sessions.open(agent, call.now_ms, rules.idle_timeout_ms, rules.max_lifetime_ms)
+            session = self._core.sessions.open(call.agent, call.now_ms, rules.idle_timeout_ms, rules.max_lifetime_ms)
             call.session = session
+            profile = call.required_profile
             return pb.OpenSessionResponse(
                 session_id=session.id,
-                agent=agent,
+                agent=call.agent,
                 expires_at_ms=session.expires_at_ms,
                 idle_timeout_ms=session.idle_timeout_ms,
-                limits=limits_message(call.policy.profile_for(agent).limits),
+                limits=limits_message(profile.limits),
+                namespaces=list(call.required_scope.namespaces),
+                read_window_ms=profile.read_window_ms or 0,
             )
 
         return work
 
     def CloseSession(self, call: Call, request: pb.CloseSessionRequest) -> Work:
         def work(_: Connection) -> pb.CloseSessionResponse:
-            self._core.sessions.close(call.required_session.id)
+            session_id = call.required_session.id
+            self._core.sessions.close(session_id)
+            self._core.rates.forget_session(session_id)
+            self._core.anomalies.forget_session(session_id)
             return pb.CloseSessionResponse()
 
         return work
 
     def Store(self, call: Call, request: pb.StoreRequest) -> Work:
-        limits = call.required_profile.limits
-        draft = shape.draft(request.memory.content, request.memory.tags, request.memory.metadata_json, limits, "memory")
+        call.drafts = [self._draft(request.memory, call.required_profile.limits, "memory")]
 
         def work(connection: Connection) -> pb.StoreResponse:
-            [memory] = self._core.memories.insert(connection, call.agent, [draft], call.now_ms)
+            [memory] = self._core.memories.insert(connection, call.required_scope, call.drafts, call.now_ms)
             call.object_id = memory.id
             return pb.StoreResponse(memory=memory_message(memory))
 
@@ -104,13 +111,11 @@ class AgentHandlers:
             raise InvalidArgument("memories: needs at least one memory")
         if len(request.memories) > limits.max_batch:
             raise InvalidArgument(f"memories: {len(request.memories)} is over the batch limit of {limits.max_batch}")
-        drafts = [
-            shape.draft(item.content, item.tags, item.metadata_json, limits, f"memories[{index}]")
-            for index, item in enumerate(request.memories)
-        ]
+        call.drafts = [self._draft(item, limits, f"memories[{index}]") for index, item in enumerate(request.memories)]
+        call.cost = len(call.drafts)
 
         def work(connection: Connection) -> pb.StoreBatchResponse:
-            memories = self._core.memories.insert(connection, call.agent, drafts, call.now_ms)
+            memories = self._core.memories.insert(connection, call.required_scope, call.drafts, call.now_ms)
             call.object_id = ",".join(memory.id for memory in memories)
             return pb.StoreBatchResponse(memories=[memory_message(memory) for memory in memories])
 
@@ -120,7 +125,8 @@ class AgentHandlers:
         memory_id = call.object_id = shape.memory_id(request.id)
 
         def work(connection: Connection) -> pb.GetResponse:
-            return pb.GetResponse(memory=memory_message(self._core.memories.get(connection, call.agent, memory_id)))
+            memory = self._core.memories.get(connection, call.required_scope, memory_id)
+            return pb.GetResponse(memory=memory_message(memory))
 
         return work
 
@@ -130,7 +136,7 @@ class AgentHandlers:
         limit = shape.page_size(request.limit, limits, "limit")
 
         def work(connection: Connection) -> pb.SearchResponse:
-            hits = self._core.memories.search(connection, call.agent, query, limit)
+            hits = self._core.memories.search(connection, call.required_scope, query, limit)
             call.object_id = ",".join(memory.id for memory, _ in hits)
             return pb.SearchResponse(
                 hits=[pb.SearchHit(memory=memory_message(memory), score=score) for memory, score in hits]
@@ -143,7 +149,8 @@ class AgentHandlers:
         page_size = shape.page_size(request.page_size, limits, "page_size")
 
         def work(connection: Connection) -> pb.ListResponse:
-            memories, next_cursor = self._core.memories.list_page(connection, call.agent, page_size, request.cursor)
+            scope = call.required_scope
+            memories, next_cursor = self._core.memories.list_page(connection, scope, page_size, request.cursor)
             call.object_id = ",".join(memory.id for memory in memories)
             return pb.ListResponse(memories=[memory_message(memory) for memory in memories], next_cursor=next_cursor)
 
@@ -152,18 +159,28 @@ class AgentHandlers:
     def Update(self, call: Call, request: pb.UpdateRequest) -> Work:
         limits = call.required_profile.limits
         memory_id = call.object_id = shape.memory_id(request.id)
-        changes: dict[str, Any] = {}
+        changed: set[str] = set()
+        content, metadata = "", "{}"
+        tags: tuple[str, ...] = ()
         if request.HasField("content"):
-            changes["content"] = shape.content(request.content, limits)
+            content = shape.content(request.content, limits)
+            changed.add("content")
         if request.HasField("tags"):
-            changes["tags"] = shape.tags(request.tags.tags, limits)
+            tags = shape.tags(request.tags.tags, limits)
+            changed.add("tags")
         if request.HasField("metadata_json"):
-            changes["metadata_json"] = shape.metadata_json(request.metadata_json, limits)
-        if not changes:
+            metadata = shape.metadata_json(request.metadata_json, limits)
+            changed.add("metadata")
+        if not changed:
             raise InvalidArgument("update: set at least one of content, tags or metadata")
+        call.drafts = [Draft(content=content, tags=tags, metadata_json=metadata)]
+        call.changed = frozenset(changed)
 
         def work(connection: Connection) -> pb.UpdateResponse:
-            memory = self._core.memories.update(connection, call.agent, memory_id, changes, call.now_ms)
+            [changes] = call.drafts
+            memory = self._core.memories.update(
+                connection, call.required_scope, memory_id, changes, changed=frozenset(changed), now_ms=call.now_ms
+            )
             return pb.UpdateResponse(memory=memory_message(memory))
 
         return work
@@ -172,7 +189,12 @@ class AgentHandlers:
         memory_id = call.object_id = shape.memory_id(request.id)
 
         def work(connection: Connection) -> pb.DeleteResponse:
-            self._core.memories.delete(connection, call.agent, memory_id)
+            self._core.memories.delete(connection, call.required_scope, memory_id)
             return pb.DeleteResponse()
 
         return work
+
+    @staticmethod
+    def _draft(message: pb.MemoryDraft, limits: Limits, field: str) -> Draft:
+        draft = shape.draft(message.content, message.tags, message.metadata_json, limits, field)
+        return replace(draft, namespace=shape.namespace(message.namespace, f"{field}.namespace"))

@@ -61,6 +61,11 @@ class AgentRegistry:
                 return None if row[1] is not None else str(row[0])
         return None
 
+    def require(self, connection: Connection, name: str) -> None:
+        """NotFound unless an agent of this name is registered (revoked or not)."""
+        if connection.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone() is None:
+            raise NotFound(f"no agent named {name!r}")
+
     def revoke(self, connection: Connection, name: str, now_ms: int) -> None:
         """Refuse name's token from now on."""
         row = connection.execute("SELECT revoked_at_ms FROM agents WHERE name = ?", (name,)).fetchone()

@@ -16,7 +16,7 @@ from guardian.database import Connection
 
 __all__ = ["AuditRecord", "append"]
 
-Decision = Literal["allow", "deny", "error"]
+Decision = Literal["allow", "deny", "error", "alert"]
 _MAX_FIELD: Final = 200
 
 

@@ -19,6 +19,7 @@ from types import FrameType
 
 from guardian.config import load_config
 from guardian.core import GuardianCore
+from guardian.maintenance import Maintenance
 from guardian.server import GuardianServer
 from shared.errors import ConfigError
 from shared.jsonlog import configure_logging
@@ -60,20 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
         stop.set()
 
-    def reload_policy(_signum: int, _frame: FrameType | None) -> None:
-        try:
-            policy = core.swap_policy()
-        except ConfigError as error:
-            security_log.error(
-                "policy reload refused; the running policy stays",
-                extra={"event": "policy_reload_failed", "error": error.message},
-            )
-            return
-        security_log.info("policy reloaded", extra={"event": "policy_reloaded", "policy_version": policy.version})
+    reload = threading.Event()
+
+    def request_reload(_signum: int, _frame: FrameType | None) -> None:
+        reload.set()  # handled by the main loop, outside the signal handler
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, reload_policy)
+    signal.signal(signal.SIGHUP, request_reload)
     try:
         server.start()
     except ConfigError as error:
@@ -81,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         server.stop(0)
         core.close()
         return 2
-    while not stop.wait(1.0):
-        pass
+    housekeeping = Maintenance(core, config.housekeeping_interval_ms / 1000)
+    housekeeping.start()
+    while not stop.wait(0.2):
+        if reload.is_set():
+            reload.clear()
+            core.reload_policy_file()
     server.stop(config.shutdown_grace_s)
+    housekeeping.stop()
     core.close()
     log.info("stopped", extra={"event": "stopped"})
     return 0

@@ -44,6 +44,8 @@ class GuardianConfig:
     admin_socket: SocketConfig
     log_level: str
     shutdown_grace_s: float
+    #: How often the housekeeping thread runs (retention purges, forgetting idle state).
+    housekeeping_interval_ms: int
 
 
 def load_config(path: Path) -> GuardianConfig:
@@ -79,6 +81,7 @@ def load_config(path: Path) -> GuardianConfig:
         raise ConfigError(f"logging.level: expected debug, info, warning or error, got {log_level!r}")
     logging.done()
     shutdown_grace_s = top.integer("shutdown_grace_seconds", 10, minimum=0, maximum=600)
+    housekeeping_interval_ms = top.duration_ms("housekeeping_interval", "5s")
     top.done()
     return GuardianConfig(
         config_path=path,
@@ -92,6 +95,7 @@ def load_config(path: Path) -> GuardianConfig:
         admin_socket=admin_socket,
         log_level=log_level,
         shutdown_grace_s=float(shutdown_grace_s),
+        housekeeping_interval_ms=housekeeping_interval_ms,
     )
 
 
@@ -119,6 +123,7 @@ sockets:
 logging:
   level: info
 shutdown_grace_seconds: 10
+housekeeping_interval: 5s     # retention purges and forgetting idle sessions and rate-limit state
 """
 
 

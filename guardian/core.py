@@ -1,25 +1,37 @@
-"""The guardian's state, built once at start: database, keys, policy, sessions.
+"""The guardian's state, built once at start: database, keys, policy, sessions, limits.
 
 The policy is an immutable object behind one reference, swapped atomically
-(a reader sees either the old or the new policy, never a mix).
+(a reader sees either the old or the new policy, never a mix), and only after
+the history row recording it has committed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
-from pathlib import Path
 
+from guardian import audit, policy_history
 from guardian.agents import AgentRegistry
+from guardian.alerts import WebhookAlerter
+from guardian.anomaly import AnomalyMonitor
 from guardian.config import GuardianConfig
-from guardian.database import Database
+from guardian.database import Connection, Database
 from guardian.keys import Keys, load_keys
 from guardian.memories import MemoryStore
-from guardian.policy import Policy, load_policy
+from guardian.policy import Policy, compile_policy, load_policy
+from guardian.ratelimit import RateLimiter
 from guardian.sessions import SessionTable
+from shared.errors import ConfigError
 
 __all__ = ["GuardianCore", "now_ms", "session_ref"]
+
+log = logging.getLogger("agent_guardian")
+security_log = logging.getLogger("agent_guardian.security")
+
+#: The audit trail's name for the policy file as the one who applied a policy.
+FILE_APPLIER = "@policy-file"
 
 
 def now_ms() -> int:
@@ -35,32 +47,146 @@ def session_ref(session_id: str) -> str:
 class GuardianCore:
     """Everything the services share."""
 
-    def __init__(self, config: GuardianConfig, keys: Keys, policy: Policy) -> None:
+    def __init__(self, config: GuardianConfig, keys: Keys, database: Database) -> None:
         self.config = config
-        self.database = Database(config.database, keys.database_hex)
+        self.database = database
         self.memories = MemoryStore(keys.memory)
         self.agents = AgentRegistry(keys.token)
         self.sessions = SessionTable()
-        self._policy = policy
+        self.rates = RateLimiter()
+        self._alerter: WebhookAlerter | None = None
+        self.anomalies = AnomalyMonitor(alert=self._alert)
         self._policy_lock = threading.Lock()
+        self._policy = self._startup_policy()
+        self._configure_alerts(self._policy)
 
     @classmethod
     def open(cls, config: GuardianConfig) -> GuardianCore:
-        """Load keys and policy (both validated) and open the database."""
-        return cls(config, load_keys(config.keys_dir), load_policy(config.policy))
+        """Load keys (validated), open the database, and choose the policy to start with."""
+        keys = load_keys(config.keys_dir)
+        database = Database(config.database, keys.database_hex)
+        try:
+            return cls(config, keys, database)
+        except BaseException:
+            database.close()
+            raise
 
     @property
     def policy(self) -> Policy:
         """The policy in force now."""
         return self._policy
 
-    def swap_policy(self, path: Path | None = None) -> Policy:
-        """Load, validate and compile a policy, then swap it in; the old one stays on any error."""
-        new = load_policy(path or self.config.policy)
+    def _startup_policy(self) -> Policy:
+        # A broken policy file stops the start, whatever the history holds: the operator must fix it.
+        file_policy = load_policy(self.config.policy)
+        with self.database.write() as connection:
+            last_from_file = policy_history.latest(connection, "file")
+            newest = policy_history.latest(connection)
+            if last_from_file is None or last_from_file.version != file_policy.version or newest is None:
+                self._record_policy(connection, file_policy, FILE_APPLIER, "file", "policy.load")
+                return file_policy
+        if newest.version == file_policy.version:
+            return file_policy
+        try:
+            policy = compile_policy(newest.text, f"policy {newest.version[:12]} from the history")
+        except ConfigError as error:
+            security_log.error(
+                "the newest applied policy no longer compiles; starting with the policy file",
+                extra={"event": "policy_history_invalid", "error": error.message},
+            )
+            with self.database.write() as connection:
+                self._record_policy(connection, file_policy, FILE_APPLIER, "file", "policy.load")
+            return file_policy
+        security_log.info(
+            "starting with the newest applied policy (the file is unchanged since it was last loaded)",
+            extra={"event": "policy_loaded", "policy_version": policy.version, "source": newest.source},
+        )
+        return policy
+
+    def _record_policy(
+        self, connection: Connection, policy: Policy, applied_by: str, source: policy_history.Source, operation: str
+    ) -> None:
+        at = now_ms()
+        policy_history.append(
+            connection, version=policy.version, text=policy.text, applied_at_ms=at, applied_by=applied_by, source=source
+        )
+        audit.append(
+            connection,
+            audit.AuditRecord(
+                ts_ms=at,
+                agent=applied_by,
+                session="",
+                operation=operation,
+                object_id=policy.version,
+                decision="allow",
+                reason=f"ok: policy in force ({source})",
+                # At start no policy runs yet: the loaded one decides its own row.
+                policy_version=getattr(self, "_policy", policy).version,
+            ),
+        )
+        security_log.info(
+            "policy in force",
+            extra={"event": "policy_applied", "policy_version": policy.version, "by": applied_by, "source": source},
+        )
+
+    def swap_policy(self, policy: Policy) -> None:
+        """Put policy in force (the caller has recorded it)."""
         with self._policy_lock:
-            self._policy = new
-        return new
+            self._policy = policy
+        self._configure_alerts(policy)
+
+    def reload_policy_file(self) -> Policy | None:
+        """SIGHUP: load the policy file and put it in force; on failure the running policy stays.
+
+        Both outcomes are recorded (history and audit trail on success; audit trail and
+        security log on failure). Returns the new policy, or None if it was refused.
+        """
+        try:
+            policy = load_policy(self.config.policy)
+        except ConfigError as error:
+            security_log.error(
+                "policy reload refused; the running policy stays",
+                extra={"event": "policy_reload_failed", "error": error.message},
+            )
+            with self.database.write() as connection:
+                audit.append(
+                    connection,
+                    audit.AuditRecord(
+                        ts_ms=now_ms(),
+                        agent=FILE_APPLIER,
+                        session="",
+                        operation="policy.reload",
+                        object_id="",
+                        decision="deny",
+                        reason=f"invalid_argument: {error.message}"[:200],
+                        policy_version=self._policy.version,
+                    ),
+                )
+            return None
+        with self.database.write() as connection:
+            self._record_policy(connection, policy, FILE_APPLIER, "file", "policy.reload")
+        self.swap_policy(policy)
+        return policy
+
+    def _configure_alerts(self, policy: Policy) -> None:
+        current = self._alerter
+        if current is not None and policy.webhook_url == current.url:
+            return
+        self._alerter = (
+            WebhookAlerter(policy.webhook_url, timeout_s=policy.webhook_timeout_ms / 1000)
+            if policy.webhook_url
+            else None
+        )
+        if current is not None:
+            current.close(timeout_s=1.0)
+
+    def _alert(self, event: object) -> None:
+        alerter = self._alerter
+        if alerter is not None:
+            alerter(event)  # type: ignore[arg-type]
 
     def close(self) -> None:
-        """Close the database."""
+        """Stop the alerter and close the database."""
+        if self._alerter is not None:
+            self._alerter.close()
         self.database.close()

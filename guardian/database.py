@@ -98,6 +98,28 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         SELECT RAISE(ABORT, 'audit rows are append-only');
     END;
     """,
+    # 2: namespaces (a memory's owner namespace; `agent` is now its author), quarantine status,
+    # the filter rules that hit it, the HMAC format of each row, and the policy history.
+    """
+    ALTER TABLE memories ADD COLUMN namespace TEXT NOT NULL DEFAULT '';
+    UPDATE memories SET namespace = agent;
+    ALTER TABLE memories ADD COLUMN status TEXT NOT NULL DEFAULT 'active';
+    ALTER TABLE memories ADD COLUMN filter_hits TEXT NOT NULL DEFAULT '';
+    ALTER TABLE memories ADD COLUMN sig_format INTEGER NOT NULL DEFAULT 1;
+    DROP INDEX memories_by_agent_newest;
+    CREATE INDEX memories_by_namespace_newest ON memories(namespace, status, created_at_ms DESC, rowid DESC);
+    CREATE INDEX memories_by_age ON memories(created_at_ms);
+    CREATE INDEX memories_held ON memories(status, created_at_ms) WHERE status <> 'active';
+    CREATE TABLE policy_history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        version TEXT NOT NULL,
+        text TEXT NOT NULL,
+        applied_at_ms INTEGER NOT NULL,
+        applied_by TEXT NOT NULL,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX policy_history_by_version ON policy_history(version, seq);
+    """,
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)

@@ -9,6 +9,12 @@ integer: id, agent, created_at_ms (decimal), updated_at_ms (decimal),
 sha256 of the content (hex), tags (canonical JSON array), metadata
 (canonical JSON object). Canonical JSON: sorted keys, separators ``,`` and
 ``:``, non-ASCII kept as UTF-8.
+
+Version 2 (schema 2, namespaces and quarantine) is ``b"agent-guardian/memory/v2\n"``
+and the same encoding of: id, namespace, author, created_at_ms, updated_at_ms,
+sha256, tags, metadata, status. Rows keep the format they were signed with
+(``sig_format``); v1 rows verify as v1 with namespace = author = ``agent``
+and status ``active``, and are re-signed as v2 when next written.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from typing import Any, Final
 
 from guardian.keys import KeyRing
 
-__all__ = ["SignedFields", "canonical_json", "content_sha256", "memory_message"]
+__all__ = ["CURRENT_FORMAT", "SignedFields", "canonical_json", "content_sha256", "memory_message"]
 
-_PREFIX: Final = b"agent-guardian/memory/v1\n"
+_PREFIXES: Final = {1: b"agent-guardian/memory/v1\n", 2: b"agent-guardian/memory/v2\n"}
+#: The format every new signature uses.
+CURRENT_FORMAT: Final = 2
 
 
 def canonical_json(value: Any) -> str:
@@ -41,34 +49,44 @@ class SignedFields:
     """The fields of a memory the HMAC covers."""
 
     id: str
-    agent: str
+    namespace: str
+    author: str
     created_at_ms: int
     updated_at_ms: int
     sha256: str
     tags_json: str
     metadata_json: str
+    status: str
 
     def sign(self, ring: KeyRing) -> tuple[str, str]:
-        """(key id, hex HMAC) with the ring's primary key."""
-        return ring.sign(memory_message(self))
+        """(key id, hex HMAC) in the current format, with the ring's primary key."""
+        return ring.sign(memory_message(self, CURRENT_FORMAT))
 
-    def verify(self, ring: KeyRing, key_id: str, digest_hex: str) -> bool:
-        """Whether the stored HMAC matches these fields."""
-        return ring.verify(key_id, memory_message(self), digest_hex)
+    def verify(self, ring: KeyRing, key_id: str, digest_hex: str, sig_format: int) -> bool:
+        """Whether the stored HMAC, made in sig_format, matches these fields."""
+        if sig_format == 1 and (self.namespace != self.author or self.status != "active"):
+            return False  # a v1 row predates namespaces and quarantine
+        if sig_format not in _PREFIXES:
+            return False
+        return ring.verify(key_id, memory_message(self, sig_format), digest_hex)
 
 
-def memory_message(fields: SignedFields) -> bytes:
-    """The canonical bytes the HMAC of a memory covers (see the module docstring)."""
-    parts = (
-        fields.id,
-        fields.agent,
+def memory_message(fields: SignedFields, sig_format: int) -> bytes:
+    """The canonical bytes the HMAC of a memory covers in sig_format (see the module docstring)."""
+    if sig_format == 1:
+        parts: tuple[str, ...] = (fields.id, fields.author)
+    else:
+        parts = (fields.id, fields.namespace, fields.author)
+    parts += (
         str(fields.created_at_ms),
         str(fields.updated_at_ms),
         fields.sha256,
         fields.tags_json,
         fields.metadata_json,
     )
-    out = bytearray(_PREFIX)
+    if sig_format != 1:
+        parts += (fields.status,)
+    out = bytearray(_PREFIXES[sig_format])
     for part in parts:
         data = part.encode("utf-8")
         out += struct.pack(">I", len(data)) + data

@@ -8,6 +8,7 @@ digest and HMAC) before it leaves this module: a mismatch raises DataLoss.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -19,29 +20,42 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from guardian.database import Connection
-from guardian.integrity import SignedFields, canonical_json, content_sha256
+from guardian.integrity import CURRENT_FORMAT, SignedFields, canonical_json, content_sha256
 from guardian.keys import KeyRing
-from shared.errors import DataLoss, InvalidArgument, NotFound
+from shared.errors import DataLoss, InvalidArgument, NotFound, PermissionDenied
 
-__all__ = ["Draft", "MemoryStore", "StoredMemory", "fts_query"]
+__all__ = ["ACTIVE", "QUARANTINED", "Draft", "MemoryStore", "Scope", "StoredMemory", "fts_query"]
 
 security_log = logging.getLogger("agent_guardian.security")
 
+#: A memory's status: agents see only active ones; quarantined ones wait for the security team.
+ACTIVE: Final = "active"
+QUARANTINED: Final = "quarantined"
+
 # Interpolated into SQL: a constant of this module, never input.
-_COLUMNS: Final = "rowid, id, agent, created_at_ms, updated_at_ms, content, tags, metadata, sha256, key_id, hmac"
+_COLUMNS: Final = (
+    "rowid, id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata, sha256,"
+    " key_id, hmac, sig_format, status, filter_hits"
+)
 _M_COLUMNS: Final = ", ".join("m." + column for column in _COLUMNS.split(", "))
 _WORD_RE: Final = re.compile(r"\w+")
 _MAX_QUERY_WORDS: Final = 32
 _CURSOR_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}\.[0-9a-f]{32}")
+_MAX_NAMESPACES: Final = 64
 
 
 @dataclass(frozen=True)
 class Draft:
-    """A memory to store, already validated by the shape stage."""
+    """A memory to store, validated by the shape stage and passed through the content filters."""
 
     content: str
     tags: tuple[str, ...]
     metadata_json: str
+    #: The namespace to store into; "" is the author's own.
+    namespace: str = ""
+    status: str = ACTIVE
+    #: Names of the filter rules that matched (redact, quarantine, flag).
+    filter_hits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,13 +63,41 @@ class StoredMemory:
     """A memory read back and verified."""
 
     id: str
-    agent: str
+    namespace: str
+    author: str
     content: str
     tags: tuple[str, ...]
     metadata_json: str
     created_at_ms: int
     updated_at_ms: int
     sha256: str
+    status: str = ACTIVE
+    filter_hits: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one agent may reach: its namespaces and how far back.
+
+    Every agent query goes through a Scope, so no SQL statement here can reach
+    a namespace the policy did not give the caller.
+    """
+
+    agent: str
+    #: Namespaces it may read, its own first.
+    namespaces: tuple[str, ...]
+    #: Namespaces it may store into, update and delete from (its own included).
+    writable: frozenset[str]
+    #: Memories created before this (Unix ms) are out of its read window; 0 for none.
+    not_before_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.namespaces or len(self.namespaces) > _MAX_NAMESPACES:
+            raise InvalidArgument("a scope needs between 1 and 64 namespaces")
+
+    @property
+    def _in(self) -> str:
+        return ", ".join("?" for _ in self.namespaces)
 
 
 def fts_query(text: str) -> str:
@@ -72,34 +114,44 @@ def fts_query(text: str) -> str:
 
 
 class MemoryStore:
-    """Reads and writes memories of one agent at a time, signing and verifying each."""
+    """Reads and writes memories within a caller's scope, signing and verifying each."""
 
     def __init__(self, ring: KeyRing) -> None:
         self._ring = ring
         # A separate key for list cursors, derived so it never signs anything else.
         self._cursor_key = hmac.new(ring.primary, b"agent-guardian/cursor-key/v1", hashlib.sha256).digest()
 
-    def insert(self, connection: Connection, agent: str, drafts: list[Draft], now_ms: int) -> list[StoredMemory]:
-        """Store drafts for agent (inside the caller's transaction)."""
+    # -- agent operations ------------------------------------------------------------------
+
+    def insert(self, connection: Connection, scope: Scope, drafts: list[Draft], now_ms: int) -> list[StoredMemory]:
+        """Store drafts written by scope.agent (inside the caller's transaction)."""
         stored: list[StoredMemory] = []
         for draft in drafts:
+            namespace = draft.namespace or scope.agent
+            if namespace not in scope.writable:
+                raise PermissionDenied(f"the policy does not let this agent write to namespace {namespace!r}")
             memory = StoredMemory(
                 id="mem_" + secrets.token_hex(16),
-                agent=agent,
+                namespace=namespace,
+                author=scope.agent,
                 content=draft.content,
                 tags=draft.tags,
                 metadata_json=draft.metadata_json,
                 created_at_ms=now_ms,
                 updated_at_ms=now_ms,
                 sha256=content_sha256(draft.content),
+                status=draft.status,
+                filter_hits=draft.filter_hits,
             )
             key_id, digest = _signed_fields(memory).sign(self._ring)
             connection.execute(
-                "INSERT INTO memories (id, agent, created_at_ms, updated_at_ms, content, tags, metadata,"
-                " sha256, key_id, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO memories (id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata,"
+                " sha256, key_id, hmac, sig_format, status, filter_hits)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     memory.id,
-                    agent,
+                    memory.namespace,
+                    memory.author,
                     now_ms,
                     now_ms,
                     memory.content,
@@ -108,120 +160,187 @@ class MemoryStore:
                     memory.sha256,
                     key_id,
                     digest,
+                    CURRENT_FORMAT,
+                    memory.status,
+                    ",".join(memory.filter_hits),
                 ),
             )
             stored.append(memory)
         return stored
 
-    def get(self, connection: Connection, agent: str, memory_id: str) -> StoredMemory:
-        """The agent's memory with this id; NotFound if none, DataLoss if it fails verification."""
+    def get(self, connection: Connection, scope: Scope, memory_id: str) -> StoredMemory:
+        """The memory with this id if scope may see it; NotFound otherwise, DataLoss if it fails verification."""
         row = connection.execute(
-            f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND agent = ?",  # noqa: S608 - constant columns
-            (memory_id, agent),
+            f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND namespace IN ({scope._in})"  # noqa: S608
+            " AND status = 'active' AND created_at_ms >= ?",
+            (memory_id, *scope.namespaces, scope.not_before_ms),
         ).fetchone()
         if row is None:
             raise NotFound("no memory with that id")
         return self._verified(row)
 
-    def search(self, connection: Connection, agent: str, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
-        """The agent's memories matching query, best first, with a score (higher is better)."""
+    def search(self, connection: Connection, scope: Scope, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
+        """Memories in scope matching query, best first, with a score (higher is better)."""
         rows = connection.execute(
-            f"SELECT {_M_COLUMNS}, bm25(memories_fts) AS rank"  # noqa: S608 - constant columns
+            f"SELECT {_M_COLUMNS}, bm25(memories_fts) AS rank"  # noqa: S608 - constant columns and placeholders
             " FROM memories_fts JOIN memories AS m ON m.rowid = memories_fts.rowid"
-            " WHERE memories_fts MATCH ? AND m.agent = ? ORDER BY rank LIMIT ?",
-            (fts_query(query), agent, limit),
+            f" WHERE memories_fts MATCH ? AND m.namespace IN ({scope._in})"
+            " AND m.status = 'active' AND m.created_at_ms >= ? ORDER BY rank LIMIT ?",
+            (fts_query(query), *scope.namespaces, scope.not_before_ms, limit),
         ).fetchall()
         return [(self._verified(row[:-1]), -float(row[-1])) for row in rows]
 
     def list_page(
-        self, connection: Connection, agent: str, page_size: int, cursor: str
+        self, connection: Connection, scope: Scope, page_size: int, cursor: str
     ) -> tuple[list[StoredMemory], str]:
-        """One page of the agent's memories, newest first, and the cursor of the next page ('' at the end)."""
-        if cursor:
-            created_at_ms, rowid = self._open_cursor(agent, cursor)
-            rows = connection.execute(
-                f"SELECT {_COLUMNS} FROM memories WHERE agent = ?"  # noqa: S608 - constant columns
-                " AND (created_at_ms < ? OR (created_at_ms = ? AND rowid < ?))"
-                " ORDER BY created_at_ms DESC, rowid DESC LIMIT ?",
-                (agent, created_at_ms, created_at_ms, rowid, page_size + 1),
-            ).fetchall()
-        else:
-            rows = connection.execute(
-                f"SELECT {_COLUMNS} FROM memories WHERE agent = ?"  # noqa: S608 - constant columns
-                " ORDER BY created_at_ms DESC, rowid DESC LIMIT ?",
-                (agent, page_size + 1),
-            ).fetchall()
+        """One page of memories in scope, newest first, and the cursor of the next page ('' at the end)."""
+        before_ms, before_rowid = self._open_cursor(scope.agent, cursor) if cursor else (2**62, 2**62)
+        rows = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE namespace IN ({scope._in})"  # noqa: S608
+            " AND status = 'active' AND created_at_ms >= ?"
+            " AND (created_at_ms < ? OR (created_at_ms = ? AND rowid < ?))"
+            " ORDER BY created_at_ms DESC, rowid DESC LIMIT ?",
+            (*scope.namespaces, scope.not_before_ms, before_ms, before_ms, before_rowid, page_size + 1),
+        ).fetchall()
         page = rows[:page_size]
         memories = [self._verified(row) for row in page]
-        next_cursor = self._make_cursor(agent, page[-1][3], page[-1][0]) if len(rows) > page_size else ""
+        next_cursor = self._make_cursor(scope.agent, page[-1][4], page[-1][0]) if len(rows) > page_size else ""
         return memories, next_cursor
 
     def update(
         self,
         connection: Connection,
-        agent: str,
+        scope: Scope,
         memory_id: str,
-        changes: dict[str, Any],
+        changes: Draft,
+        *,
+        changed: frozenset[str],
         now_ms: int,
     ) -> StoredMemory:
-        """Apply changes (content, tags, metadata_json) to a verified memory and re-sign it."""
-        current = self.get(connection, agent, memory_id)
-        content = changes.get("content", current.content)
+        """Apply the changed fields (content, tags, metadata) of changes to a visible memory and re-sign it.
+
+        A quarantine hit in the changes moves the memory to quarantine; filter hits accumulate.
+        """
+        current = self.get(connection, scope, memory_id)
+        if current.namespace not in scope.writable:
+            raise PermissionDenied("that memory is in a namespace this agent may only read")
+        content = changes.content if "content" in changed else current.content
         updated = StoredMemory(
             id=current.id,
-            agent=agent,
+            namespace=current.namespace,
+            author=current.author,
             content=content,
-            tags=changes.get("tags", current.tags),
-            metadata_json=changes.get("metadata_json", current.metadata_json),
+            tags=changes.tags if "tags" in changed else current.tags,
+            metadata_json=changes.metadata_json if "metadata" in changed else current.metadata_json,
             created_at_ms=current.created_at_ms,
             updated_at_ms=max(now_ms, current.updated_at_ms),
             sha256=content_sha256(content),
+            status=changes.status,
+            filter_hits=tuple(dict.fromkeys(current.filter_hits + changes.filter_hits)),
         )
-        key_id, digest = _signed_fields(updated).sign(self._ring)
-        connection.execute(
-            "UPDATE memories SET content = ?, tags = ?, metadata = ?, updated_at_ms = ?, sha256 = ?,"
-            " key_id = ?, hmac = ? WHERE id = ? AND agent = ?",
-            (
-                updated.content,
-                canonical_json(list(updated.tags)),
-                updated.metadata_json,
-                updated.updated_at_ms,
-                updated.sha256,
-                key_id,
-                digest,
-                memory_id,
-                agent,
-            ),
-        )
+        self._rewrite(connection, updated)
         return updated
 
-    def delete(self, connection: Connection, agent: str, memory_id: str) -> None:
-        """Delete the agent's memory; NotFound if it has none with this id."""
-        cursor = connection.execute("DELETE FROM memories WHERE id = ? AND agent = ?", (memory_id, agent))
-        if cursor.rowcount != 1:
-            raise NotFound("no memory with that id")
+    def delete(self, connection: Connection, scope: Scope, memory_id: str) -> None:
+        """Delete a visible memory in a namespace scope may write; NotFound if it sees none with this id."""
+        current = self.get(connection, scope, memory_id)
+        if current.namespace not in scope.writable:
+            raise PermissionDenied("that memory is in a namespace this agent may only read")
+        connection.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
 
-    def count(self, connection: Connection, agent: str) -> int:
-        """How many memories agent has."""
-        return int(connection.execute("SELECT count(*) FROM memories WHERE agent = ?", (agent,)).fetchone()[0])
+    # -- the security team's and the daemon's operations ------------------------------------
+
+    def count(self, connection: Connection, namespace: str) -> int:
+        """How many memories a namespace holds (any status)."""
+        row = connection.execute("SELECT count(*) FROM memories WHERE namespace = ?", (namespace,)).fetchone()
+        return int(row[0])
+
+    def held(self, connection: Connection, limit: int, before_id: str = "") -> list[StoredMemory]:
+        """Quarantined memories, oldest first (verified; a row failing verification raises DataLoss)."""
+        rows = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE status = ? AND id > ?"  # noqa: S608 - constant columns
+            " ORDER BY created_at_ms, id LIMIT ?",
+            (QUARANTINED, before_id, limit),
+        ).fetchall()
+        return [self._verified(row) for row in rows]
+
+    def get_held(self, connection: Connection, memory_id: str) -> StoredMemory:
+        """One quarantined memory, whatever its namespace; NotFound if no quarantined memory has this id."""
+        row = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND status = ?",  # noqa: S608 - constant columns
+            (memory_id, QUARANTINED),
+        ).fetchone()
+        if row is None:
+            raise NotFound("no quarantined memory with that id")
+        return self._verified(row)
+
+    def release(self, connection: Connection, memory_id: str, now_ms: int) -> StoredMemory:
+        """Make a quarantined memory visible to agents again (re-signed with its new status)."""
+        held = self.get_held(connection, memory_id)
+        released = dataclasses.replace(held, status=ACTIVE, updated_at_ms=max(now_ms, held.updated_at_ms))
+        self._rewrite(connection, released)
+        return released
+
+    def purge_held(self, connection: Connection, memory_id: str) -> StoredMemory:
+        """Delete a quarantined memory for good."""
+        held = self.get_held(connection, memory_id)
+        connection.execute("DELETE FROM memories WHERE id = ? AND status = ?", (memory_id, QUARANTINED))
+        return held
+
+    def purge_older_than(self, connection: Connection, cutoff_ms: int, limit: int) -> list[str]:
+        """Delete up to limit memories created before cutoff_ms (retention); their ids."""
+        ids = [
+            str(row[0])
+            for row in connection.execute(
+                "SELECT id FROM memories WHERE created_at_ms < ? ORDER BY created_at_ms LIMIT ?", (cutoff_ms, limit)
+            ).fetchall()
+        ]
+        connection.executemany("DELETE FROM memories WHERE id = ?", [(memory_id,) for memory_id in ids])
+        return ids
+
+    # -- signing, verifying, cursors ---------------------------------------------------------
+
+    def _rewrite(self, connection: Connection, memory: StoredMemory) -> None:
+        key_id, digest = _signed_fields(memory).sign(self._ring)
+        connection.execute(
+            "UPDATE memories SET content = ?, tags = ?, metadata = ?, updated_at_ms = ?, sha256 = ?,"
+            " key_id = ?, hmac = ?, sig_format = ?, status = ?, filter_hits = ? WHERE id = ?",
+            (
+                memory.content,
+                canonical_json(list(memory.tags)),
+                memory.metadata_json,
+                memory.updated_at_ms,
+                memory.sha256,
+                key_id,
+                digest,
+                CURRENT_FORMAT,
+                memory.status,
+                ",".join(memory.filter_hits),
+                memory.id,
+            ),
+        )
 
     def _verified(self, row: tuple[Any, ...]) -> StoredMemory:
-        _, memory_id, agent, created, updated, content, tags_json, metadata, digest, key_id, mac = row
+        (_, memory_id, namespace, author, created, updated, content, tags_json, metadata, digest, key_id, mac,
+         sig_format, status, hits) = row  # fmt: skip
         memory = StoredMemory(
             id=memory_id,
-            agent=agent,
+            namespace=namespace,
+            author=author,
             content=content,
             tags=tuple(json.loads(tags_json)) if _is_json_list(tags_json) else (),
             metadata_json=metadata,
             created_at_ms=created,
             updated_at_ms=updated,
             sha256=digest,
+            status=status,
+            filter_hits=tuple(hit for hit in hits.split(",") if hit),
         )
-        fields = SignedFields(memory_id, agent, created, updated, digest, tags_json, metadata)
-        if content_sha256(content) != digest or not fields.verify(self._ring, key_id, mac):
+        fields = SignedFields(memory_id, namespace, author, created, updated, digest, tags_json, metadata, status)
+        if content_sha256(content) != digest or not fields.verify(self._ring, key_id, mac, sig_format):
             security_log.error(
                 "memory failed its integrity check",
-                extra={"event": "integrity_failure", "memory_id": memory_id, "agent": agent},
+                extra={"event": "integrity_failure", "memory_id": memory_id, "namespace": namespace},
             )
             raise DataLoss("that memory failed its integrity check and is withheld; the security team is alerted")
         return memory
@@ -247,12 +366,14 @@ class MemoryStore:
 def _signed_fields(memory: StoredMemory) -> SignedFields:
     return SignedFields(
         memory.id,
-        memory.agent,
+        memory.namespace,
+        memory.author,
         memory.created_at_ms,
         memory.updated_at_ms,
         memory.sha256,
         canonical_json(list(memory.tags)),
         memory.metadata_json,
+        memory.status,
     )
 
 

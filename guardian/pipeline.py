@@ -1,14 +1,18 @@
 """The request pipeline and the dispatch table that is the guardian's security policy.
 
-Every request passes the same stages, in this order, and every outcome
-(allowed or denied) writes exactly one audit row:
+Every request passes the same stages, in this order (DESIGN.md), and every
+outcome (allowed or denied) writes exactly one audit row:
 
-1. session   resolve the session (idle and absolute timeouts)
-2. shape     field types, sizes, counts; unknown fields refused
-3. policy    is this operation granted to the agent's profile?
-4. data      the handler, in one write transaction with its audit row
-5. audit     the allow row shares the change's transaction; a deny row is
+1. session   resolve the session (idle and absolute timeouts) or the token; locked out?
+2. shape     field types, sizes, counts; unknown fields refused (the handler)
+3. policy    is this operation granted to the agent's profile, now (allowed hours)?
+4. rate      token buckets per session and per agent; a breach starts a cooldown
+5. content   normalise, then the policy's filters: reject, redact, quarantine, flag
+6. data      the handler's work, scoped to the agent's namespaces and read window
+7. integrity every row read is verified (memories.py); a mismatch is DATA_LOSS
+8. audit     the allow row shares the change's transaction; a deny row is
              written on its own; if either cannot be written the request fails
+9. anomaly   sliding windows over what happened; may lock the session or agent
 
 A method missing from :data:`AGENT_RULES` or :data:`ADMIN_RULES` is never served.
 """
@@ -17,27 +21,49 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from guardian import audit
+from guardian.anomaly import AnomalyKind
 from guardian.core import GuardianCore, now_ms, session_ref
 from guardian.database import Connection
+from guardian.memories import QUARANTINED, Draft, Scope
 from guardian.policy import Policy, Profile
 from guardian.sessions import Session
 from guardian.shape import check_known_fields
 from guardian.status import abort_with
-from shared.errors import GuardianError, InternalError, InvalidArgument, PermissionDenied
+from shared.errors import (
+    GuardianError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+)
+from shared.formats import AGENT_NAME_RE, OPERATOR_METADATA_KEY
 
-__all__ = ["ADMIN_CALLER", "ADMIN_RULES", "AGENT_RULES", "Call", "Handler", "Malformed", "Pipeline", "Rule"]
+__all__ = [
+    "ADMIN_CALLER",
+    "ADMIN_RULES",
+    "AGENT_RULES",
+    "Call",
+    "Handler",
+    "Malformed",
+    "Pipeline",
+    "Rule",
+    "admin_caller",
+]
 
 log = logging.getLogger("agent_guardian")
 security_log = logging.getLogger("agent_guardian.security")
 
 ResponseT = TypeVar("ResponseT", bound=Message)
+RateKind = Literal["read", "write", "open"]
 
 
 @dataclass(frozen=True)
@@ -46,23 +72,27 @@ class Rule:
 
     #: The name the audit trail records.
     audit_operation: str
-    #: The policy operation a profile must grant; None for session management.
+    #: The policy operation a profile must grant; None for session management and admin calls.
     policy_operation: str | None
     #: Whether the request must name a live session.
     needs_session: bool
+    #: Which rate-limit buckets it draws from; None: not rate limited (admin calls).
+    rate: RateKind | None = None
+    #: Whether the session stage authenticates an agent token instead (OpenSession).
+    authenticates: bool = False
 
 
 #: The agent service's dispatch table: one row per RPC, nothing else is served.
 AGENT_RULES: Final[dict[str, Rule]] = {
-    "OpenSession": Rule("session.open", None, needs_session=False),
+    "OpenSession": Rule("session.open", None, needs_session=False, rate="open", authenticates=True),
     "CloseSession": Rule("session.close", None, needs_session=True),
-    "Store": Rule("memory.store", "store", needs_session=True),
-    "StoreBatch": Rule("memory.store_batch", "store", needs_session=True),
-    "Get": Rule("memory.get", "get", needs_session=True),
-    "Search": Rule("memory.search", "search", needs_session=True),
-    "List": Rule("memory.list", "list", needs_session=True),
-    "Update": Rule("memory.update", "update", needs_session=True),
-    "Delete": Rule("memory.delete", "delete", needs_session=True),
+    "Store": Rule("memory.store", "store", needs_session=True, rate="write"),
+    "StoreBatch": Rule("memory.store_batch", "store", needs_session=True, rate="write"),
+    "Get": Rule("memory.get", "get", needs_session=True, rate="read"),
+    "Search": Rule("memory.search", "search", needs_session=True, rate="read"),
+    "List": Rule("memory.list", "list", needs_session=True, rate="read"),
+    "Update": Rule("memory.update", "update", needs_session=True, rate="write"),
+    "Delete": Rule("memory.delete", "delete", needs_session=True, rate="write"),
 }
 
 #: The admin service's dispatch table. Served only on the admin socket, whose
@@ -71,10 +101,33 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     "AddAgent": Rule("admin.agent.add", None, needs_session=False),
     "ListAgents": Rule("admin.agent.list", None, needs_session=False),
     "RevokeAgent": Rule("admin.agent.revoke", None, needs_session=False),
+    "UnlockAgent": Rule("admin.agent.unlock", None, needs_session=False),
+    "ShowPolicy": Rule("admin.policy.show", None, needs_session=False),
+    "ValidatePolicy": Rule("admin.policy.validate", None, needs_session=False),
+    "DiffPolicy": Rule("admin.policy.diff", None, needs_session=False),
+    "ApplyPolicy": Rule("admin.policy.apply", None, needs_session=False),
+    "PolicyHistory": Rule("admin.policy.history", None, needs_session=False),
+    "RollbackPolicy": Rule("admin.policy.rollback", None, needs_session=False),
+    "ListQuarantine": Rule("admin.quarantine.list", None, needs_session=False),
+    "ShowQuarantined": Rule("admin.quarantine.show", None, needs_session=False),
+    "ReleaseQuarantined": Rule("admin.quarantine.release", None, needs_session=False),
+    "PurgeQuarantined": Rule("admin.quarantine.purge", None, needs_session=False),
 }
 
 #: What the audit trail names as the caller of an admin RPC (not a valid agent name).
 ADMIN_CALLER: Final = "@admin-socket"
+
+
+def admin_caller(context: grpc.ServicerContext) -> str:
+    """The audit trail's name for an admin caller: the socket, plus the login name guardianctl claims.
+
+    grpcio does not expose the peer's UID on a Unix socket, so the name is what the
+    client says; the socket's group membership is what is proven (see the README).
+    """
+    for key, value in context.invocation_metadata() or ():
+        if key == OPERATOR_METADATA_KEY and isinstance(value, str) and AGENT_NAME_RE.fullmatch(value):
+            return f"{ADMIN_CALLER}:{value}"
+    return ADMIN_CALLER
 
 
 class Malformed:
@@ -91,9 +144,22 @@ class Call:
     now_ms: int
     session: Session | None = None
     profile: Profile | None = None
+    scope: Scope | None = None
     #: Filled by handlers for the audit row: the object acted on and the agent, when known.
     object_id: str = ""
     agent: str = ""
+    #: The shape stage's drafts, which the content stage filters in place.
+    drafts: list[Draft] = field(default_factory=list)
+    #: For an update: which draft fields it changes (only those are filtered and written).
+    changed: frozenset[str] | None = None
+    #: Rate-limit tokens this request costs (a batch costs one per memory).
+    cost: int = 1
+    #: Filter hits as "action:rule", for the audit row.
+    filter_hits: list[str] = field(default_factory=list)
+    #: Anomaly events this request counts toward (besides burst, denials and unknown ids).
+    anomalies: list[AnomalyKind] = field(default_factory=list)
+    #: Run after the transaction commits (e.g. swapping in a policy that was recorded).
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def required_session(self) -> Session:
@@ -108,6 +174,13 @@ class Call:
         if self.profile is None:
             raise InternalError()
         return self.profile
+
+    @property
+    def required_scope(self) -> Scope:
+        """The namespaces and read window of the resolved agent."""
+        if self.scope is None:
+            raise InternalError()
+        return self.scope
 
 
 #: A handler validates its request's shape (raising InvalidArgument) and returns the work
@@ -128,27 +201,135 @@ class Pipeline:
     ) -> Any:
         """Serve one request; every path writes one audit row."""
         rule = self._rules[method]
-        call = Call(method=method, rule=rule, policy=self._core.policy, now_ms=now_ms(), agent=self._caller)
+        caller = admin_caller(context) if self._caller == ADMIN_CALLER else self._caller
+        call = Call(method=method, rule=rule, policy=self._core.policy, now_ms=now_ms(), agent=caller)
         try:
             if isinstance(request, Malformed):
                 raise InvalidArgument("the request is malformed (e.g. text that is not valid UTF-8)")
             check_known_fields(request)
-            if rule.needs_session:
-                call.session = self._core.sessions.resolve(getattr(request, "session_id", ""), call.now_ms)
-                call.agent = call.session.agent
-                call.profile = call.policy.profile_for(call.agent)
-            work = handler(call, request)
-            if rule.policy_operation is not None and rule.policy_operation not in call.required_profile.operations:
-                raise PermissionDenied(f"the policy does not allow this agent to {rule.policy_operation} memories")
+            self._session_stage(call, request)
+            work = handler(call, request)  # the shape stage
+            self._policy_stage(call)
+            self._rate_stage(call)
+            self._content_stage(call)
             with self._core.database.write() as connection:
                 response = work(connection)
-                audit.append(connection, self._record(call, "allow", "ok"))
-            return response
+                audit.append(connection, self._record(call, "allow", self._allow_reason(call)))
+            for hook in call.after_commit:
+                hook()
         except GuardianError as error:
+            self._anomaly_stage(call, error)
             self._deny(call, error, context)
         except Exception:
             log.exception("unexpected error serving %s", method)
             self._deny(call, InternalError(), context)
+        else:
+            self._anomaly_stage(call, None)
+            return response
+
+    # -- the stages, in order ------------------------------------------------------------------
+
+    def _session_stage(self, call: Call, request: Any) -> None:
+        if call.rule.authenticates:
+            token = request.agent_token
+            if not token:
+                raise Unauthenticated("no agent token: pass the token `guardianctl agents add` printed")
+            agent = self._core.agents.authenticate(self._core.database.reader(), token)
+            if agent is None:
+                raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
+            call.agent = agent
+            self._core.anomalies.check_locked(agent=agent, session_key=None, now_ms=call.now_ms)
+        elif call.rule.needs_session:
+            call.session = self._core.sessions.resolve(getattr(request, "session_id", ""), call.now_ms)
+            call.agent = call.session.agent
+            self._core.anomalies.check_locked(agent=call.agent, session_key=call.session.id, now_ms=call.now_ms)
+        else:
+            return
+        profile = call.profile = call.policy.profile_for(call.agent)
+        window = profile.read_window_ms
+        call.scope = Scope(
+            agent=call.agent,
+            namespaces=profile.readable_namespaces(call.agent),
+            writable=frozenset({call.agent}) | profile.write_namespaces,
+            not_before_ms=max(0, call.now_ms - window) if window else 0,
+        )
+
+    def _policy_stage(self, call: Call) -> None:
+        operation = call.rule.policy_operation
+        if operation is not None and operation not in call.required_profile.operations:
+            raise PermissionDenied(f"the policy does not allow this agent to {operation} memories")
+        hours = call.profile.allowed_hours if call.profile else None
+        if hours is not None and not hours.allows(call.now_ms):
+            call.anomalies.append("outside_hours")
+            raise PermissionDenied("the policy does not allow this agent to make requests at this time of day")
+
+    def _rate_stage(self, call: Call) -> None:
+        if call.rule.rate is None or not call.agent:
+            return
+        rates = call.required_profile.rates
+        session_key = call.session.id if call.session else None
+        self._core.rates.check(
+            agent=call.agent, session_key=session_key, kind=call.rule.rate, spec=rates, cost=call.cost
+        )
+        if call.rule.rate == "open":
+            limit = call.policy.sessions.max_per_agent
+            if self._core.sessions.count(call.agent, call.now_ms) >= limit:
+                raise RateLimited(
+                    f"this agent already has {limit} open sessions, the policy's limit; close one or let one expire",
+                    retry_after_ms=self._core.sessions.next_expiry_ms(call.agent, call.now_ms),
+                )
+
+    def _content_stage(self, call: Call) -> None:
+        filters = call.policy.filters
+        for index, draft in enumerate(call.drafts):
+            try:
+                outcome = filters.scan(draft, call.changed)
+            except PermissionDenied:
+                call.anomalies.append("filter_hits")
+                raise
+            rules = tuple(hit.rule for hit in outcome.hits)
+            call.filter_hits += [f"{hit.action}:{hit.rule}" for hit in outcome.hits]
+            call.drafts[index] = replace(
+                outcome.draft,
+                status=QUARANTINED if outcome.quarantine else draft.status,
+                filter_hits=tuple(dict.fromkeys(draft.filter_hits + rules)),
+            )
+        if call.filter_hits:
+            call.anomalies.append("filter_hits")
+
+    def _anomaly_stage(self, call: Call, error: GuardianError | None) -> None:
+        """Count what happened toward the policy's detectors; never changes the outcome."""
+        if not call.agent or call.agent.startswith("@"):
+            return
+        kinds: list[AnomalyKind] = ["burst", *dict.fromkeys(call.anomalies)]
+        if error is not None and not isinstance(error, Unauthenticated):
+            kinds.append("denials")
+        if isinstance(error, NotFound):
+            kinds.append("unknown_ids")
+        session_key = call.session.id if call.session else None
+        try:
+            for kind in kinds:
+                event = self._core.anomalies.record(
+                    kind,
+                    agent=call.agent,
+                    session_key=session_key,
+                    session_ref=session_ref(session_key or ""),
+                    now_ms=call.now_ms,
+                    spec=call.policy.anomaly,
+                )
+                if event is not None:
+                    with self._core.database.write() as connection:
+                        audit.append(
+                            connection,
+                            replace(
+                                self._record(call, "alert", f"{event.kind}: {event.count} in {event.window_ms} ms"),
+                                operation=f"anomaly.{event.response}",
+                            ),
+                        )
+        except Exception:
+            log.exception("the anomaly stage failed for %s", call.method)
+
+    # -- outcomes ---------------------------------------------------------------------------------
 
     def refuse_unknown(self, method: str) -> None:
         """Record a call to a method this socket does not serve (the caller gets UNIMPLEMENTED)."""
@@ -160,6 +341,15 @@ class Pipeline:
         security_log.warning(
             "call to a method this socket does not serve",
             extra={"event": "unknown_method", "method": method[:200]},
+        )
+
+    @staticmethod
+    def _allow_reason(call: Call) -> str:
+        if not call.filter_hits:
+            return "ok"
+        quarantined = any(draft.status == QUARANTINED for draft in call.drafts)
+        return ("ok, quarantined; filters: " if quarantined else "ok; filters: ") + ",".join(
+            dict.fromkeys(call.filter_hits)
         )
 
     def _deny(self, call: Call, error: GuardianError, context: grpc.ServicerContext) -> None:

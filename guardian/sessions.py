@@ -88,6 +88,16 @@ class SessionTable:
                 if s.agent == agent and now_ms < s.expires_at_ms and now_ms - s.last_used_ms < s.idle_timeout_ms
             )
 
+    def next_expiry_ms(self, agent: str, now_ms: int) -> int:
+        """Milliseconds until the first of agent's live sessions ends if left unused (at least 1)."""
+        with self._lock:
+            ends = [
+                min(s.expires_at_ms, s.last_used_ms + s.idle_timeout_ms)
+                for s in self._sessions.values()
+                if s.agent == agent
+            ]
+        return max(1, min(ends, default=now_ms + 1) - now_ms)
+
     def sweep(self, now_ms: int) -> int:
         """Forget expired sessions; how many."""
         with self._lock:

@@ -19,7 +19,7 @@ from guardian.integrity import canonical_json
 from guardian.memories import Draft
 from guardian.policy import Limits
 from shared.errors import InvalidArgument
-from shared.formats import MEMORY_ID_RE
+from shared.formats import AGENT_NAME_RE, MEMORY_ID_RE
 
 __all__ = [
     "check_known_fields",
@@ -27,6 +27,7 @@ __all__ = [
     "draft",
     "memory_id",
     "metadata_json",
+    "namespace",
     "page_size",
     "query",
     "tags",
@@ -79,10 +80,15 @@ def metadata_json(value: str, limits: Limits, field: str = "metadata") -> str:
         raise InvalidArgument(f"{field}: over the limit of {limits.max_metadata_bytes} bytes")
     try:
         parsed = json.loads(value, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise InvalidArgument(f"{field}: nested too deeply (limit {limits.max_metadata_depth} levels)") from None
+    except ValueError:
         raise InvalidArgument(f"{field}: is not valid JSON") from None
     if not isinstance(parsed, dict):
         raise InvalidArgument(f"{field}: must be a JSON object, not {_json_kind(parsed)}")
+    depth = _depth(parsed)
+    if depth > limits.max_metadata_depth:
+        raise InvalidArgument(f"{field}: nested {depth} levels deep, over the limit of {limits.max_metadata_depth}")
     _check_finite(parsed, field)
     canonical = canonical_json(parsed)
     size = len(canonical.encode("utf-8"))
@@ -98,6 +104,15 @@ def draft(content_value: str, tag_values: Sequence[str], metadata_value: str, li
         tags=tags(tag_values, limits, f"{field}.tags" if field else "tags"),
         metadata_json=metadata_json(metadata_value, limits, f"{field}.metadata" if field else "metadata"),
     )
+
+
+def namespace(value: str, field: str = "namespace") -> str:
+    """Empty (the agent's own namespace) or a namespace name; whether the agent may use it is the data stage's."""
+    if value and AGENT_NAME_RE.fullmatch(value) is None:
+        raise InvalidArgument(
+            f"{field}: not a namespace name (1-64 letters, digits, '.', '_' or '-', starting with a letter or digit)"
+        )
+    return value
 
 
 def memory_id(value: str) -> str:
@@ -126,6 +141,20 @@ def page_size(value: int, limits: Limits, field: str) -> int:
     if value > limits.max_page_size:
         raise InvalidArgument(f"{field}: {value} is over the limit of {limits.max_page_size}")
     return value
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of objects and arrays: {} is 1, {"a": [1]} is 2 (iterative: no recursion limit)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _refuse_constant(name: str) -> Any:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from guardian.config import load_config, render_default_config
 from guardian.database import Database
+from guardian.default_policy import render_default_policy
 from guardian.keys import create_keys, load_keys
-from guardian.policy import load_policy, render_default_policy
+from guardian.policy import load_policy
 from shared.errors import ConfigError
 
 __all__ = ["InitReport", "init_state_dir"]

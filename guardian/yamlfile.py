@@ -113,6 +113,13 @@ class Section:
                 raise ConfigError(f"{self.child_path(key)}[{index}]: expected a string, got {_type_name(item)}")
         return list(value)
 
+    def sections(self, key: str) -> list[Section] | None:
+        """A list of mappings, each as a Section named ``key[i]``; None when the key is absent."""
+        value = self._get(key, list, None)
+        if value is None:
+            return None
+        return [Section(item, f"{self.child_path(key)}[{index}]") for index, item in enumerate(value)]
+
     def keys(self) -> list[str]:
         """Every key of the mapping (all counted as seen)."""
         self._seen.update(self._data)

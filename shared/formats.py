@@ -12,6 +12,7 @@ from typing import Final
 __all__ = [
     "AGENT_NAME_RE",
     "MEMORY_ID_RE",
+    "OPERATOR_METADATA_KEY",
     "SESSION_ID_RE",
     "TOKEN_RE",
     "is_agent_token",
@@ -25,6 +26,9 @@ SESSION_ID_RE: Final = re.compile(r"ses_[A-Za-z0-9_-]{32}")
 MEMORY_ID_RE: Final = re.compile(r"mem_[0-9a-f]{32}")
 #: An agent's name: 1-64 characters, letters, digits, '-', '_', '.', not starting with a symbol.
 AGENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+#: gRPC metadata key in which guardianctl names the operator running it (claimed, not proven).
+OPERATOR_METADATA_KEY: Final = "x-guardian-operator"
 
 
 def is_agent_token(value: str) -> bool:

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Guardian, running_guardian
+from tests.harness import LOG_ONLY_ANOMALIES, Guardian, running_guardian
 
 
 @pytest.fixture(scope="module")
 def guardian() -> Iterator[Guardian]:
-    """A guardian process on a fresh state dir, shared by one test module."""
-    with running_guardian() as started:
+    """A guardian process on a fresh state dir, shared by one test module (anomalies only logged)."""
+    with running_guardian(anomaly=LOG_ONLY_ANOMALIES) as started:
         yield started

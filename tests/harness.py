@@ -94,6 +94,12 @@ class Guardian:
             stub = admin_pb2_grpc.AdminServiceStub(channel)
             return stub.RevokeAgent(admin_pb2.RevokeAgentRequest(name=name)).sessions_ended
 
+    def admin(self, method: str, request: Any, operator: str = "") -> Any:
+        """Call one AdminService method on the admin socket (optionally naming an operator)."""
+        metadata = (("x-guardian-operator", operator),) if operator else None
+        with grpc.insecure_channel(f"unix:{self.admin_socket}") as channel:
+            return getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request, timeout=15, metadata=metadata)
+
     def set_policy(self, **changes: Any) -> None:
         """Rewrite top-level sections of the policy file (before start)."""
         path = self.state_dir / "policy.yaml"
@@ -124,6 +130,14 @@ class Guardian:
         return channel, agent_pb2_grpc.AgentServiceStub(channel)
 
 
+#: For suites that walk many deny paths on purpose: anomaly detectors that only log.
+#: (tests/test_policy_decisions.py tests the locking responses.)
+LOG_ONLY_ANOMALIES: dict[str, Any] = {
+    kind: {"threshold": 1000, "window": "1m", "response": "log"}
+    for kind in ("denials", "filter_hits", "burst", "unknown_ids", "outside_hours")
+}
+
+
 @contextmanager
 def running_guardian(**policy_changes: Any) -> Iterator[Guardian]:
     """A started guardian on a fresh state dir under /tmp (socket paths must stay short)."""
@@ -141,4 +155,4 @@ def running_guardian(**policy_changes: Any) -> Iterator[Guardian]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-__all__ = ["ROOT", "Guardian", "agent_pb2", "running_guardian"]
+__all__ = ["LOG_ONLY_ANOMALIES", "ROOT", "Guardian", "agent_pb2", "running_guardian"]

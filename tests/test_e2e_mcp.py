@@ -21,7 +21,7 @@ import pytest
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.harness import ROOT, Guardian, running_guardian
+from tests.harness import LOG_ONLY_ANOMALIES, ROOT, Guardian, running_guardian
 
 pytestmark = pytest.mark.anyio
 
@@ -35,7 +35,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[dict[str, Any]]:
-    with running_guardian() as guardian:
+    with running_guardian(anomaly=LOG_ONLY_ANOMALIES) as guardian:
         yield {"guardian": guardian, "alice": guardian.add_agent("alice"), "bob": guardian.add_agent("bob")}
 
 
@@ -94,10 +94,18 @@ async def http_client(url: str, token: str) -> AsyncIterator[Client]:
 
 
 def stdio_params(guardian: Guardian, token: str) -> StdioServerParameters:
+    """The stdio gateway, its stderr appended to a file under the state dir (the marker check reads it)."""
+    stderr_file = guardian.state_dir / "gateway-stdio.log"
+    gateway = [sys.executable, "-m", "gateway.cli", "--transport", "stdio", "--socket", str(guardian.agent_socket)]
     return StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "gateway.cli", "--transport", "stdio", "--socket", str(guardian.agent_socket)],
-        env={"AGENT_GUARDIAN_TOKEN": token, "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)},
+        command="/bin/sh",
+        args=["-c", 'exec "$@" 2>>"$GATEWAY_STDERR"', "gateway", *gateway],
+        env={
+            "AGENT_GUARDIAN_TOKEN": token,
+            "GATEWAY_STDERR": str(stderr_file),
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(ROOT),
+        },
         cwd=str(ROOT),
     )
 
@@ -282,6 +290,10 @@ def test_marker_appears_in_no_file_in_clear(world: dict[str, Any]) -> None:
         if path.is_file() and not path.is_socket() and needle in path.read_bytes()
     ]
     assert not offenders
+    logs = {path.name for path in guardian.state_dir.rglob("*.log")}
+    assert {"gateway-stdio.log", "guardian-test.log"} <= logs, logs
+    assert any(name.startswith("gateway-http-") for name in logs), logs
+    assert (guardian.state_dir / "gateway-stdio.log").stat().st_size > 0
     for token in (world["alice"], world["bob"]):
-        assert not [p for p in guardian.state_dir.rglob("*.log") if token in p.read_text()]
+        assert not [p for p in guardian.state_dir.rglob("*.log") if token in p.read_text(errors="replace")]
     assert json.dumps(guardian.audit_rows()).find(MARKER) == -1

@@ -156,10 +156,10 @@ def test_batch_is_all_or_nothing(guardian: Guardian, alice) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.StoreBatch(pb.StoreBatchRequest(session_id=session, memories=drafts))
     assert "memories[1].content" in caught.value.details()
-    too_many = [pb.MemoryDraft(content="x")] * 51
+    too_many = [pb.MemoryDraft(content="x")] * 21
     with pytest.raises(grpc.RpcError) as caught:
         stub.StoreBatch(pb.StoreBatchRequest(session_id=session, memories=too_many))
-    assert "batch limit of 50" in caught.value.details()
+    assert "batch limit of 20" in caught.value.details()
     assert count_memories(guardian, "alice") == before
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"shared/rpc/guardian/v1/admin.proto\x12\x0bguardian.v1\"\x1f\n\x0f\x41\x64\x64\x41gentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x10\x41\x64\x64\x41gentResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x13\n\x11ListAgentsRequest\"p\n\tAgentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x15\n\rrevoked_at_ms\x18\x03 \x01(\x03\x12\x15\n\ropen_sessions\x18\x04 \x01(\r\x12\x10\n\x08memories\x18\x05 \x01(\x04\"<\n\x12ListAgentsResponse\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.guardian.v1.AgentInfo\"\"\n\x12RevokeAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\x13RevokeAgentResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\r2\xf8\x01\n\x0c\x41\x64minService\x12G\n\x08\x41\x64\x64\x41gent\x12\x1c.guardian.v1.AddAgentRequest\x1a\x1d.guardian.v1.AddAgentResponse\x12M\n\nListAgents\x12\x1e.guardian.v1.ListAgentsRequest\x1a\x1f.guardian.v1.ListAgentsResponse\x12P\n\x0bRevokeAgent\x12\x1f.guardian.v1.RevokeAgentRequest\x1a .guardian.v1.RevokeAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"shared/rpc/guardian/v1/admin.proto\x12\x0bguardian.v1\"\x1f\n\x0f\x41\x64\x64\x41gentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x10\x41\x64\x64\x41gentResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x13\n\x11ListAgentsRequest\"\x80\x01\n\tAgentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\x15\n\rrevoked_at_ms\x18\x03 \x01(\x03\x12\x15\n\ropen_sessions\x18\x04 \x01(\r\x12\x10\n\x08memories\x18\x05 \x01(\x04\x12\x0e\n\x06locked\x18\x06 \x01(\x08\"<\n\x12ListAgentsResponse\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.guardian.v1.AgentInfo\"\"\n\x12RevokeAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\x13RevokeAgentResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\r\"\"\n\x12UnlockAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\")\n\x13UnlockAgentResponse\x12\x12\n\nwas_locked\x18\x01 \x01(\x08\"\x13\n\x11ShowPolicyRequest\"f\n\nPolicyInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rapplied_at_ms\x18\x03 \x01(\x03\x12\x12\n\napplied_by\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\"\x1a\n\nPolicyText\x12\x0c\n\x04text\x18\x01 \x01(\t\":\n\x16ValidatePolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x03(\t\"P\n\x12\x44iffPolicyResponse\x12\x17\n\x0frunning_version\x18\x01 \x01(\t\x12\x13\n\x0bnew_version\x18\x02 \x01(\t\x12\x0c\n\x04\x64iff\x18\x03 \x01(\t\"S\n\x13\x41pplyPolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x11\n\tunchanged\x18\x03 \x01(\x08\"%\n\x14PolicyHistoryRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"m\n\x12PolicyHistoryEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rapplied_at_ms\x18\x03 \x01(\x03\x12\x12\n\napplied_by\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\"I\n\x15PolicyHistoryResponse\x12\x30\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1f.guardian.v1.PolicyHistoryEntry\"(\n\x15RollbackPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"8\n\x15ListQuarantineRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x10\n\x08\x61\x66ter_id\x18\x02 \x01(\t\"\x7f\n\x11QuarantinedMemory\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x04 \x01(\x03\x12\x15\n\rcontent_bytes\x18\x05 \x01(\x04\x12\r\n\x05rules\x18\x06 \x03(\t\"J\n\x16ListQuarantineResponse\x12\x30\n\x08memories\x18\x01 \x03(\x0b\x32\x1e.guardian.v1.QuarantinedMemory\"\x1f\n\x11QuarantineRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x7f\n\x17ShowQuarantinedResponse\x12.\n\x06memory\x18\x01 \x01(\x0b\x32\x1e.guardian.v1.QuarantinedMemory\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"&\n\x18QuarantineActionResponse\x12\n\n\x02id\x18\x01 \x01(\t2\x8f\t\n\x0c\x41\x64minService\x12G\n\x08\x41\x64\x64\x41gent\x12\x1c.guardian.v1.AddAgentRequest\x1a\x1d.guardian.v1.AddAgentResponse\x12M\n\nListAgents\x12\x1e.guardian.v1.ListAgentsRequest\x1a\x1f.guardian.v1.ListAgentsResponse\x12P\n\x0bRevokeAgent\x12\x1f.guardian.v1.RevokeAgentRequest\x1a .guardian.v1.RevokeAgentResponse\x12P\n\x0bUnlockAgent\x12\x1f.guardian.v1.UnlockAgentRequest\x1a .guardian.v1.UnlockAgentResponse\x12\x45\n\nShowPolicy\x12\x1e.guardian.v1.ShowPolicyRequest\x1a\x17.guardian.v1.PolicyInfo\x12N\n\x0eValidatePolicy\x12\x17.guardian.v1.PolicyText\x1a#.guardian.v1.ValidatePolicyResponse\x12\x46\n\nDiffPolicy\x12\x17.guardian.v1.PolicyText\x1a\x1f.guardian.v1.DiffPolicyResponse\x12H\n\x0b\x41pplyPolicy\x12\x17.guardian.v1.PolicyText\x1a .guardian.v1.ApplyPolicyResponse\x12V\n\rPolicyHistory\x12!.guardian.v1.PolicyHistoryRequest\x1a\".guardian.v1.PolicyHistoryResponse\x12V\n\x0eRollbackPolicy\x12\".guardian.v1.RollbackPolicyRequest\x1a .guardian.v1.ApplyPolicyResponse\x12Y\n\x0eListQuarantine\x12\".guardian.v1.ListQuarantineRequest\x1a#.guardian.v1.ListQuarantineResponse\x12W\n\x0fShowQuarantined\x12\x1e.guardian.v1.QuarantineRequest\x1a$.guardian.v1.ShowQuarantinedResponse\x12[\n\x12ReleaseQuarantined\x12\x1e.guardian.v1.QuarantineRequest\x1a%.guardian.v1.QuarantineActionResponse\x12Y\n\x10PurgeQuarantined\x12\x1e.guardian.v1.QuarantineRequest\x1a%.guardian.v1.QuarantineActionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADDAGENTRESPONSE']._serialized_end=131
   _globals['_LISTAGENTSREQUEST']._serialized_start=133
   _globals['_LISTAGENTSREQUEST']._serialized_end=152
-  _globals['_AGENTINFO']._serialized_start=154
-  _globals['_AGENTINFO']._serialized_end=266
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=268
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=328
-  _globals['_REVOKEAGENTREQUEST']._serialized_start=330
-  _globals['_REVOKEAGENTREQUEST']._serialized_end=364
-  _globals['_REVOKEAGENTRESPONSE']._serialized_start=366
-  _globals['_REVOKEAGENTRESPONSE']._serialized_end=411
-  _globals['_ADMINSERVICE']._serialized_start=414
-  _globals['_ADMINSERVICE']._serialized_end=662
+  _globals['_AGENTINFO']._serialized_start=155
+  _globals['_AGENTINFO']._serialized_end=283
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=285
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=345
+  _globals['_REVOKEAGENTREQUEST']._serialized_start=347
+  _globals['_REVOKEAGENTREQUEST']._serialized_end=381
+  _globals['_REVOKEAGENTRESPONSE']._serialized_start=383
+  _globals['_REVOKEAGENTRESPONSE']._serialized_end=428
+  _globals['_UNLOCKAGENTREQUEST']._serialized_start=430
+  _globals['_UNLOCKAGENTREQUEST']._serialized_end=464
+  _globals['_UNLOCKAGENTRESPONSE']._serialized_start=466
+  _globals['_UNLOCKAGENTRESPONSE']._serialized_end=507
+  _globals['_SHOWPOLICYREQUEST']._serialized_start=509
+  _globals['_SHOWPOLICYREQUEST']._serialized_end=528
+  _globals['_POLICYINFO']._serialized_start=530
+  _globals['_POLICYINFO']._serialized_end=632
+  _globals['_POLICYTEXT']._serialized_start=634
+  _globals['_POLICYTEXT']._serialized_end=660
+  _globals['_VALIDATEPOLICYRESPONSE']._serialized_start=662
+  _globals['_VALIDATEPOLICYRESPONSE']._serialized_end=720
+  _globals['_DIFFPOLICYRESPONSE']._serialized_start=722
+  _globals['_DIFFPOLICYRESPONSE']._serialized_end=802
+  _globals['_APPLYPOLICYRESPONSE']._serialized_start=804
+  _globals['_APPLYPOLICYRESPONSE']._serialized_end=887
+  _globals['_POLICYHISTORYREQUEST']._serialized_start=889
+  _globals['_POLICYHISTORYREQUEST']._serialized_end=926
+  _globals['_POLICYHISTORYENTRY']._serialized_start=928
+  _globals['_POLICYHISTORYENTRY']._serialized_end=1037
+  _globals['_POLICYHISTORYRESPONSE']._serialized_start=1039
+  _globals['_POLICYHISTORYRESPONSE']._serialized_end=1112
+  _globals['_ROLLBACKPOLICYREQUEST']._serialized_start=1114
+  _globals['_ROLLBACKPOLICYREQUEST']._serialized_end=1154
+  _globals['_LISTQUARANTINEREQUEST']._serialized_start=1156
+  _globals['_LISTQUARANTINEREQUEST']._serialized_end=1212
+  _globals['_QUARANTINEDMEMORY']._serialized_start=1214
+  _globals['_QUARANTINEDMEMORY']._serialized_end=1341
+  _globals['_LISTQUARANTINERESPONSE']._serialized_start=1343
+  _globals['_LISTQUARANTINERESPONSE']._serialized_end=1417
+  _globals['_QUARANTINEREQUEST']._serialized_start=1419
+  _globals['_QUARANTINEREQUEST']._serialized_end=1450
+  _globals['_SHOWQUARANTINEDRESPONSE']._serialized_start=1452
+  _globals['_SHOWQUARANTINEDRESPONSE']._serialized_end=1579
+  _globals['_QUARANTINEACTIONRESPONSE']._serialized_start=1581
+  _globals['_QUARANTINEACTIONRESPONSE']._serialized_end=1619
+  _globals['_ADMINSERVICE']._serialized_start=1622
+  _globals['_ADMINSERVICE']._serialized_end=2789
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,27 @@ class AdminServiceStub:
     ListAgents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]
     RevokeAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.RevokeAgentResponse]
     """Refuses the agent's token from now on and ends all its sessions."""
+    UnlockAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UnlockAgentRequest, _admin_pb2.UnlockAgentResponse]
+    """Lifts an anomaly lock and a rate-limit cooldown from an agent."""
+    ShowPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ShowPolicyRequest, _admin_pb2.PolicyInfo]
+    """The policy in force: its text as written, its version, who applied it and when."""
+    ValidatePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.ValidatePolicyResponse]
+    """Validates and compiles a policy without applying it."""
+    DiffPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.DiffPolicyResponse]
+    """What applying a policy would change, as a unified diff of the text."""
+    ApplyPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.ApplyPolicyResponse]
+    """Validates, compiles and swaps in a policy atomically; the running one stays on any error."""
+    PolicyHistory: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PolicyHistoryRequest, _admin_pb2.PolicyHistoryResponse]
+    RollbackPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RollbackPolicyRequest, _admin_pb2.ApplyPolicyResponse]
+    """Re-applies a version from the history."""
+    ListQuarantine: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListQuarantineRequest, _admin_pb2.ListQuarantineResponse]
+    """Memories a content filter holds back from agents."""
+    ShowQuarantined: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QuarantineRequest, _admin_pb2.ShowQuarantinedResponse]
+    """One held memory, content included (the security team's view)."""
+    ReleaseQuarantined: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QuarantineRequest, _admin_pb2.QuarantineActionResponse]
+    """Makes a held memory visible to agents."""
+    PurgeQuarantined: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QuarantineRequest, _admin_pb2.QuarantineActionResponse]
+    """Deletes a held memory for good."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -48,6 +69,27 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListAgents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]  # type: ignore[assignment]
     RevokeAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.RevokeAgentResponse]  # type: ignore[assignment]
     """Refuses the agent's token from now on and ends all its sessions."""
+    UnlockAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.UnlockAgentRequest, _admin_pb2.UnlockAgentResponse]  # type: ignore[assignment]
+    """Lifts an anomaly lock and a rate-limit cooldown from an agent."""
+    ShowPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.ShowPolicyRequest, _admin_pb2.PolicyInfo]  # type: ignore[assignment]
+    """The policy in force: its text as written, its version, who applied it and when."""
+    ValidatePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.ValidatePolicyResponse]  # type: ignore[assignment]
+    """Validates and compiles a policy without applying it."""
+    DiffPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.DiffPolicyResponse]  # type: ignore[assignment]
+    """What applying a policy would change, as a unified diff of the text."""
+    ApplyPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.ApplyPolicyResponse]  # type: ignore[assignment]
+    """Validates, compiles and swaps in a policy atomically; the running one stays on any error."""
+    PolicyHistory: _aio.UnaryUnaryMultiCallable[_admin_pb2.PolicyHistoryRequest, _admin_pb2.PolicyHistoryResponse]  # type: ignore[assignment]
+    RollbackPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.RollbackPolicyRequest, _admin_pb2.ApplyPolicyResponse]  # type: ignore[assignment]
+    """Re-applies a version from the history."""
+    ListQuarantine: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListQuarantineRequest, _admin_pb2.ListQuarantineResponse]  # type: ignore[assignment]
+    """Memories a content filter holds back from agents."""
+    ShowQuarantined: _aio.UnaryUnaryMultiCallable[_admin_pb2.QuarantineRequest, _admin_pb2.ShowQuarantinedResponse]  # type: ignore[assignment]
+    """One held memory, content included (the security team's view)."""
+    ReleaseQuarantined: _aio.UnaryUnaryMultiCallable[_admin_pb2.QuarantineRequest, _admin_pb2.QuarantineActionResponse]  # type: ignore[assignment]
+    """Makes a held memory visible to agents."""
+    PurgeQuarantined: _aio.UnaryUnaryMultiCallable[_admin_pb2.QuarantineRequest, _admin_pb2.QuarantineActionResponse]  # type: ignore[assignment]
+    """Deletes a held memory for good."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -72,5 +114,92 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RevokeAgentResponse, _abc.Awaitable[_admin_pb2.RevokeAgentResponse]]:
         """Refuses the agent's token from now on and ends all its sessions."""
+
+    @_abc_1.abstractmethod
+    def UnlockAgent(
+        self,
+        request: _admin_pb2.UnlockAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UnlockAgentResponse, _abc.Awaitable[_admin_pb2.UnlockAgentResponse]]:
+        """Lifts an anomaly lock and a rate-limit cooldown from an agent."""
+
+    @_abc_1.abstractmethod
+    def ShowPolicy(
+        self,
+        request: _admin_pb2.ShowPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PolicyInfo, _abc.Awaitable[_admin_pb2.PolicyInfo]]:
+        """The policy in force: its text as written, its version, who applied it and when."""
+
+    @_abc_1.abstractmethod
+    def ValidatePolicy(
+        self,
+        request: _admin_pb2.PolicyText,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ValidatePolicyResponse, _abc.Awaitable[_admin_pb2.ValidatePolicyResponse]]:
+        """Validates and compiles a policy without applying it."""
+
+    @_abc_1.abstractmethod
+    def DiffPolicy(
+        self,
+        request: _admin_pb2.PolicyText,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DiffPolicyResponse, _abc.Awaitable[_admin_pb2.DiffPolicyResponse]]:
+        """What applying a policy would change, as a unified diff of the text."""
+
+    @_abc_1.abstractmethod
+    def ApplyPolicy(
+        self,
+        request: _admin_pb2.PolicyText,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ApplyPolicyResponse, _abc.Awaitable[_admin_pb2.ApplyPolicyResponse]]:
+        """Validates, compiles and swaps in a policy atomically; the running one stays on any error."""
+
+    @_abc_1.abstractmethod
+    def PolicyHistory(
+        self,
+        request: _admin_pb2.PolicyHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PolicyHistoryResponse, _abc.Awaitable[_admin_pb2.PolicyHistoryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RollbackPolicy(
+        self,
+        request: _admin_pb2.RollbackPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ApplyPolicyResponse, _abc.Awaitable[_admin_pb2.ApplyPolicyResponse]]:
+        """Re-applies a version from the history."""
+
+    @_abc_1.abstractmethod
+    def ListQuarantine(
+        self,
+        request: _admin_pb2.ListQuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListQuarantineResponse, _abc.Awaitable[_admin_pb2.ListQuarantineResponse]]:
+        """Memories a content filter holds back from agents."""
+
+    @_abc_1.abstractmethod
+    def ShowQuarantined(
+        self,
+        request: _admin_pb2.QuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ShowQuarantinedResponse, _abc.Awaitable[_admin_pb2.ShowQuarantinedResponse]]:
+        """One held memory, content included (the security team's view)."""
+
+    @_abc_1.abstractmethod
+    def ReleaseQuarantined(
+        self,
+        request: _admin_pb2.QuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.QuarantineActionResponse, _abc.Awaitable[_admin_pb2.QuarantineActionResponse]]:
+        """Makes a held memory visible to agents."""
+
+    @_abc_1.abstractmethod
+    def PurgeQuarantined(
+        self,
+        request: _admin_pb2.QuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.QuarantineActionResponse, _abc.Awaitable[_admin_pb2.QuarantineActionResponse]]:
+        """Deletes a held memory for good."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -43,6 +43,7 @@ class Limits(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _builtins.int
     MAX_PAGE_SIZE_FIELD_NUMBER: _builtins.int
     MAX_QUERY_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_METADATA_DEPTH_FIELD_NUMBER: _builtins.int
     max_content_bytes: _builtins.int
     max_metadata_bytes: _builtins.int
     max_tags: _builtins.int
@@ -50,6 +51,7 @@ class Limits(_message.Message):
     max_batch: _builtins.int
     max_page_size: _builtins.int
     max_query_bytes: _builtins.int
+    max_metadata_depth: _builtins.int
     def __init__(
         self,
         *,
@@ -60,10 +62,11 @@ class Limits(_message.Message):
         max_batch: _builtins.int = ...,
         max_page_size: _builtins.int = ...,
         max_query_bytes: _builtins.int = ...,
+        max_metadata_depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch", b"max_batch", "max_content_bytes", b"max_content_bytes", "max_metadata_bytes", b"max_metadata_bytes", "max_page_size", b"max_page_size", "max_query_bytes", b"max_query_bytes", "max_tag_bytes", b"max_tag_bytes", "max_tags", b"max_tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch", b"max_batch", "max_content_bytes", b"max_content_bytes", "max_metadata_bytes", b"max_metadata_bytes", "max_metadata_depth", b"max_metadata_depth", "max_page_size", b"max_page_size", "max_query_bytes", b"max_query_bytes", "max_tag_bytes", b"max_tag_bytes", "max_tags", b"max_tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -97,13 +100,21 @@ class OpenSessionResponse(_message.Message):
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    READ_WINDOW_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent: _builtins.str
     expires_at_ms: _builtins.int
     """Unix milliseconds. The session also ends after idle_timeout_ms without a call."""
     idle_timeout_ms: _builtins.int
+    read_window_ms: _builtins.int
+    """Only memories younger than this are visible; 0 when the policy sets no read window."""
     @_builtins.property
     def limits(self) -> Global___Limits: ...
+    @_builtins.property
+    def namespaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Namespaces this session reads: the agent's own first, then shared ones the policy grants."""
+
     def __init__(
         self,
         *,
@@ -112,10 +123,12 @@ class OpenSessionResponse(_message.Message):
         expires_at_ms: _builtins.int = ...,
         idle_timeout_ms: _builtins.int = ...,
         limits: Global___Limits | None = ...,
+        namespaces: _abc.Iterable[_builtins.str] | None = ...,
+        read_window_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expires_at_ms", b"expires_at_ms", "idle_timeout_ms", b"idle_timeout_ms", "limits", b"limits", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expires_at_ms", b"expires_at_ms", "idle_timeout_ms", b"idle_timeout_ms", "limits", b"limits", "namespaces", b"namespaces", "read_window_ms", b"read_window_ms", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -164,8 +177,11 @@ class MemoryDraft(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     METADATA_JSON_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     metadata_json: _builtins.str
+    namespace: _builtins.str
+    """Empty: the agent's own namespace. Otherwise a shared namespace the policy lets it write."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -174,10 +190,11 @@ class MemoryDraft(_message.Message):
         content: _builtins.str = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         metadata_json: _builtins.str = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "metadata_json", b"metadata_json", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "metadata_json", b"metadata_json", "namespace", b"namespace", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,6 +213,9 @@ class Memory(_message.Message):
     CREATED_AT_MS_FIELD_NUMBER: _builtins.int
     UPDATED_AT_MS_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     content: _builtins.str
     metadata_json: _builtins.str
@@ -203,6 +223,13 @@ class Memory(_message.Message):
     updated_at_ms: _builtins.int
     sha256: _builtins.str
     """Hex sha256 of the content, as stored and verified."""
+    namespace: _builtins.str
+    author: _builtins.str
+    """The agent that wrote it."""
+    status: _builtins.str
+    """"active", or "quarantined" in the reply to a store whose content a filter sent to
+    quarantine: it is kept for the security team and invisible until released.
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -215,10 +242,13 @@ class Memory(_message.Message):
         created_at_ms: _builtins.int = ...,
         updated_at_ms: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        author: _builtins.str = ...,
+        status: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at_ms", b"created_at_ms", "id", b"id", "metadata_json", b"metadata_json", "sha256", b"sha256", "tags", b"tags", "updated_at_ms", b"updated_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "content", b"content", "created_at_ms", b"created_at_ms", "id", b"id", "metadata_json", b"metadata_json", "namespace", b"namespace", "sha256", b"sha256", "status", b"status", "tags", b"tags", "updated_at_ms", b"updated_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,179 @@
+"""Changing the policy on a running guardian: guardianctl policy ..., SIGHUP, restarts, history."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from shared.rpc.guardian.v1 import admin_pb2
+from tests.harness import ROOT, Guardian, agent_pb2, running_guardian
+
+pb = agent_pb2
+
+
+def ctl(guardian: Guardian, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "guardian.ctl", "--socket", str(guardian.admin_socket), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=60,
+        check=False,
+    )
+
+
+def edited_policy(guardian: Guardian, tmp_path: Path, name: str, **changes) -> Path:
+    data = yaml.safe_load((guardian.state_dir / "policy.yaml").read_text())
+    data.update(changes)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def version(guardian: Guardian) -> str:
+    return guardian.admin("ShowPolicy", admin_pb2.ShowPolicyRequest()).version
+
+
+def store_allowed(guardian: Guardian, token: str) -> bool:
+    channel, stub = guardian.agent_stub()
+    with channel:
+        session = stub.OpenSession(pb.OpenSessionRequest(agent_token=token)).session_id
+        try:
+            stub.Store(pb.StoreRequest(session_id=session, memory=pb.MemoryDraft(content="probe")))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+            return False
+        return True
+
+
+def test_validate_diff_apply_history_rollback(tmp_path: Path) -> None:
+    with running_guardian() as guardian:
+        token = guardian.add_agent("bot")
+        original = version(guardian)
+        read_only = edited_policy(guardian, tmp_path, "ro.yaml", agents={"bot": "read-only"})
+
+        checked = ctl(guardian, "policy", "validate", str(read_only))
+        assert checked.returncode == 0, checked.stderr
+        assert "valid" in checked.stdout and "profile read-only" in checked.stdout
+
+        diff = ctl(guardian, "policy", "diff", str(read_only))
+        assert diff.returncode == 1 and "+agents:" in diff.stdout and "bot: read-only" in diff.stdout
+
+        applied = ctl(guardian, "--json", "policy", "apply", str(read_only))
+        assert applied.returncode == 0, applied.stderr
+        new = json.loads(applied.stdout)
+        assert new["previous"] == original and not new["unchanged"]
+        assert version(guardian) == new["version"]
+        assert not store_allowed(guardian, token)
+        again = json.loads(ctl(guardian, "--json", "policy", "apply", str(read_only)).stdout)
+        assert again["unchanged"]
+
+        history = json.loads(ctl(guardian, "--json", "policy", "history").stdout)
+        assert [entry["source"] for entry in history[:2]] == ["apply", "file"]
+        assert history[0]["by"].startswith("@admin-socket:")
+
+        rolled = ctl(guardian, "policy", "rollback", original[:12])
+        assert rolled.returncode == 0, rolled.stderr
+        assert version(guardian) == original
+        assert store_allowed(guardian, token)
+
+        shown = ctl(guardian, "policy", "show")
+        assert original in shown.stdout and "rollback" in shown.stdout and "profiles:" in shown.stdout
+
+        rows = [
+            row
+            for row in guardian.audit_rows()
+            if row["operation"].startswith("admin.policy.") and row["operation"] != "admin.policy.show"
+        ]
+        assert [row["operation"] for row in rows if row["decision"] == "allow"][-2:] == [
+            "admin.policy.history",
+            "admin.policy.rollback",
+        ]
+        apply_row = next(row for row in rows if row["operation"] == "admin.policy.apply")
+        assert apply_row["object_id"] == new["version"] and apply_row["policy_version"] == original
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("version: 1\nprofiles: {default: {operations: [store, fly]}}\n", "profiles.default.operations[1]"),
+        ("version: 1\nprofiles: {}\nfilters: [{name: x, pattern: '(', action: reject}]\n", "profiles"),
+        ("{not yaml", "not valid YAML"),
+    ],
+)
+def test_a_bad_policy_is_refused_recorded_and_the_running_one_stays(text: str, message: str) -> None:
+    with running_guardian() as guardian:
+        before = version(guardian)
+        result = ctl(guardian, "policy", "apply", "-", stdin=text)
+        assert result.returncode == 1
+        assert "invalid_argument" in result.stderr and message in result.stderr
+        assert version(guardian) == before
+        row = [row for row in guardian.audit_rows() if row["operation"] == "admin.policy.apply"][-1]
+        assert row["decision"] == "deny"
+        assert message in row["reason"]
+
+
+def test_sighup_reloads_the_file_and_a_broken_file_changes_nothing(tmp_path: Path) -> None:
+    with running_guardian() as guardian:
+        token = guardian.add_agent("bot")
+        before = version(guardian)
+        policy_file = guardian.state_dir / "policy.yaml"
+        good = policy_file.read_text()
+        policy_file.write_text(good + "\nthis is: [not valid\n")
+        assert guardian.process is not None
+        os.kill(guardian.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not [r for r in guardian.audit_rows() if r["operation"] == "policy.reload"]:
+            assert time.monotonic() < deadline, "the failed reload was not audited"
+            time.sleep(0.1)
+        assert version(guardian) == before
+        failed = [r for r in guardian.audit_rows() if r["operation"] == "policy.reload"][-1]
+        assert failed["decision"] == "deny" and "not valid YAML" in failed["reason"]
+
+        data = yaml.safe_load(good)
+        data["agents"] = {"bot": "read-only"}
+        policy_file.write_text(yaml.safe_dump(data))
+        os.kill(guardian.process.pid, signal.SIGHUP)
+        while version(guardian) == before:
+            assert time.monotonic() < deadline + 10, "SIGHUP did not apply the new file"
+            time.sleep(0.1)
+        assert not store_allowed(guardian, token)
+
+
+def test_an_applied_policy_survives_a_restart_until_the_file_changes(tmp_path: Path) -> None:
+    with running_guardian() as guardian:
+        token = guardian.add_agent("bot")
+        applied = edited_policy(guardian, tmp_path, "ro.yaml", agents={"bot": "read-only"})
+        assert ctl(guardian, "policy", "apply", str(applied)).returncode == 0
+        applied_version = version(guardian)
+        guardian.stop()
+        guardian.start()
+        assert version(guardian) == applied_version
+        assert not store_allowed(guardian, token)
+        # An edit of the file is newer intent: it wins at the next start.
+        policy_file = guardian.state_dir / "policy.yaml"
+        data = yaml.safe_load(policy_file.read_text())
+        data["sessions"] = {**data.get("sessions", {}), "max_per_agent": 5}
+        policy_file.write_text(yaml.safe_dump(data))
+        guardian.stop()
+        guardian.start()
+        assert version(guardian) not in {applied_version}
+        assert store_allowed(guardian, token)
+
+
+def test_rollback_of_an_unknown_version() -> None:
+    with running_guardian() as guardian:
+        result = ctl(guardian, "policy", "rollback", "deadbeefdeadbeef")
+        assert result.returncode == 1 and "not_found" in result.stderr
+        short = ctl(guardian, "policy", "rollback", "abc")
+        assert short.returncode == 1 and "at least its first 8 hex digits" in short.stderr
