@@ -224,7 +224,7 @@ def _merge(hits: list[FilterHit]) -> tuple[FilterHit, ...]:
 DEFAULT_FILTERS_YAML: Final = r"""filters:
   - {name: private-key-block, action: reject, pattern: '-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED |PGP )?PRIVATE KEY( BLOCK)?-----'}
   - {name: aws-access-key-id, action: reject, pattern: '\b(?:AKIA|ASIA)[0-9A-Z]{16}\b'}
-  - {name: aws-secret-access-key, action: reject, ignore_case: true, pattern: 'aws_?secret_?access_?key\s*[=:]\s*["'']?[A-Za-z0-9/+=]{40}\b'}
+  - {name: aws-secret-access-key, action: reject, ignore_case: true, pattern: 'aws_?secret_?access_?key\s*[=:]\s*["'']?[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])'}
   - {name: github-token, action: reject, pattern: '\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b'}
   - {name: slack-token, action: reject, pattern: '\bxox[abprs]-[A-Za-z0-9-]{10,}\b'}
   - {name: google-api-key, action: reject, pattern: '\bAIza[0-9A-Za-z_-]{35}\b'}

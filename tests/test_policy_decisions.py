@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from shared.rpc.guardian.v1 import admin_pb2
-from tests.harness import Guardian, agent_pb2, running_guardian
+from tests.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
 
 pb = agent_pb2
 OK = None
@@ -350,3 +350,48 @@ def test_unknown_id_probing_locks_the_agent(world) -> None:
     assert guardian.admin("UnlockAgent", admin_pb2.UnlockAgentRequest(name="prober")).was_locked
     prober.store("unlocked")
     assert_audited(guardian, "prober", "memory.store", "allow", "ok")
+
+
+# -- retention and failing filters -------------------------------------------------------------------
+
+
+def test_retention_purges_old_memories_and_audits_it() -> None:
+    with running_guardian(retention={"max_age": "2s", "purge_every": "1s"}) as guardian:
+        config = guardian.config.read_text().replace("housekeeping_interval: 5s", "housekeeping_interval: 200ms")
+        guardian.config.write_text(config)
+        guardian.stop()
+        guardian.start()
+        token = guardian.add_agent("keeper")
+        channel, stub = guardian.agent_stub()
+        with channel:
+            session = stub.OpenSession(pb.OpenSessionRequest(agent_token=token)).session_id
+            old = Agent("keeper", stub, session).store("short-lived")
+            deadline = time.monotonic() + 15
+            while True:
+                purges = [row for row in guardian.audit_rows() if row["operation"] == "retention.purge"]
+                if purges:
+                    break
+                assert time.monotonic() < deadline, "no retention purge within 15 s"
+                time.sleep(0.2)
+        assert purges[0]["agent"] == "@retention" and old.id in purges[0]["object_id"]
+        assert purges[0]["decision"] == "allow" and purges[0]["policy_version"] == running_version(guardian)
+        with guardian.keyed_db() as db:
+            assert db.execute("SELECT count(*) FROM memories WHERE id = ?", (old.id,)).fetchone()[0] == 0
+
+
+def test_a_filter_that_cannot_finish_refuses_the_request() -> None:
+    # Catastrophic backtracking on a crafted input: the search times out and the store is refused.
+    slow = [{"name": "slow-rule", "pattern": r"(x+x+)+y", "action": "flag"}]
+    with running_guardian(filters=slow, anomaly=LOG_ONLY_ANOMALIES) as guardian:
+        token = guardian.add_agent("slowpoke")
+        channel, stub = guardian.agent_stub()
+        with channel:
+            agent = Agent("slowpoke", stub, stub.OpenSession(pb.OpenSessionRequest(agent_token=token)).session_id)
+            started = time.monotonic()
+            error = expect(lambda: agent.store("x" * 5000), grpc.StatusCode.PERMISSION_DENIED)
+            assert time.monotonic() - started < 5
+            assert error.details() == "content filter slow-rule could not run; the request is refused"
+            assert_audited(guardian, "slowpoke", "memory.store", "deny", "permission_denied: content filter slow-rule")
+            assert agent.store("fine").content == "fine"
+        with guardian.keyed_db() as db:
+            assert db.execute("SELECT count(*) FROM memories WHERE agent = 'slowpoke'").fetchone()[0] == 1
