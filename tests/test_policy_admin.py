@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from shared.rpc.guardian.v1 import admin_pb2
-from tests.harness import ROOT, Guardian, agent_pb2, running_guardian
+from tests.harness import LOG_ONLY_ANOMALIES, ROOT, Guardian, agent_pb2, running_guardian
 
 pb = agent_pb2
 
@@ -177,3 +178,65 @@ def test_rollback_of_an_unknown_version() -> None:
         assert result.returncode == 1 and "not_found" in result.stderr
         short = ctl(guardian, "policy", "rollback", "abc")
         assert short.returncode == 1 and "at least its first 8 hex digits" in short.stderr
+
+
+def test_a_hundred_reloads_during_traffic_fail_no_request(tmp_path: Path) -> None:
+    with running_guardian(anomaly=LOG_ONLY_ANOMALIES) as guardian:
+        token = guardian.add_agent("busy")
+        base = yaml.safe_load((guardian.state_dir / "policy.yaml").read_text())
+        generous = {"burst": 100_000, "per_minute": 6_000_000}
+        base["rate_limits"] = {
+            "session": {"reads": generous, "writes": generous},
+            "agent": {"reads": generous, "writes": generous},
+        }
+        texts = []
+        for size in (60_000, 65_536):  # two policies that differ, both allowing the traffic
+            base["limits"]["max_content_bytes"] = size
+            texts.append(yaml.safe_dump(base))
+        failures: list[str] = []
+        done = threading.Event()
+        stored = 0
+
+        def traffic() -> None:
+            nonlocal stored
+            channel, stub = guardian.agent_stub()
+            with channel:
+                session = stub.OpenSession(pb.OpenSessionRequest(agent_token=token)).session_id
+                while not done.is_set():
+                    try:
+                        memory = stub.Store(pb.StoreRequest(session_id=session, memory=pb.MemoryDraft(content="tick")))
+                        stub.Get(pb.GetRequest(session_id=session, id=memory.memory.id))
+                        stored += 1
+                    except grpc.RpcError as error:
+                        if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the write budget, not a reload
+                            time.sleep(int(dict(error.trailing_metadata())["retry-after-ms"]) / 1000)
+                            continue
+                        failures.append(f"{error.code().name}: {error.details()}")
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        try:
+            versions = set()
+            for index in range(100):
+                response = guardian.admin("ApplyPolicy", admin_pb2.PolicyText(text=texts[index % 2]))
+                versions.add(response.version)
+        finally:
+            done.set()
+            worker.join(timeout=30)
+        assert not failures, failures[:5]
+        assert len(versions) == 2 and stored > 0
+        applies = [r for r in guardian.audit_rows() if r["operation"] == "admin.policy.apply"]
+        assert len(applies) == 100 and {r["decision"] for r in applies} == {"allow"}
+        print(f"100 policy applies during traffic: {stored} store+get pairs, 0 failed")
+
+
+def test_the_agent_socket_has_no_policy_calls() -> None:
+    with running_guardian() as guardian:
+        with grpc.insecure_channel(f"unix:{guardian.agent_socket}") as channel:
+            for method in ("ShowPolicy", "ApplyPolicy", "PolicyHistory", "ListQuarantine", "UnlockAgent"):
+                call = channel.unary_unary(f"/guardian.v1.AdminService/{method}")
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(b"")
+                assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        denied = [r["object_id"] for r in guardian.audit_rows() if r["operation"] == "rpc.unknown"]
+        assert "/guardian.v1.AdminService/ApplyPolicy" in denied

@@ -52,6 +52,11 @@ POLICY: dict[str, Any] = {
                 "cooldown": "30s",
             },
         },
+        "brief": {
+            "operations": ["store", "get"],
+            "limits": {"max_batch": 2},
+            "rate_limits": {"session": {"writes": {"burst": 2, "per_minute": 60}}, "cooldown": "1s"},
+        },
         "night": {"operations": ["store", "get"], "allowed_hours": _hours_not_now()},
         "windowed": {"operations": ["store", "get", "search", "list"], "read_window": "1s"},
         "team": {
@@ -66,6 +71,7 @@ POLICY: dict[str, Any] = {
     "agents": {
         "reader": "reader",
         "tight": "tight",
+        "brief": "brief",
         "night": "night",
         "windowed": "windowed",
         "teamw": "team",
@@ -91,7 +97,7 @@ def world() -> Iterator[tuple[Guardian, dict[str, Agent]]]:
     with running_guardian(**POLICY) as guardian:
         channel, stub = guardian.agent_stub()
         agents = {}
-        for name in ("alice", "reader", "tight", "night", "windowed", "teamw", "teamr", "prober"):
+        for name in ("alice", "reader", "tight", "brief", "night", "windowed", "teamw", "teamr", "prober"):
             token = guardian.add_agent(name)
             if name == "night":  # outside its hours it cannot even open a session
                 agents[name] = Agent(name, stub, token)
@@ -316,6 +322,19 @@ def test_rate_limit_and_cooldown_survive_new_sessions(world) -> None:
     reopen = pb.OpenSessionRequest(agent_token=tight.token)
     error = expect(lambda: tight.stub.OpenSession(reopen), grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert "agent" in error.details()
+
+
+def test_after_the_cooldown_requests_succeed_again(world) -> None:
+    guardian, agents = world
+    brief = agents["brief"]
+    brief.store("one")
+    brief.store("two")
+    error = expect(lambda: brief.store("three"), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    retry_after_ms = int(dict(error.trailing_metadata())["retry-after-ms"])
+    assert 900 <= retry_after_ms <= 1100
+    time.sleep(retry_after_ms / 1000 + 0.1)
+    assert brief.store("three, later").content == "three, later"
+    assert_audited(guardian, "brief", "memory.store", "allow", "ok")
 
 
 def test_session_opens_are_limited_per_agent(world) -> None:
