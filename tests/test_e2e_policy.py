@@ -8,10 +8,10 @@ memories outside the read window must stay invisible.
 from __future__ import annotations
 
 import re
-import anyio
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
