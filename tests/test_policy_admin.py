@@ -240,3 +240,28 @@ def test_the_agent_socket_has_no_policy_calls() -> None:
                 assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         denied = [r["object_id"] for r in guardian.audit_rows() if r["operation"] == "rpc.unknown"]
         assert "/guardian.v1.AdminService/ApplyPolicy" in denied
+
+
+def test_guardianctl_quarantine_list_show_release_purge() -> None:
+    with running_guardian() as guardian:
+        token = guardian.add_agent("writer")
+        channel, stub = guardian.agent_stub()
+        with channel:
+            session = stub.OpenSession(pb.OpenSessionRequest(agent_token=token)).session_id
+            ids = [
+                stub.Store(pb.StoreRequest(session_id=session, memory=pb.MemoryDraft(content=text))).memory.id
+                for text in ("<script>first</script>", "<iframe src=x> second")
+            ]
+        listed = json.loads(ctl(guardian, "--json", "quarantine", "list").stdout)
+        assert [row["id"] for row in listed] == ids and listed[0]["rules"] == ["script-injection"]
+        shown = ctl(guardian, "quarantine", "show", ids[0])
+        assert shown.returncode == 0 and "<script>first</script>" in shown.stdout and "writer" in shown.stdout
+        assert ctl(guardian, "quarantine", "release", ids[0]).returncode == 0
+        assert ctl(guardian, "quarantine", "purge", ids[1]).returncode == 0
+        assert json.loads(ctl(guardian, "--json", "quarantine", "list").stdout) == []
+        missing = ctl(guardian, "quarantine", "show", ids[1])
+        assert missing.returncode == 1 and "not_found" in missing.stderr
+        bad = ctl(guardian, "quarantine", "release", "not-an-id")
+        assert bad.returncode == 1 and "invalid_argument" in bad.stderr
+        operators = {r["agent"] for r in guardian.audit_rows() if r["operation"] == "admin.quarantine.release"}
+        assert all(name.startswith("@admin-socket:") for name in operators)
