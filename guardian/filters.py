@@ -1,32 +1,88 @@
 """The content stage: normalise what an agent writes, then run the policy's filters.
 
-Text is normalised first (Unicode NFKC; zero-width, bidi-control and other
-control characters removed, newlines and tabs kept), so a key split by a
-zero-width space or written in fullwidth digits is still the key. Then each
-rule of the policy runs, in order, over the fields it names (content, tags,
-metadata strings), with its action:
+Stage 5 of the guardian's pipeline (session → shape → policy → rate → **content**
+→ data → integrity → audit). It sees a shape-checked :class:`~guardian.memories.Draft`
+and returns the draft to store, or refuses the request.
 
-- ``reject``      the request is refused; the error names the rule, never the match
-- ``redact``      every match is replaced by ``[redacted:RULE]`` before storing
-- ``quarantine``  stored unchanged but invisible to agents until released
-- ``flag``        stored unchanged; the hit is recorded in the audit trail
+Normalisation comes first, so a key split by a zero-width space or written in
+fullwidth letters is still the key. :func:`normalise` applies Unicode NFKC, turns
+``\\r\\n`` into ``\\n`` and removes every control (Cc) and format (Cf) character
+except newline and tab (zero-width spaces and joiners, soft hyphen, bidi
+controls, BOM, Unicode tag characters, ...), lone surrogates and a few more
+invisible characters that are not Cf (variation selectors, the combining
+grapheme joiner, Hangul fillers). It runs on the content, on every tag and on
+every string of the metadata, object keys included.
 
-Patterns use the ``regex`` module so each search has a timeout: a rule that
-errors or times out refuses the request (fail closed); it never crashes the
-daemon and never lets the content through. Rules are compiled and trial-run
-when the policy loads, so a broken rule fails the load, not a request.
+Then each rule runs, in policy order, over the fields it names (``content``,
+``tags``, ``metadata``), with its action:
 
-The default rules (``default_filter_specs``) reject credentials that must
-never enter the store (cloud and API keys, private-key blocks), redact
-passwords and JWTs, quarantine script/HTML injection, and flag
-prompt-injection phrases.
+==============  ===================================================================
+``reject``      the request is refused; the error names the rule, never the match;
+                the first rule that matches decides
+``redact``      every match is replaced by ``[redacted:RULE]`` before storing
+``quarantine``  stored unchanged but hidden from agents until the security team
+                releases it
+``flag``        stored unchanged; the hit is recorded in the audit trail
+==============  ===================================================================
+
+Every hit (rule, action, field, number of matches) is returned for the audit
+record; the matched text never leaves this module.
+
+Patterns use the ``regex`` module (version 0 syntax) because its searches take
+a timeout: one rule has :data:`SEARCH_TIMEOUT_S` of the request thread's CPU
+time for one field, however many tags or metadata strings that field holds (so
+a busy daemon does not refuse ordinary content). A rule that errors or runs out
+of time refuses the request (fail closed): it never crashes the daemon and
+never lets the content through. Rules are compiled and trial-run by
+:meth:`FilterSet.compile` when the policy loads, so a broken rule (bad syntax, a
+pattern that matches the empty string, a pattern too slow on a short sample)
+fails the load, not a request. A :class:`FilterSet` is immutable and safe to
+share between threads.
+
+The shipped rules (:func:`default_filter_specs`, and the same rules as YAML in
+:data:`DEFAULT_FILTERS_YAML` for the shipped policy file):
+
+=====================  ==========  =========================================================
+rule                   action      what it matches
+=====================  ==========  =========================================================
+private-key-block      reject      ``-----BEGIN ... PRIVATE KEY-----`` (PEM, OpenSSH, PGP)
+aws-access-key-id      reject      ``AKIA``/``ASIA`` + 16 upper-case letters or digits
+aws-secret-access-key  reject      ``aws_secret_access_key = <40 base64 characters>``
+github-token           reject      ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_`` + 36+, ``github_pat_...``
+slack-token            reject      ``xoxa-``/``xoxb-``/``xoxp-``/``xoxr-``/``xoxs-`` tokens
+slack-webhook          reject      ``https://hooks.slack.com/services/...``
+google-api-key         reject      ``AIza`` + 35
+stripe-live-key        reject      ``sk_live_``/``rk_live_`` keys
+llm-api-key            reject      ``sk-ant-...``, ``sk-proj-...``, ``sk-...`` (32+ characters; a bare ``sk-`` needs a digit)
+jwt                    redact      three base64url segments, header and payload starting ``eyJ``
+bearer-token           redact      ``Bearer <20+ token characters with a digit>``
+url-credentials        redact      ``scheme://user:password@`` in a URL
+password-assignment    redact      ``password``/``secret``/``api_key``/``access_token``... ``=`` a value
+                                   (after ``:``, only a quoted value or one with a digit or symbol)
+script-injection       quarantine  ``<script``, ``<iframe``, ``<object``, ``<embed``, ``javascript:``,
+                                   ``onerror=``/``onload=``/... event handlers
+prompt-injection       flag        "ignore (all) previous instructions", "disregard the system
+                                   prompt", "reveal your system prompt", "you are now DAN / in
+                                   developer mode / an unrestricted AI" (case-insensitive)
+=====================  ==========  =========================================================
+
+Credentials are rejected because a secret must not enter the store at all;
+passwords and tokens in assignments are redacted because the rest of the note
+is usually worth keeping. The rules anchor on formats and assignments, never on
+words alone ("password policy", "sk-learn", "the AKIA prefix", "JavaScript: React"
+pass), because every hit also counts towards the ``filter_hits`` anomaly
+detector. Filters catch accidents and simple evasions; an agent determined to
+smuggle a secret past them (base64, spelling it out) is outside what patterns
+can see.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
@@ -40,6 +96,7 @@ __all__ = [
     "DEFAULT_FILTERS_YAML",
     "FILTER_ACTIONS",
     "FILTER_FIELDS",
+    "SEARCH_TIMEOUT_S",
     "FilterAction",
     "FilterHit",
     "FilterOutcome",
@@ -49,97 +106,182 @@ __all__ = [
     "normalise",
 ]
 
+log = logging.getLogger("agent_guardian")
+
+#: What a rule does with a match.
 FilterAction = Literal["reject", "redact", "quarantine", "flag"]
+#: Every :data:`FilterAction`, for validating a policy file.
 FILTER_ACTIONS: Final[frozenset[str]] = frozenset({"reject", "redact", "quarantine", "flag"})
+#: The fields of a memory a rule can scan.
 FILTER_FIELDS: Final[frozenset[str]] = frozenset({"content", "tags", "metadata"})
-#: Seconds one rule may spend on one field before the request is refused.
-SEARCH_TIMEOUT_S: Final = 0.05
+#: CPU seconds one rule may spend on one field (all its tags, or all its metadata strings) before the request is refused.
+SEARCH_TIMEOUT_S: Final[float] = 0.05
+
+#: A rule must finish the sample text, when the policy loads, within this many times SEARCH_TIMEOUT_S.
+_TRIAL_BUDGETS: Final = 5
 _NAME_RE: Final = regex.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-_INVISIBLE: Final = frozenset(
-    [0x00AD, 0x180E, 0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+#: Removed by normalise(): controls and format characters (but newline and tab), lone surrogates,
+#: and invisible characters outside Cf (combining grapheme joiner, Hangul fillers, variation selectors).
+_INVISIBLE_RE: Final = regex.compile(
+    r"(?![\n\t])[\p{Cc}\p{Cf}\p{Cs}\u034f\u115f\u1160\u3164\uffa0\ufe00-\ufe0f\U000e0100-\U000e01ef]"
 )
-_TRIAL_TEXT: Final = "The quick brown fox jumps over the lazy dog 0123456789 <p>x</p> key=value\n" * 4
+#: Ordinary text, markup and punctuation, but no long runs of one character: a rule must finish on it quickly
+#: and must not match the empty string anywhere in it.
+_TRIAL_TEXT: Final = (
+    "The quick brown fox jumps over the lazy dog. 0123456789 <p class='x'>Hello, world!</p>\n"
+    'key=value; name: "Ada" (https://example.com/a/b?c=d#e) [x] {y} $z 50% a+b=c ~/path\t'
+    "Ünïcödé, 日本語, Ελληνικά, emoji 🙂 -- end.\n"
+)
 
 
 def normalise(text: str) -> str:
-    """NFKC, then remove zero-width, bidi-control and control characters (keeping newline and tab)."""
-    text = unicodedata.normalize("NFKC", text.replace("\r\n", "\n"))
-    return "".join(
-        char
-        for char in text
-        if char in "\n\t" or (ord(char) not in _INVISIBLE and unicodedata.category(char) not in {"Cc", "Cf"})
-    )
+    """Text as the filters see it and the store keeps it.
+
+    NFKC (fullwidth and other compatibility forms become their plain
+    equivalents), ``\\r\\n`` becomes ``\\n``, then control (Cc) and format (Cf)
+    characters are removed, except newline and tab: zero-width space, joiners
+    and non-joiner, word joiner, BOM, soft hyphen, Mongolian vowel separator,
+    bidi embeddings, overrides and isolates, tag characters. Lone surrogates,
+    the combining grapheme joiner, Hangul fillers and variation selectors go
+    too. Idempotent: ``normalise(normalise(t)) == normalise(t)``.
+    """
+    composed = unicodedata.normalize("NFKC", text.replace("\r\n", "\n"))
+    cleaned = _INVISIBLE_RE.sub("", composed)
+    # Removing a character can put a base and a combining mark side by side; compose them too, so that
+    # stored text re-filtered on a later update normalises to itself. NFKC never yields a removed character.
+    if cleaned != composed and not unicodedata.is_normalized("NFKC", cleaned):
+        cleaned = unicodedata.normalize("NFKC", cleaned)
+    return cleaned
 
 
 @dataclass(frozen=True)
 class FilterSpec:
-    """One rule as the policy states it."""
+    """One rule as the policy states it; :meth:`FilterSet.compile` validates it."""
 
+    #: 1-64 lowercase letters, digits and '-', starting with a letter or digit; unique in a policy.
     name: str
+    #: A regular expression in ``regex`` module (version 0) syntax.
     pattern: str
     action: FilterAction
+    #: Which of :data:`FILTER_FIELDS` the rule scans.
     fields: frozenset[str] = FILTER_FIELDS
     ignore_case: bool = False
 
 
 @dataclass(frozen=True)
 class FilterHit:
-    """A rule that matched (never the matched text)."""
+    """A rule that matched, where, and how often (never the matched text)."""
 
     rule: str
     action: FilterAction
+    #: "content", "tags[INDEX]" (the tag's index in the draft as given) or "metadata".
     field: str
+    #: Number of (non-overlapping) matches.
     count: int
 
 
 @dataclass(frozen=True)
 class FilterOutcome:
-    """The draft as it will be stored, and what matched."""
+    """The draft as it will be stored, and what matched (a reject never gets here: scan raises)."""
 
+    #: Normalised, with redactions applied.
     draft: Draft
     hits: tuple[FilterHit, ...]
+    #: Some quarantine rule matched: store the memory hidden from agents.
     quarantine: bool
 
 
 @dataclass(frozen=True)
 class _Rule:
     spec: FilterSpec
-    compiled: Any  # regex.Pattern[str]; typed loosely because types-regex makes it generic per flags
+    compiled: regex.Pattern[str]
+    #: What a redaction puts in place of a match (the name is [a-z0-9-], so no template escapes).
+    marker: str
+
+
+class _Pass:
+    """One rule over one field: one time budget for every string in the field, and the matches so far.
+
+    The budget is this thread's CPU time, and every search holds the GIL (``concurrent=False``):
+    time spent waiting while other request threads run must not count against a rule, or
+    ordinary content would be refused under load. A search therefore blocks other threads for
+    at most its timeout.
+    """
+
+    __slots__ = ("count", "field", "rule", "spent")
+
+    def __init__(self, rule: _Rule, field: str) -> None:
+        self.rule = rule
+        self.field = field
+        self.spent = 0.0
+        self.count = 0
+
+    def __call__(self, text: str) -> str:
+        """Text after this rule; raises PermissionDenied on a reject match or when the rule cannot run."""
+        rule = self.rule
+        spec = rule.spec
+        try:
+            remaining = SEARCH_TIMEOUT_S - self.spent
+            if remaining <= 0:  # checked here: regex takes a negative timeout as "no timeout"
+                raise TimeoutError("regex timed out")
+            started = time.thread_time()
+            try:
+                if spec.action == "redact":
+                    text, count = rule.compiled.subn(rule.marker, text, timeout=remaining, concurrent=False)
+                elif spec.action == "reject":
+                    found = rule.compiled.search(text, timeout=remaining, concurrent=False)
+                    count = 0 if found is None else 1
+                else:
+                    count = len(rule.compiled.findall(text, timeout=remaining, concurrent=False))
+            finally:
+                self.spent += time.thread_time() - started
+        except Exception as exc:  # fail closed: a rule that cannot run refuses the request (never BaseException)
+            # The exception's type only: its text could quote the content.
+            log.warning("content filter %s could not run on %s: %s", spec.name, self.field, type(exc).__name__)
+            raise PermissionDenied(f"content filter {spec.name} could not run; the request is refused") from None
+        if count and spec.action == "reject":
+            raise PermissionDenied(f"content refused by filter {spec.name}: remove that part and try again")
+        self.count += count
+        return text
 
 
 class FilterSet:
-    """The policy's compiled rules; immutable and safe to share between threads."""
+    """The policy's compiled rules, in order; immutable and safe to share between threads.
 
-    def __init__(self, rules: tuple[_Rule, ...]) -> None:
+    Build one with :meth:`compile`.
+    """
+
+    __slots__ = ("_rules",)
+
+    def __init__(self, rules: tuple[_Rule, ...] = ()) -> None:
         self._rules = rules
 
     @classmethod
     def compile(cls, specs: Sequence[FilterSpec], path: str = "filters") -> FilterSet:
-        """Compile and trial-run every rule; ConfigError names the offending rule's path."""
+        """Validate, compile and trial-run every rule.
+
+        Raises:
+            ConfigError: naming ``PATH[INDEX].FIELD`` of the first bad rule: a bad or duplicate
+                name, an unknown action, no or unknown fields, a pattern that does not compile,
+                matches the empty string or is too slow on a short sample text. The message
+                quotes the regex error, never the pattern.
+        """
         seen: set[str] = set()
         rules: list[_Rule] = []
         for index, spec in enumerate(specs):
             where = f"{path}[{index}]"
-            if _NAME_RE.fullmatch(spec.name) is None:
-                raise ConfigError(f"{where}.name: use 1-64 lowercase letters, digits and '-'")
+            if not isinstance(spec.name, str) or _NAME_RE.fullmatch(spec.name) is None:
+                raise ConfigError(f"{where}.name: use 1-64 lowercase letters, digits and '-', starting with no '-'")
             if spec.name in seen:
-                raise ConfigError(f"{where}.name: a rule named {spec.name!r} comes earlier")
+                raise ConfigError(f"{where}.name: a rule named {spec.name!r} comes earlier; names must be unique")
             seen.add(spec.name)
             if spec.action not in FILTER_ACTIONS:
                 raise ConfigError(f"{where}.action: expected one of {', '.join(sorted(FILTER_ACTIONS))}")
             if not spec.fields or not spec.fields <= FILTER_FIELDS:
                 raise ConfigError(f"{where}.fields: name one or more of {', '.join(sorted(FILTER_FIELDS))}")
-            flags = regex.V0 | (regex.IGNORECASE if spec.ignore_case else 0)
-            try:
-                compiled = regex.compile(spec.pattern, flags)
-                if compiled.fullmatch("", timeout=SEARCH_TIMEOUT_S) is not None:
-                    raise ConfigError(f"{where}.pattern: matches the empty string, so it would match everything")
-                compiled.search(_TRIAL_TEXT, timeout=SEARCH_TIMEOUT_S * 4)
-            except regex.error as exc:
-                raise ConfigError(f"{where}.pattern: not a valid regular expression ({exc})") from None
-            except TimeoutError:
-                raise ConfigError(f"{where}.pattern: too slow on a short sample text; simplify it") from None
-            rules.append(_Rule(spec, compiled))
+            if not isinstance(spec.pattern, str):
+                raise ConfigError(f"{where}.pattern: expected a regular expression as a string")
+            rules.append(_Rule(spec, _compile_pattern(spec, f"{where}.pattern"), f"[redacted:{spec.name}]"))
         return cls(tuple(rules))
 
     @property
@@ -148,108 +290,285 @@ class FilterSet:
         return tuple(rule.spec.name for rule in self._rules)
 
     def __len__(self) -> int:
+        """The number of rules."""
         return len(self._rules)
 
     def scan(self, draft: Draft, changed: frozenset[str] | None = None) -> FilterOutcome:
-        """Normalise and filter the fields of draft (only those in changed, for an update).
+        """Normalise and filter draft's fields (for an update, only those in changed).
+
+        Tags that are blank once normalised are dropped, and tags are kept
+        distinct after redaction. Metadata is re-serialised canonically.
 
         Raises:
-            PermissionDenied: a reject rule matched, or a rule could not run.
-            InvalidArgument: content is empty once normalised.
+            PermissionDenied: a reject rule matched (the message names the rule, never the
+                match), or a rule errored or ran out of time.
+            InvalidArgument: the content is empty once normalised, or two metadata keys
+                become the same once normalised or redacted.
         """
-        fields = FILTER_FIELDS if changed is None else changed
-        content = normalise(draft.content) if "content" in fields else draft.content
-        if "content" in fields and not content.strip():
-            raise InvalidArgument("content: is empty once control and zero-width characters are removed")
-        tags = [normalise(tag) for tag in draft.tags] if "tags" in fields else list(draft.tags)
-        metadata: Any = _map_strings(json.loads(draft.metadata_json), normalise) if "metadata" in fields else None
+        fields = FILTER_FIELDS if changed is None else FILTER_FIELDS & changed
+        content = draft.content
+        if "content" in fields:
+            content = normalise(content)
+            if not content.strip():
+                raise InvalidArgument("content: is empty once control and zero-width characters are removed")
+        # (index in the draft as given, text): the index names the tag in a hit.
+        tags = [(index, normalise(tag)) for index, tag in enumerate(draft.tags)] if "tags" in fields else []
+        metadata: Any = None
+        if "metadata" in fields:
+            try:
+                metadata = json.loads(draft.metadata_json)
+            except ValueError:
+                raise InvalidArgument("metadata: expected a JSON object") from None
+            metadata = _map_strings(
+                metadata,
+                normalise,
+                "metadata: two keys are the same once control and zero-width characters are removed",
+            )
+
         hits: list[FilterHit] = []
         for rule in self._rules:
             spec = rule.spec
             if "content" in fields and "content" in spec.fields:
-                content = self._apply(rule, content, "content", hits)
+                run = _Pass(rule, "content")
+                content = run(content)
+                if run.count:
+                    hits.append(FilterHit(spec.name, spec.action, "content", run.count))
             if "tags" in fields and "tags" in spec.fields:
-                tags = [self._apply(rule, tag, f"tags[{index}]", hits) for index, tag in enumerate(tags)]
-            if metadata is not None and "metadata" in spec.fields:
-                metadata = _map_strings(metadata, lambda text, r=rule: self._apply(r, text, "metadata", hits))
-        filtered = replace(
-            draft,
-            content=content,
-            tags=tuple(dict.fromkeys(tag for tag in tags if tag.strip())),
-            metadata_json=canonical_json(metadata) if metadata is not None else draft.metadata_json,
+                run = _Pass(rule, "tags")
+                for position, (index, tag) in enumerate(tags):
+                    before = run.count
+                    tags[position] = (index, run(tag))
+                    if run.count > before:
+                        hits.append(FilterHit(spec.name, spec.action, f"tags[{index}]", run.count - before))
+            if "metadata" in fields and "metadata" in spec.fields:
+                run = _Pass(rule, "metadata")
+                collision = f"metadata: two keys are the same once filter {spec.name} redacts them; rename them"
+                metadata = _map_strings(metadata, run, collision)
+                if run.count:
+                    hits.append(FilterHit(spec.name, spec.action, "metadata", run.count))
+
+        filtered = draft
+        if "content" in fields:
+            filtered = replace(filtered, content=content)
+        if "tags" in fields:
+            filtered = replace(filtered, tags=tuple(dict.fromkeys(tag for _, tag in tags if tag.strip())))
+        if "metadata" in fields:
+            filtered = replace(filtered, metadata_json=canonical_json(metadata))
+        return FilterOutcome(filtered, tuple(hits), any(hit.action == "quarantine" for hit in hits))
+
+
+def _compile_pattern(spec: FilterSpec, where: str) -> regex.Pattern[str]:
+    """spec's pattern compiled and trial-run; ConfigError naming where if it is unusable."""
+    flags = regex.V0 | (regex.IGNORECASE if spec.ignore_case else 0)
+    timeout = SEARCH_TIMEOUT_S * _TRIAL_BUDGETS
+    try:
+        compiled = regex.compile(spec.pattern, flags)
+        empty = compiled.search("", timeout=timeout, concurrent=False) is not None or any(
+            match.end() == match.start() for match in compiled.finditer(_TRIAL_TEXT, timeout=timeout, concurrent=False)
         )
-        merged = _merge(hits)
-        return FilterOutcome(filtered, merged, any(hit.action == "quarantine" for hit in merged))
-
-    @staticmethod
-    def _apply(rule: _Rule, text: str, field: str, hits: list[FilterHit]) -> str:
-        spec = rule.spec
-        try:
-            if spec.action == "redact":
-                text, count = rule.compiled.subn(f"[redacted:{spec.name}]", text, timeout=SEARCH_TIMEOUT_S)
-            else:
-                count = 1 if rule.compiled.search(text, timeout=SEARCH_TIMEOUT_S) is not None else 0
-        except Exception:
-            raise PermissionDenied(f"content filter {spec.name} could not run; the request is refused") from None
-        if count:
-            if spec.action == "reject":
-                raise PermissionDenied(f"content refused by filter {spec.name}: remove that part and try again")
-            hits.append(FilterHit(spec.name, spec.action, field, count))
-        return text
+    except regex.error as exc:
+        raise ConfigError(f"{where}: not a valid regular expression ({exc}); check the syntax") from None
+    except TimeoutError:
+        raise ConfigError(f"{where}: too slow on a short sample text; simplify the pattern") from None
+    except Exception as exc:  # anything else the engine raises is still the rule's fault, not the daemon's
+        raise ConfigError(f"{where}: the pattern fails on a sample text ({type(exc).__name__})") from None
+    if empty:
+        raise ConfigError(f"{where}: matches the empty string, so it would match everything; require some text")
+    return compiled
 
 
-def _map_strings(value: Any, change: Any) -> Any:
-    """value with every string in it (object keys too) passed through change."""
+def _map_strings(value: Any, change: Callable[[str], str], collision: str) -> Any:
+    """value (parsed JSON) with every string in it, object keys too, passed through change.
+
+    Raises InvalidArgument(collision) when two keys of one object become the same.
+    """
     if isinstance(value, str):
         return change(value)
     if isinstance(value, list):
-        return [_map_strings(item, change) for item in value]
+        return [_map_strings(item, change, collision) for item in value]
     if isinstance(value, dict):
-        return {change(key): _map_strings(item, change) for key, item in value.items()}
+        mapped: dict[str, Any] = {}
+        for key, item in value.items():
+            new_key = change(key)
+            if new_key in mapped:
+                raise InvalidArgument(collision)
+            mapped[new_key] = _map_strings(item, change, collision)
+        return mapped
     return value
 
 
-def _merge(hits: list[FilterHit]) -> tuple[FilterHit, ...]:
-    """One hit per (rule, field kind), counts summed."""
-    merged: dict[tuple[str, str], FilterHit] = {}
-    for hit in hits:
-        kind = hit.field.split("[", 1)[0]
-        previous = merged.get((hit.rule, kind))
-        count = hit.count + (previous.count if previous else 0)
-        merged[(hit.rule, kind)] = FilterHit(hit.rule, hit.action, kind, count)
-    return tuple(merged.values())
-
-
-# The shipped rules, as YAML for policy.yaml and parsed back by default_filter_specs().
-DEFAULT_FILTERS_YAML: Final = r"""filters:
-  - {name: private-key-block, action: reject, pattern: '-----BEGIN (?:RSA |EC |DSA |OPENSSH |ENCRYPTED |PGP )?PRIVATE KEY( BLOCK)?-----'}
-  - {name: aws-access-key-id, action: reject, pattern: '\b(?:AKIA|ASIA)[0-9A-Z]{16}\b'}
-  - {name: aws-secret-access-key, action: reject, ignore_case: true, pattern: 'aws_?secret_?access_?key\s*[=:]\s*["'']?[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])'}
-  - {name: github-token, action: reject, pattern: '\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b'}
-  - {name: slack-token, action: reject, pattern: '\bxox[abprs]-[A-Za-z0-9-]{10,}\b'}
-  - {name: google-api-key, action: reject, pattern: '\bAIza[0-9A-Za-z_-]{35}\b'}
-  - {name: stripe-live-key, action: reject, pattern: '\b(?:sk|rk)_live_[0-9A-Za-z]{16,}\b'}
-  - {name: llm-api-key, action: reject, pattern: '\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{32,}\b'}
-  - {name: jwt, action: redact, pattern: '\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b'}
-  - {name: password-assignment, action: redact, ignore_case: true, pattern: '\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?token)\s*[=:]\s*["'']?[^\s"'',;]{4,}'}
-  - {name: script-injection, action: quarantine, ignore_case: true, pattern: '<\s*(?:script|iframe|object|embed)\b|\bjavascript\s*:|\bon(?:error|load|click|mouseover)\s*='}
-  - {name: prompt-injection, action: flag, ignore_case: true, fields: [content, metadata], pattern: '\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:the\s+|your\s+)?(?:previous|prior|above)\s+(?:instructions|prompts?|rules)\b|\breveal\s+(?:your|the)\s+system\s+prompt\b|\bdisregard\s+the\s+system\s+prompt\b'}
-"""
+# The shipped rules: the one source of default_filter_specs() and DEFAULT_FILTERS_YAML.
+# Order matters: rejects run first, so a credential is refused before a redaction could hide it.
+# Lookarounds such as (?<![A-Za-z0-9]) bound a token where \b cannot (a key after "_" or ending in "-"),
+# and keep each rule linear: a token is only tried where one can start.
+_DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
+    (
+        "PEM, OpenSSH and PGP private keys (public keys and certificates pass)",
+        FilterSpec(
+            "private-key-block",
+            r"-----BEGIN[A-Z0-9 ]{0,40} PRIVATE KEY(?: BLOCK)?-----",
+            "reject",
+        ),
+    ),
+    (
+        "AWS access key ids: AKIA (long-lived) or ASIA (temporary) + 16",
+        FilterSpec(
+            "aws-access-key-id",
+            r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])",
+            "reject",
+        ),
+    ),
+    (
+        "AWS secret access keys assigned in credentials files, env, JSON or code",
+        FilterSpec(
+            "aws-secret-access-key",
+            r"""aws[_-]?secret[_-]?access[_-]?key["']?\s*(?:=>?|:)\s*["']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])""",
+            "reject",
+            ignore_case=True,
+        ),
+    ),
+    (
+        "GitHub personal, OAuth, user-to-server, server-to-server, refresh and fine-grained tokens",
+        FilterSpec(
+            "github-token",
+            r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,255})(?![A-Za-z0-9_])",
+            "reject",
+        ),
+    ),
+    (
+        "Slack bot, user, app, refresh and legacy tokens",
+        FilterSpec(
+            "slack-token",
+            r"(?<![A-Za-z0-9-])xox[abprs]-(?=[A-Za-z0-9-]{0,64}[0-9])[A-Za-z0-9-]{10,}",
+            "reject",
+        ),
+    ),
+    (
+        "Slack incoming-webhook and workflow URLs (anyone holding one can post)",
+        FilterSpec(
+            "slack-webhook",
+            r"https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]{20,}",
+            "reject",
+        ),
+    ),
+    (
+        "Google API keys: AIza + 35",
+        FilterSpec(
+            "google-api-key",
+            r"(?<![A-Za-z0-9_-])AIza[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-])",
+            "reject",
+        ),
+    ),
+    (
+        "Stripe live secret and restricted keys (test keys pass)",
+        FilterSpec(
+            "stripe-live-key",
+            r"(?<![A-Za-z0-9])(?:sk|rk)_live_[A-Za-z0-9]{16,}(?![A-Za-z0-9])",
+            "reject",
+        ),
+    ),
+    (
+        "OpenAI (sk-proj-, sk-svcacct-, sk-admin-, sk-) and Anthropic (sk-ant-) keys; a bare sk- key needs a digit",
+        FilterSpec(
+            "llm-api-key",
+            r"(?<![A-Za-z0-9_-])sk-(?:(?:ant|proj|svcacct|admin)-|(?=[A-Za-z0-9_-]{0,64}[0-9]))[A-Za-z0-9_-]{32,}(?![A-Za-z0-9_-])",
+            "reject",
+        ),
+    ),
+    (
+        "JSON Web Tokens: header.payload.signature, header and payload starting eyJ",
+        FilterSpec(
+            "jwt",
+            r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}(?![A-Za-z0-9_-])",
+            "redact",
+        ),
+    ),
+    (
+        "HTTP bearer tokens (Authorization: Bearer ...)",
+        FilterSpec(
+            "bearer-token",
+            r"\bbearer[ \t]+(?=[A-Za-z0-9._~+/-]{0,64}[0-9])[A-Za-z0-9._~+/-]{20,}=*",
+            "redact",
+            ignore_case=True,
+        ),
+    ),
+    (
+        "user:password@ in a URL (database, broker and proxy URLs)",
+        FilterSpec(
+            "url-credentials",
+            r"\b[a-z][a-z0-9+.-]{1,30}://[^\s/:@]{1,256}:[^\s/@]{1,256}@",
+            "redact",
+            ignore_case=True,
+        ),
+    ),
+    (
+        "password, secret, api_key, access_token ... = value; after ':' only a quoted value or one with a digit or symbol",
+        FilterSpec(
+            "password-assignment",
+            r"(?<![A-Za-z0-9])(?:password|passwd|passphrase|(?:client[_-]?)?secret(?:[_-]?key)?|api[_-]?key"
+            r"""|(?:access|auth|refresh)[_-]?token)["']?[ \t]*"""
+            r"""(?:=>?[ \t]*["']?[^\s"',;]{4,}"""
+            r"""|:[ \t]*(?:["'][^"'\n]{4,}|(?=[^\s"',;]{0,32}[0-9!@#$%^&*_+=/\\|~?<>])[^\s"',;]{4,}))""",
+            "redact",
+            ignore_case=True,
+        ),
+    ),
+    (
+        "script and HTML injection: script-capable tags, javascript:/vbscript: URLs, event-handler attributes",
+        FilterSpec(
+            "script-injection",
+            r"<\s*(?:script|iframe|frame|object|embed|applet)\b|\b(?:javascript|vbscript):(?=\S)|\bdata:text/html"
+            r"|\bon(?:error|load|click|mouseover|mouseenter|focus|blur|toggle|animationstart|pointerover)\s*=",
+            "quarantine",
+            ignore_case=True,
+        ),
+    ),
+    (
+        "prompt injection aimed at the agent that later reads the memory",
+        FilterSpec(
+            "prompt-injection",
+            r"\b(?:ignore|disregard|forget|override)\s+(?:all\s+(?:of\s+)?)?(?:the\s+|your\s+|any\s+)?"
+            r"(?:previous|prior|above|earlier|preceding)\s+(?:instructions|prompts?|rules|directions|guidelines)\b"
+            r"|\b(?:ignore|disregard|forget|override|bypass)\s+(?:the|your)\s+system\s+prompt\b"
+            r"|\breveal\s+(?:your|the)\s+(?:system\s+prompt|hidden\s+instructions)\b"
+            r"|\b(?:print|repeat|output)\s+your\s+system\s+prompt\b"
+            r"|\byou\s+are\s+now\s+(?:(?-i:DAN)\b|in\s+(?:developer|god|jailbreak|unrestricted|unfiltered)\s+mode\b"
+            r"|an?\s+(?:unrestricted|unfiltered|uncensored|jailbroken)\b|no\s+longer\s+(?:bound|restricted|limited)\b)",
+            "flag",
+            ignore_case=True,
+        ),
+    ),
+)
 
 
 def default_filter_specs() -> tuple[FilterSpec, ...]:
-    """The shipped rules, parsed from :data:`DEFAULT_FILTERS_YAML` (one source for both)."""
-    import yaml  # noqa: PLC0415 - only at policy load
+    """The shipped rules (used when the policy leaves ``filters`` out), in order."""
+    return tuple(spec for _, spec in _DEFAULTS)
 
-    specs = []
-    for item in yaml.safe_load(DEFAULT_FILTERS_YAML)["filters"]:
-        specs.append(
-            FilterSpec(
-                name=item["name"],
-                pattern=item["pattern"],
-                action=item["action"],
-                fields=frozenset(item.get("fields", FILTER_FIELDS)),
-                ignore_case=bool(item.get("ignore_case", False)),
-            )
-        )
-    return tuple(specs)
+
+def _yaml_quoted(text: str) -> str:
+    """text as a YAML single-quoted scalar: no escapes inside, a quote is doubled."""
+    if any(char in text for char in "\n\r") or not text.isprintable():
+        raise ValueError("a single-quoted YAML scalar here must be one line of printable characters")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _render_yaml(rules: Sequence[tuple[str, FilterSpec]]) -> str:
+    lines = [
+        "filters:",
+        "  # name: unique; pattern: a regex (Python `regex` module syntax), single-quoted (write '' for ');",
+        "  # fields: any of content, tags, metadata (all three when left out); ignore_case: false when left out.",
+    ]
+    for comment, spec in rules:
+        options = [f"name: {spec.name}", f"action: {spec.action}"]
+        if spec.ignore_case:
+            options.append("ignore_case: true")
+        if spec.fields != FILTER_FIELDS:
+            options.append(f"fields: [{', '.join(sorted(spec.fields))}]")
+        options.append(f"pattern: {_yaml_quoted(spec.pattern)}")
+        lines += [f"  # {comment}", f"  - {{{', '.join(options)}}}"]
+    return "\n".join(lines) + "\n"
+
+
+#: The shipped rules as the ``filters:`` section of policy.yaml (a comment above each rule says what it catches).
+DEFAULT_FILTERS_YAML: Final[str] = _render_yaml(_DEFAULTS)

@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from guardian import audit
+from guardian import audit, shape
 from guardian.anomaly import AnomalyKind
 from guardian.core import GuardianCore, now_ms, session_ref
 from guardian.database import Connection
@@ -289,13 +289,27 @@ class Pipeline:
                 raise
             rules = tuple(hit.rule for hit in outcome.hits)
             call.filter_hits += [f"{hit.action}:{hit.rule}" for hit in outcome.hits]
-            call.drafts[index] = replace(
+            filtered = call.drafts[index] = replace(
                 outcome.draft,
                 status=QUARANTINED if outcome.quarantine else draft.status,
                 filter_hits=tuple(dict.fromkeys(draft.filter_hits + rules)),
             )
+            if outcome.hits:
+                self._recheck_sizes(call, filtered)
         if call.filter_hits:
             call.anomalies.append("filter_hits")
+
+    @staticmethod
+    def _recheck_sizes(call: Call, draft: Draft) -> None:
+        """Redaction markers can be longer than what they replace: the stored form must fit the limits too."""
+        limits = call.required_profile.limits
+        changed = call.changed
+        if changed is None or "content" in changed:
+            shape.content(draft.content, limits, "content (once redacted)")
+        if changed is None or "tags" in changed:
+            shape.tags(draft.tags, limits, "tags (once redacted)")
+        if changed is None or "metadata" in changed:
+            shape.metadata_json(draft.metadata_json, limits, "metadata (once redacted)")
 
     def _anomaly_stage(self, call: Call, error: GuardianError | None) -> None:
         """Count what happened toward the policy's detectors; never changes the outcome."""

@@ -217,6 +217,14 @@ def test_filters_apply_to_updates_tags_and_metadata(world) -> None:
     assert "xyz" not in tagged.metadata_json and "[redacted:test-password]" in tagged.metadata_json
 
 
+def test_redaction_that_would_overflow_the_limit_is_refused(world) -> None:
+    guardian, agents = world
+    alice = agents["alice"]
+    # 180 bytes of input; each 8-byte match grows to a 24-byte marker, far over the 200-byte limit.
+    expect(lambda: alice.store("pw=abcde " * 20), grpc.StatusCode.INVALID_ARGUMENT)
+    assert_audited(guardian, "alice", "memory.store", "deny", "invalid_argument: content (once redacted)")
+
+
 def test_quarantine_release_and_purge(world) -> None:
     guardian, agents = world
     alice = agents["alice"]
