@@ -2,7 +2,8 @@
 
 stdio: the agent token comes from ``AGENT_GUARDIAN_TOKEN``; the gateway opens
 its guardian session at start, so the tool descriptions carry the session's
-limits. Stdout carries only the MCP protocol; logs are JSON lines on stderr.
+limits, namespaces and read window. Stdout carries only the MCP protocol; logs
+are JSON lines on stderr.
 
 HTTP: ``/mcp`` on 127.0.0.1:8765 by default; every request needs
 ``Authorization: Bearer <agent token>``.
@@ -136,7 +137,7 @@ async def _until_signal(work: Coroutine[Any, Any, None]) -> asyncio.Task[None] |
 async def _serve_stdio(args: argparse.Namespace, token: str) -> int:
     async with open_gateway(args.socket, token=token, deadline_s=args.deadline) as state:
         try:
-            limits = (await state.broker.open(None, token)).limits
+            session = await state.broker.open(None, token)
         except Unauthenticated as err:
             _log.error("agent token refused", extra={"detail": err.message})
             return EXIT_TOKEN_REFUSED
@@ -145,8 +146,8 @@ async def _serve_stdio(args: argparse.Namespace, token: str) -> int:
             _log.warning(
                 "no guardian session at start; tool descriptions state limits generally", extra={"kind": err.kind}
             )
-            limits = None
-        server = build_server(state, limits=limits, log_level=args.log_level.upper())
+            session = None
+        server = build_server(state, session=session, log_level=args.log_level.upper())
         _log.info("serving MCP on stdio", extra={"socket": args.socket})
         unfinished = await _until_signal(server.run_stdio_async())
     _log.info("stopped")

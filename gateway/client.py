@@ -14,6 +14,9 @@ gRPC type leaks out of here.
   exponential backoff and jitter, a few times within about two seconds and
   never past the call's deadline. Writes are not retried: the proto carries no
   idempotency key, so a write whose answer was lost might have been applied.
+- An answer that does not fit its request is an ``InternalError``, never passed
+  on: e.g. a quarantined memory is only ever the answer to a write (reads never
+  show one), and a memory stored into a named namespace comes back from it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,17 @@ from typing import Final, Self, TypeVar, cast
 import grpc
 import grpc.aio
 
-from gateway.models import Limits, Memory, MemoryDraft, Page, SearchHit, SessionInfo
+from gateway.models import (
+    ACTIVE,
+    QUARANTINED,
+    Limits,
+    Memory,
+    MemoryDraft,
+    MemoryStatus,
+    Page,
+    SearchHit,
+    SessionInfo,
+)
 from shared.errors import (
     DataLoss,
     FailedPrecondition,
@@ -128,7 +141,16 @@ def _request_shape() -> Iterator[None]:
         raise InvalidArgument("a number is out of range or a field has the wrong type") from None
 
 
-def _memory(msg: pb.Memory) -> Memory:
+def _status(value: str, *, written: bool) -> MemoryStatus:
+    """A memory's status, checked against the request: a read never shows a quarantined memory."""
+    if value == ACTIVE:
+        return ACTIVE
+    _check(written and value == QUARANTINED)
+    return QUARANTINED
+
+
+def _memory(msg: pb.Memory, *, written: bool = False) -> Memory:
+    """The plain value of a memory; ``written`` when it answers a write (only then may it be quarantined)."""
     return Memory(
         id=msg.id,
         content=msg.content,
@@ -137,11 +159,16 @@ def _memory(msg: pb.Memory) -> Memory:
         created_at_ms=msg.created_at_ms,
         updated_at_ms=msg.updated_at_ms,
         sha256=msg.sha256,
+        namespace=msg.namespace,
+        author=msg.author,
+        status=_status(msg.status, written=written),
     )
 
 
 def _draft(draft: MemoryDraft) -> pb.MemoryDraft:
-    return pb.MemoryDraft(content=draft.content, tags=draft.tags, metadata_json=draft.metadata_json)
+    return pb.MemoryDraft(
+        content=draft.content, tags=draft.tags, metadata_json=draft.metadata_json, namespace=draft.namespace
+    )
 
 
 def _limits(msg: pb.Limits) -> Limits:
@@ -153,7 +180,13 @@ def _limits(msg: pb.Limits) -> Limits:
         max_batch=msg.max_batch,
         max_page_size=msg.max_page_size,
         max_query_bytes=msg.max_query_bytes,
+        max_metadata_depth=msg.max_metadata_depth,
     )
+
+
+def _stored_where_asked(draft: MemoryDraft, msg: pb.Memory) -> bool:
+    """A memory stored into a named namespace comes back from that namespace."""
+    return not draft.namespace or msg.namespace == draft.namespace
 
 
 def _check(condition: bool) -> None:
@@ -236,13 +269,21 @@ class GuardianClient:
         with _request_shape():
             request = pb.OpenSessionRequest(agent_token=agent_token)
         response = await self._read(lambda t: self._stub.OpenSession(request, timeout=t, wait_for_ready=False))
-        _check(bool(response.session_id) and response.HasField("limits"))
+        # Every session reads at least the agent's own namespace (listed first).
+        _check(
+            bool(response.session_id)
+            and response.HasField("limits")
+            and bool(response.namespaces)
+            and response.read_window_ms >= 0
+        )
         return SessionInfo(
             session_id=response.session_id,
             agent=response.agent,
             expires_at_ms=response.expires_at_ms,
             idle_timeout_ms=response.idle_timeout_ms,
             limits=_limits(response.limits),
+            namespaces=tuple(response.namespaces),
+            read_window_ms=response.read_window_ms,
         )
 
     async def close_session(self, session_id: str) -> None:
@@ -252,20 +293,23 @@ class GuardianClient:
         await self._write(lambda t: self._stub.CloseSession(request, timeout=t, wait_for_ready=False))
 
     async def store(self, session_id: str, draft: MemoryDraft) -> Memory:
-        """Store one memory."""
+        """Store one memory; its ``status`` says whether a content filter quarantined it."""
         with _request_shape():
             request = pb.StoreRequest(session_id=session_id, memory=_draft(draft))
         response = await self._write(lambda t: self._stub.Store(request, timeout=t, wait_for_ready=False))
-        _check(response.HasField("memory"))
-        return _memory(response.memory)
+        _check(response.HasField("memory") and _stored_where_asked(draft, response.memory))
+        return _memory(response.memory, written=True)
 
     async def store_batch(self, session_id: str, drafts: Sequence[MemoryDraft]) -> tuple[Memory, ...]:
         """Store all drafts or none; memories come back in the order of the drafts."""
         with _request_shape():
             request = pb.StoreBatchRequest(session_id=session_id, memories=[_draft(d) for d in drafts])
         response = await self._write(lambda t: self._stub.StoreBatch(request, timeout=t, wait_for_ready=False))
-        _check(len(response.memories) == len(drafts))
-        return tuple(_memory(m) for m in response.memories)
+        _check(
+            len(response.memories) == len(drafts)
+            and all(_stored_where_asked(d, m) for d, m in zip(drafts, response.memories, strict=True))
+        )
+        return tuple(_memory(m, written=True) for m in response.memories)
 
     async def get(self, session_id: str, memory_id: str) -> Memory:
         """One memory by id."""
@@ -314,7 +358,7 @@ class GuardianClient:
             )
         response = await self._write(lambda t: self._stub.Update(request, timeout=t, wait_for_ready=False))
         _check(response.HasField("memory") and response.memory.id == memory_id)
-        return _memory(response.memory)
+        return _memory(response.memory, written=True)
 
     async def delete(self, session_id: str, memory_id: str) -> None:
         """Delete a memory."""

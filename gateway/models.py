@@ -12,8 +12,25 @@ them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
-__all__ = ["Limits", "Memory", "MemoryDraft", "Page", "SearchHit", "SessionInfo"]
+__all__ = [
+    "ACTIVE",
+    "QUARANTINED",
+    "Limits",
+    "Memory",
+    "MemoryDraft",
+    "Page",
+    "SearchHit",
+    "SessionInfo",
+]
+
+#: A memory's status: agents see only active memories. (Not in ``__all__``: a type alias has no docstring.)
+MemoryStatus = Literal["active", "quarantined"]
+ACTIVE: Final = "active"
+#: Kept for the security team because a content filter held it back; invisible to agents until released.
+#: Only the reply to the write that stored it says so.
+QUARANTINED: Final = "quarantined"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +44,8 @@ class Limits:
     max_batch: int
     max_page_size: int
     max_query_bytes: int
+    #: How deeply metadata objects and arrays may nest.
+    max_metadata_depth: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,16 +59,22 @@ class SessionInfo:
     #: The session also ends after this many milliseconds without a call.
     idle_timeout_ms: int
     limits: Limits
+    #: Namespaces the session reads: the agent's own first, then shared ones its policy grants.
+    namespaces: tuple[str, ...]
+    #: Only memories younger than this many milliseconds are visible; 0 for no window.
+    read_window_ms: int
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryDraft:
-    """What an agent writes: content, tags and optional metadata as a JSON object text."""
+    """What an agent writes: content, tags, optional metadata as a JSON object text, and where."""
 
     content: str = field(repr=False)
     tags: tuple[str, ...] = ()
     #: A JSON object serialised to text, or "" for none.
     metadata_json: str = field(default="", repr=False)
+    #: "" for the agent's own namespace; otherwise a shared namespace its policy lets it write.
+    namespace: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +90,11 @@ class Memory:
     updated_at_ms: int
     #: Hex sha256 of the content.
     sha256: str
+    namespace: str
+    #: The agent that wrote it.
+    author: str
+    #: "quarantined" only in the reply to the write whose content a filter held back.
+    status: MemoryStatus
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,33 +3,62 @@
 Metadata crosses the socket as JSON text (``metadata_json``) and the MCP
 boundary as a JSON object: this module converts between the two. The guardian
 validates the object (size, depth); the gateway only serialises it.
+
+A write whose content a filter quarantined still succeeds; its result carries
+a ``note`` (``quarantine_note``) telling the agent the memory is held for
+security review and why it will not find it.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.models import Memory, SearchHit
+from gateway.models import QUARANTINED, Memory, MemoryStatus, SearchHit
 from shared.errors import InternalError, InvalidArgument
 
 __all__ = [
+    "NAMESPACE_PATTERN",
     "DeleteResult",
     "GetResult",
     "Hit",
     "ListResult",
     "MemoryInput",
+    "Namespace",
+    "NotedResult",
     "SearchResult",
     "StoreBatchResult",
     "StoreResult",
     "StoredMemory",
     "UpdateResult",
     "metadata_to_json",
+    "namespace_to_wire",
+    "quarantine_note",
 ]
 
 _MEMORY_ID_HELP = "The memory's id: 'mem_' followed by 32 lowercase hex characters."
+
+#: A namespace name, as the guardian's ``AGENT_NAME_RE`` (an agent's own namespace is its name).
+NAMESPACE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+#: The optional namespace argument of a write: the SDK checks it before the tool runs.
+Namespace = Annotated[
+    str | None,
+    Field(
+        max_length=64,
+        pattern=NAMESPACE_PATTERN,
+        description="Shared namespace to store into, if your policy grants one; omit for your own",
+    ),
+]
+
+_HELD: Final = (
+    "held for security review: a content filter flagged part of the content, so it is kept but will not "
+    "appear in memory_search, memory_get or memory_list until the security team releases it; "
+    "storing it again will not help"
+)
 
 
 def metadata_to_json(metadata: dict[str, Any] | None) -> str:
@@ -54,6 +83,21 @@ def _metadata_from_json(text: str) -> dict[str, Any] | None:
     return value
 
 
+def namespace_to_wire(namespace: str | None) -> str:
+    """The wire form of a namespace argument: "" means the agent's own."""
+    return namespace or ""
+
+
+def quarantine_note(memories: Sequence[Memory]) -> str | None:
+    """What to tell the agent when a write's reply holds quarantined memories; None when there are none."""
+    held = [m.id for m in memories if m.status == QUARANTINED]
+    if not held:
+        return None
+    if len(memories) == 1:
+        return f"The memory was saved but is {_HELD}."
+    return f"{len(held)} of {len(memories)} memories ({', '.join(held)}) were saved but are {_HELD}."
+
+
 class MemoryInput(BaseModel):
     """One memory to store."""
 
@@ -64,6 +108,7 @@ class MemoryInput(BaseModel):
     metadata: dict[str, Any] | None = Field(
         default=None, description="Optional JSON object of extra structured data; null for none."
     )
+    namespace: Namespace = None
 
 
 class StoredMemory(BaseModel):
@@ -76,6 +121,11 @@ class StoredMemory(BaseModel):
     created_at_ms: int = Field(description="When it was stored, in Unix milliseconds.")
     updated_at_ms: int = Field(description="When it last changed, in Unix milliseconds.")
     sha256: str = Field(description="Hex sha256 of the content.")
+    namespace: str = Field(description="The namespace it lives in: your own (your agent name) or a shared one.")
+    author: str = Field(description="The agent that wrote it.")
+    status: MemoryStatus = Field(
+        description="'active', or 'quarantined' (only in a write's result): held for security review, not visible."
+    )
 
     @classmethod
     def of(cls, memory: Memory) -> StoredMemory:
@@ -88,16 +138,27 @@ class StoredMemory(BaseModel):
             created_at_ms=memory.created_at_ms,
             updated_at_ms=memory.updated_at_ms,
             sha256=memory.sha256,
+            namespace=memory.namespace,
+            author=memory.author,
+            status=memory.status,
         )
 
 
-class StoreResult(BaseModel):
+class NotedResult(BaseModel):
+    """The result of a write, with a note for the agent when a memory was quarantined."""
+
+    note: str | None = Field(
+        default=None, description="Set when a memory was quarantined (held for security review); otherwise null."
+    )
+
+
+class StoreResult(NotedResult):
     """What memory_store returns."""
 
     memory: StoredMemory
 
 
-class StoreBatchResult(BaseModel):
+class StoreBatchResult(NotedResult):
     """What memory_store_batch returns: the memories in the order given."""
 
     memories: list[StoredMemory]
@@ -134,7 +195,7 @@ class ListResult(BaseModel):
     next_cursor: str | None = Field(description="Pass as cursor to get the next page; null on the last page.")
 
 
-class UpdateResult(BaseModel):
+class UpdateResult(NotedResult):
     """What memory_update returns: the memory after the change."""
 
     memory: StoredMemory

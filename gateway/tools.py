@@ -6,7 +6,9 @@ metadata into JSON text, runs one ``GuardianClient`` call through the session
 broker and returns a typed result model; ``_tool`` turns that into a result
 with structured output, and any ``GuardianError`` into
 ``gateway.outcomes.mcp_outcome(err)`` (an ``isError`` result or an
-``MCPError``). A tool never returns error text as a success.
+``MCPError``). A tool never returns error text as a success. A write that a
+content filter quarantined is a success whose ``note`` says so, repeated as a
+text block of its own so that no agent misses it.
 
 The caller's token is the stdio gateway's own (``GatewayState.token``) or, over
 HTTP, the request's bearer token (``ctx.headers``; the HTTP gate has checked it).
@@ -23,13 +25,13 @@ from typing import Annotated, Any, Final, Literal, ParamSpec, TypeVar
 
 from mcp import MCPError
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import INTERNAL_ERROR, CallToolResult, TextContent, ToolAnnotations
+from mcp.types import INTERNAL_ERROR, CallToolResult, ContentBlock, TextContent, ToolAnnotations
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
 from gateway.client import GuardianClient
 from gateway.http_auth import bearer_token
-from gateway.models import Limits, MemoryDraft
+from gateway.models import MemoryDraft, SessionInfo
 from gateway.outcomes import mcp_outcome
 from gateway.schemas import (
     DeleteResult,
@@ -37,12 +39,16 @@ from gateway.schemas import (
     Hit,
     ListResult,
     MemoryInput,
+    Namespace,
+    NotedResult,
     SearchResult,
     StoreBatchResult,
     StoredMemory,
     StoreResult,
     UpdateResult,
     metadata_to_json,
+    namespace_to_wire,
+    quarantine_note,
 )
 from gateway.state import GatewayState
 from shared.errors import GuardianError, InvalidArgument
@@ -70,10 +76,12 @@ _UINT32_MAX: Final = 2**32 - 1
 _INSTRUCTIONS: Final = (
     "A persistent memory for you, the agent. Store what you want to remember across conversations "
     "with memory_store, find it again with memory_search (plain words) or memory_list (newest first), "
-    "and keep it current with memory_update and memory_delete. Every memory is private to your agent "
-    "identity. Errors start with their kind: invalid_argument (fix the call), permission_denied "
-    "(the policy or a content filter refused it; do not retry as is), rate_limited (retry after the "
-    "time given), not_found (no memory with that id visible to you)."
+    "and keep it current with memory_update and memory_delete. Memories live in your own namespace, "
+    "private to your agent identity, unless you store into a shared namespace your policy grants. "
+    "Never store credentials: they are refused or redacted. Errors start with their kind: "
+    "invalid_argument (fix the call), permission_denied (the policy or a content filter refused it; "
+    "do not retry as is), rate_limited (retry after the time given), not_found (no memory with that "
+    "id visible to you)."
 )
 
 # -- parameters -----------------------------------------------------------------
@@ -146,10 +154,10 @@ def _tool(fn: Callable[_P, Awaitable[_M]]) -> Callable[_P, Awaitable[CallToolRes
         except GuardianError as err:
             _log.info("tool call refused", extra={"tool": fn.__name__, "kind": err.kind})
             return mcp_outcome(err)
-        return CallToolResult(
-            content=[TextContent(type="text", text=result.model_dump_json())],
-            structured_content=result.model_dump(mode="json"),
-        )
+        content: list[ContentBlock] = [TextContent(type="text", text=result.model_dump_json())]
+        if isinstance(result, NotedResult) and result.note:
+            content.append(TextContent(type="text", text=result.note))
+        return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
 
     return tool
 
@@ -169,8 +177,13 @@ def _memory_id(value: str) -> str:
     return value
 
 
-def _draft(content: str, tags: list[str], metadata: dict[str, Any] | None) -> MemoryDraft:
-    return MemoryDraft(content=content, tags=tuple(tags), metadata_json=metadata_to_json(metadata))
+def _draft(content: str, tags: list[str], metadata: dict[str, Any] | None, namespace: str | None) -> MemoryDraft:
+    return MemoryDraft(
+        content=content,
+        tags=tuple(tags),
+        metadata_json=metadata_to_json(metadata),
+        namespace=namespace_to_wire(namespace),
+    )
 
 
 # -- the tools ------------------------------------------------------------------------
@@ -182,19 +195,20 @@ async def memory_store(
     content: Content,
     tags: Tags = [],  # noqa: B006 (pydantic copies it; never mutated)
     metadata: Metadata = None,
+    namespace: Namespace = None,
 ) -> StoreResult:
     """Store one memory."""
-    draft = _draft(content, tags, metadata)
+    draft = _draft(content, tags, metadata, namespace)
     memory = await _call(ctx, lambda c, sid: c.store(sid, draft))
-    return StoreResult(memory=StoredMemory.of(memory))
+    return StoreResult(memory=StoredMemory.of(memory), note=quarantine_note([memory]))
 
 
 @_tool
 async def memory_store_batch(ctx: Context[GatewayState, Any], memories: Drafts) -> StoreBatchResult:
     """Store several memories at once, all or none."""
-    drafts = [_draft(m.content, m.tags, m.metadata) for m in memories]
+    drafts = [_draft(m.content, m.tags, m.metadata, m.namespace) for m in memories]
     stored = await _call(ctx, lambda c, sid: c.store_batch(sid, drafts))
-    return StoreBatchResult(memories=[StoredMemory.of(m) for m in stored])
+    return StoreBatchResult(memories=[StoredMemory.of(m) for m in stored], note=quarantine_note(stored))
 
 
 @_tool
@@ -237,7 +251,7 @@ async def memory_update(
     memory = await _call(
         ctx, lambda c, sid: c.update(sid, memory_id, content=content, tags=tags, metadata_json=metadata_json)
     )
-    return UpdateResult(memory=StoredMemory.of(memory))
+    return UpdateResult(memory=StoredMemory.of(memory), note=quarantine_note([memory]))
 
 
 @_tool
@@ -255,40 +269,76 @@ _COMMON: Final = (
     " The policy or a content filter may refuse a request (permission_denied), and calls are rate "
     "limited (rate_limited says after how many milliseconds to retry)."
 )
+_CONTENT: Final = (
+    " Credentials are refused (API, cloud or private keys) or redacted (passwords, tokens); suspected "
+    "injections are held for security review (the result's note says so)."
+)
 _GENERAL_LIMITS: Final = (
     " The memory guardian limits {what}; a request over a limit fails with invalid_argument, "
     "which states the exact limit."
 )
+_UNITS: Final = (("day", 86_400_000), ("hour", 3_600_000), ("minute", 60_000), ("second", 1000))
 
 
-def tool_descriptions(limits: Limits | None) -> dict[str, str]:
-    """Each tool's description, with the session's numbers when ``limits`` is known."""
-    if limits is None:
-        write = _GENERAL_LIMITS.format(what="the size of content and metadata and the number and length of tags")
+def _duration(ms: int) -> str:
+    for unit, size in _UNITS:
+        if ms % size == 0:
+            count = ms // size
+            return f"{count} {unit}" + ("" if count == 1 else "s")
+    return f"{ms} ms"
+
+
+def _visible(session: SessionInfo | None) -> str:
+    """Which memories the read tools see: the session's namespaces and read window when known."""
+    if session is None:
+        return " You see your own namespace plus any shared ones your policy grants."
+    own, *shared = session.namespaces
+    text = f" Namespaces you see: {', '.join([f'{own} (yours)', *shared])}."
+    if session.read_window_ms > 0:
+        text += f" Memories older than {_duration(session.read_window_ms)} are not visible."
+    return text
+
+
+def _writable(session: SessionInfo | None) -> str:
+    """Where the store tools write: the agent's own namespace unless it names a shared one."""
+    if session is not None and len(session.namespaces) == 1:
+        return " Stores into your own namespace (your policy grants no shared ones)."
+    return " Stores into your own namespace unless you name a shared one your policy lets you write."
+
+
+def tool_descriptions(session: SessionInfo | None) -> dict[str, str]:
+    """Each tool's description, with the session's limits and namespaces when ``session`` is known."""
+    if session is None:
+        write = _GENERAL_LIMITS.format(
+            what="the size of content and metadata, metadata nesting, and the number and length of tags"
+        )
         batch = _GENERAL_LIMITS.format(what="the number of memories per call, their size and their tags")
         search = _GENERAL_LIMITS.format(what="the number of hits and the length of the query")
         page = _GENERAL_LIMITS.format(what="the page size")
     else:
+        limits = session.limits
         write = (
             f" Limits: content at most {limits.max_content_bytes} bytes (UTF-8), metadata at most "
-            f"{limits.max_metadata_bytes} bytes as JSON, at most {limits.max_tags} tags of at most "
-            f"{limits.max_tag_bytes} bytes each."
+            f"{limits.max_metadata_bytes} bytes as JSON nested at most {limits.max_metadata_depth} deep, at most "
+            f"{limits.max_tags} tags of at most {limits.max_tag_bytes} bytes each."
         )
         batch = f" At most {limits.max_batch} memories per call." + write
         search = f" Limits: at most {limits.max_page_size} hits; a query of at most {limits.max_query_bytes} bytes."
         page = f" Limits: at most {limits.max_page_size} memories per page."
+    visible = _visible(session)
+    writable = _writable(session)
     return {
         "memory_store": "Store one memory (text you want to remember later), with optional tags and a JSON "
-        "object of metadata. Returns the stored memory and its id." + write + _COMMON,
+        "object of metadata. Returns the stored memory and its id." + writable + write + _CONTENT + _COMMON,
         "memory_store_batch": "Store several memories in one call; either all are stored or none. Returns "
-        "them in the order given." + batch + _COMMON,
-        "memory_search": "Search your memories for plain words, best match first. Returns the matching "
-        "memories with a relevance score." + search + _COMMON,
-        "memory_get": "Get one memory by its id." + _COMMON,
-        "memory_list": "List your memories, newest first, one page at a time; pass next_cursor back as "
-        "cursor for the next page (null means no more pages)." + page + _COMMON,
+        "them in the order given." + writable + batch + _CONTENT + _COMMON,
+        "memory_search": "Search the memories you can see for plain words, best match first. Returns the "
+        "matching memories with a relevance score." + visible + search + _COMMON,
+        "memory_get": "Get one memory by its id." + visible + _COMMON,
+        "memory_list": "List the memories you can see, newest first, one page at a time; pass next_cursor "
+        "back as cursor for the next page (null means no more pages)." + visible + page + _COMMON,
         "memory_update": "Change a memory: each of content, tags and metadata that you give replaces the "
-        "stored value; the others stay as they are. Returns the memory after the change." + write + _COMMON,
+        "stored value; the others stay as they are. Returns the memory after the change." + write + _CONTENT + _COMMON,
         "memory_delete": "Delete a memory for good. It cannot be restored." + _COMMON,
     }
 
@@ -363,15 +413,16 @@ def _version() -> str:
 def build_server(
     state: GatewayState,
     *,
-    limits: Limits | None = None,
+    session: SessionInfo | None = None,
     log_level: LogLevel = "INFO",
 ) -> MCPServer[GatewayState]:
     """The gateway's MCP server over ``state``.
 
     Args:
         state: the resources ``open_gateway`` made; the server's lifespan yields it.
-        limits: the session's limits when known at start (stdio), put into the tool
-            descriptions as numbers; otherwise the descriptions state them generally.
+        session: the guardian session when known at start (stdio): its limits, namespaces
+            and read window go into the tool descriptions; otherwise (HTTP, where each
+            agent has its own) the descriptions state them generally.
         log_level: the level the SDK passes to ``logging.basicConfig`` (a no-op when
             logging is already configured, as the CLI does).
     """
@@ -383,7 +434,7 @@ def build_server(
         lifespan=_lifespan(state),
         log_level=log_level,
     )
-    descriptions = tool_descriptions(limits)
+    descriptions = tool_descriptions(session)
     for name in TOOL_NAMES:
         annotations = _ANNOTATIONS[name]
         server.add_tool(

@@ -163,6 +163,9 @@ async def test_stdio_through_the_real_mcp_client() -> None:
         async with Client(params) as client:
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
             assert "4096 bytes" in (tools["memory_store"].description or "")
+            # The session opened at start also names the namespaces and the read window.
+            assert "Namespaces you see: agent-a (yours), news, team." in (tools["memory_search"].description or "")
+            assert "older than 30 days" in (tools["memory_search"].description or "")
             result = await client.call_tool("memory_store", {"content": "over stdio"})
             assert not result.is_error and result.structured_content is not None
             assert result.structured_content["memory"]["content"] == "over stdio"

@@ -22,7 +22,17 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
-from tests.test_gateway_support import LIMITS, TOKEN, UNKNOWN_TOKEN, fake_guardian
+from shared.rpc.guardian.v1 import agent_pb2 as pb
+from tests.test_gateway_support import (
+    LIMITS,
+    OTHER_TOKEN,
+    QUARANTINE_TRIGGER,
+    READ_WINDOW_MS,
+    TOKEN,
+    UNKNOWN_TOKEN,
+    FakeGuardian,
+    fake_guardian,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -32,15 +42,20 @@ async def test_every_rpc_round_trips_plain_values() -> None:
         info = await client.open_session(TOKEN)
         assert info.agent == "agent-a"
         assert info.limits.max_batch == LIMITS.max_batch
+        assert info.limits.max_metadata_depth == LIMITS.max_metadata_depth == 6
         assert info.idle_timeout_ms == 600_000
+        assert info.namespaces == ("agent-a", "news", "team") and info.read_window_ms == READ_WINDOW_MS
         sid = info.session_id
 
         stored = await client.store(sid, MemoryDraft("the sky is blue", ("colour",), '{"k":1}'))
         assert stored.id.startswith("mem_") and stored.tags == ("colour",) and stored.metadata_json == '{"k":1}'
+        assert (stored.namespace, stored.author, stored.status) == ("agent-a", "agent-a", "active")
         batch = await client.store_batch(sid, [MemoryDraft("grass is green"), MemoryDraft("blue whale")])
         assert [m.content for m in batch] == ["grass is green", "blue whale"]
+        assert {(m.namespace, m.author, m.status) for m in batch} == {("agent-a", "agent-a", "active")}
 
-        assert (await client.get(sid, stored.id)).content == "the sky is blue"
+        got = await client.get(sid, stored.id)
+        assert got.content == "the sky is blue" and got == stored
         hits = await client.search(sid, "blue", limit=5)
         assert {h.memory.id for h in hits} == {stored.id, batch[1].id}
         assert all(isinstance(h.score, float) for h in hits)
@@ -60,6 +75,76 @@ async def test_every_rpc_round_trips_plain_values() -> None:
             await client.get(sid, stored.id)
         await client.close_session(sid)
         assert guardian.fake.closed == [sid]
+
+
+async def test_namespaces_go_out_with_the_draft_and_come_back_with_the_memory() -> None:
+    async with fake_guardian() as guardian, GuardianClient(guardian.path) as client:
+        sid = (await client.open_session(TOKEN)).session_id
+        shared = await client.store(sid, MemoryDraft("standup at ten", namespace="team"))
+        assert (shared.namespace, shared.author) == ("team", "agent-a")
+        batch = await client.store_batch(sid, [MemoryDraft("mine"), MemoryDraft("ours", namespace="team")])
+        assert [m.namespace for m in batch] == ["agent-a", "team"]
+        with pytest.raises(PermissionDenied, match="namespace news"):  # readable, not writable
+            await client.store(sid, MemoryDraft("x", namespace="news"))
+        with pytest.raises(PermissionDenied):  # all or none
+            await client.store_batch(sid, [MemoryDraft("y"), MemoryDraft("z", namespace="elsewhere")])
+        assert len(guardian.fake.memories) == 3
+
+        other = await client.open_session(OTHER_TOKEN)
+        assert other.namespaces == ("agent-b",) and other.read_window_ms == READ_WINDOW_MS
+        with pytest.raises(NotFound):
+            await client.get(other.session_id, shared.id)
+
+
+async def test_a_quarantined_store_says_so_and_reads_never_show_it() -> None:
+    async with fake_guardian() as guardian, GuardianClient(guardian.path) as client:
+        sid = (await client.open_session(TOKEN)).session_id
+        held = await client.store(sid, MemoryDraft(f"{QUARANTINE_TRIGGER} notes"))
+        assert held.status == "quarantined"
+        batch = await client.store_batch(sid, [MemoryDraft("fine"), MemoryDraft(QUARANTINE_TRIGGER)])
+        assert [m.status for m in batch] == ["active", "quarantined"]
+        updated = await client.update(sid, batch[0].id, content=f"now {QUARANTINE_TRIGGER}")
+        assert updated.status == "quarantined"
+        with pytest.raises(NotFound):
+            await client.get(sid, held.id)
+        assert not await client.search(sid, "notes") and not (await client.list(sid)).memories
+
+
+class _Misfiling(FakeGuardian):
+    """A buggy guardian: stores into the agent's own namespace whatever the draft asked."""
+
+    async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
+        request.memory.namespace = ""
+        return await super().Store(request, context)
+
+
+class _NoNamespaces(FakeGuardian):
+    """A buggy guardian: opens sessions that name no namespace."""
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        response = await super().OpenSession(request, context)
+        response.ClearField("namespaces")
+        return response
+
+
+async def test_answers_that_do_not_fit_the_request_are_internal_errors() -> None:
+    leaky = FakeGuardian(leak_quarantined=True)
+    async with fake_guardian(leaky) as guardian, GuardianClient(guardian.path) as client:
+        sid = (await client.open_session(TOKEN)).session_id
+        held = await client.store(sid, MemoryDraft(QUARANTINE_TRIGGER))
+        for read in (client.get(sid, held.id), client.search(sid, "script"), client.list(sid)):
+            with pytest.raises(InternalError):  # a read that shows a quarantined memory: fail closed
+                await read
+    async with fake_guardian(_Misfiling()) as guardian, GuardianClient(guardian.path) as client:
+        sid = (await client.open_session(TOKEN)).session_id
+        assert (await client.store(sid, MemoryDraft("own"))).namespace == "agent-a"
+        with pytest.raises(InternalError):
+            await client.store(sid, MemoryDraft("shared", namespace="team"))
+    async with fake_guardian(_NoNamespaces()) as guardian, GuardianClient(guardian.path) as client:
+        with pytest.raises(InternalError):
+            await client.open_session(TOKEN)
 
 
 def test_values_hide_content_and_session_ids_from_repr() -> None:

@@ -5,6 +5,11 @@ the real guardian does to a gateway: a restart (sessions forgotten, so calls get
 UNAUTHENTICATED), being stopped (UNAVAILABLE), a rate limit (RESOURCE_EXHAUSTED
 with ``retry-after-ms``), a refused token, and any status injected per method.
 
+Like the guardian, it keeps memories in namespaces (each agent's own, named
+after it, plus the shared ones in ``readable``/``writable``), refuses a write
+into a namespace the agent may not write, and quarantines content containing
+``QUARANTINE_TRIGGER``: the write's reply says "quarantined", reads never show it.
+
 No tests here; the gateway's test modules import it.
 """
 
@@ -39,7 +44,12 @@ LIMITS = pb.Limits(
     max_batch=5,
     max_page_size=50,
     max_query_bytes=256,
+    max_metadata_depth=6,
 )
+#: 30 days: what every fake session reports as its read window.
+READ_WINDOW_MS = 30 * 86_400_000
+#: Content containing this is quarantined, as the guardian's script-injection filter does.
+QUARANTINE_TRIGGER = "<script>"
 
 
 @dataclass
@@ -56,7 +66,13 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
 
     tokens: dict[str, str] = field(default_factory=lambda: {TOKEN: "agent-a", OTHER_TOKEN: "agent-b"})
     sessions: dict[str, str] = field(default_factory=dict)
-    memories: dict[str, tuple[str, pb.Memory]] = field(default_factory=dict)
+    memories: dict[str, pb.Memory] = field(default_factory=dict)
+    #: Shared namespaces each agent may read (its own namespace, named after it, comes first).
+    readable: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"agent-a": ("news", "team")})
+    #: Shared namespaces each agent may store into.
+    writable: dict[str, frozenset[str]] = field(default_factory=lambda: {"agent-a": frozenset({"team"})})
+    #: A buggy guardian: reads show quarantined memories too.
+    leak_quarantined: bool = False
     calls: Counter[str] = field(default_factory=Counter)
     closed: list[str] = field(default_factory=list)
     #: The agent of every session opened, in order.
@@ -98,24 +114,52 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
         return agent
 
-    def _memory(self, agent: str, draft: pb.MemoryDraft, memory_id: str | None = None) -> pb.Memory:
+    def namespaces(self, agent: str) -> tuple[str, ...]:
+        """What a session of ``agent`` reads: its own namespace first, then the shared ones."""
+        return (agent, *self.readable.get(agent, ()))
+
+    def _sees(self, agent: str, memory: pb.Memory) -> bool:
+        active = memory.status == "active" or self.leak_quarantined
+        return active and memory.namespace in self.namespaces(agent)
+
+    @staticmethod
+    def _status(content: str) -> str:
+        return "quarantined" if QUARANTINE_TRIGGER in content else "active"
+
+    async def _drafts(
+        self, agent: str, drafts: list[pb.MemoryDraft], context: grpc.aio.ServicerContext
+    ) -> list[pb.Memory]:
+        """Store every draft or none: a namespace the agent may not write refuses the lot."""
+        for draft in drafts:
+            if draft.namespace and draft.namespace not in self.writable.get(agent, frozenset()):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the policy does not allow this agent to write to namespace {draft.namespace}",
+                )
+        return [self._memory(agent, draft) for draft in drafts]
+
+    def _memory(self, agent: str, draft: pb.MemoryDraft) -> pb.Memory:
         now = int(time.time() * 1000)
         memory = pb.Memory(
-            id=memory_id or "mem_" + secrets.token_hex(16),
+            id="mem_" + secrets.token_hex(16),
             content=draft.content,
             tags=list(draft.tags),
             metadata_json=draft.metadata_json,
             created_at_ms=now,
             updated_at_ms=now,
             sha256=hashlib.sha256(draft.content.encode()).hexdigest(),
+            namespace=draft.namespace or agent,
+            author=agent,
+            status=self._status(draft.content),
         )
-        self.memories[memory.id] = (agent, memory)
+        self.memories[memory.id] = memory
         return memory
 
     async def _visible(self, agent: str, memory_id: str, context: grpc.aio.ServicerContext) -> pb.Memory:
-        owner, memory = self.memories.get(memory_id, ("", None))  # type: ignore[arg-type]
-        if memory is None or owner != agent:
+        memory = self.memories.get(memory_id)
+        if memory is None or not self._sees(agent, memory):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no memory with that id")
+        assert memory is not None
         return memory
 
     async def OpenSession(
@@ -134,6 +178,8 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
             expires_at_ms=int(time.time() * 1000) + 3_600_000,
             idle_timeout_ms=600_000,
             limits=LIMITS,
+            namespaces=self.namespaces(agent),
+            read_window_ms=READ_WINDOW_MS,
         )
 
     async def CloseSession(
@@ -148,7 +194,8 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         agent = await self._enter("Store", context, request.session_id)
         if len(request.memory.content.encode()) > LIMITS.max_content_bytes:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "content is over 4096 bytes")
-        return pb.StoreResponse(memory=self._memory(agent, request.memory))
+        (memory,) = await self._drafts(agent, [request.memory], context)
+        return pb.StoreResponse(memory=memory)
 
     async def StoreBatch(
         self, request: pb.StoreBatchRequest, context: grpc.aio.ServicerContext
@@ -156,7 +203,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         agent = await self._enter("StoreBatch", context, request.session_id)
         if len(request.memories) > LIMITS.max_batch:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 5 memories per batch")
-        return pb.StoreBatchResponse(memories=[self._memory(agent, d) for d in request.memories])
+        return pb.StoreBatchResponse(memories=await self._drafts(agent, list(request.memories), context))
 
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
         agent = await self._enter("Get", context, request.session_id)
@@ -167,15 +214,15 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         words = request.query.lower().split()
         hits = [
             pb.SearchHit(memory=m, score=float(sum(m.content.lower().count(w) for w in words)))
-            for owner, m in self.memories.values()
-            if owner == agent and any(w in m.content.lower() for w in words)
+            for m in self.memories.values()
+            if self._sees(agent, m) and any(w in m.content.lower() for w in words)
         ]
         hits.sort(key=lambda h: -h.score)
         return pb.SearchResponse(hits=hits[: request.limit or LIMITS.max_page_size])
 
     async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
         agent = await self._enter("List", context, request.session_id)
-        mine = [m for owner, m in reversed(self.memories.values()) if owner == agent]
+        mine = [m for m in reversed(self.memories.values()) if self._sees(agent, m)]
         start = int(request.cursor) if request.cursor else 0
         size = request.page_size or LIMITS.max_page_size
         end = start + size
@@ -186,6 +233,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         memory = await self._visible(agent, request.id, context)
         if request.HasField("content"):
             memory.content = request.content
+            memory.status = self._status(request.content)
         if request.HasField("tags"):
             memory.ClearField("tags")
             memory.tags.extend(request.tags.tags)
@@ -235,10 +283,10 @@ class FakeGuardianServer:
 
 
 @asynccontextmanager
-async def fake_guardian() -> AsyncIterator[FakeGuardianServer]:
-    """A running fake guardian on a fresh socket, stopped on exit."""
+async def fake_guardian(fake: FakeGuardian | None = None) -> AsyncIterator[FakeGuardianServer]:
+    """A running fake guardian (``fake``, or a fresh one) on a fresh socket, stopped on exit."""
     with socket_dir() as directory:
-        server = FakeGuardianServer(os.path.join(directory, "agent.sock"))
+        server = FakeGuardianServer(os.path.join(directory, "agent.sock"), fake)
         await server.start()
         try:
             yield server

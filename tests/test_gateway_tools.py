@@ -12,10 +12,18 @@ import grpc
 import pytest
 from mcp import Client, MCPError
 
+from gateway.models import Limits, SessionInfo
 from gateway.sessions import TOKEN_REJECTED_MESSAGE
 from gateway.state import open_gateway
-from gateway.tools import TOOL_NAMES, build_server
-from tests.test_gateway_support import TOKEN, UNKNOWN_TOKEN, FakeGuardianServer, fake_guardian
+from gateway.tools import TOOL_NAMES, build_server, tool_descriptions
+from tests.test_gateway_support import (
+    OTHER_TOKEN,
+    QUARANTINE_TRIGGER,
+    TOKEN,
+    UNKNOWN_TOKEN,
+    FakeGuardianServer,
+    fake_guardian,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -34,8 +42,8 @@ async def mcp_client(
 ) -> AsyncIterator[Client]:
     """The gateway as a stdio gateway would run it, connected to an in-memory MCP client."""
     async with open_gateway(guardian.path, token=token, deadline_s=deadline_s) as state:
-        limits = (await state.broker.open(None, token)).limits if with_limits else None
-        async with Client(build_server(state, limits=limits), mode=mode) as client:
+        session = (await state.broker.open(None, token)) if with_limits else None
+        async with Client(build_server(state, session=session), mode=mode) as client:
             yield client
 
 
@@ -71,9 +79,17 @@ async def test_tools_have_input_and_output_schemas_annotations_and_limits() -> N
         assert tools[name].annotations.destructive_hint is False  # type: ignore[union-attr]
     store = tools["memory_store"]
     assert store.input_schema["required"] == ["content"]
-    assert set(store.input_schema["properties"]) == {"content", "tags", "metadata"}
+    assert set(store.input_schema["properties"]) == {"content", "tags", "metadata", "namespace"}
     assert store.input_schema["properties"]["content"]["description"]
-    assert set(store.output_schema["properties"]) == {"memory"}  # type: ignore[index]
+    namespace = store.input_schema["properties"]["namespace"]
+    assert namespace["description"] == "Shared namespace to store into, if your policy grants one; omit for your own"
+    assert {"type": "string", "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"} in namespace["anyOf"]
+    item = tools["memory_store_batch"].input_schema["$defs"]["MemoryInput"]
+    assert item["properties"]["namespace"]["anyOf"] == namespace["anyOf"]
+    assert set(store.output_schema["properties"]) == {"memory", "note"}  # type: ignore[index]
+    stored = store.output_schema["$defs"]["StoredMemory"]  # type: ignore[index]
+    assert {"namespace", "author", "status"} <= set(stored["required"])
+    assert stored["properties"]["status"]["enum"] == ["active", "quarantined"]
     assert set(tools["memory_list"].output_schema["properties"]) == {"memories", "next_cursor"}  # type: ignore[index]
     assert set(tools["memory_search"].output_schema["properties"]) == {"hits"}  # type: ignore[index]
     assert set(tools["memory_delete"].output_schema["properties"]) == {"deleted"}  # type: ignore[index]
@@ -83,6 +99,15 @@ async def test_tools_have_input_and_output_schemas_annotations_and_limits() -> N
     assert "At most 5 memories" in tools["memory_store_batch"].description  # type: ignore[operator]
     assert "at most 50 memories per page" in tools["memory_list"].description  # type: ignore[operator]
     assert "a query of at most 256 bytes" in tools["memory_search"].description  # type: ignore[operator]
+    assert "nested at most 6 deep" in store.description  # type: ignore[operator]
+    # ... and so are the session's namespaces and read window, and what the content filters do.
+    for name in ("memory_search", "memory_get", "memory_list"):
+        description = tools[name].description or ""
+        assert "Namespaces you see: agent-a (yours), news, team." in description
+        assert "Memories older than 30 days are not visible." in description
+    for name in ("memory_store", "memory_store_batch", "memory_update"):
+        assert "Credentials are refused" in (tools[name].description or "")
+    assert "unless you name a shared one" in store.description  # type: ignore[operator]
 
 
 async def test_without_known_limits_descriptions_say_an_error_states_them() -> None:
@@ -90,6 +115,8 @@ async def test_without_known_limits_descriptions_say_an_error_states_them() -> N
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert "states the exact limit" in tools["memory_store"].description  # type: ignore[operator]
     assert "4096" not in tools["memory_store"].description  # type: ignore[operator]
+    assert "own namespace plus any shared ones your policy grants" in tools["memory_search"].description  # type: ignore[operator]
+    assert "agent-a" not in tools["memory_search"].description  # type: ignore[operator]
 
 
 async def test_every_tool_happy_path_with_structured_output() -> None:
@@ -99,11 +126,12 @@ async def test_every_tool_happy_path_with_structured_output() -> None:
         ]
         assert stored["content"] == MARKER and stored["tags"] == ["plan"] and stored["metadata"] == {"source": "chat"}
         assert stored["id"].startswith("mem_") and len(stored["sha256"]) == 64
+        assert (stored["namespace"], stored["author"], stored["status"]) == ("agent-a", "agent-a", "active")
         plain = (await ok(client, "memory_store", content="no extras"))["memory"]
         assert plain["tags"] == [] and plain["metadata"] is None
 
         batch = await ok(client, "memory_store_batch", memories=[{"content": "one"}, {"content": "two", "tags": ["t"]}])
-        assert [m["content"] for m in batch["memories"]] == ["one", "two"]
+        assert [m["content"] for m in batch["memories"]] == ["one", "two"] and batch["note"] is None
 
         hits = (await ok(client, "memory_search", query="secret plan"))["hits"]
         assert [h["memory"]["id"] for h in hits] == [stored["id"]] and hits[0]["score"] > 0
@@ -123,6 +151,100 @@ async def test_every_tool_happy_path_with_structured_output() -> None:
 
         assert await ok(client, "memory_delete", id=stored["id"]) == {"deleted": stored["id"]}
         assert (await error_text(client, "memory_get", id=stored["id"])) == "not_found: no memory with that id"
+
+
+async def test_a_store_can_name_a_shared_namespace_the_policy_grants() -> None:
+    async with fake_guardian() as guardian, mcp_client(guardian) as client:
+        shared = await ok(client, "memory_store", content="standup moved to ten", namespace="team")
+        assert (shared["memory"]["namespace"], shared["memory"]["author"]) == ("team", "agent-a")
+        assert shared["note"] is None
+        drafts = [{"content": "a"}, {"content": "b", "namespace": "team"}]
+        batch = await ok(client, "memory_store_batch", memories=drafts)
+        assert [m["namespace"] for m in batch["memories"]] == ["agent-a", "team"]
+        listed = (await ok(client, "memory_list"))["memories"]
+        assert {m["namespace"] for m in listed} == {"agent-a", "team"}
+        # A well-formed name the policy does not let this agent write: the guardian's denial, as a tool error.
+        text = await error_text(client, "memory_store", content="x", namespace="news")
+        assert text == "permission_denied: the policy does not allow this agent to write to namespace news"
+    async with fake_guardian() as guardian, mcp_client(guardian, token=OTHER_TOKEN) as client:
+        assert (await ok(client, "memory_search", query="standup"))["hits"] == []
+
+
+BAD_NAMESPACES = ["", "-team", ".hidden", "../etc", "team/x", "has space", "t\nx", "ns\u00e9", "a" * 65]
+
+
+@pytest.mark.parametrize("namespace", BAD_NAMESPACES)
+async def test_a_malformed_namespace_is_refused_by_the_schema_before_anything_is_sent(namespace: str) -> None:
+    async with fake_guardian() as guardian, mcp_client(guardian) as client:
+        calls: list[tuple[str, dict[str, Any]]] = [
+            ("memory_store", {"content": "x", "namespace": namespace}),
+            ("memory_store_batch", {"memories": [{"content": "ok"}, {"content": "x", "namespace": namespace}]}),
+        ]
+        for tool, arguments in calls:
+            result = await client.call_tool(tool, arguments)
+            assert result.is_error and result.structured_content is None
+            assert "namespace" in " ".join(getattr(block, "text", "") for block in result.content)
+    assert guardian.fake.calls["Store"] + guardian.fake.calls["StoreBatch"] == 0
+    assert not guardian.fake.memories
+
+
+async def test_a_quarantined_write_is_a_success_whose_note_says_it_is_held() -> None:
+    async with fake_guardian() as guardian, mcp_client(guardian) as client:
+        result = await client.call_tool("memory_store", {"content": f"{QUARANTINE_TRIGGER} notes"})
+        assert not result.is_error and result.structured_content is not None
+        held = result.structured_content
+        assert held["memory"]["status"] == "quarantined"
+        assert "held for security review" in held["note"] and "memory_search" in held["note"]
+        # The note is also a text block of its own, after the JSON one.
+        texts = [getattr(block, "text", "") for block in result.content]
+        assert len(texts) == 2 and '"status":"quarantined"' in texts[0] and texts[1] == held["note"]
+
+        assert (await error_text(client, "memory_get", id=held["memory"]["id"])).startswith("not_found")
+        assert (await ok(client, "memory_search", query="notes"))["hits"] == []
+
+        batch = await ok(client, "memory_store_batch", memories=[{"content": "fine"}, {"content": QUARANTINE_TRIGGER}])
+        assert [m["status"] for m in batch["memories"]] == ["active", "quarantined"]
+        assert batch["note"].startswith(f"1 of 2 memories ({batch['memories'][1]['id']}) were saved but are held")
+
+        fine = batch["memories"][0]["id"]
+        updated = await ok(client, "memory_update", id=fine, content=f"edited {QUARANTINE_TRIGGER}")
+        assert updated["memory"]["status"] == "quarantined" and "held for security review" in updated["note"]
+
+        plain = await client.call_tool("memory_store", {"content": "nothing odd"})
+        assert plain.structured_content is not None and plain.structured_content["note"] is None
+        assert len(plain.content) == 1
+
+
+def _session(namespaces: tuple[str, ...], read_window_ms: int) -> SessionInfo:
+    limits = Limits(4096, 1024, 8, 32, 5, 50, 256, 6)
+    return SessionInfo("ses_x", namespaces[0], 0, 0, limits, namespaces, read_window_ms)
+
+
+@pytest.mark.parametrize(
+    ("window_ms", "text"),
+    [
+        (0, None),
+        (86_400_000, "older than 1 day are"),
+        (7 * 86_400_000, "older than 7 days are"),
+        (2 * 3_600_000, "older than 2 hours are"),
+        (90_000, "older than 90 seconds are"),
+        (1500, "older than 1500 ms are"),
+    ],
+)
+def test_descriptions_state_the_read_window(window_ms: int, text: str | None) -> None:
+    description = tool_descriptions(_session(("solo",), window_ms))["memory_list"]
+    assert "Namespaces you see: solo (yours)." in description
+    if text is None:
+        assert "older than" not in description
+    else:
+        assert text in description
+
+
+def test_descriptions_say_when_no_shared_namespace_is_granted() -> None:
+    alone = tool_descriptions(_session(("solo",), 0))["memory_store"]
+    assert "your policy grants no shared ones" in alone
+    shared = tool_descriptions(_session(("solo", "team"), 0))["memory_store"]
+    assert "unless you name a shared one your policy lets you write" in shared
 
 
 async def test_the_handshake_era_protocol_works_too() -> None:
