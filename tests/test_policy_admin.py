@@ -108,7 +108,12 @@ def test_validate_diff_apply_history_rollback(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("version: 1\nprofiles: {default: {operations: [store, fly]}}\n", "profiles.default.operations[1]"),
-        ("version: 1\nprofiles: {}\nfilters: [{name: x, pattern: '(', action: reject}]\n", "profiles"),
+        (
+            "version: 1\nprofiles: {default: {operations: [get]}}\nfilters: [{name: x, pattern: '(', action: flag}]\n",
+            "filters[0].pattern: not a valid regular expression",
+        ),
+        ("version: 1\nprofiles: {default: {operations: [get]}}\nlimits: {max_tags: lots}\n", "limits.max_tags"),
+        ("version: 1\nprofiles: {default: {operations: [get]}}\ncolour: blue\n", "colour: unknown key"),
         ("{not yaml", "not valid YAML"),
     ],
 )
