@@ -55,6 +55,7 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
+from shared.formats import RETRY_AFTER_METADATA_KEY
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
 
@@ -63,8 +64,6 @@ __all__ = ["DEFAULT_DEADLINE_S", "UNAVAILABLE_MESSAGE", "GuardianClient", "guard
 DEFAULT_DEADLINE_S: Final = 10.0
 UNAVAILABLE_MESSAGE: Final = "the memory guardian is unavailable; retry in a few seconds"
 
-#: Trailing metadata key of RESOURCE_EXHAUSTED: milliseconds until a retry may succeed.
-_RETRY_AFTER_KEY: Final = "retry-after-ms"
 _DEFAULT_RETRY_AFTER_MS: Final = 1000
 #: Status details are written by the guardian to be safe to show; this only bounds their size.
 _MAX_DETAILS_CHARS: Final = 500
@@ -89,7 +88,7 @@ def _retry_after_ms(exc: grpc.aio.AioRpcError) -> int:
     # grpc.aio returns a grpc.aio.Metadata of (key, value) pairs; grpc-stubs types it as sync grpc's.
     metadata = cast("Iterable[tuple[str, str | bytes]]", exc.trailing_metadata() or ())
     for key, value in metadata:
-        if key == _RETRY_AFTER_KEY:
+        if key == RETRY_AFTER_METADATA_KEY:
             text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
             if text.isdecimal():
                 return int(text)

@@ -85,10 +85,7 @@ class AdminHandlers:
         def work(connection: Connection) -> pb.PolicyInfo:
             policy = self._core.policy
             call.object_id = policy.version
-            entry = next(
-                (e for e in policy_history.entries(connection, 200) if e.version == policy.version),
-                None,
-            )
+            entry = policy_history.newest_of(connection, policy.version)
             return pb.PolicyInfo(
                 version=policy.version,
                 text=policy.text,

@@ -179,7 +179,12 @@ class AgentHandlers:
         def work(connection: Connection) -> pb.UpdateResponse:
             [changes] = call.drafts
             memory = self._core.memories.update(
-                connection, call.required_scope, memory_id, changes, changed=frozenset(changed), now_ms=call.now_ms
+                connection,
+                call.required_scope,
+                memory_id,
+                changes,
+                changed=call.changed or frozenset(),
+                now_ms=call.now_ms,
             )
             return pb.UpdateResponse(memory=memory_message(memory))
 

@@ -15,7 +15,7 @@ import time
 from guardian import audit, policy_history
 from guardian.agents import AgentRegistry
 from guardian.alerts import WebhookAlerter
-from guardian.anomaly import AnomalyMonitor
+from guardian.anomaly import AnomalyEvent, AnomalyMonitor
 from guardian.config import GuardianConfig
 from guardian.database import Connection, Database
 from guardian.keys import Keys, load_keys
@@ -83,7 +83,7 @@ class GuardianCore:
             last_from_file = policy_history.latest(connection, "file")
             newest = policy_history.latest(connection)
             if last_from_file is None or last_from_file.version != file_policy.version or newest is None:
-                self._record_policy(connection, file_policy, FILE_APPLIER, "file", "policy.load")
+                self._record_file_policy(connection, file_policy, file_policy, "policy.load")
                 return file_policy
         if newest.version == file_policy.version:
             return file_policy
@@ -95,7 +95,7 @@ class GuardianCore:
                 extra={"event": "policy_history_invalid", "error": error.message},
             )
             with self.database.write() as connection:
-                self._record_policy(connection, file_policy, FILE_APPLIER, "file", "policy.load")
+                self._record_file_policy(connection, file_policy, file_policy, "policy.load")
             return file_policy
         security_log.info(
             "starting with the newest applied policy (the file is unchanged since it was last loaded)",
@@ -103,30 +103,34 @@ class GuardianCore:
         )
         return policy
 
-    def _record_policy(
-        self, connection: Connection, policy: Policy, applied_by: str, source: policy_history.Source, operation: str
-    ) -> None:
+    @staticmethod
+    def _record_file_policy(connection: Connection, policy: Policy, deciding: Policy, operation: str) -> None:
+        """Record that the policy file put policy in force; deciding: the policy running (itself at start)."""
         at = now_ms()
         policy_history.append(
-            connection, version=policy.version, text=policy.text, applied_at_ms=at, applied_by=applied_by, source=source
+            connection,
+            version=policy.version,
+            text=policy.text,
+            applied_at_ms=at,
+            applied_by=FILE_APPLIER,
+            source="file",
         )
         audit.append(
             connection,
             audit.AuditRecord(
                 ts_ms=at,
-                agent=applied_by,
+                agent=FILE_APPLIER,
                 session="",
                 operation=operation,
                 object_id=policy.version,
                 decision="allow",
-                reason=f"ok: policy in force ({source})",
-                # At start no policy runs yet: the loaded one decides its own row.
-                policy_version=getattr(self, "_policy", policy).version,
+                reason="ok: policy in force (file)",
+                policy_version=deciding.version,
             ),
         )
         security_log.info(
             "policy in force",
-            extra={"event": "policy_applied", "policy_version": policy.version, "by": applied_by, "source": source},
+            extra={"event": "policy_applied", "policy_version": policy.version, "by": FILE_APPLIER, "source": "file"},
         )
 
     def swap_policy(self, policy: Policy) -> None:
@@ -164,7 +168,7 @@ class GuardianCore:
                 )
             return None
         with self.database.write() as connection:
-            self._record_policy(connection, policy, FILE_APPLIER, "file", "policy.reload")
+            self._record_file_policy(connection, policy, self._policy, "policy.reload")
         self.swap_policy(policy)
         return policy
 
@@ -180,10 +184,10 @@ class GuardianCore:
         if current is not None:
             current.close(timeout_s=1.0)
 
-    def _alert(self, event: object) -> None:
+    def _alert(self, event: AnomalyEvent) -> None:
         alerter = self._alerter
         if alerter is not None:
-            alerter(event)  # type: ignore[arg-type]
+            alerter(event)
 
     def close(self) -> None:
         """Stop the alerter and close the database."""

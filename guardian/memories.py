@@ -96,7 +96,8 @@ class Scope:
             raise InvalidArgument("a scope needs between 1 and 64 namespaces")
 
     @property
-    def _in(self) -> str:
+    def placeholders(self) -> str:
+        """One SQL parameter placeholder per namespace, for ``namespace IN (...)``."""
         return ", ".join("?" for _ in self.namespaces)
 
 
@@ -171,7 +172,7 @@ class MemoryStore:
     def get(self, connection: Connection, scope: Scope, memory_id: str) -> StoredMemory:
         """The memory with this id if scope may see it; NotFound otherwise, DataLoss if it fails verification."""
         row = connection.execute(
-            f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND namespace IN ({scope._in})"  # noqa: S608
+            f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND namespace IN ({scope.placeholders})"  # noqa: S608
             " AND status = 'active' AND created_at_ms >= ?",
             (memory_id, *scope.namespaces, scope.not_before_ms),
         ).fetchone()
@@ -184,7 +185,7 @@ class MemoryStore:
         rows = connection.execute(
             f"SELECT {_M_COLUMNS}, bm25(memories_fts) AS rank"  # noqa: S608 - constant columns and placeholders
             " FROM memories_fts JOIN memories AS m ON m.rowid = memories_fts.rowid"
-            f" WHERE memories_fts MATCH ? AND m.namespace IN ({scope._in})"
+            f" WHERE memories_fts MATCH ? AND m.namespace IN ({scope.placeholders})"
             " AND m.status = 'active' AND m.created_at_ms >= ? ORDER BY rank LIMIT ?",
             (fts_query(query), *scope.namespaces, scope.not_before_ms, limit),
         ).fetchall()
@@ -196,7 +197,7 @@ class MemoryStore:
         """One page of memories in scope, newest first, and the cursor of the next page ('' at the end)."""
         before_ms, before_rowid = self._open_cursor(scope.agent, cursor) if cursor else (2**62, 2**62)
         rows = connection.execute(
-            f"SELECT {_COLUMNS} FROM memories WHERE namespace IN ({scope._in})"  # noqa: S608
+            f"SELECT {_COLUMNS} FROM memories WHERE namespace IN ({scope.placeholders})"  # noqa: S608
             " AND status = 'active' AND created_at_ms >= ?"
             " AND (created_at_ms < ? OR (created_at_ms = ? AND rowid < ?))"
             " ORDER BY created_at_ms DESC, rowid DESC LIMIT ?",

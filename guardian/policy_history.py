@@ -18,7 +18,7 @@ from typing import Final, Literal
 from guardian.database import Connection
 from shared.errors import InvalidArgument, NotFound
 
-__all__ = ["PolicyEntry", "Source", "append", "entries", "find", "latest"]
+__all__ = ["PolicyEntry", "Source", "append", "entries", "find", "latest", "newest_of"]
 
 Source = Literal["file", "apply", "rollback"]
 _COLUMNS: Final = "seq, version, text, applied_at_ms, applied_by, source"
@@ -57,6 +57,15 @@ def latest(connection: Connection, source: Source | None = None) -> PolicyEntry 
             f"SELECT {_COLUMNS} FROM policy_history WHERE source = ? ORDER BY seq DESC LIMIT 1",  # noqa: S608
             (source,),
         ).fetchone()
+    return PolicyEntry(*row) if row else None
+
+
+def newest_of(connection: Connection, version: str) -> PolicyEntry | None:
+    """The newest entry that put exactly this version in force."""
+    row = connection.execute(
+        f"SELECT {_COLUMNS} FROM policy_history WHERE version = ? ORDER BY seq DESC LIMIT 1",  # noqa: S608
+        (version,),
+    ).fetchone()
     return PolicyEntry(*row) if row else None
 
 

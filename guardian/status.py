@@ -24,11 +24,9 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
+from shared.formats import RETRY_AFTER_METADATA_KEY
 
-__all__ = ["RETRY_AFTER_KEY", "STATUS_OF", "abort_with"]
-
-#: Trailing-metadata key carrying a RateLimited's retry_after_ms (decimal).
-RETRY_AFTER_KEY: Final = "retry-after-ms"
+__all__ = ["STATUS_OF", "abort_with"]
 
 STATUS_OF: Final[dict[type[GuardianError], grpc.StatusCode]] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,5 +48,5 @@ def abort_with(context: grpc.ServicerContext, error: GuardianError) -> NoReturn:
     if code is grpc.StatusCode.INTERNAL:
         context.abort(code, "internal error")
     if isinstance(error, RateLimited):
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(error.retry_after_ms)),))
+        context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(error.retry_after_ms)),))
     context.abort(code, error.message)

@@ -13,6 +13,7 @@ __all__ = [
     "AGENT_NAME_RE",
     "MEMORY_ID_RE",
     "OPERATOR_METADATA_KEY",
+    "RETRY_AFTER_METADATA_KEY",
     "SESSION_ID_RE",
     "TOKEN_RE",
     "is_agent_token",
@@ -29,6 +30,9 @@ AGENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 #: gRPC metadata key in which guardianctl names the operator running it (claimed, not proven).
 OPERATOR_METADATA_KEY: Final = "x-guardian-operator"
+
+#: Trailing-metadata key of RESOURCE_EXHAUSTED: milliseconds until a retry may succeed (decimal).
+RETRY_AFTER_METADATA_KEY: Final = "retry-after-ms"
 
 
 def is_agent_token(value: str) -> bool:
