@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     try:
         config = load_config(args.config)
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, log_file=config.log_file, security_file=config.security_log_file)
         core = GuardianCore.open(config)
     except ConfigError as error:
         log.error("cannot start: %s", error.message, extra={"event": "start_failed"})

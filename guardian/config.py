@@ -13,6 +13,7 @@ from pathlib import Path
 
 from guardian.yamlfile import Section, load_yaml_mapping
 from shared.errors import ConfigError
+from shared.ops_http import parse_listen
 
 __all__ = ["GuardianConfig", "SocketConfig", "load_config", "render_default_config"]
 
@@ -43,6 +44,14 @@ class GuardianConfig:
     agent_socket: SocketConfig
     admin_socket: SocketConfig
     log_level: str
+    #: Where the main log goes; None: stderr (journald under systemd).
+    log_file: Path | None
+    #: Where the security log goes; None: stderr, alongside the main log.
+    security_log_file: Path | None
+    #: Loopback HOST:PORT for /healthz, /readyz and /metrics; None: not served.
+    ops_listen: tuple[str, int] | None
+    #: How often the audit chain's head is published to the security log.
+    audit_head_interval_ms: int
     shutdown_grace_s: float
     #: How often the housekeeping thread runs (retention purges, forgetting idle state).
     housekeeping_interval_ms: int
@@ -79,7 +88,18 @@ def load_config(path: Path) -> GuardianConfig:
     log_level = logging.text("level", "info").lower()
     if log_level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"logging.level: expected debug, info, warning or error, got {log_level!r}")
+    log_file = _optional_path(base, logging, "file")
+    security_log_file = _optional_path(base, logging, "security_file")
     logging.done()
+    ops = top.section("ops")
+    ops_text = ops.text("listen", "")
+    ops_listen = parse_listen(ops_text, "ops.listen") if ops_text else None
+    ops.done()
+    audit = top.section("audit")
+    audit_head_interval_ms = audit.duration_ms("head_interval", "60s")
+    if audit_head_interval_ms < 1000:
+        raise ConfigError("audit.head_interval: must be at least 1s")
+    audit.done()
     shutdown_grace_s = top.integer("shutdown_grace_seconds", 10, minimum=0, maximum=600)
     housekeeping_interval_ms = top.duration_ms("housekeeping_interval", "5s")
     top.done()
@@ -94,6 +114,10 @@ def load_config(path: Path) -> GuardianConfig:
         agent_socket=agent_socket,
         admin_socket=admin_socket,
         log_level=log_level,
+        log_file=log_file,
+        security_log_file=security_log_file,
+        ops_listen=ops_listen,
+        audit_head_interval_ms=audit_head_interval_ms,
         shutdown_grace_s=float(shutdown_grace_s),
         housekeeping_interval_ms=housekeeping_interval_ms,
     )
@@ -122,9 +146,23 @@ sockets:
   mode: "0660"
 logging:
   level: info
+  # Omitted: both logs go to stderr (the journal under systemd). Set to write
+  # JSON lines to files instead; systemd/logrotate.conf rotates them safely.
+  # file: /var/log/agent-guardian/guardian.log
+  # security_file: /var/log/agent-guardian/security.log
+ops:
+  # /healthz, /readyz and Prometheus /metrics; loopback only; "" turns it off.
+  listen: "127.0.0.1:9464"
+audit:
+  head_interval: 60s          # how often the audit chain head goes to the security log
 shutdown_grace_seconds: 10
 housekeeping_interval: 5s     # retention purges and forgetting idle sessions and rate-limit state
 """
+
+
+def _optional_path(base: Path, section: Section, key: str) -> Path | None:
+    value = section.text(key, "")
+    return _resolve(base, value) if value else None
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -1,20 +1,37 @@
 """Structured logging: one JSON object per line, for both processes.
 
 Two loggers matter: ``agent_guardian`` (the main log) and
-``agent_guardian.security`` (denials, integrity failures, admin actions).
-Only fields named in a record's ``extra`` are added, so a log line holds
-what the code chose to put there: never memory content, a token or a key.
+``agent_guardian.security`` (denials, anomalies, integrity failures, policy
+changes, audit chain heads, admin actions). Only fields named in a record's
+``extra`` are added, so a log line holds what the code chose to put there:
+never memory content, a token or a key.
+
+By default every line goes to stderr (the journal under systemd). Given
+files, the main log and the security log each go to their own file, opened
+in append mode and reopened when the path no longer names the open file, so
+``logrotate`` (rename, then create) loses no line: a line written between the
+rename and the reopen lands in the rotated file, which ``delaycompress``
+leaves uncompressed until the next rotation.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import logging.handlers
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Final, TextIO
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["SECURITY_LOGGER", "JsonFormatter", "configure_logging"]
+
+#: The security log's logger name.
+SECURITY_LOGGER: Final = "agent_guardian.security"
+#: A new log file's mode: the owner writes, its group (the security team) reads.
+_LOG_FILE_MODE: Final = 0o640
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _STANDARD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -42,12 +59,49 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def configure_logging(level: str, stream: TextIO | None = None) -> None:
-    """Send every log record, as JSON lines, to stream (stderr by default)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """A JSON-lines file reopened after rotation; a file it creates is 0640, whatever the umask."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), encoding="utf-8")
+
+    def _open(self) -> io.TextIOWrapper:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.baseFilename, flags | os.O_CREAT | os.O_EXCL, _LOG_FILE_MODE)
+            os.fchmod(fd, _LOG_FILE_MODE)
+        except FileExistsError:
+            fd = os.open(self.baseFilename, flags)
+        return io.TextIOWrapper(io.FileIO(fd, "a"), encoding="utf-8", write_through=True)
+
+
+def configure_logging(
+    level: str,
+    stream: TextIO | None = None,
+    *,
+    log_file: Path | None = None,
+    security_file: Path | None = None,
+) -> None:
+    """Send every log record as a JSON line to log_file, or to stream (stderr by default).
+
+    With security_file, the security log goes there alone; without it, it goes
+    wherever the main log goes.
+    """
+    formatter = JsonFormatter()
+    handler: logging.Handler = _LogFile(log_file) if log_file else logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
+        existing.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
+    security = logging.getLogger(SECURITY_LOGGER)
+    for existing in list(security.handlers):
+        security.removeHandler(existing)
+        existing.close()
+    security.propagate = security_file is None
+    if security_file is not None:
+        security_handler = _LogFile(security_file)
+        security_handler.setFormatter(formatter)
+        security.addHandler(security_handler)
