@@ -7,10 +7,12 @@ with the caller recorded as the admin socket.
 from __future__ import annotations
 
 import difflib
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from guardian import policy_history
+from guardian import audit, policy_history
 from guardian.core import GuardianCore
 from guardian.database import Connection
 from guardian.memories import StoredMemory
@@ -21,6 +23,11 @@ from shared.errors import ConfigError, InvalidArgument
 from shared.rpc.guardian.v1 import admin_pb2 as pb
 
 __all__ = ["AdminHandlers"]
+
+security_log = logging.getLogger("agent_guardian.security")
+
+_MAX_AUDIT_WAIT_MS = 10_000
+_AUDIT_POLL_S = 0.1
 
 Work = Callable[[Connection], Any]
 
@@ -204,6 +211,72 @@ class AdminHandlers:
         def work(connection: Connection) -> pb.QuarantineActionResponse:
             self._core.memories.purge_held(connection, held_id)
             return pb.QuarantineActionResponse(id=held_id)
+
+        return work
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def QueryAudit(self, call: Call, request: pb.AuditQuery) -> Work:
+        query = audit.AuditQuery(
+            agent=request.agent,
+            operation=request.operation,
+            decision=request.decision,
+            since_ms=request.since_ms,
+            until_ms=request.until_ms,
+            after_seq=request.after_seq,
+            limit=request.limit or 100,
+            newest_first=request.newest_first,
+            exclude_audit_reads=request.exclude_audit_reads,
+        )
+        if request.wait_ms > _MAX_AUDIT_WAIT_MS:
+            raise InvalidArgument(f"wait_ms must be at most {_MAX_AUDIT_WAIT_MS}")
+        # Read on this thread's reader before the audit row's transaction, so a long read
+        # (or a wait for new rows) never holds the writer.
+        reader = self._core.database.reader()
+        deadline = time.monotonic() + request.wait_ms / 1000
+        rows = audit.query(reader, query)
+        while not rows and time.monotonic() < deadline:
+            time.sleep(_AUDIT_POLL_S)
+            rows = audit.query(reader, query)
+        head = audit.read_head(reader)
+        call.object_id = f"{len(rows)} rows"
+
+        def work(_: Connection) -> pb.AuditRows:
+            return pb.AuditRows(rows=[pb.AuditRow(**row.to_json()) for row in rows], head_seq=head.seq if head else 0)
+
+        return work
+
+    def VerifyAudit(self, call: Call, request: pb.VerifyAuditRequest) -> Work:
+        published = [audit.ChainHead(head.seq, head.mac) for head in request.published_heads]
+        own = self._core.audit_head_file.read()
+        if own is not None:
+            published.append(own)
+        with self._core.database.snapshot() as reader:
+            report = self._core.audit.verify(reader, published)
+        head = report.head
+        if report.intact:
+            call.object_id = f"intact: {report.rows_checked} rows"
+        else:
+            call.object_id = f"broken at row {report.first_bad_seq}"
+            security_log.error(
+                "the audit chain does not verify",
+                extra={
+                    "event": "audit_verify_failed",
+                    "first_bad_seq": report.first_bad_seq,
+                    "problem": report.problem,
+                },
+            )
+        last = report.last_published
+
+        def work(_: Connection) -> pb.VerifyAuditResponse:
+            return pb.VerifyAuditResponse(
+                intact=report.intact,
+                rows_checked=report.rows_checked,
+                head=pb.ChainHead(seq=head.seq, mac=head.mac) if head else None,
+                first_bad_seq=report.first_bad_seq,
+                problem=report.problem,
+                last_published=pb.ChainHead(seq=last.seq, mac=last.mac) if last else None,
+            )
 
         return work
 

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -23,11 +24,15 @@ from guardian.maintenance import Maintenance
 from guardian.server import GuardianServer
 from shared.errors import ConfigError
 from shared.jsonlog import configure_logging
+from shared.ops_http import OpsServer
 
 __all__ = ["main"]
 
 log = logging.getLogger("agent_guardian")
 security_log = logging.getLogger("agent_guardian.security")
+
+#: How often the gRPC health service is brought in line with the readiness checks.
+_HEALTH_CHECK_INTERVAL_S = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, type=Path, help="path to config.yaml (see guardianctl init)")
     return parser
+
+
+def _start_ops(listen: tuple[str, int] | None, core: GuardianCore) -> OpsServer | None:
+    """Serve /healthz, /readyz and /metrics if configured; None if not configured or it cannot bind."""
+    if listen is None:
+        return None
+    try:
+        ops = OpsServer(listen[0], listen[1], core.readiness, core.metrics.registry)
+    except ConfigError as error:
+        log.error("cannot start: %s", error.message, extra={"event": "start_failed"})
+        return None
+    ops.start()
+    log.info("ops endpoint listening", extra={"event": "ops_listening", "host": listen[0], "port": ops.port})
+    return ops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,14 +95,26 @@ def main(argv: list[str] | None = None) -> int:
         server.stop(0)
         core.close()
         return 2
-    housekeeping = Maintenance(core, config.housekeeping_interval_ms / 1000)
+    ops = _start_ops(config.ops_listen, core)
+    if ops is None and config.ops_listen is not None:
+        server.stop(0)
+        core.close()
+        return 2
+    housekeeping = Maintenance(core, config.housekeeping_interval_ms / 1000, config.audit_head_interval_ms / 1000)
     housekeeping.start()
+    next_health_check = 0.0
     while not stop.wait(0.2):
         if reload.is_set():
             reload.clear()
             core.reload_policy_file()
+        if time.monotonic() >= next_health_check:
+            next_health_check = time.monotonic() + _HEALTH_CHECK_INTERVAL_S
+            server.set_serving(core.readiness().ready)
     server.stop(config.shutdown_grace_s)
     housekeeping.stop()
+    core.publish_audit_head("shutdown")
+    if ops is not None:
+        ops.stop()
     core.close()
     log.info("stopped", extra={"event": "stopped"})
     return 0

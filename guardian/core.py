@@ -16,14 +16,17 @@ from guardian import audit, policy_history
 from guardian.agents import AgentRegistry
 from guardian.alerts import WebhookAlerter
 from guardian.anomaly import AnomalyEvent, AnomalyMonitor
+from guardian.audit import AuditTrail, HeadFile
 from guardian.config import GuardianConfig
 from guardian.database import Connection, Database
 from guardian.keys import Keys, load_keys
 from guardian.memories import MemoryStore
+from guardian.metrics import GuardianMetrics, StateReading
 from guardian.policy import Policy, compile_policy, load_policy
 from guardian.ratelimit import RateLimiter
 from guardian.sessions import SessionTable
 from shared.errors import ConfigError
+from shared.ops_http import Readiness
 
 __all__ = ["GuardianCore", "now_ms", "session_ref"]
 
@@ -50,6 +53,10 @@ class GuardianCore:
     def __init__(self, config: GuardianConfig, keys: Keys, database: Database) -> None:
         self.config = config
         self.database = database
+        self.metrics = GuardianMetrics()
+        self.audit = AuditTrail(keys.audit, on_failure=self.metrics.audit_failures.inc)
+        self.audit_head_file = HeadFile(config.state_dir / "audit-head.json")
+        self._open_audit_chain()
         self.memories = MemoryStore(keys.memory)
         self.agents = AgentRegistry(keys.token)
         self.sessions = SessionTable()
@@ -59,6 +66,7 @@ class GuardianCore:
         self._policy_lock = threading.Lock()
         self._policy = self._startup_policy()
         self._configure_alerts(self._policy)
+        self.metrics.watch_state(self._state_reading)
 
     @classmethod
     def open(cls, config: GuardianConfig) -> GuardianCore:
@@ -70,6 +78,51 @@ class GuardianCore:
         except BaseException:
             database.close()
             raise
+
+    def _open_audit_chain(self) -> None:
+        """Chain rows from before the chain existed, then check the last published head is still there."""
+        with self.database.write() as connection:
+            adopted = self.audit.adopt_unchained_rows(connection)
+        if adopted:
+            log.info("audit rows moved into the chain", extra={"event": "audit_rows_chained", "rows": adopted})
+        published = self.audit_head_file.read()
+        if published is None:
+            return
+        row = self.database.reader().execute("SELECT mac FROM audit WHERE seq = ?", (published.seq,)).fetchone()
+        if row is None or row[0] != published.mac:
+            security_log.error(
+                "the audit chain no longer holds its last published head: rows were truncated, rolled back"
+                " or rewritten; run guardianctl audit verify",
+                extra={"event": "audit_head_mismatch", "published_seq": published.seq},
+            )
+
+    def _state_reading(self) -> StateReading:
+        head = audit.read_head(self.database.reader())
+        return StateReading(
+            sessions_open=self.sessions.count_all(now_ms()),
+            database_size_bytes=self.database.size_bytes(),
+            audit_chain_rows=head.seq if head else 0,
+            policy_version=self._policy.version,
+        )
+
+    def readiness(self) -> Readiness:
+        """Whether the guardian can serve: the database open and writable, the audit trail, a policy."""
+        database = self.database.probe_write()
+        if database == "ok" and self.audit.last_append_failed:
+            audit_state = "the last audit row could not be written; requests fail closed until one is"
+        else:
+            audit_state = "ok" if database == "ok" else "cannot be written while the database cannot"
+        return Readiness(
+            {
+                "database": database,
+                "audit": audit_state,
+                "policy": "ok" if self._policy.version else "no policy loaded",
+            }
+        )
+
+    def publish_audit_head(self, reason: str) -> None:
+        """Publish the committed chain head to the security log and the head file."""
+        audit.publish_head(self.database.reader(), self.audit_head_file, reason)
 
     @property
     def policy(self) -> Policy:
@@ -103,8 +156,7 @@ class GuardianCore:
         )
         return policy
 
-    @staticmethod
-    def _record_file_policy(connection: Connection, policy: Policy, deciding: Policy, operation: str) -> None:
+    def _record_file_policy(self, connection: Connection, policy: Policy, deciding: Policy, operation: str) -> None:
         """Record that the policy file put policy in force; deciding: the policy running (itself at start)."""
         at = now_ms()
         policy_history.append(
@@ -115,7 +167,7 @@ class GuardianCore:
             applied_by=FILE_APPLIER,
             source="file",
         )
-        audit.append(
+        self.audit.append(
             connection,
             audit.AuditRecord(
                 ts_ms=at,
@@ -153,7 +205,7 @@ class GuardianCore:
                 extra={"event": "policy_reload_failed", "error": error.message},
             )
             with self.database.write() as connection:
-                audit.append(
+                self.audit.append(
                     connection,
                     audit.AuditRecord(
                         ts_ms=now_ms(),

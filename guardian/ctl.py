@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from guardian.config import load_config
+from guardian.ctl_audit import add_audit_commands
 from guardian.statedir import init_state_dir
 from shared.errors import ConfigError
 from shared.formats import OPERATOR_METADATA_KEY
@@ -289,7 +290,7 @@ def cmd_quarantine_purge(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guardianctl",
-        description="Administer an agent-guardian: its state dir, agents, policy and quarantine.",
+        description="Administer an agent-guardian: its state dir, agents, policy, quarantine and audit trail.",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -352,6 +353,7 @@ def _parser() -> argparse.ArgumentParser:
         sub = quarantine_commands.add_parser(name, help=text)
         sub.add_argument("id", help="a memory id from `quarantine list`")
         sub.set_defaults(func=func)
+    add_audit_commands(commands, _call)
     return parser
 
 
@@ -366,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except grpc.RpcError as error:
         return _report_rpc_error(error)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, like other CLI tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _report_rpc_error(error: Any) -> int:

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -27,6 +27,8 @@ from shared.errors import ConfigError, InternalError
 __all__ = ["SCHEMA_VERSION", "Connection", "Database"]
 
 _HEX_KEY_RE: Final = re.compile(r"[0-9a-f]{64}")
+#: Below this much free space the guardian reports itself not ready (writes would soon fail).
+_MIN_FREE_BYTES: Final = 1024 * 1024
 
 
 class Connection(Protocol):
@@ -120,6 +122,39 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX policy_history_by_version ON policy_history(version, seq);
     """,
+    # 3: the audit chain. Rows gain a keyed digest of the request, the audit key id and the
+    # chained mac (guardian/audit.py); seq is assigned by the chain, not AUTOINCREMENT. Rows
+    # written before are moved into the chain, oldest first, when the guardian next starts
+    # with its keys (audit.adopt_unchained_rows), then audit_unchained is dropped.
+    """
+    DROP TRIGGER audit_no_update;
+    DROP TRIGGER audit_no_delete;
+    DROP INDEX audit_by_agent;
+    ALTER TABLE audit RENAME TO audit_unchained;
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        agent TEXT NOT NULL,
+        session TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        object_id TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        policy_version TEXT NOT NULL,
+        args_digest TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        mac TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_agent ON audit(agent, seq);
+    CREATE INDEX audit_by_operation ON audit(operation, seq);
+    CREATE INDEX audit_by_time ON audit(ts_ms);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN
+        SELECT RAISE(ABORT, 'audit rows are append-only');
+    END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN
+        SELECT RAISE(ABORT, 'audit rows are append-only');
+    END;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -166,6 +201,8 @@ class Database:
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._probe: Any = None
+        self._probe_lock = threading.Lock()
         self._migrate()
 
     @property
@@ -214,6 +251,46 @@ class Database:
                 self._readers.append(connection)
         return connection  # type: ignore[no-any-return]
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """This thread's reader inside one read transaction: every query sees the same committed state."""
+        connection = self.reader()
+        connection.execute("BEGIN")
+        try:
+            yield connection
+        finally:
+            connection.execute("COMMIT")
+
+    def probe_write(self, timeout_ms: int = 1000) -> str:
+        """Whether a write transaction can start now: "ok" or what stops it (for readiness).
+
+        Uses its own connection with a short busy timeout, so a stuck lock makes the
+        probe fail quickly instead of waiting as long as a request would.
+        """
+        with self._probe_lock:
+            if self._closed:
+                return "the database is closed"
+            try:
+                if self._probe is None:
+                    self._probe = _connect(self.path, self._key_hex)
+                self._probe.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+                self._probe.execute("BEGIN IMMEDIATE")
+                self._probe.execute("ROLLBACK")
+            except (sqlcipher3.Error, ConfigError) as exc:
+                return f"a write transaction cannot start: {_sqlite_reason(exc)}"
+        free = _free_bytes(self.path.parent)
+        if free < _MIN_FREE_BYTES:
+            return f"only {free} bytes free on the database's filesystem"
+        return "ok"
+
+    def size_bytes(self) -> int:
+        """The database file plus its write-ahead log, in bytes."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
     def integrity_check(self) -> str:
         """SQLite's integrity check: 'ok' or the first problems found."""
         rows = self.reader().execute("PRAGMA integrity_check").fetchall()
@@ -229,8 +306,22 @@ class Database:
                 for connection in self._readers:
                     connection.close()
                 self._readers.clear()
+            with self._probe_lock:
+                if self._probe is not None:
+                    self._probe.close()
+                    self._probe = None
             self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._writer.close()
+
+
+def _sqlite_reason(exc: Exception) -> str:
+    """SQLite's own words for a failure (e.g. "database is locked"), without paths."""
+    return exc.message if isinstance(exc, ConfigError) else str(exc).split(":")[0][:100]
+
+
+def _free_bytes(directory: Path) -> int:
+    info = os.statvfs(directory)
+    return info.f_bavail * info.f_frsize
 
 
 def _split_statements(script: str) -> list[str]:

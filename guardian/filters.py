@@ -90,7 +90,7 @@ import regex
 
 from guardian.integrity import canonical_json
 from guardian.memories import Draft
-from shared.errors import ConfigError, InvalidArgument, PermissionDenied
+from shared.errors import ConfigError, ContentRefused, InvalidArgument
 
 __all__ = [
     "DEFAULT_FILTERS_YAML",
@@ -217,7 +217,7 @@ class _Pass:
         self.count = 0
 
     def __call__(self, text: str) -> str:
-        """Text after this rule; raises PermissionDenied on a reject match or when the rule cannot run."""
+        """Text after this rule; raises ContentRefused on a reject match or when the rule cannot run."""
         rule = self.rule
         spec = rule.spec
         try:
@@ -238,9 +238,11 @@ class _Pass:
         except Exception as exc:  # fail closed: a rule that cannot run refuses the request (never BaseException)
             # The exception's type only: its text could quote the content.
             log.warning("content filter %s could not run on %s: %s", spec.name, self.field, type(exc).__name__)
-            raise PermissionDenied(f"content filter {spec.name} could not run; the request is refused") from None
+            raise ContentRefused(
+                f"content filter {spec.name} could not run; the request is refused", rule=spec.name
+            ) from None
         if count and spec.action == "reject":
-            raise PermissionDenied(f"content refused by filter {spec.name}: remove that part and try again")
+            raise ContentRefused(f"content refused by filter {spec.name}: remove that part and try again", spec.name)
         self.count += count
         return text
 
@@ -300,7 +302,7 @@ class FilterSet:
         distinct after redaction. Metadata is re-serialised canonically.
 
         Raises:
-            PermissionDenied: a reject rule matched (the message names the rule, never the
+            ContentRefused (a PermissionDenied): a reject rule matched (the message names the rule, never the
                 match), or a rule errored or ran out of time.
             InvalidArgument: the content is empty once normalised, or two metadata keys
                 become the same once normalised or redacted.

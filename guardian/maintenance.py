@@ -1,4 +1,8 @@
-"""The guardian's housekeeping thread: retention purges and forgetting idle state.
+"""The guardian's housekeeping thread: audit chain heads, retention purges, forgetting idle state.
+
+At the audit head interval it publishes the chain's head (sequence and mac) to
+the security log and the head file, so a truncated or rolled-back trail is
+detectable from outside the database.
 
 Every tick it forgets expired sessions, full rate-limit buckets and stale
 anomaly windows (so memory stays bounded), and, when the policy sets a
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Final
 
 from guardian import audit
@@ -30,9 +35,11 @@ _PURGE_BATCH: Final = 50  # ids of a batch fit the audit row's object_id
 class Maintenance:
     """Runs :meth:`tick` every interval on a daemon thread until stopped."""
 
-    def __init__(self, core: GuardianCore, interval_s: float = 5.0) -> None:
+    def __init__(self, core: GuardianCore, interval_s: float = 5.0, head_interval_s: float = 60.0) -> None:
         self._core = core
-        self._interval_s = interval_s
+        self._interval_s = min(interval_s, head_interval_s)
+        self._head_interval_s = head_interval_s
+        self._next_head = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="guardian-maintenance", daemon=True)
         self._last_purge_ms = 0
@@ -55,7 +62,10 @@ class Maintenance:
                 log.exception("housekeeping failed; will retry on the next tick")
 
     def tick(self) -> None:
-        """One round: forget idle state, then purge expired memories if due."""
+        """One round: publish the audit chain head if due, forget idle state, purge expired memories if due."""
+        if time.monotonic() >= self._next_head:
+            self._next_head = time.monotonic() + self._head_interval_s
+            self._core.publish_audit_head("interval")
         now = now_ms()
         self._core.sessions.sweep(now)
         self._core.rates.sweep()
@@ -79,7 +89,7 @@ class Maintenance:
                 ids = self._core.memories.purge_older_than(connection, cutoff, _PURGE_BATCH)
                 if not ids:
                     return total
-                audit.append(
+                self._core.audit.append(
                     connection,
                     audit.AuditRecord(
                         ts_ms=now,

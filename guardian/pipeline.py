@@ -20,6 +20,7 @@ A method missing from :data:`AGENT_RULES` or :data:`ADMIN_RULES` is never served
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, TypeVar
@@ -37,6 +38,7 @@ from guardian.sessions import Session
 from guardian.shape import check_known_fields
 from guardian.status import abort_with
 from shared.errors import (
+    ContentRefused,
     GuardianError,
     InternalError,
     InvalidArgument,
@@ -112,6 +114,8 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     "ShowQuarantined": Rule("admin.quarantine.show", None, needs_session=False),
     "ReleaseQuarantined": Rule("admin.quarantine.release", None, needs_session=False),
     "PurgeQuarantined": Rule("admin.quarantine.purge", None, needs_session=False),
+    "QueryAudit": Rule("admin.audit.query", None, needs_session=False),
+    "VerifyAudit": Rule("admin.audit.verify", None, needs_session=False),
 }
 
 #: What the audit trail names as the caller of an admin RPC (not a valid agent name).
@@ -130,8 +134,11 @@ def admin_caller(context: grpc.ServicerContext) -> str:
     return ADMIN_CALLER
 
 
+@dataclass(frozen=True)
 class Malformed:
     """Stands for a request whose bytes did not parse as its message type."""
+
+    data: bytes = field(repr=False)
 
 
 @dataclass
@@ -160,6 +167,8 @@ class Call:
     anomalies: list[AnomalyKind] = field(default_factory=list)
     #: Run after the transaction commits (e.g. swapping in a policy that was recorded).
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    #: The audit row's keyed digest of the request bytes.
+    args_digest: str = ""
 
     @property
     def required_session(self) -> Session:
@@ -200,12 +209,15 @@ class Pipeline:
         self, method: str, request: Message | Malformed, context: grpc.ServicerContext, handler: Handler[Any]
     ) -> Any:
         """Serve one request; every path writes one audit row."""
+        started = time.perf_counter()
         rule = self._rules[method]
         caller = admin_caller(context) if self._caller == ADMIN_CALLER else self._caller
         call = Call(method=method, rule=rule, policy=self._core.policy, now_ms=now_ms(), agent=caller)
         try:
             if isinstance(request, Malformed):
+                call.args_digest = self._core.audit.args_digest(request.data)
                 raise InvalidArgument("the request is malformed (e.g. text that is not valid UTF-8)")
+            call.args_digest = self._core.audit.args_digest(request.SerializeToString(deterministic=True))
             check_known_fields(request)
             self._session_stage(call, request)
             work = handler(call, request)  # the shape stage
@@ -214,17 +226,18 @@ class Pipeline:
             self._content_stage(call)
             with self._core.database.write() as connection:
                 response = work(connection)
-                audit.append(connection, self._record(call, "allow", self._allow_reason(call)))
+                self._core.audit.append(connection, self._record(call, "allow", self._allow_reason(call)))
             for hook in call.after_commit:
                 hook()
         except GuardianError as error:
             self._anomaly_stage(call, error)
-            self._deny(call, error, context)
+            self._deny(call, error, context, started)
         except Exception:
             log.exception("unexpected error serving %s", method)
-            self._deny(call, InternalError(), context)
+            self._deny(call, InternalError(), context, started)
         else:
             self._anomaly_stage(call, None)
+            self._observe(call, "allow", started)
             return response
 
     # -- the stages, in order ------------------------------------------------------------------
@@ -284,9 +297,12 @@ class Pipeline:
         for index, draft in enumerate(call.drafts):
             try:
                 outcome = filters.scan(draft, call.changed)
-            except PermissionDenied:
+            except ContentRefused as refused:
                 call.anomalies.append("filter_hits")
+                self._core.metrics.filter_hits.labels(refused.rule, "reject").inc()
                 raise
+            for hit in outcome.hits:
+                self._core.metrics.filter_hits.labels(hit.rule, hit.action).inc()
             rules = tuple(hit.rule for hit in outcome.hits)
             call.filter_hits += [f"{hit.action}:{hit.rule}" for hit in outcome.hits]
             filtered = call.drafts[index] = replace(
@@ -332,8 +348,9 @@ class Pipeline:
                     spec=call.policy.anomaly,
                 )
                 if event is not None:
+                    self._core.metrics.anomalies.labels(event.kind, event.response).inc()
                     with self._core.database.write() as connection:
-                        audit.append(
+                        self._core.audit.append(
                             connection,
                             replace(
                                 self._record(call, "alert", f"{event.kind}: {event.count} in {event.window_ms} ms"),
@@ -345,13 +362,18 @@ class Pipeline:
 
     # -- outcomes ---------------------------------------------------------------------------------
 
-    def refuse_unknown(self, method: str) -> None:
+    def refuse_unknown(self, method: str, request: bytes) -> None:
         """Record a call to a method this socket does not serve (the caller gets UNIMPLEMENTED)."""
         rule = Rule("rpc.unknown", None, needs_session=False)
         call = Call(method=method, rule=rule, policy=self._core.policy, now_ms=now_ms(), agent=self._caller)
         call.object_id = method[:200]
+        call.args_digest = self._core.audit.args_digest(request)
+        self._core.metrics.requests.labels(rule.audit_operation, "deny").inc()
+        self._core.metrics.denials.labels("unimplemented").inc()
         with self._core.database.write() as connection:
-            audit.append(connection, self._record(call, "deny", "unimplemented: no such method on this socket"))
+            self._core.audit.append(
+                connection, self._record(call, "deny", "unimplemented: no such method on this socket")
+            )
         security_log.warning(
             "call to a method this socket does not serve",
             extra={"event": "unknown_method", "method": method[:200]},
@@ -366,15 +388,21 @@ class Pipeline:
             dict.fromkeys(call.filter_hits)
         )
 
-    def _deny(self, call: Call, error: GuardianError, context: grpc.ServicerContext) -> None:
+    def _deny(self, call: Call, error: GuardianError, context: grpc.ServicerContext, started: float) -> None:
         decision: audit.Decision = "error" if isinstance(error, InternalError) else "deny"
         reason = f"{error.kind}: {error.message}"
+        metrics = self._core.metrics
+        metrics.denials.labels(error.kind).inc()
+        if isinstance(error, RateLimited):
+            metrics.rate_limited.labels(call.rule.rate or "none").inc()
         try:
             with self._core.database.write() as connection:
-                audit.append(connection, self._record(call, decision, reason))
+                self._core.audit.append(connection, self._record(call, decision, reason))
         except Exception:
             log.exception("could not write the audit row of a denied %s", call.method)
+            self._observe(call, "error", started)
             abort_with(context, InternalError())
+        self._observe(call, decision, started)
         security_log.info(
             "request denied",
             extra={
@@ -386,6 +414,23 @@ class Pipeline:
         )
         abort_with(context, error)
 
+    def _observe(self, call: Call, decision: audit.Decision, started: float) -> None:
+        """Count the outcome; an admin action also goes to the security log."""
+        operation = call.rule.audit_operation
+        self._core.metrics.requests.labels(operation, decision).inc()
+        self._core.metrics.latency.labels(operation).observe(time.perf_counter() - started)
+        if self._caller == ADMIN_CALLER:
+            security_log.info(
+                "admin action",
+                extra={
+                    "event": "admin_action",
+                    "operation": operation,
+                    "caller": call.agent,
+                    "object_id": call.object_id[:200],
+                    "decision": decision,
+                },
+            )
+
     def _record(self, call: Call, decision: audit.Decision, reason: str) -> audit.AuditRecord:
         return audit.AuditRecord(
             ts_ms=call.now_ms,
@@ -396,4 +441,5 @@ class Pipeline:
             decision=decision,
             reason=reason,
             policy_version=call.policy.version,
+            args_digest=call.args_digest,
         )

@@ -46,9 +46,9 @@ class _RefuseUnknown(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = str(handler_call_details.method)
 
-        def refuse(_request: bytes, context: grpc.ServicerContext) -> None:
+        def refuse(request: bytes, context: grpc.ServicerContext) -> None:
             try:
-                self._pipeline.refuse_unknown(method)
+                self._pipeline.refuse_unknown(method, request)
             except Exception:
                 log.exception("could not audit a call to an unknown method")
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
@@ -62,7 +62,7 @@ def _parser(message_class: type[Message]) -> Callable[[bytes], Message | Malform
         try:
             return message_class.FromString(data)
         except DecodeError:
-            return Malformed()
+            return Malformed(data)
 
     return parse
 
@@ -153,6 +153,13 @@ class GuardianServer:
                 "policy_version": self._core.policy.version,
             },
         )
+
+    def set_serving(self, serving: bool) -> None:
+        """Report both services (and the server as a whole) as SERVING or NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for _, service_name, _, _ in self._plan:
+            self._health.set(service_name, status)
+        self._health.set("", status)
 
     def stop(self, grace_s: float) -> None:
         """Stop accepting calls, let in-flight ones finish within grace_s, then stop."""

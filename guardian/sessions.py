@@ -60,7 +60,7 @@ class SessionTable:
             session = self._sessions.get(session_id)
             if session is None:
                 raise Unauthenticated("unknown session: open a new one with the agent token")
-            if now_ms >= session.expires_at_ms or now_ms - session.last_used_ms >= session.idle_timeout_ms:
+            if not _live(session, now_ms):
                 del self._sessions[session_id]
                 raise Unauthenticated("the session expired: open a new one with the agent token")
             session.last_used_ms = now_ms
@@ -82,11 +82,12 @@ class SessionTable:
     def count(self, agent: str, now_ms: int) -> int:
         """How many live sessions agent has."""
         with self._lock:
-            return sum(
-                1
-                for s in self._sessions.values()
-                if s.agent == agent and now_ms < s.expires_at_ms and now_ms - s.last_used_ms < s.idle_timeout_ms
-            )
+            return sum(1 for s in self._sessions.values() if s.agent == agent and _live(s, now_ms))
+
+    def count_all(self, now_ms: int) -> int:
+        """How many live sessions there are."""
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if _live(s, now_ms))
 
     def next_expiry_ms(self, agent: str, now_ms: int) -> int:
         """Milliseconds until the first of agent's live sessions ends if left unused (at least 1)."""
@@ -101,11 +102,11 @@ class SessionTable:
     def sweep(self, now_ms: int) -> int:
         """Forget expired sessions; how many."""
         with self._lock:
-            expired = [
-                sid
-                for sid, s in self._sessions.items()
-                if now_ms >= s.expires_at_ms or now_ms - s.last_used_ms >= s.idle_timeout_ms
-            ]
+            expired = [sid for sid, s in self._sessions.items() if not _live(s, now_ms)]
             for sid in expired:
                 del self._sessions[sid]
         return len(expired)
+
+
+def _live(session: Session, now_ms: int) -> bool:
+    return now_ms < session.expires_at_ms and now_ms - session.last_used_ms < session.idle_timeout_ms

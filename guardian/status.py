@@ -44,7 +44,8 @@ STATUS_OF: Final[dict[type[GuardianError], grpc.StatusCode]] = {
 
 def abort_with(context: grpc.ServicerContext, error: GuardianError) -> NoReturn:
     """End the call with the status that error maps to."""
-    code = STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
+    # The nearest class in the hierarchy decides (ContentRefused is a PermissionDenied).
+    code = next((STATUS_OF[kind] for kind in type(error).__mro__ if kind in STATUS_OF), grpc.StatusCode.INTERNAL)
     if code is grpc.StatusCode.INTERNAL:
         context.abort(code, "internal error")
     if isinstance(error, RateLimited):

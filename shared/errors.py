@@ -8,6 +8,7 @@ statuses back into them)::
     GuardianError                 message is safe to show an agent
     ├── InvalidArgument           INVALID_ARGUMENT     shape, size, format
     ├── PermissionDenied          PERMISSION_DENIED    policy or content filter
+    │   └── ContentRefused                             a filter rule (named) refused content
     ├── RateLimited               RESOURCE_EXHAUSTED   retry_after_ms says when
     ├── Unauthenticated           UNAUTHENTICATED      no, bad or expired session/token
     ├── NotFound                  NOT_FOUND
@@ -27,6 +28,7 @@ from typing import ClassVar
 
 __all__ = [
     "ConfigError",
+    "ContentRefused",
     "DataLoss",
     "FailedPrecondition",
     "GuardianError",
@@ -63,6 +65,14 @@ class PermissionDenied(GuardianError):
     """The policy or a content filter refuses the request."""
 
     kind = "permission_denied"
+
+
+class ContentRefused(PermissionDenied):
+    """A content filter rule refused the request (its rule id is safe to show; the match never is)."""
+
+    def __init__(self, message: str, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 class RateLimited(GuardianError):

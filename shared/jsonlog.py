@@ -32,6 +32,8 @@ __all__ = ["SECURITY_LOGGER", "JsonFormatter", "configure_logging"]
 SECURITY_LOGGER: Final = "agent_guardian.security"
 #: A new log file's mode: the owner writes, its group (the security team) reads.
 _LOG_FILE_MODE: Final = 0o640
+#: How long lines keep going to a renamed log file before the handler creates the path itself.
+_RECREATE_AFTER_S: Final = 1.0
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _STANDARD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -64,6 +66,27 @@ class _LogFile(logging.handlers.WatchedFileHandler):
 
     def __init__(self, path: Path) -> None:
         super().__init__(str(path), encoding="utf-8")
+        self._missing_since: float | None = None
+
+    def reopenIfNeeded(self) -> None:
+        """Reopen when the path names another file; wait up to a second for logrotate to create it.
+
+        Between logrotate's rename and its create the path is missing. Creating it first
+        would make logrotate move ours aside (NAME-YYYYMMDDHH.backup) and fail, so while
+        the open file still exists under its new name, lines keep going there briefly.
+        """
+        try:
+            os.stat(self.baseFilename)
+        except FileNotFoundError:
+            stream = self.stream
+            if stream is not None and os.fstat(stream.fileno()).st_nlink > 0:
+                now = time.monotonic()
+                if self._missing_since is None:
+                    self._missing_since = now
+                if now - self._missing_since < _RECREATE_AFTER_S:
+                    return
+        self._missing_since = None
+        super().reopenIfNeeded()
 
     def _open(self) -> io.TextIOWrapper:
         flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
@@ -74,8 +74,9 @@ def parse_listen(value: str, what: str) -> tuple[str, int]:
     return host, port
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(HTTPServer):
+    """One thread serves requests in turn: scrapes are rare and quick, and the checks
+    run on one long-lived thread (so per-thread resources, like a database reader, stay one)."""
 
     def __init__(
         self,
@@ -93,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "agent-guardian-ops"
     sys_version = ""
+    timeout = 5  # seconds a client may take to send its request; a stalled one does not hold the endpoint
 
     def do_GET(self) -> None:
         """Serve one of the three paths; anything else is 404."""

@@ -5,6 +5,7 @@ Everything is started by PID and stopped by PID; nothing is left running.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,10 +25,40 @@ import sqlcipher3
 import yaml
 
 from guardian.keys import load_keys
+from guardian.pipeline import ADMIN_RULES, AGENT_RULES
 from guardian.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+#: Outcomes after which the guardian may not have seen the call at all (or answered after the client gave up).
+_OUTCOME_UNKNOWN = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+
+
+class _CallRecorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Notes every call made through the harness's channels, with its outcome, for the audit cross-check."""
+
+    def __init__(self, socket_kind: str, calls: list[tuple[str, str, grpc.StatusCode]]) -> None:
+        self._socket_kind = socket_kind
+        self._calls = calls
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        self._calls.append((self._socket_kind, details.method, outcome.code()))
+        return outcome
+
+
+def expected_audit(socket_kind: str, method: str, code: grpc.StatusCode) -> tuple[str, str]:
+    """The (operation, decision) the audit trail must hold for one call and its outcome."""
+    service, _, name = method.strip("/").rpartition("/")
+    rules = {"agent": ("guardian.v1.AgentService", AGENT_RULES), "admin": ("guardian.v1.AdminService", ADMIN_RULES)}
+    served, table = rules[socket_kind]
+    operation = table[name].audit_operation if service == served and name in table else "rpc.unknown"
+    decision = "allow" if code == grpc.StatusCode.OK else "error" if code == grpc.StatusCode.INTERNAL else "deny"
+    return operation, decision
 
 
 @dataclass
@@ -36,6 +68,10 @@ class Guardian:
     state_dir: Path
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
+    #: Every call made through :meth:`channel`: (socket, method, status code).
+    calls: list[tuple[str, str, grpc.StatusCode]] = field(default_factory=list)
+    #: Whether stopping checks that every recorded call has its audit row (off for tests that tamper).
+    check_audit: bool = True
 
     def __post_init__(self) -> None:
         self.log_path = self.state_dir / "guardian-test.log"
@@ -75,6 +111,15 @@ class Guardian:
             time.sleep(0.05)
         raise RuntimeError("guardian did not start in time")
 
+    @property
+    def ops_url(self) -> str:
+        """Base URL of the guardian's /healthz, /readyz and /metrics (the port it logged it bound)."""
+        for line in reversed(self.log_path.read_text().splitlines()):
+            if '"ops_listening"' in line:
+                entry = json.loads(line)
+                return f"http://{entry['host']}:{entry['port']}"
+        raise RuntimeError("the guardian has not logged its ops endpoint")
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.process is not None
         if self.process.poll() is None:
@@ -85,20 +130,46 @@ class Guardian:
             self.process.kill()
             return self.process.wait()
 
+    def channel(self, socket_kind: str = "agent") -> grpc.Channel:
+        """A channel to the agent or admin socket whose calls are recorded for the audit cross-check."""
+        path = self.agent_socket if socket_kind == "agent" else self.admin_socket
+        return grpc.intercept_channel(grpc.insecure_channel(f"unix:{path}"), _CallRecorder(socket_kind, self.calls))
+
     def add_agent(self, name: str) -> str:
-        with grpc.insecure_channel(f"unix:{self.admin_socket}") as channel:
+        with self.channel("admin") as channel:
             return admin_pb2_grpc.AdminServiceStub(channel).AddAgent(admin_pb2.AddAgentRequest(name=name)).token
 
     def revoke_agent(self, name: str) -> int:
-        with grpc.insecure_channel(f"unix:{self.admin_socket}") as channel:
+        with self.channel("admin") as channel:
             stub = admin_pb2_grpc.AdminServiceStub(channel)
             return stub.RevokeAgent(admin_pb2.RevokeAgentRequest(name=name)).sessions_ended
 
     def admin(self, method: str, request: Any, operator: str = "") -> Any:
         """Call one AdminService method on the admin socket (optionally naming an operator)."""
         metadata = (("x-guardian-operator", operator),) if operator else None
-        with grpc.insecure_channel(f"unix:{self.admin_socket}") as channel:
+        with self.channel("admin") as channel:
             return getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request, timeout=15, metadata=metadata)
+
+    def unaudited_calls(self) -> list[str]:
+        """Recorded calls with no matching audit row (operation and decision), each row used once."""
+        rows = Counter((row["operation"], row["decision"]) for row in self.audit_rows())
+        missing = []
+        for socket_kind, method, code in self.calls:
+            if code in _OUTCOME_UNKNOWN:
+                continue
+            expected = expected_audit(socket_kind, method, code)
+            if rows[expected] > 0:
+                rows[expected] -= 1
+            else:
+                missing.append(f"{method} -> {code.name}: no {expected} row")
+        return missing
+
+    def set_config(self, **changes: Any) -> None:
+        """Merge top-level sections into config.yaml (before start)."""
+        policy = yaml.safe_load(self.config.read_text())
+        for key, value in changes.items():
+            policy[key] = {**policy.get(key, {}), **value} if isinstance(value, dict) else value
+        self.config.write_text(yaml.safe_dump(policy))
 
     def set_policy(self, **changes: Any) -> None:
         """Rewrite top-level sections of the policy file (before start)."""
@@ -126,7 +197,7 @@ class Guardian:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def agent_stub(self) -> tuple[grpc.Channel, agent_pb2_grpc.AgentServiceStub]:
-        channel = grpc.insecure_channel(f"unix:{self.agent_socket}")
+        channel = self.channel("agent")
         return channel, agent_pb2_grpc.AgentServiceStub(channel)
 
 
@@ -145,10 +216,14 @@ def running_guardian(**policy_changes: Any) -> Iterator[Guardian]:
     guardian = Guardian(state_dir)
     try:
         init_state_dir(state_dir)
+        guardian.set_config(ops={"listen": "127.0.0.1:0"})  # a free port each, so guardians never collide
         if policy_changes:
             guardian.set_policy(**policy_changes)
         guardian.start()
         yield guardian
+        if guardian.check_audit and guardian.calls:
+            missing = guardian.unaudited_calls()
+            assert not missing, f"calls without their audit row: {missing}"
     finally:
         if guardian.process is not None:
             guardian.stop()

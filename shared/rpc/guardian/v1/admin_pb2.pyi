@@ -596,3 +596,227 @@ class QuarantineActionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QuarantineActionResponse: _TypeAlias = QuarantineActionResponse  # noqa: Y015
+
+@_typing.final
+class AuditQuery(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_AUDIT_READS_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    """Only this agent's rows (or a caller such as "@admin-socket:alice")."""
+    operation: _builtins.str
+    """An operation (memory.store), or a prefix ending in '*' (memory.*)."""
+    decision: _builtins.str
+    """allow, deny, error or alert."""
+    since_ms: _builtins.int
+    """Rows at or after this time (Unix ms); 0: no bound."""
+    until_ms: _builtins.int
+    """Rows before this time (Unix ms); 0: no bound."""
+    after_seq: _builtins.int
+    """Rows after this sequence number: the cursor for paging and following."""
+    limit: _builtins.int
+    """1-1000; 0 means 100."""
+    newest_first: _builtins.bool
+    """The newest matching rows (still returned oldest first): what `audit tail` shows."""
+    wait_ms: _builtins.int
+    """Wait up to this long (at most 10000 ms) for a matching row after after_seq."""
+    exclude_audit_reads: _builtins.bool
+    """Leave out the rows of audit reads themselves, so following the tail does not show itself."""
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        since_ms: _builtins.int = ...,
+        until_ms: _builtins.int = ...,
+        after_seq: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        newest_first: _builtins.bool = ...,
+        wait_ms: _builtins.int = ...,
+        exclude_audit_reads: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "agent", b"agent", "decision", b"decision", "exclude_audit_reads", b"exclude_audit_reads", "limit", b"limit", "newest_first", b"newest_first", "operation", b"operation", "since_ms", b"since_ms", "until_ms", b"until_ms", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditQuery: _TypeAlias = AuditQuery  # noqa: Y015
+
+@_typing.final
+class AuditRow(_message.Message):
+    """One audit row; the mac chains it to the row before (see guardian/audit.py for the canonical form)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TS_MS_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    OBJECT_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    ARGS_DIGEST_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    ts_ms: _builtins.int
+    agent: _builtins.str
+    session: _builtins.str
+    """A digest of the session id, never the id itself."""
+    operation: _builtins.str
+    object_id: _builtins.str
+    decision: _builtins.str
+    reason: _builtins.str
+    policy_version: _builtins.str
+    args_digest: _builtins.str
+    """A keyed digest of the request's bytes (never its content)."""
+    key_id: _builtins.str
+    mac: _builtins.str
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        ts_ms: _builtins.int = ...,
+        agent: _builtins.str = ...,
+        session: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        object_id: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        policy_version: _builtins.str = ...,
+        args_digest: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        mac: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "args_digest", b"args_digest", "decision", b"decision", "key_id", b"key_id", "mac", b"mac", "object_id", b"object_id", "operation", b"operation", "policy_version", b"policy_version", "reason", b"reason", "seq", b"seq", "session", b"session", "ts_ms", b"ts_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRow: _TypeAlias = AuditRow  # noqa: Y015
+
+@_typing.final
+class AuditRows(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    head_seq: _builtins.int
+    """The chain's head when the query ran."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRow]: ...
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___AuditRow] | None = ...,
+        head_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_seq", b"head_seq", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRows: _TypeAlias = AuditRows  # noqa: Y015
+
+@_typing.final
+class ChainHead(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    mac: _builtins.str
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        mac: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mac", b"mac", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainHead: _TypeAlias = ChainHead  # noqa: Y015
+
+@_typing.final
+class VerifyAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHED_HEADS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def published_heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainHead]:
+        """Heads published outside the database (the security log's audit_chain_head lines); the
+        guardian's own last published head is always checked too.
+        """
+
+    def __init__(
+        self,
+        *,
+        published_heads: _abc.Iterable[Global___ChainHead] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["published_heads", b"published_heads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditRequest: _TypeAlias = VerifyAuditRequest  # noqa: Y015
+
+@_typing.final
+class VerifyAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTACT_FIELD_NUMBER: _builtins.int
+    ROWS_CHECKED_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    FIRST_BAD_SEQ_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    LAST_PUBLISHED_FIELD_NUMBER: _builtins.int
+    intact: _builtins.bool
+    rows_checked: _builtins.int
+    first_bad_seq: _builtins.int
+    """The first row that does not hold; 0 when intact."""
+    problem: _builtins.str
+    """What is wrong; empty when intact."""
+    @_builtins.property
+    def head(self) -> Global___ChainHead:
+        """The last row that held."""
+
+    @_builtins.property
+    def last_published(self) -> Global___ChainHead:
+        """The newest published head that was checked."""
+
+    def __init__(
+        self,
+        *,
+        intact: _builtins.bool = ...,
+        rows_checked: _builtins.int = ...,
+        head: Global___ChainHead | None = ...,
+        first_bad_seq: _builtins.int = ...,
+        problem: _builtins.str = ...,
+        last_published: Global___ChainHead | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "last_published", b"last_published"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_bad_seq", b"first_bad_seq", "head", b"head", "intact", b"intact", "last_published", b"last_published", "problem", b"problem", "rows_checked", b"rows_checked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015

@@ -60,6 +60,10 @@ class AdminServiceStub:
     """Makes a held memory visible to agents."""
     PurgeQuarantined: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QuarantineRequest, _admin_pb2.QuarantineActionResponse]
     """Deletes a held memory for good."""
+    QueryAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AuditQuery, _admin_pb2.AuditRows]
+    """Rows of the audit trail, oldest first, filtered; a cursor (after_seq) pages and follows."""
+    VerifyAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]
+    """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -90,6 +94,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Makes a held memory visible to agents."""
     PurgeQuarantined: _aio.UnaryUnaryMultiCallable[_admin_pb2.QuarantineRequest, _admin_pb2.QuarantineActionResponse]  # type: ignore[assignment]
     """Deletes a held memory for good."""
+    QueryAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.AuditQuery, _admin_pb2.AuditRows]  # type: ignore[assignment]
+    """Rows of the audit trail, oldest first, filtered; a cursor (after_seq) pages and follows."""
+    VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
+    """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -201,5 +209,21 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.QuarantineActionResponse, _abc.Awaitable[_admin_pb2.QuarantineActionResponse]]:
         """Deletes a held memory for good."""
+
+    @_abc_1.abstractmethod
+    def QueryAudit(
+        self,
+        request: _admin_pb2.AuditQuery,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AuditRows, _abc.Awaitable[_admin_pb2.AuditRows]]:
+        """Rows of the audit trail, oldest first, filtered; a cursor (after_seq) pages and follows."""
+
+    @_abc_1.abstractmethod
+    def VerifyAudit(
+        self,
+        request: _admin_pb2.VerifyAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
+        """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,250 @@
+"""``guardianctl audit``: read, follow, export and verify the audit trail over the admin socket.
+
+- ``tail [-n N] [-f]``: the newest rows; ``-f`` keeps printing new ones.
+- ``query``: rows filtered by agent, operation, decision and time range.
+- ``export --format jsonl``: every matching row as JSON lines, for archiving.
+- ``verify [--security-log FILE]``: walk the whole chain and check it still
+  holds every head published to the security log; exit 1 naming the first
+  row that does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from shared.errors import ConfigError
+from shared.rpc.guardian.v1 import admin_pb2
+
+__all__ = ["add_audit_commands", "parse_time"]
+
+#: Calls one AdminService method: (parsed arguments, method name, request) -> response.
+Caller = Callable[[argparse.Namespace, str, Any], Any]
+
+_RELATIVE_RE: Final = re.compile(r"(\d+)([smhd])")
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_PAGE: Final = 1000
+_FOLLOW_WAIT_MS: Final = 5000
+_MAX_PUBLISHED_HEADS: Final = 10_000
+_FIELDS: Final = (
+    "seq",
+    "ts_ms",
+    "agent",
+    "session",
+    "operation",
+    "object_id",
+    "decision",
+    "reason",
+    "policy_version",
+    "args_digest",
+    "key_id",
+    "mac",
+)
+
+
+def parse_time(text: str) -> int:
+    """Unix ms from an ISO 8601 time (UTC unless it says otherwise) or an age such as 15m, 2h, 7d."""
+    relative = _RELATIVE_RE.fullmatch(text.strip())
+    if relative:
+        return int((time.time() - int(relative[1]) * _UNIT_S[relative[2]]) * 1000)
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: use ISO 8601 (2026-11-25T10:00:00Z) or an age (30s, 15m, 2h, 7d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _row_count(text: str) -> int:
+    """An argparse type: a whole number of rows from 1 to 1000."""
+    if not text.isdigit() or not 1 <= int(text) <= _PAGE:
+        raise argparse.ArgumentTypeError(f"expected a number of rows from 1 to {_PAGE}, got {text!r}")
+    return int(text)
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in _FIELDS}
+
+
+def _print_rows(rows: list[Any], as_json: bool) -> None:
+    for row in rows:
+        if as_json:
+            print(json.dumps(_row_dict(row), ensure_ascii=False), flush=True)
+            continue
+        when = datetime.datetime.fromtimestamp(row.ts_ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+        print(
+            f"{row.seq:>7}  {when[:-3]}Z  {row.decision:<5}  {row.agent or '-':<24} {row.operation:<24}"
+            f" {row.object_id[:40] or '-':<40}  {row.reason}",
+            flush=True,
+        )
+
+
+def _query(args: argparse.Namespace, **fields: Any) -> admin_pb2.AuditQuery:
+    return admin_pb2.AuditQuery(
+        agent=getattr(args, "agent", "") or "",
+        operation=getattr(args, "operation", "") or "",
+        decision=getattr(args, "decision", "") or "",
+        since_ms=getattr(args, "since", 0) or 0,
+        until_ms=getattr(args, "until", 0) or 0,
+        **fields,
+    )
+
+
+def _pages(call: Caller, args: argparse.Namespace) -> Iterator[list[Any]]:
+    """Every matching row, a page at a time, oldest first."""
+    after = 0
+    while True:
+        response = call(args, "QueryAudit", _query(args, after_seq=after, limit=_PAGE))
+        if not response.rows:
+            return
+        yield list(response.rows)
+        after = response.rows[-1].seq
+
+
+def cmd_audit_tail(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl audit tail [-n N] [-f]."""
+    response = call(args, "QueryAudit", _query(args, limit=args.lines, newest_first=True))
+    rows = list(response.rows)
+    _print_rows(rows, args.json)
+    if not args.follow:
+        return 0
+    after = rows[-1].seq if rows else response.head_seq
+    try:
+        while True:
+            response = call(
+                args,
+                "QueryAudit",
+                _query(args, after_seq=after, limit=_PAGE, wait_ms=_FOLLOW_WAIT_MS, exclude_audit_reads=True),
+            )
+            if response.rows:
+                _print_rows(list(response.rows), args.json)
+                after = response.rows[-1].seq
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_audit_query(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl audit query [filters] [--limit N]."""
+    response = call(args, "QueryAudit", _query(args, limit=args.limit))
+    _print_rows(list(response.rows), args.json)
+    if not args.json and len(response.rows) == args.limit:
+        print(f"(first {args.limit} rows; use --limit, a narrower filter, or `audit export`)", file=sys.stderr)
+    return 0
+
+
+def cmd_audit_export(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl audit export --format jsonl [filters] [--output FILE]."""
+    output = sys.stdout if args.output == "-" else Path(args.output).open("x", encoding="utf-8")  # noqa: SIM115
+    count = 0
+    try:
+        for page in _pages(call, args):
+            for row in page:
+                output.write(json.dumps(_row_dict(row), ensure_ascii=False) + "\n")
+            count += len(page)
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    print(f"exported {count} rows", file=sys.stderr)
+    return 0
+
+
+def published_heads(paths: list[str]) -> list[admin_pb2.ChainHead]:
+    """The ``audit_chain_head`` entries of security log files (JSON lines; other lines are skipped)."""
+    heads: dict[int, str] = {}
+    for name in paths:
+        try:
+            lines = Path(name).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the security log {name}: {exc.strerror}") from None
+        for line in lines:
+            if '"audit_chain_head"' not in line:
+                continue
+            try:
+                entry = json.loads(line[line.index("{") :])
+                heads[int(entry["seq"])] = str(entry["mac"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    newest = sorted(heads)[-_MAX_PUBLISHED_HEADS:]
+    return [admin_pb2.ChainHead(seq=seq, mac=heads[seq]) for seq in newest]
+
+
+def cmd_audit_verify(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl audit verify [--security-log FILE]...; exit 1 if the chain does not hold."""
+    heads = published_heads(args.security_log)
+    response = call(args, "VerifyAudit", admin_pb2.VerifyAuditRequest(published_heads=heads))
+    result = {
+        "intact": response.intact,
+        "rows_checked": response.rows_checked,
+        "head_seq": response.head.seq,
+        "head_mac": response.head.mac,
+        "first_bad_seq": response.first_bad_seq,
+        "problem": response.problem,
+        "published_heads_given": len(heads),
+        "last_published_seq": response.last_published.seq,
+    }
+    if args.json:
+        print(json.dumps(result))
+    elif response.intact:
+        print(
+            f"intact: {response.rows_checked} rows verified, head at row {response.head.seq}"
+            f" (mac {response.head.mac[:16]}…); last published head: row {response.last_published.seq or '-'}"
+        )
+    else:
+        print(f"BROKEN at row {response.first_bad_seq}: {response.problem}")
+        print(f"rows verified before it: {response.rows_checked}")
+    return 0 if response.intact else 1
+
+
+def add_audit_commands(commands: Any, call: Caller) -> None:
+    """Register ``audit tail|query|export|verify`` under the top-level subcommands."""
+    audit = commands.add_parser("audit", help="read, follow, export and verify the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    def bind(handler: Callable[[Caller, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        return lambda args: handler(call, args)
+
+    def filters(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--agent", help="only this agent's rows (or a caller such as @admin-socket:alice)")
+        sub.add_argument("--operation", help="an operation (memory.store) or a prefix ending in '*' (memory.*)")
+        sub.add_argument("--decision", choices=("allow", "deny", "error", "alert"))
+        sub.add_argument("--since", type=parse_time, help="from this time: ISO 8601 or an age (30s, 15m, 2h, 7d)")
+        sub.add_argument("--until", type=parse_time, help="before this time: ISO 8601 or an age")
+
+    tail = audit_commands.add_parser("tail", help="the newest rows; -f keeps following")
+    tail.add_argument("-n", "--lines", type=_row_count, default=20, metavar="N", help="how many (1-1000; 20)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new rows until Ctrl-C")
+    filters(tail)
+    tail.set_defaults(func=bind(cmd_audit_tail))
+
+    query = audit_commands.add_parser("query", help="rows filtered by agent, operation, decision and time")
+    filters(query)
+    query.add_argument("--limit", type=_row_count, default=100, metavar="N", help="at most this many (1-1000; 100)")
+    query.set_defaults(func=bind(cmd_audit_query))
+
+    export = audit_commands.add_parser("export", help="every matching row as JSON lines")
+    export.add_argument("--format", choices=("jsonl",), default="jsonl", help="jsonl: one JSON object a line")
+    export.add_argument("--output", default="-", help="file to create (refuses to overwrite); '-': stdout")
+    filters(export)
+    export.set_defaults(func=bind(cmd_audit_export))
+
+    verify = audit_commands.add_parser(
+        "verify",
+        help="walk the whole chain; exit 1 naming the first row that does not hold",
+        description="Verify every row's mac and sequence, and that the chain still holds the heads published"
+        " to the security log (the guardian's last published head is always checked). Pass the security log"
+        " (a file, or `journalctl -u agent-guardian -o cat > FILE`) to detect truncation or rollback.",
+    )
+    verify.add_argument(
+        "--security-log", action="append", default=[], metavar="FILE", help="security log to take heads from"
+    )
+    verify.set_defaults(func=bind(cmd_audit_verify))
