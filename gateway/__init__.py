@@ -7,6 +7,7 @@ session opened with the agent's token. It imports nothing from ``guardian``.
 Modules, one concept each::
 
     models      plain values exchanged with the guardian
+    metrics     GatewayMetrics: the gateway's Prometheus metrics, in a registry of its own
     client      GuardianClient: the only user of the gRPC stubs; gRPC errors -> shared.errors
     sessions    SessionBroker: one guardian session per MCP session, re-opened transparently
     state       GatewayState and open_gateway(): the long-lived resources
@@ -14,6 +15,7 @@ Modules, one concept each::
     outcomes    shared.errors -> tool error or MCPError, in one place
     tools       build_server(): the MCPServer and its seven memory tools
     http_auth   the bearer-token gate and DNS-rebinding settings for HTTP
+    ops         /healthz, /readyz (the guardian's health check) and /metrics on loopback
     cli         the agent-gateway command
 """
 

@@ -8,6 +8,9 @@ are JSON lines on stderr.
 HTTP: ``/mcp`` on 127.0.0.1:8765 by default; every request needs
 ``Authorization: Bearer <agent token>``.
 
+With ``--ops-listen HOST:PORT`` either mode also serves ``/healthz``,
+``/readyz`` and ``/metrics`` on that loopback address (``gateway.ops``).
+
 SIGTERM and SIGINT stop either mode after closing the guardian sessions.
 """
 
@@ -28,11 +31,13 @@ import uvicorn
 
 from gateway.client import DEFAULT_DEADLINE_S
 from gateway.http_auth import MCP_PATH, build_http_app
+from gateway.ops import serving_ops
 from gateway.state import open_gateway
 from gateway.tools import build_server
-from shared.errors import GuardianError, Unauthenticated
+from shared.errors import ConfigError, GuardianError, Unauthenticated
 from shared.formats import is_agent_token
 from shared.jsonlog import configure_logging
+from shared.ops_http import parse_listen
 
 __all__ = ["main"]
 
@@ -56,6 +61,9 @@ examples:
   agent-gateway --transport http --port 8765
       then point an MCP client at http://127.0.0.1:8765{MCP_PATH} with the header
       'Authorization: Bearer agt_...'
+  agent-gateway --transport http --ops-listen 127.0.0.1:9465
+      also serve http://127.0.0.1:9465/healthz (alive), /readyz (200 when the guardian
+      answers its health check, else 503 with JSON saying why) and /metrics (Prometheus)
 
 exit status: 0 stopped cleanly; 1 could not start (e.g. the port is in use);
              2 bad usage or missing/malformed token; 3 the guardian refused the agent token (stdio)
@@ -97,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
         help="deadline of each guardian call (default: %(default)s)",
     )
     parser.add_argument(
+        "--ops-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve /healthz, /readyz and Prometheus /metrics on this loopback address "
+        "(127.0.0.1:PORT or [::1]:PORT; port 0 picks a free one, logged as event ops_listening); "
+        "default: not served",
+    )
+    parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
@@ -134,7 +150,7 @@ async def _until_signal(work: Coroutine[Any, Any, None]) -> asyncio.Task[None] |
         return task
 
 
-async def _serve_stdio(args: argparse.Namespace, token: str) -> int:
+async def _serve_stdio(args: argparse.Namespace, token: str, ops_listen: tuple[str, int] | None) -> int:
     async with open_gateway(args.socket, token=token, deadline_s=args.deadline) as state:
         try:
             session = await state.broker.open(None, token)
@@ -148,8 +164,13 @@ async def _serve_stdio(args: argparse.Namespace, token: str) -> int:
             )
             session = None
         server = build_server(state, session=session, log_level=args.log_level.upper())
-        _log.info("serving MCP on stdio", extra={"socket": args.socket})
-        unfinished = await _until_signal(server.run_stdio_async())
+        try:
+            async with serving_ops(ops_listen, state):
+                _log.info("serving MCP on stdio", extra={"socket": args.socket})
+                unfinished = await _until_signal(server.run_stdio_async())
+        except ConfigError as err:
+            _log.error("could not start the ops endpoint", extra={"detail": err.message})
+            return EXIT_FAILED
     _log.info("stopped")
     if unfinished is not None and not unfinished.done():
         # The SDK reads stdin in a worker thread that no cancellation can interrupt, and
@@ -183,7 +204,7 @@ class _Uvicorn(uvicorn.Server):
             _log.info("listening", extra={"url": url, "host": host, "port": port})
 
 
-async def _serve_http(args: argparse.Namespace) -> int:
+async def _serve_http(args: argparse.Namespace, ops_listen: tuple[str, int] | None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         _log.warning("binding a non-loopback address; any host that can reach it may try tokens")
     async with open_gateway(args.socket, deadline_s=args.deadline) as state:
@@ -199,7 +220,11 @@ async def _serve_http(args: argparse.Namespace) -> int:
             lifespan="on",
         )
         try:
-            await _Uvicorn(config).serve()
+            async with serving_ops(ops_listen, state):
+                await _Uvicorn(config).serve()
+        except ConfigError as err:
+            _log.error("could not start the ops endpoint", extra={"detail": err.message})
+            return EXIT_FAILED
         except SystemExit:  # uvicorn's way of failing to start; it logged why (e.g. the port is in use)
             _log.error("could not start the HTTP server", extra={"host": args.host, "port": args.port})
             return EXIT_FAILED
@@ -214,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isabs(args.socket):
         print(f"agent-gateway: error: --socket must be an absolute path, got {args.socket!r}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        ops_listen = None if args.ops_listen is None else parse_listen(args.ops_listen, "--ops-listen")
+    except ConfigError as err:
+        print(f"agent-gateway: error: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
     if not os.path.exists(args.socket):
         _log.warning(
             "guardian socket not found yet; calls fail as unavailable until it appears", extra={"socket": args.socket}
@@ -221,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "debug":
         logging.getLogger("uvicorn").setLevel(logging.WARNING)  # the gateway logs its own "listening"
     if args.transport == "http":
-        return asyncio.run(_serve_http(args))
+        return asyncio.run(_serve_http(args, ops_listen))
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
         print(f"agent-gateway: error: set {TOKEN_ENV} to the agent token (agt_...)", file=sys.stderr)
@@ -232,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    return asyncio.run(_serve_stdio(args, token))
+    return asyncio.run(_serve_stdio(args, token, ops_listen))
 
 
 if __name__ == "__main__":

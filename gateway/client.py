@@ -17,6 +17,10 @@ gRPC type leaks out of here.
 - An answer that does not fit its request is an ``InternalError``, never passed
   on: e.g. a quarantined memory is only ever the answer to a write (reads never
   show one), and a memory stored into a named namespace comes back from it.
+- ``guardian_errors()`` also counts each failed call by status code
+  (``agent_gateway_guardian_errors_total``), and ``check_health()`` is the
+  readiness probe: the gRPC health service on the same channel, with a short
+  deadline.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from typing import Final, Self, TypeVar, cast
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.metrics import GatewayMetrics
 from gateway.models import (
     ACTIVE,
     QUARANTINED,
@@ -59,9 +65,20 @@ from shared.formats import RETRY_AFTER_METADATA_KEY
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
 
-__all__ = ["DEFAULT_DEADLINE_S", "UNAVAILABLE_MESSAGE", "GuardianClient", "guardian_errors"]
+__all__ = [
+    "AGENT_SERVICE",
+    "DEFAULT_DEADLINE_S",
+    "HEALTH_DEADLINE_S",
+    "UNAVAILABLE_MESSAGE",
+    "GuardianClient",
+    "guardian_errors",
+]
 
 DEFAULT_DEADLINE_S: Final = 10.0
+#: The service name the guardian's gRPC health service reports for the agent socket.
+AGENT_SERVICE: Final = "guardian.v1.AgentService"
+#: Deadline of the readiness probe: a scrape must not hang on a stuck guardian.
+HEALTH_DEADLINE_S: Final = 1.0
 UNAVAILABLE_MESSAGE: Final = "the memory guardian is unavailable; retry in a few seconds"
 
 _DEFAULT_RETRY_AFTER_MS: Final = 1000
@@ -119,11 +136,16 @@ def _from_status(exc: grpc.aio.AioRpcError) -> GuardianError:
 
 
 @contextmanager
-def guardian_errors() -> Iterator[None]:
-    """Turn a gRPC failure raised inside the block into the matching ``shared.errors`` exception."""
+def guardian_errors(metrics: GatewayMetrics | None = None) -> Iterator[None]:
+    """Turn a gRPC failure raised inside the block into the matching ``shared.errors`` exception.
+
+    With ``metrics``, count the failure by its status code name first.
+    """
     try:
         yield
     except grpc.aio.AioRpcError as exc:
+        if metrics is not None:
+            metrics.guardian_error(exc.code().name)
         raise _from_status(exc) from exc
     except grpc.aio.UsageError as exc:  # the channel was closed: the gateway is stopping
         raise Unavailable(UNAVAILABLE_MESSAGE) from exc
@@ -198,7 +220,8 @@ class GuardianClient:
     """Typed async client of the guardian's agent service on a Unix socket.
 
     Create it inside a running event loop; close it with ``await close()`` or
-    use it as an async context manager.
+    use it as an async context manager. ``metrics`` (a fresh ``GatewayMetrics``
+    when not given) counts its failed calls and records its health probes.
     """
 
     def __init__(
@@ -208,6 +231,7 @@ class GuardianClient:
         deadline_s: float = DEFAULT_DEADLINE_S,
         read_attempts: int = 4,
         retry_window_s: float = 2.0,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         path = os.fspath(socket_path)
         if not os.path.isabs(path):
@@ -215,15 +239,40 @@ class GuardianClient:
         if deadline_s <= 0 or read_attempts < 1 or retry_window_s < 0:
             raise ValueError("deadline_s must be > 0, read_attempts >= 1 and retry_window_s >= 0")
         self.socket_path: Final = path
+        self.metrics: Final = metrics if metrics is not None else GatewayMetrics()
         self._deadline_s = deadline_s
         self._read_attempts = read_attempts
         self._retry_window_s = retry_window_s
         self._channel = grpc.aio.insecure_channel(f"unix:{path}", options=list(_CHANNEL_OPTIONS))
         self._stub = pb_grpc.AgentServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def close(self) -> None:
         """Close the channel; calls made afterwards fail with ``Unavailable``."""
         await self._channel.close(grace=None)
+
+    async def check_health(self, deadline_s: float = HEALTH_DEADLINE_S) -> str:
+        """Ask the guardian's gRPC health service about the agent service: ``"ok"`` or what is wrong.
+
+        Uses the client's channel and never waits for it to connect, so a stopped
+        guardian is reported at once. Sets ``agent_gateway_guardian_up`` to match.
+        Not counted as a guardian error: the probe runs on every scrape of ``/readyz``.
+        """
+        request = health_pb2.HealthCheckRequest(service=AGENT_SERVICE)
+        try:
+            response = await self._health.Check(request, timeout=deadline_s, wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            finding = f"unreachable: the guardian's agent socket did not answer a health check ({exc.code().name})"
+        except grpc.aio.UsageError:
+            finding = "unreachable: the gateway is stopping"
+        else:
+            if response.status == health_pb2.HealthCheckResponse.SERVING:
+                finding = "ok"
+            else:
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                finding = f"not serving: the guardian reports its agent service as {status}"
+        self.metrics.set_guardian_up(finding == "ok")
+        return finding
 
     async def __aenter__(self) -> Self:
         return self
@@ -236,7 +285,7 @@ class GuardianClient:
     # -- the two ways of calling ------------------------------------------------
 
     async def _write(self, call: Callable[[float], Awaitable[_R]]) -> _R:
-        with guardian_errors():
+        with guardian_errors(self.metrics):
             return await call(self._deadline_s)
 
     async def _read(self, call: Callable[[float], Awaitable[_R]]) -> _R:
@@ -247,7 +296,7 @@ class GuardianClient:
         attempt = 1
         while True:
             try:
-                with guardian_errors():
+                with guardian_errors(self.metrics):
                     return await call(max(deadline - loop.time(), 0.001))
             except Unavailable:
                 delay = 0.1 * 3 ** (attempt - 1) * _jitter.uniform(0.5, 1.0)

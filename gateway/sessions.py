@@ -22,6 +22,11 @@ Invariants:
   session first), so it is repeated once, on a freshly opened session. That is
   how a guardian restart (sessions live in its memory) stays invisible.
 - An agent token the guardian refuses is reported as such, never retried.
+
+Metrics (``client.metrics``): a re-open of a session the guardian no longer
+knew counts as ``agent_gateway_guardian_reconnects_total``; the sessions held
+(entries with a session, plus spares) are read at each scrape as
+``agent_gateway_sessions_open``.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class SessionBroker:
         self._verified_at: dict[str, float] = {}
         self._verifying: dict[str, asyncio.Task[bool]] = {}
         self._closed = False
+        self._metrics = client.metrics
+        self._metrics.count_sessions_with(self._sessions_held)
 
     async def run(self, scope: str | None, token: str, call: Callable[[str], Awaitable[_T]]) -> _T:
         """Run ``call(session_id)`` on the session of (scope, token), opening or re-opening it as needed.
@@ -152,6 +159,15 @@ class SessionBroker:
 
     # -- internals -------------------------------------------------------------
 
+    def _sessions_held(self) -> int:
+        """How many guardian sessions the broker holds; called from the scraping thread.
+
+        ``tuple()`` copies each dict in one step under the GIL, so a concurrent change
+        on the event loop cannot break the iteration; the count may be a moment old.
+        """
+        entries = tuple(self._entries.values())
+        return sum(entry.info is not None for entry in entries) + len(self._spares)
+
     def _recently_verified(self, fingerprint: str) -> bool:
         if fingerprint in self._spares:
             return True
@@ -194,6 +210,7 @@ class SessionBroker:
                 entry.info = self._spares.pop(fingerprint, None) or await self._open(token, fingerprint)
             elif entry.info.session_id == stale:
                 entry.info = await self._open(token, fingerprint)
+                self._metrics.guardian_reconnect()
             return entry.info.session_id
 
     async def _open(self, token: str, fingerprint: str) -> SessionInfo:

@@ -1,4 +1,4 @@
-"""The gateway's long-lived resources: one guardian client and one session broker.
+"""The gateway's long-lived resources: one guardian client, one session broker, their metrics.
 
 ``open_gateway`` is the async context manager that owns them; the MCP server's
 lifespan yields the ``GatewayState`` it made, so tool handlers reach them as
@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from gateway.client import DEFAULT_DEADLINE_S, GuardianClient
+from gateway.metrics import GatewayMetrics
 from gateway.sessions import SessionBroker
 
 __all__ = ["GatewayState", "open_gateway"]
@@ -29,6 +30,11 @@ class GatewayState:
     #: The agent token of a stdio gateway (from its environment). None over HTTP,
     #: where every request carries its own bearer token.
     token: str | None = field(default=None, repr=False)
+
+    @property
+    def metrics(self) -> GatewayMetrics:
+        """The gateway's metrics (the client's, which the broker shares)."""
+        return self.client.metrics
 
 
 @asynccontextmanager

@@ -8,7 +8,9 @@ with structured output, and any ``GuardianError`` into
 ``gateway.outcomes.mcp_outcome(err)`` (an ``isError`` result or an
 ``MCPError``). A tool never returns error text as a success. A write that a
 content filter quarantined is a success whose ``note`` says so, repeated as a
-text block of its own so that no agent misses it.
+text block of its own so that no agent misses it. ``_tool`` is also where every
+call is counted and timed (``agent_gateway_tool_calls_total`` by tool and
+outcome, ``agent_gateway_tool_call_duration_seconds``).
 
 The caller's token is the stdio gateway's own (``GatewayState.token``) or, over
 HTTP, the request's bearer token (``ctx.headers``; the HTTP gate has checked it).
@@ -16,9 +18,11 @@ HTTP, the request's bearer token (``ctx.headers``; the HTTP gate has checked it)
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Final, Literal, ParamSpec, TypeVar
@@ -31,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from gateway.client import GuardianClient
 from gateway.http_auth import bearer_token
+from gateway.metrics import CANCELLED, OK, GatewayMetrics
 from gateway.models import MemoryDraft, SessionInfo
 from gateway.outcomes import mcp_outcome
 from gateway.schemas import (
@@ -51,7 +56,7 @@ from gateway.schemas import (
     quarantine_note,
 )
 from gateway.state import GatewayState
-from shared.errors import GuardianError, InvalidArgument
+from shared.errors import GuardianError, InternalError, InvalidArgument
 from shared.formats import MEMORY_ID_RE
 
 __all__ = ["TOOL_NAMES", "build_server", "tool_descriptions"]
@@ -138,6 +143,15 @@ def _token(ctx: Context[GatewayState, Any], state: GatewayState) -> str:
     return token
 
 
+def _metrics(kwargs: Mapping[str, object]) -> GatewayMetrics | None:
+    """The gateway's metrics, reached through the ``ctx`` the SDK passes every handler by name."""
+    ctx = kwargs.get("ctx")
+    if not isinstance(ctx, Context):
+        return None
+    state: GatewayState = ctx.request_context.lifespan_context
+    return state.metrics
+
+
 def _tool(fn: Callable[_P, Awaitable[_M]]) -> Callable[_P, Awaitable[CallToolResult]]:
     """Make a handler that returns a result model into a tool that returns the SDK's ``CallToolResult``.
 
@@ -145,19 +159,36 @@ def _tool(fn: Callable[_P, Awaitable[_M]]) -> Callable[_P, Awaitable[CallToolRes
     result starting with the error's kind, or a raised ``MCPError``. The SDK reads the
     signature through ``__wrapped__``, so the input and output schemas are ``fn``'s, and
     it checks a successful result's structured content against the output model.
+
+    Every call is counted by its tool and outcome (``ok``, the kind of the error the
+    agent saw, ``internal`` for anything unexpected, ``cancelled`` when the caller went
+    away) and timed. The tool label is ``fn``'s name, never anything the agent sent.
     """
 
     @functools.wraps(fn)
     async def tool(*args: _P.args, **kwargs: _P.kwargs) -> CallToolResult:
+        started = time.perf_counter()
+        outcome = InternalError.kind
         try:
-            result = await fn(*args, **kwargs)
-        except GuardianError as err:
-            _log.info("tool call refused", extra={"tool": fn.__name__, "kind": err.kind})
-            return mcp_outcome(err)
-        content: list[ContentBlock] = [TextContent(type="text", text=result.model_dump_json())]
-        if isinstance(result, NotedResult) and result.note:
-            content.append(TextContent(type="text", text=result.note))
-        return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
+            try:
+                result = await fn(*args, **kwargs)
+            except GuardianError as err:
+                outcome = err.kind
+                _log.info("tool call refused", extra={"tool": fn.__name__, "kind": err.kind})
+                return mcp_outcome(err)
+            except asyncio.CancelledError:
+                outcome = CANCELLED
+                raise
+            content: list[ContentBlock] = [TextContent(type="text", text=result.model_dump_json())]
+            if isinstance(result, NotedResult) and result.note:
+                content.append(TextContent(type="text", text=result.note))
+            answer = CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
+            outcome = OK
+            return answer
+        finally:
+            metrics = _metrics(kwargs)
+            if metrics is not None:
+                metrics.tool_call(fn.__name__, outcome, time.perf_counter() - started)
 
     return tool
 
@@ -435,6 +466,7 @@ def build_server(
         log_level=log_level,
     )
     descriptions = tool_descriptions(session)
+    state.metrics.declare_tools(TOOL_NAMES)
     for name in TOOL_NAMES:
         annotations = _ANNOTATIONS[name]
         server.add_tool(

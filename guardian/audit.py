@@ -428,8 +428,8 @@ class HeadFile:
         os.replace(temporary, self.path)
 
 
-def publish_head(connection: Connection, head_file: HeadFile, reason: str) -> ChainHead | None:
-    """Write the committed head to the security log and the head file (interval and shutdown)."""
+def publish_head(connection: Connection, head_file: HeadFile | None, reason: str) -> ChainHead | None:
+    """Write the committed head to the security log and, unless None, the head file (interval and shutdown)."""
     head = read_head(connection)
     if head is None:
         return None
@@ -437,5 +437,6 @@ def publish_head(connection: Connection, head_file: HeadFile, reason: str) -> Ch
         "audit chain head",
         extra={"event": "audit_chain_head", "seq": head.seq, "mac": head.mac, "published_because": reason},
     )
-    head_file.write(head)
+    if head_file is not None:
+        head_file.write(head)
     return head

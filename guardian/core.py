@@ -85,16 +85,31 @@ class GuardianCore:
             adopted = self.audit.adopt_unchained_rows(connection)
         if adopted:
             log.info("audit rows moved into the chain", extra={"event": "audit_rows_chained", "rows": adopted})
+        self._holds_published_head()
+
+    def _holds_published_head(self) -> bool:
+        """Whether the chain still holds the last head published to the head file (a security event if not)."""
         published = self.audit_head_file.read()
         if published is None:
-            return
+            return True
         row = self.database.reader().execute("SELECT mac FROM audit WHERE seq = ?", (published.seq,)).fetchone()
-        if row is None or row[0] != published.mac:
-            security_log.error(
-                "the audit chain no longer holds its last published head: rows were truncated, rolled back"
-                " or rewritten; run guardianctl audit verify",
-                extra={"event": "audit_head_mismatch", "published_seq": published.seq},
-            )
+        if row is not None and row[0] == published.mac:
+            return True
+        security_log.error(
+            "the audit chain no longer holds its last published head: rows were truncated, rolled back"
+            " or rewritten; run guardianctl audit verify",
+            extra={"event": "audit_head_mismatch", "published_seq": published.seq},
+        )
+        return False
+
+    def publish_audit_head(self, reason: str) -> None:
+        """Publish the committed chain head to the security log, and to the head file if it continues it.
+
+        A head that does not continue the last published one is logged but not written
+        over it, so the head file keeps the evidence until the operator deals with it.
+        """
+        consistent = self._holds_published_head()
+        audit.publish_head(self.database.reader(), self.audit_head_file if consistent else None, reason)
 
     def _state_reading(self) -> StateReading:
         head = audit.read_head(self.database.reader())
@@ -119,10 +134,6 @@ class GuardianCore:
                 "policy": "ok" if self._policy.version else "no policy loaded",
             }
         )
-
-    def publish_audit_head(self, reason: str) -> None:
-        """Publish the committed chain head to the security log and the head file."""
-        audit.publish_head(self.database.reader(), self.audit_head_file, reason)
 
     @property
     def policy(self) -> Policy:

@@ -101,14 +101,20 @@ def _query(args: argparse.Namespace, **fields: Any) -> admin_pb2.AuditQuery:
 
 
 def _pages(call: Caller, args: argparse.Namespace) -> Iterator[list[Any]]:
-    """Every matching row, a page at a time, oldest first."""
+    """Every matching row up to the head when the export began, a page at a time, oldest first.
+
+    (Each page's query is itself audited, so without that bound the export would chase its own rows.)
+    """
     after = 0
-    while True:
+    end: int | None = None
+    while end is None or after < end:
         response = call(args, "QueryAudit", _query(args, after_seq=after, limit=_PAGE))
-        if not response.rows:
+        end = response.head_seq if end is None else end
+        rows = [row for row in response.rows if row.seq <= end]
+        if not rows:
             return
-        yield list(response.rows)
-        after = response.rows[-1].seq
+        yield rows
+        after = rows[-1].seq
 
 
 def cmd_audit_tail(call: Caller, args: argparse.Namespace) -> int:
