@@ -65,6 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", default="var", type=Path)
     parser.add_argument("--port", default=8765, type=int, help="gateway HTTP port on 127.0.0.1")
+    parser.add_argument(
+        "--gateway-ops-port", default=9465, type=int, help="gateway /healthz, /readyz, /metrics on 127.0.0.1"
+    )
     args = parser.parse_args()
     state_dir = args.state_dir.resolve()
     report = init_state_dir(state_dir)
@@ -95,6 +98,8 @@ def main() -> None:
                 str(args.port),
                 "--socket",
                 str(socket_path),
+                "--ops-listen",
+                f"127.0.0.1:{args.gateway_ops_port}",
             ],
             cwd=ROOT,
         )
@@ -116,6 +121,10 @@ def main() -> None:
         print("\nagent-guardian is running. MCP client config (pick one server entry):\n", flush=True)
         print(json.dumps(client_config, indent=2), flush=True)
         print(f"\nState: {state_dir}   Admin: guardianctl --config {report.config} agents list")
+        guardian_ops = f"http://{config.ops_listen[0]}:{config.ops_listen[1]}" if config.ops_listen else "off"
+        print(
+            f"Health and metrics: guardian {guardian_ops}/readyz, gateway http://127.0.0.1:{args.gateway_ops_port}/metrics"
+        )
         print("Press Ctrl-C to stop both processes.\n", flush=True)
         while not stopping and guardian.poll() is None and gateway.poll() is None:
             time.sleep(0.2)
