@@ -165,10 +165,23 @@ class AdminHandlers:
                 applied_by=call.agent,
                 source=source,
             )
-            call.after_commit.append(lambda: self._core.swap_policy(policy))
+            call.after_commit.append(lambda: self._put_in_force(policy, running, call.agent, source))
             return pb.ApplyPolicyResponse(version=policy.version, previous_version=running.version)
 
         return work
+
+    def _put_in_force(self, policy: Policy, previous: Policy, by: str, source: str) -> None:
+        self._core.swap_policy(policy)
+        security_log.info(
+            "policy in force",
+            extra={
+                "event": "policy_applied",
+                "policy_version": policy.version,
+                "previous_version": previous.version,
+                "by": by,
+                "source": source,
+            },
+        )
 
     # -- quarantine --------------------------------------------------------------------------
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guardian.config import load_config
 from shared.errors import ConfigError
+from shared.rpc.guardian.v1 import admin_pb2
 from tests.harness import Guardian, agent_pb2, running_guardian
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -185,3 +187,36 @@ def test_the_ops_endpoint_listens_only_on_loopback(tmp_path: Any, listen: str, m
     config.write_text(f'ops:\n  listen: "{listen}"\n')
     with pytest.raises(ConfigError, match=message):
         load_config(config)
+
+
+def test_the_security_log_file_holds_denials_anomalies_policy_changes_heads_and_admin_actions() -> None:
+    anomalies = {"denials": {"threshold": 2, "window": "1m", "response": "log"}}
+    with running_guardian(anomaly=anomalies) as guardian:
+        guardian.stop()
+        main_file, security_file = guardian.state_dir / "guardian.log", guardian.state_dir / "security.log"
+        guardian.set_config(logging={"file": str(main_file), "security_file": str(security_file)})
+        guardian.start()
+        token = guardian.add_agent("logged")
+        channel, stub = guardian.agent_stub()
+        with channel:
+            session = stub.OpenSession(agent_pb2.OpenSessionRequest(agent_token=token)).session_id
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError):
+                    stub.Get(agent_pb2.GetRequest(session_id=session, id="mem_" + "1" * 32))
+        policy = yaml.safe_load(guardian.admin("ShowPolicy", admin_pb2.ShowPolicyRequest()).text)
+        policy["anomaly"]["denials"]["threshold"] = 3
+        guardian.admin("ApplyPolicy", admin_pb2.PolicyText(text=yaml.safe_dump(policy)), operator="alice")
+        guardian.stop()
+        security = [json.loads(line) for line in security_file.read_text().splitlines()]
+        main = [json.loads(line) for line in main_file.read_text().splitlines()]
+    events = {entry.get("event") for entry in security}
+    assert {"denied", "anomaly", "policy_applied", "audit_chain_head", "admin_action"} <= events
+    assert all(entry["logger"] == "agent_guardian.security" for entry in security)
+    assert not any(entry["logger"] == "agent_guardian.security" for entry in main), "security lines only there"
+    assert {"serving", "stopped"} <= {entry.get("event") for entry in main}
+    applied = next(
+        entry for entry in security if entry.get("event") == "policy_applied" and entry["by"] != "@policy-file"
+    )
+    assert applied["by"] == "@admin-socket:alice" and applied["source"] == "apply"
+    admin_actions = [entry for entry in security if entry.get("event") == "admin_action"]
+    assert {"admin.agent.add", "admin.policy.show", "admin.policy.apply"} <= {a["operation"] for a in admin_actions}
