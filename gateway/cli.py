@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, Final
 
 import uvicorn
@@ -38,6 +38,7 @@ from shared.errors import ConfigError, GuardianError, Unauthenticated
 from shared.formats import is_agent_token
 from shared.jsonlog import configure_logging
 from shared.ops_http import parse_listen
+from shared.sdnotify import Watchdog, notify
 
 __all__ = ["main"]
 
@@ -150,6 +151,25 @@ async def _until_signal(work: Coroutine[Any, Any, None]) -> asyncio.Task[None] |
         return task
 
 
+@contextlib.asynccontextmanager
+async def _systemd_watchdog() -> AsyncIterator[None]:
+    """Ping systemd's watchdog from the event loop while the block runs (a stuck loop stops the pings)."""
+    watchdog = Watchdog()
+
+    async def feed(interval_s: float) -> None:
+        while True:
+            watchdog.ping_if_due()
+            await asyncio.sleep(interval_s / 2)
+
+    task = asyncio.create_task(feed(watchdog.interval_s)) if watchdog.interval_s else None
+    try:
+        yield
+    finally:
+        notify("STOPPING=1")
+        if task is not None:
+            task.cancel()
+
+
 async def _serve_stdio(args: argparse.Namespace, token: str, ops_listen: tuple[str, int] | None) -> int:
     async with open_gateway(args.socket, token=token, deadline_s=args.deadline) as state:
         try:
@@ -165,8 +185,9 @@ async def _serve_stdio(args: argparse.Namespace, token: str, ops_listen: tuple[s
             session = None
         server = build_server(state, session=session, log_level=args.log_level.upper())
         try:
-            async with serving_ops(ops_listen, state):
+            async with serving_ops(ops_listen, state), _systemd_watchdog():
                 _log.info("serving MCP on stdio", extra={"socket": args.socket})
+                notify("READY=1\nSTATUS=serving MCP on stdio")
                 unfinished = await _until_signal(server.run_stdio_async())
         except ConfigError as err:
             _log.error("could not start the ops endpoint", extra={"detail": err.message})
@@ -202,6 +223,7 @@ class _Uvicorn(uvicorn.Server):
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             url = f"http://{host if ':' not in host else f'[{host}]'}:{port}{MCP_PATH}"
             _log.info("listening", extra={"url": url, "host": host, "port": port})
+            notify(f"READY=1\nSTATUS=serving MCP on {url}")
 
 
 async def _serve_http(args: argparse.Namespace, ops_listen: tuple[str, int] | None) -> int:
@@ -220,7 +242,7 @@ async def _serve_http(args: argparse.Namespace, ops_listen: tuple[str, int] | No
             lifespan="on",
         )
         try:
-            async with serving_ops(ops_listen, state):
+            async with serving_ops(ops_listen, state), _systemd_watchdog():
                 await _Uvicorn(config).serve()
         except ConfigError as err:
             _log.error("could not start the ops endpoint", extra={"detail": err.message})

@@ -4,6 +4,8 @@ Loads and validates the config, keys and policy, opens the encrypted
 database, binds the agent and admin sockets and serves until SIGTERM or
 SIGINT (in-flight requests finish, then the database is closed). SIGHUP
 reloads the policy; a policy that fails validation leaves the running one.
+Under systemd (``Type=notify``) it reports READY, RELOADING and STOPPING, and
+pings the watchdog from its main loop.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from guardian.server import GuardianServer
 from shared.errors import ConfigError
 from shared.jsonlog import configure_logging
 from shared.ops_http import OpsServer
+from shared.sdnotify import Watchdog, notify
 
 __all__ = ["main"]
 
@@ -59,6 +62,32 @@ def _start_ops(listen: tuple[str, int] | None, core: GuardianCore) -> OpsServer 
     ops.start()
     log.info("ops endpoint listening", extra={"event": "ops_listening", "host": listen[0], "port": ops.port})
     return ops
+
+
+def _serve_until_stopped(
+    core: GuardianCore, server: GuardianServer, stop: threading.Event, reload: threading.Event
+) -> None:
+    """The main loop: policy reloads, health, the watchdog; then a graceful stop and the last chain head."""
+    config = core.config
+    housekeeping = Maintenance(core, config.housekeeping_interval_ms / 1000, config.audit_head_interval_ms / 1000)
+    housekeeping.start()
+    notify(f"READY=1\nSTATUS=serving; policy {core.policy.version[:12]}")
+    watchdog = Watchdog()
+    next_health_check = 0.0
+    while not stop.wait(0.2):
+        watchdog.ping_if_due()  # from the main loop: a stuck loop stops the pings, and systemd restarts it
+        if reload.is_set():
+            reload.clear()
+            notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            core.reload_policy_file()
+            notify(f"READY=1\nSTATUS=serving; policy {core.policy.version[:12]}")
+        if time.monotonic() >= next_health_check:
+            next_health_check = time.monotonic() + _HEALTH_CHECK_INTERVAL_S
+            server.set_serving(core.readiness().ready)
+    notify("STOPPING=1")
+    server.stop(config.shutdown_grace_s)
+    housekeeping.stop()
+    core.publish_audit_head("shutdown")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,19 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop(0)
         core.close()
         return 2
-    housekeeping = Maintenance(core, config.housekeeping_interval_ms / 1000, config.audit_head_interval_ms / 1000)
-    housekeeping.start()
-    next_health_check = 0.0
-    while not stop.wait(0.2):
-        if reload.is_set():
-            reload.clear()
-            core.reload_policy_file()
-        if time.monotonic() >= next_health_check:
-            next_health_check = time.monotonic() + _HEALTH_CHECK_INTERVAL_S
-            server.set_serving(core.readiness().ready)
-    server.stop(config.shutdown_grace_s)
-    housekeeping.stop()
-    core.publish_audit_head("shutdown")
+    _serve_until_stopped(core, server, stop, reload)
     if ops is not None:
         ops.stop()
     core.close()

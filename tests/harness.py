@@ -92,10 +92,14 @@ class Guardian:
     def database(self) -> Path:
         return self.state_dir / "data" / "memory.db"
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, timeout_s: float = 20.0, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "guardian.cli", "--config", str(self.config)], cwd=ROOT, stderr=log, stdout=log
+            [sys.executable, "-m", "guardian.cli", "--config", str(self.config)],
+            cwd=ROOT,
+            stderr=log,
+            stdout=log,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
