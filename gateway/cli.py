@@ -272,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.log_level != "debug":
         logging.getLogger("uvicorn").setLevel(logging.WARNING)  # the gateway logs its own "listening"
+    # The SDK logs MCP session ids (valid ones, and whatever a client sent as one) at info and
+    # debug: bearer-like values a log must not hold, whatever the level.
+    for name in ("mcp.server.streamable_http_manager", "mcp.server.streamable_http"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if args.transport == "http":
         return asyncio.run(_serve_http(args, ops_listen))
     token = os.environ.get(TOKEN_ENV, "").strip()

@@ -130,7 +130,8 @@ class MemoryStore:
         for draft in drafts:
             namespace = draft.namespace or scope.agent
             if namespace not in scope.writable:
-                raise PermissionDenied(f"the policy does not let this agent write to namespace {namespace!r}")
+                # Not echoed: the name is the agent's own text (a content filter never saw it).
+                raise PermissionDenied("the policy does not let this agent write to that namespace")
             memory = StoredMemory(
                 id="mem_" + secrets.token_hex(16),
                 namespace=namespace,

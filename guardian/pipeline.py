@@ -118,6 +118,12 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     "VerifyAudit": Rule("admin.audit.verify", None, needs_session=False),
 }
 
+#: Every method path either socket serves, as gRPC names it.
+_KNOWN_METHODS: Final = frozenset(
+    [f"/guardian.v1.AgentService/{name}" for name in AGENT_RULES]
+    + [f"/guardian.v1.AdminService/{name}" for name in ADMIN_RULES]
+)
+
 #: What the audit trail names as the caller of an admin RPC (not a valid agent name).
 ADMIN_CALLER: Final = "@admin-socket"
 
@@ -366,7 +372,9 @@ class Pipeline:
         """Record a call to a method this socket does not serve (the caller gets UNIMPLEMENTED)."""
         rule = Rule("rpc.unknown", None, needs_session=False)
         call = Call(method=method, rule=rule, policy=self._core.policy, now_ms=now_ms(), agent=self._caller)
-        call.object_id = method[:200]
+        # A path the caller made up is its own text: record only one the guardian knows, else a digest.
+        known = method in _KNOWN_METHODS
+        call.object_id = method if known else "unknown path " + self._core.audit.args_digest(method.encode())
         call.args_digest = self._core.audit.args_digest(request)
         self._core.metrics.requests.labels(rule.audit_operation, "deny").inc()
         self._core.metrics.denials.labels("unimplemented").inc()
@@ -376,7 +384,7 @@ class Pipeline:
             )
         security_log.warning(
             "call to a method this socket does not serve",
-            extra={"event": "unknown_method", "method": method[:200]},
+            extra={"event": "unknown_method", "method": call.object_id},
         )
 
     @staticmethod

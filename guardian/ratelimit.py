@@ -202,7 +202,7 @@ class RateLimiter:
             if len(self._keys) + len(new_keys) > self._max_keys:
                 full_table, self._full_logged = not self._full_logged, True
                 error: RateLimited | None = RateLimited(
-                    f"the guardian is tracking too many clients right now; retry after {TABLE_FULL_RETRY_MS} ms",
+                    "the guardian is tracking too many clients right now",
                     TABLE_FULL_RETRY_MS,
                 )
             else:
@@ -289,7 +289,7 @@ class RateLimiter:
             return
         scope = "agent" if agent_left >= session_left else "session"
         left = max(agent_left, session_left)
-        raise RateLimited(f"this {scope} is cooling down after exceeding its rate limit; retry after {left} ms", left)
+        raise RateLimited(f"this {scope} is cooling down after exceeding its rate limit", left)
 
     def _take(
         self, agent: str, plan: list[tuple[_Key, _BucketName, BucketSpec]], spec: RateSpec, cost: int, now: float
@@ -318,5 +318,5 @@ class RateLimiter:
         if spec.cooldown_ms > 0:
             state = self._keys[key]
             state.cooldown_until = max(state.cooldown_until, now + spec.cooldown_ms / 1000)
-        error = RateLimited(f"too many {_NOUNS[name]} from this {key[0]}; retry after {retry_ms} ms", retry_ms)
+        error = RateLimited(f"too many {_NOUNS[name]} from this {key[0]}", retry_ms)
         return error, {"agent": agent, "scope": key[0], "bucket": name, "cooldown_ms": spec.cooldown_ms}
