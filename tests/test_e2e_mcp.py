@@ -10,18 +10,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import httpx2
 import pytest
-from mcp import Client, MCPError, StdioServerParameters
-from mcp.client.streamable_http import streamable_http_client
+from mcp import Client, MCPError
 
 from tests.harness import LOG_ONLY_ANOMALIES, ROOT, Guardian, running_guardian
+from tests.mcp_harness import call, call_error, http_client, stdio_params
 
 pytestmark = pytest.mark.anyio
 
@@ -82,45 +81,6 @@ def http_gateway(guardian: Guardian) -> Iterator[str]:
             process.kill()
             process.wait()
         log.close()
-
-
-@asynccontextmanager
-async def http_client(url: str, token: str) -> AsyncIterator[Client]:
-    async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
-        Client(streamable_http_client(url, http_client=http)) as client,
-    ):
-        yield client
-
-
-def stdio_params(guardian: Guardian, token: str) -> StdioServerParameters:
-    """The stdio gateway, its stderr appended to a file under the state dir (the marker check reads it)."""
-    stderr_file = guardian.state_dir / "gateway-stdio.log"
-    gateway = [sys.executable, "-m", "gateway.cli", "--transport", "stdio", "--socket", str(guardian.agent_socket)]
-    return StdioServerParameters(
-        command="/bin/sh",
-        args=["-c", 'exec "$@" 2>>"$GATEWAY_STDERR"', "gateway", *gateway],
-        env={
-            "AGENT_GUARDIAN_TOKEN": token,
-            "GATEWAY_STDERR": str(stderr_file),
-            "PATH": os.environ.get("PATH", ""),
-            "PYTHONPATH": str(ROOT),
-        },
-        cwd=str(ROOT),
-    )
-
-
-async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
-
-
-async def call_error(client: Client, tool: str, **arguments: Any) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error, result.structured_content
-    return " ".join(getattr(block, "text", "") for block in result.content)
 
 
 async def full_flow(client: Client) -> None:

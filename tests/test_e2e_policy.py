@@ -16,7 +16,7 @@ import pytest
 from mcp import Client
 
 from tests.harness import LOG_ONLY_ANOMALIES, Guardian, running_guardian
-from tests.test_e2e_mcp import call, call_error, stdio_params
+from tests.mcp_harness import call, call_error, stdio_params
 
 pytestmark = pytest.mark.anyio
 

@@ -11,21 +11,20 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
-from mcp import Client, MCPError
-from mcp.client.streamable_http import streamable_http_client
+from mcp import MCPError
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import OUTCOMES
 from gateway.tools import TOOL_NAMES
 from tests.harness import ROOT, Guardian
+from tests.mcp_harness import call, http_client
 
 pytestmark = pytest.mark.anyio
 
@@ -196,22 +195,6 @@ def running_gateway(guardian: Guardian, transport: str, token: str) -> Iterator[
         gateway.stop()
 
 
-@asynccontextmanager
-async def mcp_client(url: str, token: str) -> AsyncIterator[Client]:
-    async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
-        Client(streamable_http_client(url, http_client=http)) as client,
-    ):
-        yield client
-
-
-async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
-
-
 @contextmanager
 def restarted_afterwards(guardian: Guardian) -> Iterator[None]:
     """The module's guardian is running again when the block ends, however it ends."""
@@ -339,7 +322,7 @@ async def test_metrics_count_tool_calls_and_errors_and_hold_no_secret(
         for tool in TOOL_NAMES:  # every tool's series exists, at zero, before the first call
             assert value(before.body, "agent_gateway_tool_calls_total", tool=tool, outcome="ok") == 0
 
-        async with mcp_client(gateway.mcp_url, token) as client:
+        async with http_client(gateway.mcp_url, token) as client:
             memory_id = (await call(client, "memory_store", content=MARKER, tags=["ops"]))["memory"]["id"]
             assert (await call(client, "memory_get", id=memory_id))["memory"]["content"] == MARKER
             await call(client, "memory_search", query="heron lanterns")
@@ -388,7 +371,7 @@ async def test_guardian_down_and_restart_show_in_the_metrics(guardian: Guardian,
     _, token = agent
     with restarted_afterwards(guardian), running_gateway(guardian, "http", token) as gateway:
         port = gateway.ops_port
-        async with mcp_client(gateway.mcp_url, token) as client:
+        async with http_client(gateway.mcp_url, token) as client:
             await call(client, "memory_list")
             assert value(curl(port, "/metrics").body, "agent_gateway_guardian_reconnects_total") == 0
             guardian.stop(signal.SIGKILL)  # its sessions die with it

@@ -16,6 +16,7 @@ from gateway.models import Limits, SessionInfo
 from gateway.sessions import TOKEN_REJECTED_MESSAGE
 from gateway.state import open_gateway
 from gateway.tools import TOOL_NAMES, build_server, tool_descriptions
+from tests.mcp_harness import call as ok
 from tests.test_gateway_support import (
     OTHER_TOKEN,
     QUARANTINE_TRIGGER,
@@ -45,13 +46,6 @@ async def mcp_client(
         session = (await state.broker.open(None, token)) if with_limits else None
         async with Client(build_server(state, session=session), mode=mode) as client:
             yield client
-
-
-async def ok(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
 
 
 async def error_text(client: Client, tool: str, **arguments: Any) -> str:

@@ -53,16 +53,16 @@ from typing import Any
 import anyio
 import grpc
 import httpx
-import httpx2
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
-from mcp.client.streamable_http import streamable_http_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.tools import TOOL_NAMES
 from guardian.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2
 from tests.harness import ROOT, Guardian, agent_pb2
+from tests.mcp_harness import call as ok
+from tests.mcp_harness import http_client
 
 CURL = "/usr/bin/curl"
 MISSING_ID = "mem_" + "0" * 32
@@ -282,23 +282,7 @@ def is_gateway(pid: int) -> bool:
         return False
 
 
-@asynccontextmanager
-async def http_client(url: str, token: str) -> AsyncIterator[Client]:
-    async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
-        Client(streamable_http_client(url, http_client=http)) as client,
-    ):
-        yield client
-
-
 # -- tool calls ----------------------------------------------------------------------------------------
-
-
-async def ok(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
 
 
 async def refused(client: Client, tool: str, **arguments: Any) -> str:
