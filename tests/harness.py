@@ -154,6 +154,18 @@ class Guardian:
         with self.channel("admin") as channel:
             return getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request, timeout=15, metadata=metadata)
 
+    def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run guardianctl against this guardian's admin socket."""
+        return subprocess.run(
+            [sys.executable, "-m", "guardian.ctl", "--socket", str(self.admin_socket), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=60,
+            check=False,
+        )
+
     def unaudited_calls(self) -> list[str]:
         """Recorded calls with no matching audit row (operation and decision), each row used once."""
         rows = Counter((row["operation"], row["decision"]) for row in self.audit_rows())
@@ -205,6 +217,47 @@ class Guardian:
         return channel, agent_pb2_grpc.AgentServiceStub(channel)
 
 
+@dataclass(frozen=True)
+class HttpAnswer:
+    """What an HTTP GET answered."""
+
+    status: int
+    content_type: str
+    body: str
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return json.loads(self.body)
+
+
+_CURL_TRAILER = "\n--curl-trailer-- "
+
+
+def curl(url: str) -> HttpAnswer:
+    """GET url with the real curl binary (as an operator would)."""
+    result = subprocess.run(
+        [
+            "/usr/bin/curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "10",
+            "--write-out",
+            _CURL_TRAILER + "%{http_code} %{content_type}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    body, separator, trailer = result.stdout.rpartition(_CURL_TRAILER)
+    assert separator, result.stdout
+    status, _, content_type = trailer.partition(" ")
+    return HttpAnswer(int(status), content_type, body)
+
+
 #: For suites that walk many deny paths on purpose: anomaly detectors that only log.
 #: (tests/test_policy_decisions.py tests the locking responses.)
 LOG_ONLY_ANOMALIES: dict[str, Any] = {
@@ -234,4 +287,4 @@ def running_guardian(**policy_changes: Any) -> Iterator[Guardian]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-__all__ = ["LOG_ONLY_ANOMALIES", "ROOT", "Guardian", "agent_pb2", "running_guardian"]
+__all__ = ["LOG_ONLY_ANOMALIES", "ROOT", "Guardian", "HttpAnswer", "agent_pb2", "curl", "running_guardian"]

@@ -28,17 +28,6 @@ from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_p
 from tests.harness import ROOT, Guardian, running_guardian
 
 
-def ctl(guardian: Guardian, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "guardian.ctl", "--config", str(guardian.config), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def traffic(guardian: Guardian) -> None:
     """Allowed and denied requests: a few dozen audit rows."""
     token = guardian.add_agent("auditee")
@@ -116,7 +105,7 @@ def tamper_and_verify(guardian: Guardian, tamper: Callable[[Any], None], *verify
     with guardian.keyed_db() as db:
         tamper(db)
     guardian.start()
-    result = ctl(guardian, "audit", "verify", *verify_args)
+    result = guardian.ctl("audit", "verify", *verify_args)
     assert result.returncode == 1, result.stdout + result.stderr
     return result.stdout
 
@@ -125,7 +114,7 @@ def test_an_untouched_chain_verifies(stopped_with_history: Guardian) -> None:
     guardian = stopped_with_history
     rows = row_count(guardian)
     guardian.start()
-    result = ctl(guardian, "--json", "audit", "verify")
+    result = guardian.ctl("--json", "audit", "verify")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["intact"] is True
@@ -243,7 +232,7 @@ def test_a_request_whose_audit_row_cannot_be_written_does_not_happen() -> None:
         assert rows[-1]["object_id"] == stored.memory.id and rows[-1]["decision"] == "allow"
         with guardian.keyed_db() as db:
             assert db.execute("SELECT count(*) FROM memories").fetchone()[0] == 1
-        assert ctl(guardian, "audit", "verify").returncode == 0
+        assert guardian.ctl("audit", "verify").returncode == 0
 
 
 # -- reading the trail --------------------------------------------------------------------------------
@@ -268,27 +257,25 @@ def test_every_row_carries_a_keyed_digest_of_its_request_and_never_the_token(bus
 
 
 def test_query_filters_by_agent_operation_decision_and_time(busy: Guardian) -> None:
-    result = ctl(busy, "--json", "audit", "query", "--operation", "memory.*", "--decision", "deny")
+    result = busy.ctl("--json", "audit", "query", "--operation", "memory.*", "--decision", "deny")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2 and {row["operation"] for row in rows} == {"memory.store"}
     assert all(row["decision"] == "deny" and row["reason"].startswith("unauthenticated") for row in rows)
-    mine = [
-        json.loads(line) for line in ctl(busy, "--json", "audit", "query", "--agent", "auditee").stdout.splitlines()
-    ]
+    mine = [json.loads(line) for line in busy.ctl("--json", "audit", "query", "--agent", "auditee").stdout.splitlines()]
     assert mine and all(row["agent"] == "auditee" for row in mine)
-    assert ctl(busy, "--json", "audit", "query", "--since", "2h", "--until", "1h").stdout == ""
-    future = ctl(busy, "audit", "query", "--since", "2999-01-01T00:00:00Z")
+    assert busy.ctl("--json", "audit", "query", "--since", "2h", "--until", "1h").stdout == ""
+    future = busy.ctl("audit", "query", "--since", "2999-01-01T00:00:00Z")
     assert future.returncode == 0 and future.stdout == ""
-    bad = ctl(busy, "audit", "query", "--since", "yesterday-ish")
+    bad = busy.ctl("audit", "query", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "is not a time" in bad.stderr
-    bad_decision = ctl(busy, "audit", "query", "--decision", "maybe")
+    bad_decision = busy.ctl("audit", "query", "--decision", "maybe")
     assert bad_decision.returncode == 2
 
 
 def test_tail_shows_the_newest_rows_in_order(busy: Guardian) -> None:
     newest = busy.audit_rows()[-1]["seq"]
-    result = ctl(busy, "--json", "audit", "tail", "-n", "3")
+    result = busy.ctl("--json", "audit", "tail", "-n", "3")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["seq"] for row in rows] == [newest - 2, newest - 1, newest]
 
@@ -330,17 +317,17 @@ def test_tail_follow_prints_new_rows_and_not_its_own_reads(busy: Guardian) -> No
 def test_export_writes_every_row_as_json_lines_and_refuses_to_overwrite(busy: Guardian, tmp_path: Path) -> None:
     target = tmp_path / "audit.jsonl"
     before = len(busy.audit_rows())
-    result = ctl(busy, "audit", "export", "--format", "jsonl", "--output", str(target))
+    result = busy.ctl("audit", "export", "--format", "jsonl", "--output", str(target))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert len(rows) >= before and [row["seq"] for row in rows] == list(range(1, len(rows) + 1))
     assert set(rows[0]) == {f.name for f in AuditRow.__dataclass_fields__.values()}
-    again = ctl(busy, "audit", "export", "--output", str(target))
+    again = busy.ctl("audit", "export", "--output", str(target))
     assert again.returncode != 0 and target.read_text().count("\n") == len(rows)
 
 
 def test_audit_reads_are_themselves_audited_with_the_operator(busy: Guardian) -> None:
-    ctl(busy, "audit", "verify")
+    busy.ctl("audit", "verify")
     row = [r for r in busy.audit_rows() if r["operation"] == "admin.audit.verify"][-1]
     assert row["agent"].startswith("@admin-socket:") and row["object_id"].startswith("intact:")
 

@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import OUTCOMES
 from gateway.tools import TOOL_NAMES
-from tests.harness import ROOT, Guardian
+from tests.harness import ROOT, Guardian, HttpAnswer
+from tests.harness import curl as harness_curl
 from tests.mcp_harness import call, http_client
 
 pytestmark = pytest.mark.anyio
@@ -39,7 +40,6 @@ METRIC_NAMES = (
     "agent_gateway_sessions_open",
     "agent_gateway_guardian_up",
 )
-_TRAILER = "\n--curl-trailer-- "
 
 
 @pytest.fixture
@@ -57,42 +57,11 @@ def agent(guardian: Guardian) -> tuple[str, str]:
 # -- curl ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    content_type: str
-    body: str
-
-    def json(self) -> Any:
-        return json.loads(self.body)
+def curl(port: int, path: str) -> HttpAnswer:
+    return harness_curl(f"http://127.0.0.1:{port}{path}")
 
 
-def curl(port: int, path: str) -> Answer:
-    """GET http://127.0.0.1:PORT/PATH with the real curl binary."""
-    result = subprocess.run(
-        [
-            CURL,
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "10",
-            "--write-out",
-            _TRAILER + "%{http_code} %{content_type}",
-            f"http://127.0.0.1:{port}{path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    body, separator, trailer = result.stdout.rpartition(_TRAILER)
-    assert separator, result.stdout
-    status, _, content_type = trailer.partition(" ")
-    return Answer(int(status), content_type, body)
-
-
-def wait_ready(port: int, *, ready: bool, timeout_s: float = 20.0) -> Answer:
+def wait_ready(port: int, *, ready: bool, timeout_s: float = 20.0) -> HttpAnswer:
     """Poll /readyz until it says ``ready`` (200) or not (503)."""
     deadline = time.monotonic() + timeout_s
     while True:

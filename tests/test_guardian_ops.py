@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,22 +23,15 @@ from guardian.config import load_config
 from shared.errors import ConfigError
 from shared.rpc.guardian.v1 import admin_pb2
 from tests.harness import Guardian, agent_pb2, running_guardian
+from tests.harness import curl as harness_curl
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def curl(url: str) -> tuple[int, str]:
-    """Status and body of a GET with the real curl."""
-    result = subprocess.run(
-        ["curl", "-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", url],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    )
-    body, _, status = result.stdout.rpartition("\n")
-    return int(status), body
+    answer = harness_curl(url)
+    return answer.status, answer.body
 
 
 def health(guardian: Guardian, service: str = "guardian.v1.AgentService") -> int:

@@ -60,15 +60,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.tools import TOOL_NAMES
 from guardian.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2
-from tests.harness import ROOT, Guardian, agent_pb2
+from tests.harness import ROOT, Guardian, HttpAnswer, agent_pb2
+from tests.harness import curl as harness_curl
 from tests.mcp_harness import call as ok
 from tests.mcp_harness import http_client
 
-CURL = "/usr/bin/curl"
 MISSING_ID = "mem_" + "0" * 32
 _UPPER_DIGITS = string.ascii_uppercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
-_TRAILER = "\n--curl-trailer-- "
 
 
 def _random(alphabet: str, length: int) -> str:
@@ -125,25 +124,8 @@ def excerpts(outputs: dict[str, bytes], needles: dict[str, bytes]) -> str:
 # -- processes ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: str
-
-
-def curl(base: str, path: str) -> Answer:
-    """GET base+path with the real curl binary."""
-    result = subprocess.run(
-        [CURL, "--silent", "--show-error", "--max-time", "10", "--write-out", _TRAILER + "%{http_code}", base + path],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    body, separator, status = result.stdout.rpartition(_TRAILER)
-    assert separator, result.stdout
-    return Answer(int(status), body)
+def curl(base: str, path: str) -> HttpAnswer:
+    return harness_curl(base + path)
 
 
 def log_entries(path: Path) -> list[dict[str, Any]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,21 +14,9 @@ import pytest
 import yaml
 
 from shared.rpc.guardian.v1 import admin_pb2
-from tests.harness import LOG_ONLY_ANOMALIES, ROOT, Guardian, agent_pb2, running_guardian
+from tests.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
 
 pb = agent_pb2
-
-
-def ctl(guardian: Guardian, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "guardian.ctl", "--socket", str(guardian.admin_socket), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-        check=False,
-    )
 
 
 def edited_policy(guardian: Guardian, tmp_path: Path, name: str, **changes) -> Path:
@@ -63,32 +49,32 @@ def test_validate_diff_apply_history_rollback(tmp_path: Path) -> None:
         original = version(guardian)
         read_only = edited_policy(guardian, tmp_path, "ro.yaml", agents={"bot": "read-only"})
 
-        checked = ctl(guardian, "policy", "validate", str(read_only))
+        checked = guardian.ctl("policy", "validate", str(read_only))
         assert checked.returncode == 0, checked.stderr
         assert "valid" in checked.stdout and "profile read-only" in checked.stdout
 
-        diff = ctl(guardian, "policy", "diff", str(read_only))
+        diff = guardian.ctl("policy", "diff", str(read_only))
         assert diff.returncode == 1 and "+agents:" in diff.stdout and "bot: read-only" in diff.stdout
 
-        applied = ctl(guardian, "--json", "policy", "apply", str(read_only))
+        applied = guardian.ctl("--json", "policy", "apply", str(read_only))
         assert applied.returncode == 0, applied.stderr
         new = json.loads(applied.stdout)
         assert new["previous"] == original and not new["unchanged"]
         assert version(guardian) == new["version"]
         assert not store_allowed(guardian, token)
-        again = json.loads(ctl(guardian, "--json", "policy", "apply", str(read_only)).stdout)
+        again = json.loads(guardian.ctl("--json", "policy", "apply", str(read_only)).stdout)
         assert again["unchanged"]
 
-        history = json.loads(ctl(guardian, "--json", "policy", "history").stdout)
+        history = json.loads(guardian.ctl("--json", "policy", "history").stdout)
         assert [entry["source"] for entry in history[:2]] == ["apply", "file"]
         assert history[0]["by"].startswith("@admin-socket:")
 
-        rolled = ctl(guardian, "policy", "rollback", original[:12])
+        rolled = guardian.ctl("policy", "rollback", original[:12])
         assert rolled.returncode == 0, rolled.stderr
         assert version(guardian) == original
         assert store_allowed(guardian, token)
 
-        shown = ctl(guardian, "policy", "show")
+        shown = guardian.ctl("policy", "show")
         assert original in shown.stdout and "rollback" in shown.stdout and "profiles:" in shown.stdout
 
         rows = [
@@ -120,7 +106,7 @@ def test_validate_diff_apply_history_rollback(tmp_path: Path) -> None:
 def test_a_bad_policy_is_refused_recorded_and_the_running_one_stays(text: str, message: str) -> None:
     with running_guardian() as guardian:
         before = version(guardian)
-        result = ctl(guardian, "policy", "apply", "-", stdin=text)
+        result = guardian.ctl("policy", "apply", "-", stdin=text)
         assert result.returncode == 1
         assert "invalid_argument" in result.stderr and message in result.stderr
         assert version(guardian) == before
@@ -160,7 +146,7 @@ def test_an_applied_policy_survives_a_restart_until_the_file_changes(tmp_path: P
     with running_guardian() as guardian:
         token = guardian.add_agent("bot")
         applied = edited_policy(guardian, tmp_path, "ro.yaml", agents={"bot": "read-only"})
-        assert ctl(guardian, "policy", "apply", str(applied)).returncode == 0
+        assert guardian.ctl("policy", "apply", str(applied)).returncode == 0
         applied_version = version(guardian)
         guardian.stop()
         guardian.start()
@@ -179,9 +165,9 @@ def test_an_applied_policy_survives_a_restart_until_the_file_changes(tmp_path: P
 
 def test_rollback_of_an_unknown_version() -> None:
     with running_guardian() as guardian:
-        result = ctl(guardian, "policy", "rollback", "deadbeefdeadbeef")
+        result = guardian.ctl("policy", "rollback", "deadbeefdeadbeef")
         assert result.returncode == 1 and "not_found" in result.stderr
-        short = ctl(guardian, "policy", "rollback", "abc")
+        short = guardian.ctl("policy", "rollback", "abc")
         assert short.returncode == 1 and "at least its first 8 hex digits" in short.stderr
 
 
@@ -257,16 +243,16 @@ def test_guardianctl_quarantine_list_show_release_purge() -> None:
                 stub.Store(pb.StoreRequest(session_id=session, memory=pb.MemoryDraft(content=text))).memory.id
                 for text in ("<script>first</script>", "<iframe src=x> second")
             ]
-        listed = json.loads(ctl(guardian, "--json", "quarantine", "list").stdout)
+        listed = json.loads(guardian.ctl("--json", "quarantine", "list").stdout)
         assert [row["id"] for row in listed] == ids and listed[0]["rules"] == ["script-injection"]
-        shown = ctl(guardian, "quarantine", "show", ids[0])
+        shown = guardian.ctl("quarantine", "show", ids[0])
         assert shown.returncode == 0 and "<script>first</script>" in shown.stdout and "writer" in shown.stdout
-        assert ctl(guardian, "quarantine", "release", ids[0]).returncode == 0
-        assert ctl(guardian, "quarantine", "purge", ids[1]).returncode == 0
-        assert json.loads(ctl(guardian, "--json", "quarantine", "list").stdout) == []
-        missing = ctl(guardian, "quarantine", "show", ids[1])
+        assert guardian.ctl("quarantine", "release", ids[0]).returncode == 0
+        assert guardian.ctl("quarantine", "purge", ids[1]).returncode == 0
+        assert json.loads(guardian.ctl("--json", "quarantine", "list").stdout) == []
+        missing = guardian.ctl("quarantine", "show", ids[1])
         assert missing.returncode == 1 and "not_found" in missing.stderr
-        bad = ctl(guardian, "quarantine", "release", "not-an-id")
+        bad = guardian.ctl("quarantine", "release", "not-an-id")
         assert bad.returncode == 1 and "invalid_argument" in bad.stderr
         operators = {r["agent"] for r in guardian.audit_rows() if r["operation"] == "admin.quarantine.release"}
         assert all(name.startswith("@admin-socket:") for name in operators)
