@@ -69,7 +69,7 @@ def load_config(path: Path) -> GuardianConfig:
     policy = _resolve(base, top.text("policy", "policy.yaml"))
     sockets = top.section("sockets")
     socket_dir = _resolve(base, sockets.text("dir", "run"))
-    socket_dir_mode = _mode(sockets, "dir_mode", "0700")
+    socket_dir_mode = _mode(sockets, "dir_mode", "0700", others_may_traverse=True)
     mode = _mode(sockets, "mode", "0660")
     agent_socket = SocketConfig(
         path=_socket_path(sockets, "agent", socket_dir / "agent.sock", base),
@@ -134,8 +134,8 @@ keys_dir: keys
 policy: policy.yaml
 sockets:
   dir: run
-  # 0700 when everything runs as one user; 0755 under systemd, where the
-  # sockets' own mode and group decide who may connect.
+  # 0700 when everything runs as one user; 0711 under systemd, where the
+  # sockets' own mode and group decide who may connect (others may only traverse).
   dir_mode: "0700"
   agent: run/agent.sock
   admin: run/admin.sock
@@ -169,14 +169,17 @@ def _resolve(base: Path, value: str) -> Path:
     return (base / value).resolve() if not os.path.isabs(value) else Path(value)
 
 
-def _mode(section: Section, key: str, default: str) -> int:
+def _mode(section: Section, key: str, default: str, *, others_may_traverse: bool = False) -> int:
+    """An octal mode that grants others nothing (a directory may let them traverse: o+x, never r or w)."""
     value = section.text(key, default)
     try:
         mode = int(value, 8)
     except ValueError:
         raise ConfigError(f'{section.child_path(key)}: expected an octal mode like "0660", got {value!r}') from None
-    if mode & ~0o777 or mode & 0o007:
-        raise ConfigError(f"{section.child_path(key)}: must grant nothing to others (got {value})")
+    forbidden = 0o006 if others_may_traverse else 0o007
+    if mode & ~0o777 or mode & forbidden:
+        allowed = "nothing but traversal (o+x)" if others_may_traverse else "nothing"
+        raise ConfigError(f"{section.child_path(key)}: must grant others {allowed} (got {value})")
     return mode
 
 
