@@ -616,3 +616,58 @@ def test_one_filter_set_serves_many_threads() -> None:
     assert errors == []
     assert all(results[index] == [expected[index]] * 5 for index in range(len(values)))
     assert all(outcome.quarantine and "hunter" not in outcome.draft.content for outcome in expected)
+
+
+# -- ordinary notes, a PEM header evasion, mixed case -------------------------------------------
+
+
+ORDINARY_NOTES = [
+    "Met with the design team about the onboarding flow on Tuesday.",
+    "The deploy to staging failed because the migration timed out.",
+    "Remember to rotate the on-call schedule before the holidays.",
+    "User prefers concise answers with code examples in Python.",
+    "The API returns 429 when the client sends more than 100 requests a minute.",
+    "Our password policy requires twelve characters and a passphrase is fine.",
+    "Ask Priya whether the secret santa budget is twenty euros.",
+    "The token bucket refills at two tokens per second.",
+    "Script for the demo: open the dashboard, then show the audit log.",
+    "Use the javascript console only in development builds.",
+    "Previous instructions from the manager: ship the fix by Friday.",
+    "The key insight was that caching reduced latency by forty percent.",
+    "AWS region eu-west-1 hosts the primary database replica.",
+    "GitHub Actions runs the test suite on every pull request.",
+    "Slack channel #incidents is where outages get announced.",
+    "The private key ceremony is scheduled with the security team next month.",
+    "Stripe webhooks retry for three days before giving up.",
+    "OpenAI and Anthropic models are both evaluated on the benchmark.",
+    "The sk-learn pipeline normalises features before training.",
+    "The JWT library was upgraded to fix a clock-skew bug.",
+    "Meeting notes: budget approved, hiring two engineers in Q3.",
+    "The customer asked to export their data as CSV.",
+    "Refactor the billing module into smaller services.",
+    "The iframe embedding of the help widget was removed last year.",
+    "On error, the client should retry with exponential backoff.",
+    "Ignore the flaky test in CI until the fix lands.",
+    "The system prompt for the support bot lives in the repo.",
+    "Tokens in the tokenizer are counted per message.",
+    "Set the api timeout to thirty seconds for large uploads.",
+    "The AKIA-style naming is only used in the docs as an example prefix.",
+    "Lunch order: two salads and a pizza for the team.",
+    "Remember: the standup moved to 9:30 starting Monday.",
+]
+
+
+@pytest.mark.parametrize("note", ORDINARY_NOTES)
+def test_no_false_positive_on_ordinary_notes(note: str) -> None:
+    outcome = DEFAULTS.scan(draft(note, tags=("notes", "work"), metadata={"source": "meeting"}))
+    assert outcome.hits == (), outcome.hits
+    assert outcome.draft.content == note
+
+
+def test_a_zero_width_space_inside_a_pem_header_is_still_refused() -> None:
+    refused_by(DEFAULTS, draft("stored -----BEGIN \u200bOPENSSH PRIVATE KEY----- here"))
+
+
+def test_case_insensitive_rules_catch_mixed_case() -> None:
+    assert DEFAULTS.scan(draft("<ScRiPt>x</sCrIpT>")).quarantine
+    assert DEFAULTS.scan(draft("PassWord = correct-horse")).draft.content == "[redacted:password-assignment]"
