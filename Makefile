@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# Extra options for `make bench`, e.g. BENCH_ARGS='--million' or BENCH_ARGS='--quick' (see python -m bench --help).
+BENCH_ARGS ?=
 
 .PHONY: run test lint stubs clean
 
@@ -28,6 +30,11 @@ lint: $(STAMP)
 ## stubs: regenerate shared/rpc from proto/
 stubs: $(STAMP)
 	$(PY) tools/gen_stubs.py
+
+## bench: the benchmark of issue 5 (1k and 100k memories, 1 and 16 clients); prints a table, writes bench/results/latest.json
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

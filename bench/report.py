@@ -1,0 +1,376 @@
+"""What a run found: the figures beside their floors, the targets of issue 5, the JSON.
+
+Every figure names the floor it is divided by, measured in the same run:
+
+- ``mcp-noop``: the no-op tool on the same MCP transport, same client code and
+  number of clients (for ``stdio`` and ``http`` figures);
+- ``grpc-noop``: the no-op unary call on the same kind of socket, same client
+  library and number of clients (for ``grpc`` figures);
+- ``sqlcipher-*``: the bare SQLCipher statement of the operation on a table of
+  the same size, one caller (beside every figure, as a second ratio).
+
+ratio = figure ops/s / floor ops/s: 1.0 would mean the operation costs nothing
+beyond its floor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Final
+
+from bench.load import Measurement
+
+__all__ = ["Figure", "Floor", "Report", "Target", "evaluate_targets"]
+
+ONE_K: Final = 1_000
+HUNDRED_K: Final = 100_000
+ONE_M: Final = 1_000_000
+_RSS_LIMIT_MB: Final = 150.0
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A floor measurement: what the same client gets from a server that does nothing (or bare SQL)."""
+
+    name: str
+    transport: str
+    size: int
+    measurement: Measurement
+    #: CPU ms per call of the floor's server ("server") and of the bench's clients ("client").
+    cpu_ms_per_op: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "name": self.name,
+            "transport": self.transport,
+            "size": self.size,
+            **self.measurement.to_json(),
+            "cpu_ms_per_op": self.cpu_ms_per_op,
+        }
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One operation through one transport at one concurrency and size, beside its floors."""
+
+    operation: str
+    transport: str
+    size: int
+    measurement: Measurement
+    floor: Floor | None
+    db_floor: Floor | None
+    #: Memories the table held (all namespaces) when the measurement began.
+    table_rows: int
+    memories_per_call: int = 1
+    #: CPU ms per call of the guardian, the gateway process(es) and the bench's clients.
+    cpu_ms_per_op: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """ops/s over the transport floor's ops/s."""
+        return _ratio(self.measurement, self.floor)
+
+    @property
+    def db_ratio(self) -> float | None:
+        """ops/s over the SQLCipher floor's ops/s."""
+        return _ratio(self.measurement, self.db_floor)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "operation": self.operation,
+            "transport": self.transport,
+            "size": self.size,
+            "table_rows_at_start": self.table_rows,
+            "memories_per_call": self.memories_per_call,
+            **self.measurement.to_json(),
+            "floor": None if self.floor is None else self.floor.name,
+            "floor_ops_per_s": None if self.floor is None else round(self.floor.measurement.ops_per_s, 2),
+            "ratio": _rounded(self.ratio),
+            "db_floor": None if self.db_floor is None else self.db_floor.name,
+            "db_floor_ops_per_s": None if self.db_floor is None else round(self.db_floor.measurement.ops_per_s, 2),
+            "db_ratio": _rounded(self.db_ratio),
+            "cpu_ms_per_op": self.cpu_ms_per_op,
+        }
+
+
+def _ratio(measurement: Measurement, floor: Floor | None) -> float | None:
+    if floor is None or floor.measurement.ops_per_s <= 0:
+        return None
+    return measurement.ops_per_s / floor.measurement.ops_per_s
+
+
+def _rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 5, evaluated: met is None when the run did not measure it."""
+
+    name: str
+    measured: float | None
+    threshold: float
+    comparison: str
+    met: bool | None
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "target": self.name,
+            "measured": _rounded(self.measured),
+            "comparison": self.comparison,
+            "threshold": self.threshold,
+            "met": self.met,
+            "detail": self.detail,
+        }
+
+
+def _target(name: str, measured: float | None, comparison: str, threshold: float, detail: str) -> Target:
+    if measured is None:
+        return Target(name, None, threshold, comparison, None, f"not measured in this run ({detail})")
+    met = measured >= threshold if comparison == ">=" else measured <= threshold
+    return Target(name, measured, threshold, comparison, met, detail)
+
+
+@dataclass
+class Report:
+    """Everything one run measured."""
+
+    options: dict[str, Any]
+    workload: dict[str, Any]
+    run_id: str
+    temp_root: str
+    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    finished_at: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    floors: list[Floor] = field(default_factory=list)
+    #: Per size: peak RSS (KiB) of the guardian and of each kind of gateway process.
+    rss: list[dict[str, Any]] = field(default_factory=list)
+    prefills: list[dict[str, Any]] = field(default_factory=list)
+    #: Per size: acknowledged writes against stored rows and audit rows.
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    #: Per size: EXPLAIN QUERY PLAN of the search floor and of the guardian's search SQL.
+    query_plans: list[dict[str, Any]] = field(default_factory=list)
+
+    def figure(self, operation: str, transport: str, clients: int, size: int) -> Figure | None:
+        """The figure measured for these, if any."""
+        for figure in self.figures:
+            if (figure.operation, figure.transport, figure.measurement.clients, figure.size) == (
+                operation,
+                transport,
+                clients,
+                size,
+            ):
+                return figure
+        return None
+
+    def to_json(self, targets: list[Target]) -> dict[str, Any]:
+        """The whole run, JSON-ready."""
+        return {
+            "schema": 1,
+            "run_id": self.run_id,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "machine": machine_info(),
+            "options": self.options,
+            "workload": self.workload,
+            "temp_root": self.temp_root,
+            "prefills": self.prefills,
+            "floors": [floor.to_json() for floor in self.floors],
+            "results": [figure.to_json() for figure in self.figures],
+            "peak_rss": self.rss,
+            "checks": self.checks,
+            "query_plans": self.query_plans,
+            "targets": [target.to_json() for target in targets],
+            "problems": self.problems,
+        }
+
+    def write_json(self, path: Path, targets: list[Target]) -> None:
+        """Write the JSON file (creating its directory)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(targets), indent=2) + "\n")
+
+    def table(self) -> str:
+        """The figures as a fixed-width table, then the floors."""
+        head = (
+            f"{'operation':<12} {'transport':<9} {'clients':>7} {'size':>8} {'ops/s':>9} {'p50 ms':>8} "
+            f"{'p99 ms':>8} {'floor':<9} {'floor/s':>9} {'ratio':>6} {'db floor':<22} {'db/s':>9} {'db ratio':>8} "
+            f"{'cpu ms/op guardian/gateway/client'}"
+        )
+        lines = [head, "-" * len(head)]
+        for figure in sorted(self.figures, key=_figure_order):
+            m = figure.measurement
+            lines.append(
+                f"{figure.operation:<12} {figure.transport:<9} {m.clients:>7} {figure.size:>8} {m.ops_per_s:>9.1f} "
+                f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {_floor_name(figure.floor):<9} {_floor_rate(figure.floor):>9} "
+                f"{_fmt(figure.ratio):>6} {_floor_name(figure.db_floor):<22} {_floor_rate(figure.db_floor):>9} "
+                f"{_fmt(figure.db_ratio):>8} {_cpu(figure.cpu_ms_per_op, ('guardian', 'gateway', 'client'))}"
+                + (f"  ({m.errors} errors)" if m.errors else "")
+            )
+        lines += ["", "floors (same run):", f"{'floor':<26} {'transport':<9} {'clients':>7} {'size':>8} "
+                  f"{'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} cpu ms/op server/client"]  # fmt: skip
+        for floor in self.floors:
+            m = floor.measurement
+            lines.append(
+                f"{floor.name:<26} {floor.transport:<9} {m.clients:>7} {floor.size:>8} {m.ops_per_s:>9.1f} "
+                f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {_cpu(floor.cpu_ms_per_op, ('server', 'client'))}"
+            )
+        lines += ["", "peak RSS (VmHWM):"]
+        for entry in self.rss:
+            parts = ", ".join(f"{name} {kib / 1000 * 1.024:.1f} MB" for name, kib in entry["kib"].items() if kib)
+            lines.append(f"  size {entry['size']}: {parts}")
+        return "\n".join(lines)
+
+
+_TRANSPORT_ORDER: Final = {"grpc": 0, "stdio": 1, "http": 2}
+_OPERATION_ORDER: Final = {"store": 0, "store_batch": 1, "get": 2, "search": 3, "list": 4}
+
+
+def _figure_order(figure: Figure) -> tuple[int, int, int, int]:
+    return (
+        figure.size,
+        _OPERATION_ORDER.get(figure.operation, 9),
+        _TRANSPORT_ORDER.get(figure.transport, 9),
+        figure.measurement.clients,
+    )
+
+
+def _floor_name(floor: Floor | None) -> str:
+    return "-" if floor is None else floor.name
+
+
+def _floor_rate(floor: Floor | None) -> str:
+    return "-" if floor is None else f"{floor.measurement.ops_per_s:.1f}"
+
+
+def _cpu(cpu: dict[str, float], names: tuple[str, ...]) -> str:
+    return "/".join(f"{cpu[name]:.2f}" if name in cpu else "-" for name in names)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _rss_mb(report: Report, size: int, process: str) -> float | None:
+    for entry in report.rss:
+        if entry["size"] == size:
+            values = [kib for name, kib in entry["kib"].items() if name.startswith(process) and kib]
+            return max(values) * 1024 / 1e6 if values else None
+    return None
+
+
+def evaluate_targets(report: Report) -> list[Target]:
+    """The targets of issue 5, each with the figure that decides it."""
+    targets: list[Target] = []
+    sizes = sorted({figure.size for figure in report.figures})
+    for size in sizes:
+        figure = report.figure("store", "stdio", 1, size)
+        targets.append(
+            _target(
+                f"store via gateway stdio, 1 client, at {size}: ratio to the MCP no-op floor",
+                figure.ratio if figure else None,
+                ">=",
+                0.75,
+                "memory_store over stdio / no-op tool over stdio, serial",
+            )
+        )
+    for size, threshold in ((HUNDRED_K, 0.6), (ONE_M, 0.4)):
+        for transport in ("stdio", "http"):
+            for clients in sorted({f.measurement.clients for f in report.figures}) or [1]:
+                figure = report.figure("search", transport, clients, size)
+                targets.append(
+                    _target(
+                        f"search via gateway {transport}, {clients} client(s), at {size}: ratio to the MCP no-op floor",
+                        figure.ratio if figure else None,
+                        ">=",
+                        threshold,
+                        f"memory_search over {transport} / no-op tool over {transport}",
+                    )
+                )
+    for size in sizes:
+        figure = report.figure("store", "grpc", 16, size)
+        check = next((c for c in report.checks if c["size"] == size), None)
+        verified = bool(check and check.get("ok"))
+        detail = "Store over the agent socket / gRPC no-op, 16 clients each; " + (
+            "every acknowledged store found stored and audited" if verified else "stored/audited check FAILED"
+        )
+        target = _target(
+            f"direct gRPC store, 16 clients, at {size}: ratio to the gRPC no-op floor",
+            figure.ratio if figure else None,
+            ">=",
+            0.7,
+            detail,
+        )
+        if target.met and not verified:
+            target = Target(target.name, target.measured, target.threshold, ">=", False, detail)
+        targets.append(target)
+    for transport in ("grpc", "stdio", "http"):
+        for clients in sorted({f.measurement.clients for f in report.figures}) or [1]:
+            small = report.figure("store", transport, clients, ONE_K)
+            large = report.figure("store", transport, clients, HUNDRED_K)
+            ratio = None
+            if small and large and small.measurement.ops_per_s > 0:
+                ratio = large.measurement.ops_per_s / small.measurement.ops_per_s
+            targets.append(
+                _target(
+                    f"store throughput at 100k / at 1k, {transport}, {clients} client(s)",
+                    ratio,
+                    ">=",
+                    0.9,
+                    "store ops/s at 100,000 memories over store ops/s at 1,000",
+                )
+            )
+    for process in ("guardian", "gateway"):
+        targets.append(
+            _target(
+                f"peak RSS of the {process} at 100k (MB)",
+                _rss_mb(report, HUNDRED_K, process),
+                "<=",
+                _RSS_LIMIT_MB,
+                f"VmHWM of the {process} process(es) at 100,000 memories, the largest one",
+            )
+        )
+    return targets
+
+
+def render_targets(targets: list[Target]) -> str:
+    """The targets as lines: met / NOT MET / not measured."""
+    lines = ["targets of issue 5:"]
+    for target in targets:
+        state = "not measured" if target.met is None else ("met" if target.met else "NOT MET")
+        measured = "-" if target.measured is None else f"{target.measured:.3f}"
+        lines.append(f"  [{state:^12}] {target.name}: {measured} (needs {target.comparison} {target.threshold})")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU count, Python and library versions, platform."""
+    packages: dict[str, str | None] = {}
+    for package in ("mcp", "grpcio", "sqlcipher3", "protobuf", "uvicorn"):
+        try:
+            packages[package] = version(package)
+        except PackageNotFoundError:
+            packages[package] = None
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "load_average_at_end": load,
+        "packages": packages,
+    }

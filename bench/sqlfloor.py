@@ -1,0 +1,234 @@
+"""The storage floor: bare SQLCipher doing each operation's SQL on a table of the same size.
+
+A database of its own beside the guardian's, opened as ``guardian.database``
+opens its own (a raw 32-byte key as the first statement, ``cipher_version``
+checked, ``foreign_keys`` on, WAL, ``synchronous = NORMAL``), with the
+guardian's ``memories`` table, indexes, external-content FTS5 table and
+triggers (schema version 3, without the audit table), filled with the same
+seeded corpus as the guardian. What is left out is exactly what the guardian
+adds: the pipeline, the sha256 and HMACs (the columns hold fixed strings of
+the same length), the audit row and its chain, the policy and gRPC.
+
+Operations, one call each:
+
+- ``insert``: one row in its own ``BEGIN IMMEDIATE ... COMMIT`` (the floor of store);
+- ``insert_batch``: corpus.BATCH_SIZE rows in one transaction (of store_batch);
+- ``get``: one row by id, scoped like the guardian's query (of get);
+- ``fts``: the guardian's search query (FTS5 MATCH of the words joined by OR,
+  joined to the rows, scoped, ordered by bm25, LIMIT) with FTS5 as the outer
+  loop, so its cost follows the matches (of search);
+- ``fts_as_guardian``: the guardian's search SQL text exactly, as a diagnostic:
+  SQLite plans it from the namespace index and evaluates the MATCH once per
+  memory of the namespace, so it grows with the table, not with the matches;
+- ``list``: one page newest first by keyset, following the cursor like the clients (of list).
+
+Always one caller: SQLite has one writer, and the guardian serves every request,
+reads too, on its single writer connection (the audit row shares the transaction).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import sqlcipher3
+
+from bench.corpus import BATCH_SIZE, LIST_DEPTH, LIST_PAGE_SIZE, SEARCH_LIMIT, Corpus, MemoryText
+
+__all__ = ["FLOOR_OF", "SqlFloor"]
+
+#: Which floor operation stands beside which measured operation.
+FLOOR_OF: Final = {"store": "insert", "store_batch": "insert_batch", "get": "get", "search": "fts", "list": "list"}
+
+# guardian/database.py after its migrations, less the audit and policy tables.
+_SCHEMA: Final = (
+    """CREATE TABLE agents (
+        name TEXT PRIMARY KEY, token_key_id TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
+        created_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER)""",
+    """CREATE TABLE memories (
+        rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, agent TEXT NOT NULL REFERENCES agents(name),
+        created_at_ms INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL, content TEXT NOT NULL,
+        tags TEXT NOT NULL, metadata TEXT NOT NULL, sha256 TEXT NOT NULL, key_id TEXT NOT NULL,
+        hmac TEXT NOT NULL, namespace TEXT NOT NULL DEFAULT '', status TEXT NOT NULL DEFAULT 'active',
+        filter_hits TEXT NOT NULL DEFAULT '', sig_format INTEGER NOT NULL DEFAULT 1)""",
+    "CREATE INDEX memories_by_namespace_newest ON memories(namespace, status, created_at_ms DESC, rowid DESC)",
+    "CREATE INDEX memories_by_age ON memories(created_at_ms)",
+    "CREATE INDEX memories_held ON memories(status, created_at_ms) WHERE status <> 'active'",
+    """CREATE VIRTUAL TABLE memories_fts USING fts5(
+        content, tags, content='memories', content_rowid='rowid', tokenize='unicode61 remove_diacritics 2')""",
+    """CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN
+        INSERT INTO memories_fts(rowid, content, tags) VALUES (new.rowid, new.content, new.tags);
+    END""",
+    """CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, content, tags)
+        VALUES ('delete', old.rowid, old.content, old.tags);
+    END""",
+)
+_COLUMNS: Final = (
+    "rowid, id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata, sha256,"
+    " key_id, hmac, sig_format, status, filter_hits"
+)
+_M_COLUMNS: Final = ", ".join("m." + column for column in _COLUMNS.split(", "))
+_INSERT: Final = (
+    "INSERT INTO memories (id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata,"
+    " sha256, key_id, hmac, sig_format, status, filter_hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The guardian's search (guardian/memories.py) as written: the planner drives it from the
+# namespace index and runs the MATCH once per row of the namespace.
+_SEARCH_AS_GUARDIAN: Final = (
+    f"SELECT {_M_COLUMNS}, bm25(memories_fts) AS rank"  # noqa: S608 - constants only
+    " FROM memories_fts JOIN memories AS m ON m.rowid = memories_fts.rowid"
+    " WHERE memories_fts MATCH ? AND m.namespace IN (?) AND m.status = 'active' AND m.created_at_ms >= ?"
+    " ORDER BY rank LIMIT ?"
+)
+# The same query, the same answer, with FTS5 as the outer loop (CROSS JOIN fixes the order in
+# SQLite): the work is proportional to the matches. This is the floor of search.
+_SEARCH: Final = _SEARCH_AS_GUARDIAN.replace(" JOIN memories AS m", " CROSS JOIN memories AS m")
+_GET: Final = (
+    f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND namespace IN (?)"  # noqa: S608 - constants only
+    " AND status = 'active' AND created_at_ms >= ?"
+)
+_LIST: Final = (
+    f"SELECT {_COLUMNS} FROM memories WHERE namespace IN (?)"  # noqa: S608 - constants only
+    " AND status = 'active' AND created_at_ms >= ?"
+    " AND (created_at_ms < ? OR (created_at_ms = ? AND rowid < ?))"
+    " ORDER BY created_at_ms DESC, rowid DESC LIMIT ?"
+)
+_HEX64: Final = "0" * 64
+_FILL_CHUNK: Final = 10_000
+_NAMESPACE: Final = "bench"
+
+
+def _connect(path: Path, key_hex: str) -> Any:
+    connection = sqlcipher3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+    connection.execute(f"PRAGMA key = \"x'{key_hex}'\"")  # random hex made below, never input
+    if not connection.execute("PRAGMA cipher_version").fetchone()[0]:
+        raise RuntimeError("sqlcipher3 is not a SQLCipher build")
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("PRAGMA busy_timeout = 30000")
+    return connection
+
+
+class SqlFloor:
+    """A SQLCipher database with the guardian's schema, filled to a size."""
+
+    def __init__(self, path: Path, corpus: Corpus) -> None:
+        self._corpus = corpus
+        self._key = secrets.token_hex(32)
+        self._db = _connect(path, self._key)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        for statement in _SCHEMA:
+            self._db.execute(statement)
+        self._db.execute(
+            "INSERT INTO agents VALUES (?, 'k1', ?, ?, NULL)", (_NAMESPACE, secrets.token_hex(32), _now_ms())
+        )
+        self._ids: list[str] = []
+        self._cursor: tuple[int, int] | None = None
+        self._pages = 0
+        self.memories = 0
+
+    def _row(self, text: MemoryText, now_ms: int) -> tuple[Any, ...]:
+        memory_id = "mem_" + secrets.token_hex(16)
+        tags = json.dumps(list(text.tags), separators=(",", ":"))
+        metadata = json.dumps(text.metadata, sort_keys=True, separators=(",", ":"))
+        return (memory_id, _NAMESPACE, _NAMESPACE, now_ms, now_ms, text.content, tags, metadata,
+                _HEX64, "k1", _HEX64, 2, "active", "")  # fmt: skip
+
+    def fill(self, count: int) -> float:
+        """Insert count rows of the corpus in large transactions; the seconds it took."""
+        started = time.perf_counter()
+        for start in range(0, count, _FILL_CHUNK):
+            now = _now_ms()
+            rows = [self._row(self._corpus.memory(start + i), now) for i in range(min(_FILL_CHUNK, count - start))]
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(_INSERT, rows)
+            self._db.execute("COMMIT")
+            self._ids.extend(row[0] for row in rows[:: max(1, count // 100_000)])
+        self.memories += count
+        return time.perf_counter() - started
+
+    def insert(self) -> None:
+        """One row, one transaction."""
+        row = self._row(self._corpus.memory(self.memories), _now_ms())
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute(_INSERT, row)
+        self._db.execute("COMMIT")
+        self.memories += 1
+
+    def insert_batch(self) -> None:
+        """BATCH_SIZE rows, one transaction."""
+        now = _now_ms()
+        rows = [self._row(text, now) for text in self._corpus.batch(self.memories)]
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.executemany(_INSERT, rows)
+        self._db.execute("COMMIT")
+        self.memories += BATCH_SIZE
+
+    def get(self) -> None:
+        """One row by id."""
+        memory_id = self._corpus.pick(self._ids)
+        if self._db.execute(_GET, (memory_id, _NAMESPACE, 0)).fetchone() is None:
+            raise RuntimeError("the floor lost a row")
+
+    def _match(self) -> str:
+        return " OR ".join(f'"{word}"' for word in self._corpus.query().split())
+
+    def fts(self) -> None:
+        """The search query, FTS5 first (the floor of search)."""
+        self._db.execute(_SEARCH, (self._match(), _NAMESPACE, 0, SEARCH_LIMIT)).fetchall()
+
+    def fts_as_guardian(self) -> None:
+        """The guardian's search SQL exactly as it is written (a diagnostic, not a floor)."""
+        self._db.execute(_SEARCH_AS_GUARDIAN, (self._match(), _NAMESPACE, 0, SEARCH_LIMIT)).fetchall()
+
+    def plans(self) -> dict[str, list[str]]:
+        """EXPLAIN QUERY PLAN of the floor's search and of the guardian's search SQL."""
+        plans: dict[str, list[str]] = {}
+        for name, query in (("fts", _SEARCH), ("fts_as_guardian", _SEARCH_AS_GUARDIAN)):
+            rows = self._db.execute("EXPLAIN QUERY PLAN " + query, ('"x"', _NAMESPACE, 0, SEARCH_LIMIT)).fetchall()
+            plans[name] = [str(row[-1]) for row in rows]
+        return plans
+
+    def list(self) -> None:
+        """One page newest first, following the cursor LIST_DEPTH pages deep."""
+        before_ms, before_rowid = self._cursor or (2**62, 2**62)
+        rows = self._db.execute(
+            _LIST, (_NAMESPACE, 0, before_ms, before_ms, before_rowid, LIST_PAGE_SIZE + 1)
+        ).fetchall()
+        self._pages += 1
+        more = len(rows) > LIST_PAGE_SIZE and self._pages < LIST_DEPTH
+        self._cursor = (rows[LIST_PAGE_SIZE - 1][4], rows[LIST_PAGE_SIZE - 1][0]) if more else None
+        if self._cursor is None:
+            self._pages = 0
+
+    def trim(self, keep: int) -> None:
+        """Delete the rows stored after the first keep (what insert measurements added)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("DELETE FROM memories WHERE rowid > ?", (keep,))
+        self._db.execute("COMMIT")
+        self.memories = keep
+
+    def operation(self, name: str) -> Callable[[], None]:
+        """The floor operation called name (see FLOOR_OF)."""
+        operations: dict[str, Callable[[], None]] = {
+            "insert": self.insert,
+            "insert_batch": self.insert_batch,
+            "get": self.get,
+            "fts": self.fts,
+            "fts_as_guardian": self.fts_as_guardian,
+            "list": self.list,
+        }
+        return operations[name]
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
