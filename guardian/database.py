@@ -8,6 +8,12 @@ on a connection. ``cipher_version`` proves the build is SQLCipher.
 Concurrency: WAL; one long-lived writer connection used under a lock (every
 change and every audit row goes through it, so the audit row shares the
 change's transaction); one long-lived reader connection per thread.
+
+Group commit (:meth:`Database.submit`): requests that arrive while a
+transaction is running queue up, and the next thread to take the writer runs
+all of them in one transaction, each inside its own savepoint (a job that
+fails rolls back alone), and commits once. Every job returns only after the
+commit that made it durable; if that commit fails, every job in it fails.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import sqlcipher3
 
@@ -29,6 +36,22 @@ __all__ = ["SCHEMA_VERSION", "Connection", "Database"]
 _HEX_KEY_RE: Final = re.compile(r"[0-9a-f]{64}")
 #: Below this much free space the guardian reports itself not ready (writes would soon fail).
 _MIN_FREE_BYTES: Final = 1024 * 1024
+
+
+T = TypeVar("T")
+
+#: The most jobs one group commit takes (bounds how long one transaction holds the writer).
+_MAX_GROUP: Final = 64
+
+
+@dataclass(eq=False)
+class _Job(Generic[T]):
+    """One unit of work waiting for a group commit."""
+
+    work: Any
+    done: bool = False
+    result: T | None = None
+    error: BaseException | None = field(default=None, repr=False)
 
 
 class Connection(Protocol):
@@ -197,6 +220,8 @@ class Database:
         # NORMAL in WAL mode: a committed transaction survives a crash of this process.
         self._writer.execute("PRAGMA synchronous = NORMAL")
         self._write_lock = threading.Lock()
+        self._queue: list[_Job[Any]] = []
+        self._queue_lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
@@ -237,6 +262,53 @@ class Database:
                 self._writer.execute("ROLLBACK")
                 raise
             self._writer.execute("COMMIT")
+
+    def submit(self, work: Callable[[Connection], T]) -> T:
+        """Run work in a write transaction shared with concurrent jobs; return once it is committed.
+
+        work runs inside a savepoint: if it raises, only its own changes are rolled back and
+        the exception is raised here. Group commit: see the module docstring.
+        """
+        job: _Job[T] = _Job(work)
+        with self._queue_lock:
+            self._queue.append(job)
+        with self._write_lock:
+            if not job.done:  # no earlier leader took it: lead a group that includes it
+                if self._closed:
+                    raise InternalError("the database is closed")
+                with self._queue_lock:
+                    group, self._queue = self._queue[:_MAX_GROUP], self._queue[_MAX_GROUP:]
+                self._commit_group(group)
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]
+
+    def _commit_group(self, group: list[_Job[Any]]) -> None:
+        """Run group in one transaction (one savepoint each) and commit once; called with the writer held.
+
+        Every job ends done: with its result, its own error, or (if the transaction as a
+        whole failed) the transaction's error, since none of its changes were committed.
+        """
+        writer = self._writer
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            for job in group:
+                writer.execute("SAVEPOINT job")
+                try:
+                    job.result = job.work(writer)
+                except Exception as exc:  # the job's own failure: undo only its changes
+                    writer.execute("ROLLBACK TO job")
+                    job.error = exc
+                writer.execute("RELEASE job")
+            writer.execute("COMMIT")
+        except BaseException as exc:
+            with suppress(Exception):
+                writer.execute("ROLLBACK")
+            for job in group:
+                job.error = job.error or exc
+        finally:
+            for job in group:
+                job.done = True
 
     def reader(self) -> Connection:
         """This thread's long-lived read connection."""

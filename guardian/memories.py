@@ -185,7 +185,8 @@ class MemoryStore:
         """Memories in scope matching query, best first, with a score (higher is better)."""
         rows = connection.execute(
             f"SELECT {_M_COLUMNS}, bm25(memories_fts) AS rank"  # noqa: S608 - constant columns and placeholders
-            " FROM memories_fts JOIN memories AS m ON m.rowid = memories_fts.rowid"
+            # CROSS JOIN: the full-text index drives (cost follows the matches, not the namespace's size).
+            " FROM memories_fts CROSS JOIN memories AS m ON m.rowid = memories_fts.rowid"
             f" WHERE memories_fts MATCH ? AND m.namespace IN ({scope.placeholders})"
             " AND m.status = 'active' AND m.created_at_ms >= ? ORDER BY rank LIMIT ?",
             (fts_query(query), *scope.namespaces, scope.not_before_ms, limit),

@@ -10,8 +10,9 @@ outcome (allowed or denied) writes exactly one audit row:
 5. content   normalise, then the policy's filters: reject, redact, quarantine, flag
 6. data      the handler's work, scoped to the agent's namespaces and read window
 7. integrity every row read is verified (memories.py); a mismatch is DATA_LOSS
-8. audit     the allow row shares the change's transaction; a deny row is
-             written on its own; if either cannot be written the request fails
+8. audit     the allow row shares the change's transaction (a read runs on a
+             snapshot and its row follows in a short write); a deny row is
+             written on its own; if any cannot be written the request fails
 9. anomaly   sliding windows over what happened; may lock the session or agent
 
 A method missing from :data:`AGENT_RULES` or :data:`ADMIN_RULES` is never served.
@@ -82,6 +83,9 @@ class Rule:
     rate: RateKind | None = None
     #: Whether the session stage authenticates an agent token instead (OpenSession).
     authenticates: bool = False
+    #: Whether the handler's work only reads: it runs on a read snapshot, outside the writer,
+    #: and only the audit row takes a (short) write transaction.
+    reads_only: bool = False
 
 
 #: The agent service's dispatch table: one row per RPC, nothing else is served.
@@ -90,9 +94,9 @@ AGENT_RULES: Final[dict[str, Rule]] = {
     "CloseSession": Rule("session.close", None, needs_session=True),
     "Store": Rule("memory.store", "store", needs_session=True, rate="write"),
     "StoreBatch": Rule("memory.store_batch", "store", needs_session=True, rate="write"),
-    "Get": Rule("memory.get", "get", needs_session=True, rate="read"),
-    "Search": Rule("memory.search", "search", needs_session=True, rate="read"),
-    "List": Rule("memory.list", "list", needs_session=True, rate="read"),
+    "Get": Rule("memory.get", "get", needs_session=True, rate="read", reads_only=True),
+    "Search": Rule("memory.search", "search", needs_session=True, rate="read", reads_only=True),
+    "List": Rule("memory.list", "list", needs_session=True, rate="read", reads_only=True),
     "Update": Rule("memory.update", "update", needs_session=True, rate="write"),
     "Delete": Rule("memory.delete", "delete", needs_session=True, rate="write"),
 }
@@ -101,21 +105,21 @@ AGENT_RULES: Final[dict[str, Rule]] = {
 #: file mode and group are its access control; no admin RPC takes a session.
 ADMIN_RULES: Final[dict[str, Rule]] = {
     "AddAgent": Rule("admin.agent.add", None, needs_session=False),
-    "ListAgents": Rule("admin.agent.list", None, needs_session=False),
+    "ListAgents": Rule("admin.agent.list", None, needs_session=False, reads_only=True),
     "RevokeAgent": Rule("admin.agent.revoke", None, needs_session=False),
     "UnlockAgent": Rule("admin.agent.unlock", None, needs_session=False),
-    "ShowPolicy": Rule("admin.policy.show", None, needs_session=False),
-    "ValidatePolicy": Rule("admin.policy.validate", None, needs_session=False),
-    "DiffPolicy": Rule("admin.policy.diff", None, needs_session=False),
+    "ShowPolicy": Rule("admin.policy.show", None, needs_session=False, reads_only=True),
+    "ValidatePolicy": Rule("admin.policy.validate", None, needs_session=False, reads_only=True),
+    "DiffPolicy": Rule("admin.policy.diff", None, needs_session=False, reads_only=True),
     "ApplyPolicy": Rule("admin.policy.apply", None, needs_session=False),
-    "PolicyHistory": Rule("admin.policy.history", None, needs_session=False),
+    "PolicyHistory": Rule("admin.policy.history", None, needs_session=False, reads_only=True),
     "RollbackPolicy": Rule("admin.policy.rollback", None, needs_session=False),
-    "ListQuarantine": Rule("admin.quarantine.list", None, needs_session=False),
-    "ShowQuarantined": Rule("admin.quarantine.show", None, needs_session=False),
+    "ListQuarantine": Rule("admin.quarantine.list", None, needs_session=False, reads_only=True),
+    "ShowQuarantined": Rule("admin.quarantine.show", None, needs_session=False, reads_only=True),
     "ReleaseQuarantined": Rule("admin.quarantine.release", None, needs_session=False),
     "PurgeQuarantined": Rule("admin.quarantine.purge", None, needs_session=False),
-    "QueryAudit": Rule("admin.audit.query", None, needs_session=False),
-    "VerifyAudit": Rule("admin.audit.verify", None, needs_session=False),
+    "QueryAudit": Rule("admin.audit.query", None, needs_session=False, reads_only=True),
+    "VerifyAudit": Rule("admin.audit.verify", None, needs_session=False, reads_only=True),
 }
 
 #: Every method path either socket serves, as gRPC names it.
@@ -230,9 +234,19 @@ class Pipeline:
             self._policy_stage(call)
             self._rate_stage(call)
             self._content_stage(call)
-            with self._core.database.write() as connection:
-                response = work(connection)
-                self._core.audit.append(connection, self._record(call, "allow", self._allow_reason(call)))
+            database = self._core.database
+            if rule.reads_only:
+                with database.snapshot() as reader:
+                    response = work(reader)
+                self._append_audit(call, "allow", self._allow_reason(call))
+            else:
+
+                def work_and_audit(connection: Connection) -> Any:
+                    result = work(connection)
+                    self._core.audit.append(connection, self._record(call, "allow", self._allow_reason(call)))
+                    return result
+
+                response = database.submit(work_and_audit)
             for hook in call.after_commit:
                 hook()
         except GuardianError as error:
@@ -404,8 +418,7 @@ class Pipeline:
         if isinstance(error, RateLimited):
             metrics.rate_limited.labels(call.rule.rate or "none").inc()
         try:
-            with self._core.database.write() as connection:
-                self._core.audit.append(connection, self._record(call, decision, reason))
+            self._append_audit(call, decision, reason)
         except Exception:
             log.exception("could not write the audit row of a denied %s", call.method)
             self._observe(call, "error", started)
@@ -421,6 +434,11 @@ class Pipeline:
             },
         )
         abort_with(context, error)
+
+    def _append_audit(self, call: Call, decision: audit.Decision, reason: str) -> None:
+        """Append the call's audit row on its own (group-committed with concurrent requests)."""
+        record = self._record(call, decision, reason)
+        self._core.database.submit(lambda connection: self._core.audit.append(connection, record))
 
     def _observe(self, call: Call, decision: audit.Decision, started: float) -> None:
         """Count the outcome; an admin action also goes to the security log."""
