@@ -127,11 +127,13 @@ def _from_status(exc: grpc.aio.AioRpcError) -> GuardianError:
         return NotFound(_details(exc, "not found"))
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(_details(exc, "the request cannot run in the current state"))
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    # CANCELLED: the gateway never cancels a call it still awaits (that is an asyncio
+    # CancelledError), so it comes from a stopping guardian dropping calls it had not started.
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return Unavailable(UNAVAILABLE_MESSAGE)
     if code is grpc.StatusCode.DATA_LOSS:
         return DataLoss(_details(exc, "a stored memory failed its integrity check"))
-    # INTERNAL never carries detail; UNKNOWN, CANCELLED, ... are bugs or faults.
+    # INTERNAL never carries detail; UNKNOWN, UNIMPLEMENTED, ... are bugs or faults.
     return InternalError()
 
 

@@ -11,6 +11,9 @@
 # policy (only if absent: an edited policy is kept), the units and the logrotate
 # config, then enables and starts both units and says how to add the first agent.
 set -euo pipefail
+# Whatever root's umask is (027 and 077 are common on hardened hosts), the programs under
+# /opt must be readable by the service users; every secret below gets an explicit mode.
+umask 022
 
 readonly SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly PREFIX=/opt/agent-guardian
@@ -21,6 +24,10 @@ readonly STATE=/var/lib/agent-guardian
 readonly LOGS=/var/log/agent-guardian
 readonly UNITS=(agent-guardian.service agent-gateway.service)
 readonly UNIT_DIR=/etc/systemd/system
+
+# The scratch copy the package is built from (install_programs); removed however the script ends.
+BUILD_DIR=""
+trap '[[ -z $BUILD_DIR ]] || rm -rf "$BUILD_DIR"' EXIT
 
 say() { printf 'agent-guardian install: %s\n' "$*"; }
 die() { printf 'agent-guardian install: error: %s\n' "$*" >&2; exit 1; }
@@ -43,7 +50,12 @@ install_programs() {
     python3 "$SRC/tools/bootstrap_venv.py" "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # A copy, not an editable install: the service never runs code from the source tree.
-    "$VENV/bin/python" -m pip install --quiet --no-cache-dir "$SRC"
+    # Built from a scratch copy: pip builds in the tree it is given, and root-owned build/
+    # and *.egg-info left in the caller's checkout would break their own `make run`.
+    BUILD_DIR=$(mktemp -d)
+    tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude=./var --exclude=./build \
+        --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$BUILD_DIR" -xf -
+    "$VENV/bin/python" -m pip install --quiet --no-cache-dir "$BUILD_DIR"
     install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
     ln -sfn "$VENV/bin/guardianctl" /usr/local/bin/guardianctl
 }

@@ -161,6 +161,7 @@ STATUS_TABLE = [
     (grpc.StatusCode.DATA_LOSS, "integrity check failed", DataLoss, "integrity check failed"),
     (grpc.StatusCode.UNAVAILABLE, "shutting down", Unavailable, UNAVAILABLE_MESSAGE),
     (grpc.StatusCode.DEADLINE_EXCEEDED, "slow", Unavailable, UNAVAILABLE_MESSAGE),
+    (grpc.StatusCode.CANCELLED, "server shutting down", Unavailable, UNAVAILABLE_MESSAGE),
     (grpc.StatusCode.INTERNAL, "a stack trace /var/lib/x", InternalError, "internal error"),
     (grpc.StatusCode.UNKNOWN, "boom", InternalError, "internal error"),
     (grpc.StatusCode.UNIMPLEMENTED, "", InternalError, "internal error"),

@@ -1,0 +1,683 @@
+"""Issue 6: deployed as two users under a real systemd, installed in one command, restarted unit by unit.
+
+systemd boots as PID 1 in a throwaway Debian 12 root (tests/system/throwaway_root.py
+says how, and why it never touches the host's own root); the working tree is
+copied to /usr/src/agent-guardian there and ``systemd/install.sh`` runs twice.
+Then, as real users of that system: who may reach which socket and read which
+file; the exposure scores of the units; four MCP clients writing through the
+gateway while the guardian is restarted, the gateway is restarted and the
+policy is reloaded; and uninstall (keeping data, then purging).
+
+It needs root, namespaces, a cgroup2 hierarchy and debootstrap (installed with
+apt-get when missing); otherwise it skips and says why.
+AGENT_GUARDIAN_SYSTEM_TEST=off skips it; =require turns every skip into a failure (for CI).
+The figures (exposure scores, restart figures, timings) are printed as it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.system.throwaway_root import (
+    BootedSystem,
+    Unavailable,
+    booted,
+    check_host,
+    fresh_copy,
+    pristine_root,
+    remove_copy,
+)
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SRC = "/usr/src/agent-guardian"
+INSTALL = f"{SRC}/systemd/install.sh"
+VENV_PYTHON = "/opt/agent-guardian/venv/bin/python"
+CLIENTS = f"{SRC}/tests/system/mcp_clients.py"
+PROBE = f"{SRC}/tests/system/access_probe.py"
+#: Inside the root, on its disk (so the host sees it too): token files and load records.
+WORK = "/var/tmp/agent-guardian-systest"
+ETC = "/etc/agent-guardian"
+AGENT_SOCKET = "/run/agent-guardian/agent.sock"
+ADMIN_SOCKET = "/run/agent-guardian/admin.sock"
+DATABASE = "/var/lib/agent-guardian/data/memory.db"
+KEY_FILES = ("db.key", "memory.keys", "audit.keys", "token.keys")
+GUARDIAN_LOG = "/var/log/agent-guardian/guardian.log"
+SECURITY_LOG = "/var/log/agent-guardian/security.log"
+
+GUARDIAN_MAX_EXPOSURE = 1.5
+GATEWAY_MAX_EXPOSURE = 2.5
+LOAD_CLIENTS = 4
+MAX_CALL_LATENCY_S = 15.0
+MAX_RECOVERY_S = 2.0
+#: Install runs under this umask the first time: the venv must still be readable by the gateway's user.
+STRICT_UMASK = "077"
+#: Environment for install.sh: pip verifies PyPI against the (host's) CA bundle copied into the root.
+INSTALL_ENV = (
+    "PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+    "PIP_DISABLE_PIP_VERSION_CHECK=1",
+    "PIP_DEFAULT_TIMEOUT=120",
+)
+
+
+def report(capsys: pytest.CaptureFixture[str], *lines: str) -> None:
+    """Print to the terminal even under capture, so `make test` shows the figures."""
+    with capsys.disabled():
+        print()
+        for line in lines:
+            print(f"  [systemd system test] {line}")
+
+
+@dataclass
+class Deployment:
+    """The booted system after two installs, and what was observed around them."""
+
+    system: BootedSystem
+    run: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    cold_cache: bool = False
+    first_install_output: str = ""
+    second_install_output: str = ""
+    keys_before: dict[str, str] = field(default_factory=dict)
+    keys_after: dict[str, str] = field(default_factory=dict)
+    edited_policy: str = ""
+    edited_config: str = ""
+    kept_memory_id: str = ""
+    kept_memory_content: str = ""
+
+    @property
+    def root(self) -> Path:
+        return self.system.root
+
+    def host_path(self, inside: str) -> Path:
+        """Where a file of the root's disk is on the host (not for /run or /tmp: those are tmpfs inside)."""
+        return self.root / inside.lstrip("/")
+
+    def ctl(self, *args: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.system.run(["guardianctl", *args], user=user, check=check)
+
+    def add_agent(self, name: str, owner: str = "root") -> str:
+        """Register an agent; its token goes to a 0600 file in owner's 0700 dir in WORK; returns its path inside."""
+        token = json.loads(self.ctl("--json", "agents", "add", name).stdout)["token"]
+        path = f"{self.work(owner)}/{name}.token"
+        self.host_path(path).write_text(token + "\n")
+        self.system.run(["chown", f"{owner}:", path])
+        self.system.run(["chmod", "0600", path])
+        return path
+
+    def work(self, owner: str) -> str:
+        """owner's own 0700 directory in WORK (created on first use); its path inside."""
+        path = f"{WORK}/{owner}"
+        if not self.host_path(path).exists():
+            self.host_path(path).mkdir()
+            self.system.run(["chown", f"{owner}:", path])
+            self.system.run(["chmod", "0700", path])
+        return path
+
+    def mcp(self, *args: str, user: str | None = None) -> dict[str, Any]:
+        result = self.system.run([VENV_PYTHON, CLIENTS, *args], user=user, timeout=120)
+        return dict(json.loads(result.stdout))
+
+
+def _copy_source(target: Path) -> None:
+    """The working tree as `git archive` would see it if it were committed: tracked and untracked, not ignored."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=False,
+    )
+    if listing.returncode == 0:
+        for name in listing.stdout.decode().split("\0"):
+            source = REPO / name
+            if name and source.is_file():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target / name)
+    else:  # not a git checkout
+        ignored = shutil.ignore_patterns(".git", ".venv", "var", "build", "*.egg-info", "__pycache__", ".*_cache")
+        shutil.copytree(REPO, target, ignore=ignored, dirs_exist_ok=True)
+    subprocess.run(["chmod", "-R", "u=rwX,go=rX", str(target)], check=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _install(system: BootedSystem, *args: str, umask: str = "022") -> str:
+    """systemd/install.sh inside the root; its output. Runs in the host's network namespace, for PyPI."""
+    result = system.run(
+        ["/bin/sh", "-c", f'umask {umask} && exec "$@"', "install", INSTALL, *args],
+        net=False,
+        timeout=900,
+        extra_env=INSTALL_ENV,
+    )
+    return result.stdout + result.stderr
+
+
+def _edit_yaml(path: Path, edit: Any) -> str:
+    """Rewrite a YAML file in place (keeping its owner and mode), as an administrator would; the new text."""
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    text = "# edited by the system test\n" + yaml.safe_dump(data, sort_keys=False)
+    path.write_text(text)
+    return text
+
+
+def _open_rate_limits(policy: dict[str, Any]) -> None:
+    """Four clients writing flat out must not be rate limited or locked: the test is about restarts."""
+    fast = {"burst": 10000, "per_minute": 600000}
+    policy["rate_limits"] = {
+        "session": {"reads": fast, "writes": fast},
+        "agent": {"reads": fast, "writes": fast},
+        "session_opens": {"burst": 1000, "per_minute": 10000},
+        "cooldown": "10s",
+    }
+    policy["anomaly"]["burst"] = {"threshold": 1000000, "window": "10s", "response": "log"}
+
+
+def _file_logs(config: dict[str, Any]) -> None:
+    config["logging"] = {"level": "info", "file": GUARDIAN_LOG, "security_file": SECURITY_LOG}
+
+
+@pytest.fixture(scope="module")
+def deployed() -> Iterator[Deployment]:
+    mode = os.environ.get("AGENT_GUARDIAN_SYSTEM_TEST", "auto")
+    if mode == "off":
+        pytest.skip("AGENT_GUARDIAN_SYSTEM_TEST=off")
+    started = time.monotonic()
+    try:
+        check_host()
+        pristine, cold = pristine_root()
+    except Unavailable as why:
+        if mode == "require":
+            pytest.fail(f"the system test cannot run here: {why}")
+        pytest.skip(f"the systemd system test cannot run here: {why}")
+    timings = {"debootstrap (cold cache only)": time.monotonic() - started}
+    run = fresh_copy(pristine)
+    try:
+        _copy_source(run / "root" / SRC.lstrip("/"))
+        timings["fresh copy of the root and the source"] = time.monotonic() - started - sum(timings.values())
+        with booted(run) as system:
+            mark = time.monotonic()
+            system.wait_until_running()
+            timings["boot to running"] = time.monotonic() - mark
+            deployment = Deployment(system=system, run=run, timings=timings, cold_cache=cold)
+            _install_twice(deployment)
+            yield deployment
+    finally:
+        remove_copy(run)
+
+
+def _install_twice(d: Deployment) -> None:
+    """Install; add a memory, edit the policy and config; install again (all kept: checked by the first test)."""
+    system = d.system
+    system.run(["useradd", "--create-home", "mallory"])
+    d.host_path(WORK).mkdir(mode=0o711)
+    mark = time.monotonic()
+    d.first_install_output = _install(system, umask=STRICT_UMASK)
+    d.timings["first install.sh (umask 077)"] = time.monotonic() - mark
+    system.run(["useradd", "--create-home", "--groups", "agent-security", "sec"])
+
+    token = d.add_agent("keeper")
+    d.kept_memory_content = "kept across a reinstall: the walrus hums at midnight"
+    d.kept_memory_id = d.mcp("store", "--token-file", token, "--content", d.kept_memory_content)["id"]
+    d.edited_policy = _edit_yaml(d.host_path(f"{ETC}/policy.yaml"), _open_rate_limits)
+    d.edited_config = _edit_yaml(d.host_path(f"{ETC}/config.yaml"), _file_logs)
+    d.keys_before = {name: _sha256(d.host_path(f"{ETC}/credentials/{name}")) for name in KEY_FILES}
+
+    mark = time.monotonic()
+    d.second_install_output = _install(system)
+    d.timings["second install.sh"] = time.monotonic() - mark
+    d.keys_after = {name: _sha256(d.host_path(f"{ETC}/credentials/{name}")) for name in KEY_FILES}
+
+
+# -- install ---------------------------------------------------------------------------------------
+
+
+def test_install_twice_keeps_keys_data_and_edited_policy(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = deployed
+    report(
+        capsys,
+        f"root cache: {'cold (debootstrap ran)' if d.cold_cache else 'warm'}",
+        *(f"{name}: {seconds:.1f} s" for name, seconds in d.timings.items()),
+    )
+    assert "guardianctl agents add" in d.first_install_output, d.first_install_output
+    assert "generated /etc/agent-guardian/credentials/db.key" in d.first_install_output
+    assert "agent-guardian install: generated" not in d.second_install_output, d.second_install_output
+    assert "keeping /etc/agent-guardian/policy.yaml" in d.second_install_output
+    assert "keeping /etc/agent-guardian/config.yaml" in d.second_install_output
+    assert d.keys_after == d.keys_before
+    assert d.host_path(f"{ETC}/policy.yaml").read_text() == d.edited_policy
+    assert d.host_path(f"{ETC}/config.yaml").read_text() == d.edited_config
+    in_force = json.loads(d.ctl("--json", "policy", "show").stdout)
+    assert in_force["text"] == d.edited_policy, "the guardian does not run the edited policy"
+    token = f"{WORK}/root/keeper.token"
+    assert d.mcp("get", "--token-file", token, "--id", d.kept_memory_id)["content"] == d.kept_memory_content
+    for unit in ("agent-guardian.service", "agent-gateway.service"):
+        assert d.system.show(unit, "ActiveState") == "active"
+        assert d.system.show(unit, "UnitFileState") == "enabled"
+    source = d.host_path(SRC)
+    left = [p.name for p in [*source.glob("build"), *source.glob("*.egg-info")]]
+    assert left == [], f"install.sh left build output in the source tree it was run from: {left}"
+
+
+def test_exposure_scores(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    """systemd-analyze security --offline=yes: inside on the installed units, and on the host on the shipped ones."""
+    scores: dict[str, dict[str, float]] = {}
+    for unit in ("agent-guardian.service", "agent-gateway.service"):
+        inside = deployed.system.run(
+            ["systemd-analyze", "security", "--offline=yes", "--no-pager", f"/etc/systemd/system/{unit}"]
+        )
+        scores.setdefault(unit, {})["installed, in the root (systemd 252)"] = _exposure(inside.stdout, unit)
+        if shutil.which("systemd-analyze"):
+            shipped = subprocess.run(
+                ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(REPO / "systemd" / unit)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            version = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True, check=False)
+            where = f"shipped, on the host ({version.stdout.split('(')[0].strip()})"
+            scores[unit][where] = _exposure(shipped.stdout, unit)
+    report(
+        capsys,
+        *(f"exposure {unit}: " + ", ".join(f"{v:.1f} {k}" for k, v in found.items()) for unit, found in scores.items()),
+    )
+    assert max(scores["agent-guardian.service"].values()) <= GUARDIAN_MAX_EXPOSURE
+    assert max(scores["agent-gateway.service"].values()) <= GATEWAY_MAX_EXPOSURE
+
+
+def _exposure(output: str, unit: str) -> float:
+    match = re.search(rf"Overall exposure level for {re.escape(unit)}: ([0-9.]+)", output)
+    assert match, output
+    return float(match.group(1))
+
+
+# -- users, files and sockets ------------------------------------------------------------------------
+
+#: path -> (octal mode, owner:group), as DESIGN.md sets them (sockets and /run: stat'ed inside).
+EXPECTED_MODES = {
+    ETC: ("750", "root:agent-guardian"),
+    f"{ETC}/config.yaml": ("640", "root:agent-guardian"),
+    f"{ETC}/policy.yaml": ("640", "root:agent-guardian"),
+    f"{ETC}/credentials": ("700", "root:root"),
+    **{f"{ETC}/credentials/{name}": ("600", "root:root") for name in KEY_FILES},
+    "/var/lib/agent-guardian": ("700", "agent-guardian:agent-guardian"),
+    DATABASE: ("600", "agent-guardian:agent-guardian"),
+    "/run/agent-guardian": ("711", "agent-guardian:agent-guardian"),
+    AGENT_SOCKET: ("660", "agent-guardian:agent-gateway"),
+    ADMIN_SOCKET: ("660", "agent-guardian:agent-security"),
+    "/var/log/agent-guardian": ("2750", "agent-guardian:agent-security"),
+    GUARDIAN_LOG: ("640", "agent-guardian:agent-security"),
+    SECURITY_LOG: ("640", "agent-guardian:agent-security"),
+}
+
+
+def _modes(system: BootedSystem, paths: list[str]) -> dict[str, tuple[str, str]]:
+    lines = system.run(["stat", "-c", "%n %a %U:%G", *paths]).stdout.splitlines()
+    return {name: (mode, owner) for name, mode, owner in (line.split() for line in lines)}
+
+
+def test_files_and_sockets_have_their_modes_and_owners(deployed: Deployment) -> None:
+    found = _modes(deployed.system, list(EXPECTED_MODES))
+    assert found == EXPECTED_MODES
+    other_bits = deployed.system.run(
+        ["find", ETC, "/var/lib/agent-guardian", "/var/log/agent-guardian", "-perm", "/o=rw"]
+    ).stdout
+    assert other_bits == "", f"readable or writable by others: {other_bits}"
+
+
+def test_logrotate_rotates_the_guardians_logs_as_its_user(deployed: Deployment) -> None:
+    system = deployed.system
+    rotate = system.run(
+        ["logrotate", "--force", "--state", f"{WORK}/logrotate.state", "/etc/logrotate.d/agent-guardian"], check=False
+    )
+    assert rotate.returncode == 0 and "error" not in rotate.stderr.lower(), rotate.stderr
+    assert _modes(system, [GUARDIAN_LOG, f"{GUARDIAN_LOG}.1"]) == {
+        GUARDIAN_LOG: ("640", "agent-guardian:agent-security"),
+        f"{GUARDIAN_LOG}.1": ("640", "agent-guardian:agent-security"),
+    }
+    deployed.ctl("agents", "add", "after-rotation", user="sec")  # an admin action: a line in the security log
+    security_log = deployed.host_path(SECURITY_LOG)
+    deadline = time.monotonic() + 10
+    while '"object_id": "after-rotation"' not in security_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert '"object_id": "after-rotation"' in security_log.read_text(), "the guardian did not reopen its rotated log"
+
+
+def _probe(system: BootedSystem, user: str, command: str, *paths: str) -> dict[str, Any]:
+    return dict(json.loads(system.run([VENV_PYTHON, PROBE, command, *paths], user=user).stdout))
+
+
+PRIVATE_FILES = (
+    DATABASE,
+    f"{ETC}/credentials/db.key",
+    f"{ETC}/credentials/audit.keys",
+    f"{ETC}/policy.yaml",
+    f"{ETC}/config.yaml",
+    GUARDIAN_LOG,
+    SECURITY_LOG,
+)
+
+
+def test_the_gateway_user_reaches_the_agent_socket_only(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    system = deployed.system
+    connect = _probe(system, "agent-gateway", "connect", AGENT_SOCKET, ADMIN_SOCKET)
+    health = _probe(system, "agent-gateway", "health", AGENT_SOCKET)
+    health_admin = _probe(system, "agent-gateway", "health", ADMIN_SOCKET)
+    reads = _probe(system, "agent-gateway", "read", *PRIVATE_FILES)
+    journal = system.run(
+        ["journalctl", "-u", "agent-guardian", "--no-pager", "-o", "cat"], user="agent-gateway", check=False
+    )
+    report(
+        capsys,
+        f"agent-gateway: connect {connect}; gRPC health on agent.sock {health['status']},"
+        f" on admin.sock {health_admin['status']}",
+        f"agent-gateway: read {reads}",
+    )
+    assert connect == {AGENT_SOCKET: "ok", ADMIN_SOCKET: "EACCES"}
+    assert health == {"status": "SERVING"}
+    assert health_admin["status"] == "UNAVAILABLE"
+    assert reads == dict.fromkeys(PRIVATE_FILES, "EACCES")
+    assert "agent-guardian" not in journal.stdout, "the gateway's user can read the guardian's journal"
+
+
+def test_the_security_team_uses_guardianctl_and_nothing_else(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    system = deployed.system
+    listing = deployed.ctl("--json", "agents", "list", user="sec")
+    verify = deployed.ctl("audit", "verify", user="sec", check=False)
+    connect = _probe(system, "sec", "connect", AGENT_SOCKET, ADMIN_SOCKET)
+    reads = _probe(system, "sec", "read", DATABASE, f"{ETC}/credentials/db.key", SECURITY_LOG)
+    report(capsys, f"sec (in agent-security): guardianctl agents list ok; connect {connect}; read {reads}")
+    assert "keeper" in {agent["name"] for agent in json.loads(listing.stdout)}
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert connect == {AGENT_SOCKET: "EACCES", ADMIN_SOCKET: "ok"}
+    assert reads == {DATABASE: "EACCES", f"{ETC}/credentials/db.key": "EACCES", SECURITY_LOG: "ok"}
+
+
+def test_an_ordinary_user_reaches_neither_socket(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    system = deployed.system
+    connect = _probe(system, "mallory", "connect", AGENT_SOCKET, ADMIN_SOCKET)
+    reads = _probe(system, "mallory", "read", *PRIVATE_FILES)
+    ctl = deployed.ctl("agents", "list", user="mallory", check=False)
+    report(capsys, f"mallory: connect {connect}; guardianctl exit {ctl.returncode}")
+    assert connect == {AGENT_SOCKET: "EACCES", ADMIN_SOCKET: "EACCES"}
+    assert reads == dict.fromkeys(PRIVATE_FILES, "EACCES")
+    assert ctl.returncode == 3 and "may this user connect" in ctl.stderr
+
+
+# -- restarts under load ---------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """A span of time (time.monotonic()) in which some failures are expected."""
+
+    name: str
+    start: float
+    end: float
+    allowed: frozenset[str]
+
+    def holds(self, record: dict[str, Any]) -> bool:
+        return self.start <= record["start"] <= self.end
+
+
+class Load:
+    """LOAD_CLIENTS MCP clients inside the root, as mallory, each writing as its own agent."""
+
+    def __init__(self, d: Deployment) -> None:
+        self.d = d
+        self.tokens = [d.add_agent(f"load-{i}", owner="mallory") for i in range(LOAD_CLIENTS)]
+        work = d.work("mallory")
+        self.out, stop, self.progress = f"{work}/load.json", f"{work}/load.stop", f"{work}/load.progress"
+        self.stop_file = d.host_path(stop)
+        argv = [VENV_PYTHON, CLIENTS, "load", "--token-file", *self.tokens, "--out", self.out, "--stop-file", stop]
+        self.process = d.system.popen(argv, user="mallory", log=d.run / "load.log")
+
+    def acked(self) -> int:
+        progress = self.d.host_path(self.progress)
+        return int(json.loads(progress.read_text())["acked"]) if progress.exists() else 0
+
+    def wait_for_acks(self, count: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.acked() < count:
+            assert self.process.poll() is None, (self.d.run / "load.log").read_text()
+            assert time.monotonic() < deadline, f"the clients stored only {self.acked()} memories"
+            time.sleep(0.1)
+
+    def finish(self) -> list[dict[str, Any]]:
+        self.stop_file.touch()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        assert self.process.returncode == 0, (self.d.run / "load.log").read_text()
+        return list(json.loads(self.d.host_path(self.out).read_text()))
+
+
+def _guardian_errors_seen_by_gateway(system: BootedSystem) -> dict[str, int]:
+    """agent_gateway_guardian_errors_total by gRPC status code, from the gateway's /metrics."""
+    metrics = system.run(["curl", "-sf", "http://127.0.0.1:9465/metrics"]).stdout
+    found = re.findall(r'^agent_gateway_guardian_errors_total\{code="(\w+)"\} ([0-9.]+)$', metrics, re.MULTILINE)
+    return {code: int(float(count)) for code, count in found}
+
+
+def _settle(load: Load, windows: list[Window]) -> None:
+    """Let the load run on past the last window, so the next step's failures are told apart from this one's."""
+    load.wait_for_acks(load.acked() + 20 * LOAD_CLIENTS)
+    while time.monotonic() < windows[-1].end + 0.5:
+        time.sleep(0.05)
+
+
+def _monotonic(system: BootedSystem, unit: str, prop: str = "ActiveEnterTimestampMonotonic") -> float:
+    return int(system.show(unit, prop)) / 1e6
+
+
+def _journal_cursor(system: BootedSystem, unit: str) -> str:
+    shown = system.run(["journalctl", "-u", unit, "-n", "0", "--show-cursor", "--no-pager"]).stdout
+    return shown.rsplit("-- cursor: ", 1)[1].strip()
+
+
+def _guardian_errors_since(d: Deployment, cursor: str, log_offset: int) -> list[str]:
+    journal = d.system.run(
+        ["journalctl", "-u", "agent-guardian", "--after-cursor", cursor, "--no-pager", "-o", "cat"]
+    ).stdout.splitlines()
+    log = d.host_path(GUARDIAN_LOG).read_text()[log_offset:].splitlines()
+    bad = re.compile(
+        r'"level": "(error|critical)"|Traceback|Main process exited|[Ww]atchdog timeout|Failed with result'
+    )
+    return [line for line in journal + log if bad.search(line)]
+
+
+def test_independent_restarts_under_load(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    d, system = deployed, deployed.system
+    guardian, gateway = "agent-guardian.service", "agent-gateway.service"
+    load = Load(d)
+    windows: list[Window] = []
+    try:
+        load.wait_for_acks(20 * LOAD_CLIENTS)
+
+        # 1. systemctl restart agent-guardian, mid-load.
+        pid_before = system.show(guardian, "MainPID")
+        start = time.monotonic()
+        system.systemctl("restart", guardian)
+        guardian_ready = _monotonic(system, guardian)
+        assert system.show(guardian, "MainPID") != pid_before
+        windows.append(Window("guardian restart", start, guardian_ready + MAX_RECOVERY_S, frozenset({"unavailable"})))
+        _settle(load, windows)
+
+        # What the gateway got from the guardian meanwhile (its counters restart with it, next).
+        gateway_saw = _guardian_errors_seen_by_gateway(system)
+
+        # 2. systemctl restart agent-gateway: the guardian is untouched.
+        guardian_pid = system.show(guardian, "MainPID")
+        cursor = _journal_cursor(system, guardian)
+        log_offset = len(d.host_path(GUARDIAN_LOG).read_text())
+        start = time.monotonic()
+        system.systemctl("restart", gateway)
+        gateway_ready = _monotonic(system, gateway)
+        windows.append(
+            Window("gateway restart", start, gateway_ready + MAX_RECOVERY_S, frozenset({"transport", "connect"}))
+        )
+        _settle(load, windows)
+        assert system.show(guardian, "MainPID") == guardian_pid
+        assert system.show(guardian, "NRestarts") == "0"
+        guardian_errors = _guardian_errors_since(d, cursor, log_offset)
+
+        # 3. systemctl reload agent-guardian with a new policy: in force, nothing dropped.
+        policy_path = d.host_path(f"{ETC}/policy.yaml")
+        new_policy = _edit_yaml(policy_path, lambda p: p["limits"].update(max_tags=12))
+        start = reload_started = time.monotonic()
+        system.systemctl("reload", guardian)
+        deadline = time.monotonic() + 10
+        while (in_force := json.loads(d.ctl("--json", "policy", "show").stdout))["text"] != new_policy:
+            assert time.monotonic() < deadline, "the reloaded policy is not in force"
+            time.sleep(0.05)
+        reloaded = time.monotonic()
+        windows.append(Window("policy reload", start, reloaded + 1.0, frozenset()))
+        metrics = system.run(["curl", "-sf", "http://127.0.0.1:9464/metrics"]).stdout
+        assert f'guardian_policy_info{{version="{in_force["version"]}"}} 1.0' in metrics
+        assert system.show(guardian, "MainPID") == guardian_pid
+        _settle(load, windows)
+    finally:
+        records = load.finish()
+
+    evidence = tmp_path / "load-records.json"  # kept by pytest after the root is gone
+    evidence.write_text(
+        json.dumps(
+            {
+                "windows": [w.__dict__ | {"allowed": sorted(w.allowed)} for w in windows],
+                "guardian_ready": guardian_ready,
+                "gateway_ready": gateway_ready,
+                "records": records,
+            }
+        )
+    )
+    figures = _restart_figures(records, windows, guardian_ready, gateway_ready)
+    report(
+        capsys,
+        *figures["lines"],
+        f"policy reload: the new version in force {reloaded - reload_started:.3f} s after `systemctl reload` began",
+        f"guardian restart: gRPC errors the gateway got from the guardian (since it started): {gateway_saw}",
+        f"every call: {evidence}",
+    )
+    assert figures["unexpected"] == [], (
+        f"failures outside their window or of a kind it does not allow (gRPC errors the gateway got during the"
+        f" guardian restart: {gateway_saw}; CANCELLED from a stopping guardian must reach the agent as"
+        f" unavailable, not internal):\n{json.dumps(figures['unexpected'][:10], indent=1)}"
+    )
+    assert figures["hung"] == 0
+    assert figures["max_latency"] < MAX_CALL_LATENCY_S
+    assert figures["not_retryable"] == [], figures["not_retryable"][:10]
+    assert figures["guardian_recovery"] < MAX_RECOVERY_S
+    assert guardian_errors == [], guardian_errors
+
+    # Every acknowledged write is there, once, with its content.
+    stored: dict[str, str] = {}
+    for token in load.tokens:
+        listed = d.mcp("list", "--token-file", token)["memories"]
+        contents = Counter(memory["content"] for memory in listed)
+        assert [c for c, n in contents.items() if n > 1] == [], "a write was stored twice"
+        stored.update({memory["id"]: memory["content"] for memory in listed})
+    acked = [r for r in records if r["outcome"] == "ok"]
+    missing = [r for r in acked if stored.get(r["id"]) != r["content"]]
+    assert missing == [], f"{len(missing)} acknowledged writes are missing: {missing[:5]}"
+    verify = d.ctl("audit", "verify", user="sec", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _restart_figures(
+    records: list[dict[str, Any]], windows: list[Window], guardian_ready: float, gateway_ready: float
+) -> dict[str, Any]:
+    failures = [r for r in records if r["outcome"] != "ok"]
+    unexpected = [r for r in failures if not any(w.holds(r) and r["outcome"] in w.allowed for w in windows)]
+    ok_ends = sorted(r["end"] for r in records if r["outcome"] == "ok")
+    guardian_recovery = next((end for end in ok_ends if end >= guardian_ready), float("inf")) - guardian_ready
+    gateway_recovery = next((end for end in ok_ends if end >= gateway_ready), float("inf")) - gateway_ready
+    latencies = [r["end"] - r["start"] for r in records if r["outcome"] != "connect"]
+    ok_latencies = sorted(r["end"] - r["start"] for r in records if r["outcome"] == "ok")
+    p99 = ok_latencies[int(len(ok_latencies) * 0.99)]
+    lines = [
+        f"load: {LOAD_CLIENTS} MCP clients (mcp.Client, streamable HTTP) as mallory, {len(records)} calls,"
+        f" {len(ok_ends)} acknowledged, {len(failures)} failed"
+    ]
+    for w in windows:
+        inside = Counter(r["outcome"] for r in failures if w.holds(r))
+        lines.append(
+            f"{w.name}: {sum(inside.values())} failed ({dict(inside) or 'none'}), {w.end - w.start:.2f} s window"
+        )
+    lines += [
+        f"guardian restart: first acknowledged write {guardian_recovery:.3f} s after the guardian was ready"
+        f" (limit {MAX_RECOVERY_S} s)",
+        f"gateway restart: first acknowledged write {gateway_recovery:.3f} s after the gateway was ready",
+        f"call latency: max {max(latencies):.3f} s (limit {MAX_CALL_LATENCY_S} s); acknowledged writes:"
+        f" p50 {statistics.median(ok_latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms",
+        f"failures outside their window: {len(unexpected)}",
+    ]
+    return {
+        "lines": lines,
+        "unexpected": unexpected,
+        "hung": sum(1 for r in records if r["outcome"] == "hung"),
+        "max_latency": max(latencies),
+        "not_retryable": [r for r in failures if r["outcome"] == "unavailable" and not r.get("retryable")],
+        "guardian_recovery": guardian_recovery,
+    }
+
+
+# -- uninstall (last: it takes the deployment apart) ------------------------------------------------
+
+
+def test_uninstall_keeps_data_and_a_reinstall_finds_it_then_purge_removes_everything(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, system = deployed, deployed.system
+    output = _install(system, "--uninstall")
+    for unit in ("agent-guardian.service", "agent-gateway.service"):
+        assert system.show(unit, "LoadState") == "not-found"
+    assert not d.host_path("/opt/agent-guardian").exists()
+    assert not d.host_path("/usr/local/bin/guardianctl").is_symlink()
+    for kept in (DATABASE, f"{ETC}/credentials/db.key", f"{ETC}/policy.yaml"):
+        assert d.host_path(kept).exists(), f"uninstall removed {kept}:\n{output}"
+
+    mark = time.monotonic()
+    _install(system)
+    reinstall = time.monotonic() - mark
+    token = f"{WORK}/root/keeper.token"
+    assert d.mcp("get", "--token-file", token, "--id", d.kept_memory_id)["content"] == d.kept_memory_content
+
+    _install(system, "--uninstall", "--purge")
+    for gone in ("/opt/agent-guardian", "/var/lib/agent-guardian", ETC, "/var/log/agent-guardian"):
+        assert not d.host_path(gone).exists(), f"--purge left {gone}"
+    for name in ("agent-guardian", "agent-gateway"):
+        assert system.run(["id", name], check=False).returncode != 0, f"--purge left the user {name}"
+    for name in ("agent-gateway", "agent-security", "agent-guardian"):
+        assert system.run(["getent", "group", name], check=False).returncode != 0, f"--purge left the group {name}"
+    report(
+        capsys, f"uninstall kept the data; reinstall ({reinstall:.1f} s) served the kept memory; --purge removed it all"
+    )
