@@ -356,7 +356,7 @@ def _sql_floors(run: _SizeRun) -> None:
         log(f"size {run.size}: SQLCipher floor table filled in {seconds:.1f} s")
         report_plans = sql.plans()
         run.report.query_plans.append({"size": run.size, **report_plans})
-        for operation in ("get", "fts", "fts_as_guardian", "list", "insert", "insert_batch"):
+        for operation in ("get", "fts", "fts_join_first", "list", "insert", "insert_batch"):
             meter = CpuMeter({})
             measurement = measure_sync(sql.operation(operation), run.options.budget, meter)
             floor = Floor(

@@ -14,12 +14,11 @@ Operations, one call each:
 - ``insert``: one row in its own ``BEGIN IMMEDIATE ... COMMIT`` (the floor of store);
 - ``insert_batch``: corpus.BATCH_SIZE rows in one transaction (of store_batch);
 - ``get``: one row by id, scoped like the guardian's query (of get);
-- ``fts``: the guardian's search query (FTS5 MATCH of the words joined by OR,
-  joined to the rows, scoped, ordered by bm25, LIMIT) with FTS5 as the outer
-  loop, so its cost follows the matches (of search);
-- ``fts_as_guardian``: the guardian's search SQL text exactly, as a diagnostic:
-  SQLite plans it from the namespace index and evaluates the MATCH once per
-  memory of the namespace, so it grows with the table, not with the matches;
+- ``fts``: the guardian's search query (guardian/memories.py): FTS5 ranks the
+  matches of the words joined by OR by bm25 and keeps the best LIMIT, and only
+  those are joined to their rows and scoped (of search);
+- ``fts_join_first``: a diagnostic, the plan the guardian used before: every
+  match joined to its row and scoped, then ranked, so it reads a row per match;
 - ``list``: one page newest first by keyset, following the cursor like the clients (of list).
 
 Always one caller: SQLite has one writer, and the guardian serves every request,
@@ -77,17 +76,23 @@ _INSERT: Final = (
     "INSERT INTO memories (id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata,"
     " sha256, key_id, hmac, sig_format, status, filter_hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# The guardian's search (guardian/memories.py) as written: the planner drives it from the
-# namespace index and runs the MATCH once per row of the namespace.
-_SEARCH_AS_GUARDIAN: Final = (
+# Every match joined to its row and scoped, then ranked (FTS5 as the outer loop: CROSS JOIN
+# fixes the order in SQLite): a row read per match. A diagnostic, not a floor.
+_SEARCH_JOIN_FIRST: Final = (
     f"SELECT {_M_COLUMNS}, bm25(memories_fts) AS rank"  # noqa: S608 - constants only
-    " FROM memories_fts JOIN memories AS m ON m.rowid = memories_fts.rowid"
+    " FROM memories_fts CROSS JOIN memories AS m ON m.rowid = memories_fts.rowid"
     " WHERE memories_fts MATCH ? AND m.namespace IN (?) AND m.status = 'active' AND m.created_at_ms >= ?"
     " ORDER BY rank LIMIT ?"
 )
-# The same query, the same answer, with FTS5 as the outer loop (CROSS JOIN fixes the order in
-# SQLite): the work is proportional to the matches. This is the floor of search.
-_SEARCH: Final = _SEARCH_AS_GUARDIAN.replace(" JOIN memories AS m", " CROSS JOIN memories AS m")
+# The guardian's search (guardian/memories.py): FTS5 ranks and keeps the best, then only those
+# rows are read and scoped (here in SQL; the guardian checks the scope on the rows it reads, and
+# asks for more hits when too few are the caller's; the bench's memories all are). The floor of search.
+_SEARCH: Final = (
+    f"SELECT {_M_COLUMNS}, hits.rank FROM ("  # noqa: S608 - constants only
+    "SELECT rowid, bm25(memories_fts) AS rank FROM memories_fts WHERE memories_fts MATCH ? ORDER BY rank LIMIT ?"
+    ") AS hits CROSS JOIN memories AS m ON m.rowid = hits.rowid"
+    " WHERE m.namespace IN (?) AND m.status = 'active' AND m.created_at_ms >= ? ORDER BY hits.rank"
+)
 _GET: Final = (
     f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND namespace IN (?)"  # noqa: S608 - constants only
     " AND status = 'active' AND created_at_ms >= ?"
@@ -179,18 +184,21 @@ class SqlFloor:
         return " OR ".join(f'"{word}"' for word in self._corpus.query().split())
 
     def fts(self) -> None:
-        """The search query, FTS5 first (the floor of search)."""
-        self._db.execute(_SEARCH, (self._match(), _NAMESPACE, 0, SEARCH_LIMIT)).fetchall()
+        """The guardian's search query: rank in FTS5, then read the best rows (the floor of search)."""
+        self._db.execute(_SEARCH, (self._match(), SEARCH_LIMIT, _NAMESPACE, 0)).fetchall()
 
-    def fts_as_guardian(self) -> None:
-        """The guardian's search SQL exactly as it is written (a diagnostic, not a floor)."""
-        self._db.execute(_SEARCH_AS_GUARDIAN, (self._match(), _NAMESPACE, 0, SEARCH_LIMIT)).fetchall()
+    def fts_join_first(self) -> None:
+        """Every match joined to its row before ranking (a diagnostic, not a floor)."""
+        self._db.execute(_SEARCH_JOIN_FIRST, (self._match(), _NAMESPACE, 0, SEARCH_LIMIT)).fetchall()
 
     def plans(self) -> dict[str, list[str]]:
-        """EXPLAIN QUERY PLAN of the floor's search and of the guardian's search SQL."""
+        """EXPLAIN QUERY PLAN of the floor's search and of the join-first diagnostic."""
         plans: dict[str, list[str]] = {}
-        for name, query in (("fts", _SEARCH), ("fts_as_guardian", _SEARCH_AS_GUARDIAN)):
-            rows = self._db.execute("EXPLAIN QUERY PLAN " + query, ('"x"', _NAMESPACE, 0, SEARCH_LIMIT)).fetchall()
+        for name, query, parameters in (
+            ("fts", _SEARCH, ('"x"', SEARCH_LIMIT, _NAMESPACE, 0)),
+            ("fts_join_first", _SEARCH_JOIN_FIRST, ('"x"', _NAMESPACE, 0, SEARCH_LIMIT)),
+        ):
+            rows = self._db.execute("EXPLAIN QUERY PLAN " + query, parameters).fetchall()
             plans[name] = [str(row[-1]) for row in rows]
         return plans
 
@@ -220,7 +228,7 @@ class SqlFloor:
             "insert_batch": self.insert_batch,
             "get": self.get,
             "fts": self.fts,
-            "fts_as_guardian": self.fts_as_guardian,
+            "fts_join_first": self.fts_join_first,
             "list": self.list,
         }
         return operations[name]

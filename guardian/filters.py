@@ -197,6 +197,62 @@ class _Rule:
     compiled: regex.Pattern[str]
     #: What a redaction puts in place of a match (the name is [a-z0-9-], so no template escapes).
     marker: str
+    #: Whether the field screens (:class:`_Screen`) cover this rule: its pattern can join an alternation unchanged.
+    screenable: bool
+
+
+#: Pattern text that cannot join an alternation of other rules unchanged: backreferences,
+#: recursion and conditionals (group numbers shift), named groups (names could clash) and global
+#: inline flags such as ``(?i)`` (in version 0 syntax they apply to the whole pattern; scoped
+#: flags such as ``(?-i:DAN)`` are fine).
+_UNSCREENABLE_RE: Final = regex.compile(
+    r"\\[1-9gk]|\(\?P[=>]|\(\?P?<[A-Za-z_]|\(\?[A-Za-z-]+\)|\(\?[R0-9&+(]|\(\?-[0-9]"
+)
+
+
+#: Texts longer than this are not screened: an alternation loses each rule's fast scan for its
+#: literal prefix and costs about a microsecond a character, so it only wins on short texts
+#: (tags, metadata keys and values), where a pass per rule costs more than the text's length.
+_SCREEN_MAX_CHARS: Final = 48
+
+
+class _Screen:
+    """One alternation of every screenable rule for a field: a quick "can any of them match here?".
+
+    The common case is a field no rule matches; for short texts (:data:`_SCREEN_MAX_CHARS`)
+    one search of the alternation tells that more cheaply than running each rule. Sound because, at the position where any one rule would match,
+    the alternation matches too (no alternative refers to another's groups or flags). Any
+    doubt (a hit, an error, a timeout) sends the text through every rule, exactly as without
+    a screen, so a screen only ever saves work and never changes an outcome.
+    """
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, pattern: regex.Pattern[str]) -> None:
+        self._pattern = pattern
+
+    @classmethod
+    def build(cls, rules: Sequence[_Rule]) -> _Screen | None:
+        """The screen of rules (the screenable ones), or None when there is nothing to screen."""
+        parts = [f"(?{'i' if rule.spec.ignore_case else ''}:{rule.spec.pattern})" for rule in rules if rule.screenable]
+        if not parts:
+            return None
+        try:
+            return cls(regex.compile("|".join(parts), regex.V0))
+        except Exception:  # the rules compiled alone; a screen is only an optimisation
+            log.warning("content filters: no screen for a field; every rule runs on every text")
+            return None
+
+    def clear(self, texts: Sequence[str]) -> bool:
+        """True only when no screened rule can match any of texts (always False for a long text)."""
+        if any(len(text) > _SCREEN_MAX_CHARS for text in texts):
+            return False
+        try:
+            return not any(
+                self._pattern.search(text, timeout=SEARCH_TIMEOUT_S, concurrent=False) is not None for text in texts
+            )
+        except Exception:  # e.g. a timeout: let every rule look, with its own budget
+            return False
 
 
 class _Pass:
@@ -253,10 +309,13 @@ class FilterSet:
     Build one with :meth:`compile`.
     """
 
-    __slots__ = ("_rules",)
+    __slots__ = ("_rules", "_screens")
 
     def __init__(self, rules: tuple[_Rule, ...] = ()) -> None:
         self._rules = rules
+        self._screens = {
+            field: _Screen.build([rule for rule in rules if field in rule.spec.fields]) for field in FILTER_FIELDS
+        }
 
     @classmethod
     def compile(cls, specs: Sequence[FilterSpec], path: str = "filters") -> FilterSet:
@@ -283,7 +342,9 @@ class FilterSet:
                 raise ConfigError(f"{where}.fields: name one or more of {', '.join(sorted(FILTER_FIELDS))}")
             if not isinstance(spec.pattern, str):
                 raise ConfigError(f"{where}.pattern: expected a regular expression as a string")
-            rules.append(_Rule(spec, _compile_pattern(spec, f"{where}.pattern"), f"[redacted:{spec.name}]"))
+            compiled = _compile_pattern(spec, f"{where}.pattern")
+            screenable = _UNSCREENABLE_RE.search(spec.pattern) is None
+            rules.append(_Rule(spec, compiled, f"[redacted:{spec.name}]", screenable))
         return cls(tuple(rules))
 
     @property
@@ -327,27 +388,42 @@ class FilterSet:
                 "metadata: two keys are the same once control and zero-width characters are removed",
             )
 
+        # Fields in which no screenable rule can match: those rules skip them. A redaction in a
+        # field changes its text, so from then on every rule looks at that field again.
+        clear = {
+            field
+            for field, texts in (
+                ("content", [content] if "content" in fields else []),
+                ("tags", [tag for _, tag in tags]),
+                ("metadata", _strings(metadata) if "metadata" in fields else []),
+            )
+            if (screen := self._screens[field]) is not None and screen.clear(texts)
+        }
         hits: list[FilterHit] = []
         for rule in self._rules:
             spec = rule.spec
-            if "content" in fields and "content" in spec.fields:
+            skip = clear if rule.screenable else set()
+            if "content" in fields and "content" in spec.fields and "content" not in skip:
                 run = _Pass(rule, "content")
                 content = run(content)
                 if run.count:
                     hits.append(FilterHit(spec.name, spec.action, "content", run.count))
-            if "tags" in fields and "tags" in spec.fields:
+                    clear.discard("content")
+            if "tags" in fields and "tags" in spec.fields and "tags" not in skip:
                 run = _Pass(rule, "tags")
                 for position, (index, tag) in enumerate(tags):
                     before = run.count
                     tags[position] = (index, run(tag))
                     if run.count > before:
                         hits.append(FilterHit(spec.name, spec.action, f"tags[{index}]", run.count - before))
-            if "metadata" in fields and "metadata" in spec.fields:
+                        clear.discard("tags")
+            if "metadata" in fields and "metadata" in spec.fields and "metadata" not in skip:
                 run = _Pass(rule, "metadata")
                 collision = f"metadata: two keys are the same once filter {spec.name} redacts them; rename them"
                 metadata = _map_strings(metadata, run, collision)
                 if run.count:
                     hits.append(FilterHit(spec.name, spec.action, "metadata", run.count))
+                    clear.discard("metadata")
 
         filtered = draft
         if "content" in fields:
@@ -377,6 +453,22 @@ def _compile_pattern(spec: FilterSpec, where: str) -> regex.Pattern[str]:
     if empty:
         raise ConfigError(f"{where}: matches the empty string, so it would match everything; require some text")
     return compiled
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in value (parsed JSON), object keys too."""
+    found: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            found.extend(item)
+            stack.extend(item.values())
+    return found
 
 
 def _map_strings(value: Any, change: Callable[[str], str], collision: str) -> Any:

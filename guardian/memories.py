@@ -24,7 +24,15 @@ from guardian.integrity import CURRENT_FORMAT, SignedFields, canonical_json, con
 from guardian.keys import KeyRing
 from shared.errors import DataLoss, InvalidArgument, NotFound, PermissionDenied
 
-__all__ = ["ACTIVE", "QUARANTINED", "Draft", "MemoryStore", "Scope", "StoredMemory", "fts_query"]
+__all__ = [
+    "ACTIVE",
+    "QUARANTINED",
+    "Draft",
+    "MemoryStore",
+    "Scope",
+    "StoredMemory",
+    "fts_query",
+]
 
 security_log = logging.getLogger("agent_guardian.security")
 
@@ -38,6 +46,8 @@ _COLUMNS: Final = (
     " key_id, hmac, sig_format, status, filter_hits"
 )
 _M_COLUMNS: Final = ", ".join("m." + column for column in _COLUMNS.split(", "))
+#: Where a column is in a row of _COLUMNS.
+_AT: Final = {column: index for index, column in enumerate(_COLUMNS.split(", "))}
 _WORD_RE: Final = re.compile(r"\w+")
 _MAX_QUERY_WORDS: Final = 32
 _CURSOR_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}\.[0-9a-f]{32}")
@@ -182,16 +192,34 @@ class MemoryStore:
         return self._verified(row)
 
     def search(self, connection: Connection, scope: Scope, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
-        """Memories in scope matching query, best first, with a score (higher is better)."""
-        rows = connection.execute(
-            f"SELECT {_M_COLUMNS}, bm25(memories_fts) AS rank"  # noqa: S608 - constant columns and placeholders
-            # CROSS JOIN: the full-text index drives (cost follows the matches, not the namespace's size).
-            " FROM memories_fts CROSS JOIN memories AS m ON m.rowid = memories_fts.rowid"
-            f" WHERE memories_fts MATCH ? AND m.namespace IN ({scope.placeholders})"
-            " AND m.status = 'active' AND m.created_at_ms >= ? ORDER BY rank LIMIT ?",
-            (fts_query(query), *scope.namespaces, scope.not_before_ms, limit),
-        ).fetchall()
-        return [(self._verified(row[:-1]), -float(row[-1])) for row in rows]
+        """Memories in scope matching query, best first, with a score (higher is better).
+
+        FTS5 ranks the matches (bm25) and only the best are joined to their rows, where the
+        scope (namespaces, status, read window) is checked; when too few of them are the
+        caller's, the index is asked for four times as many, until enough pass or the
+        matches run out. So the cost follows the matches, never the size of the table.
+        """
+        match = fts_query(query)
+        wanted = limit
+        while True:
+            rows = connection.execute(
+                f"SELECT {_M_COLUMNS}, hits.rank FROM ("  # noqa: S608 - constant columns and placeholders
+                "SELECT rowid, bm25(memories_fts) AS rank FROM memories_fts"
+                " WHERE memories_fts MATCH ? ORDER BY rank LIMIT ?"
+                ") AS hits CROSS JOIN memories AS m ON m.rowid = hits.rowid",
+                (match, wanted),
+            ).fetchall()
+            visible = [
+                row
+                for row in rows
+                if row[_AT["namespace"]] in scope.namespaces
+                and row[_AT["status"]] == ACTIVE
+                and row[_AT["created_at_ms"]] >= scope.not_before_ms
+            ]
+            if len(visible) >= limit or len(rows) < wanted:
+                visible.sort(key=lambda row: row[-1])
+                return [(self._verified(row[:-1]), -float(row[-1])) for row in visible[:limit]]
+            wanted *= 4
 
     def list_page(
         self, connection: Connection, scope: Scope, page_size: int, cursor: str

@@ -561,7 +561,8 @@ class _Exploding:
 
 
 def _exploding_set(error: BaseException, action: str = "flag") -> FilterSet:
-    rule = filters_module._Rule(FilterSpec("buggy", "x", action), _Exploding(error), "[redacted:buggy]")  # type: ignore[arg-type]
+    # Not screenable: the fake's behaviour is not its spec's pattern, so no screen could stand for it.
+    rule = filters_module._Rule(FilterSpec("buggy", "x", action), _Exploding(error), "[redacted:buggy]", False)  # type: ignore[arg-type]
     return FilterSet((rule,))
 
 
@@ -582,6 +583,79 @@ def test_later_requests_still_work_after_a_timeout() -> None:
     rules = FilterSet.compile([FilterSpec("slow-rule", CATASTROPHIC, "flag")])
     refused_by(rules, draft("x" * 5000))
     assert rules.scan(draft("xxy")).hits == (FilterHit("slow-rule", "flag", "content", 1),)
+
+
+# --- screens: one alternation per field skips the rules when none can match ----------------------------------------
+
+
+def _outcome(rules: FilterSet, value: Draft) -> object:
+    try:
+        return rules.scan(value)
+    except (PermissionDenied, InvalidArgument) as error:
+        return (type(error), error.message)
+
+
+def _unscreened(rules: FilterSet) -> FilterSet:
+    bare = FilterSet(rules._rules)
+    bare._screens = dict.fromkeys(bare._screens)  # type: ignore[misc]
+    return bare
+
+
+SCREEN_CASES = [
+    *(text for _, text, _ in DEFAULT_HITS),
+    *(text for _, text, _ in DEFAULT_REDACTIONS),
+    *(text for _, _, text in DEFAULT_HOLDS),
+    *DEFAULT_NEAR_MISSES,
+]
+
+
+@pytest.mark.parametrize("text", SCREEN_CASES)
+@pytest.mark.parametrize("where", ["content", "tags", "metadata"])
+def test_screens_never_change_an_outcome_of_the_default_rules(text: str, where: str) -> None:
+    value = {
+        "content": draft(text),
+        "tags": draft("note", tags=("plain", text[:60])),
+        "metadata": draft("note", metadata={"k": text, text[:30]: 1}),
+    }[where]
+    assert _outcome(DEFAULTS, value) == _outcome(_unscreened(DEFAULTS), value)
+
+
+def test_a_screen_skips_the_rules_when_nothing_can_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = filters_module._Pass.__call__
+
+    def counting(self: filters_module._Pass, text: str) -> str:
+        calls.append(self.rule.spec.name)
+        return real(self, text)
+
+    monkeypatch.setattr(filters_module._Pass, "__call__", counting)
+    DEFAULTS.scan(draft("an ordinary note about the build", tags=("ci",), metadata={"source": "chat"}))
+    assert calls == []
+    DEFAULTS.scan(draft("password=hunter22 in the note"))
+    assert len(calls) == len(DEFAULTS)  # a hit anywhere in the field: every rule runs, in order, as unscreened
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [
+        (r"(ab)\1", "xabab"),  # a backreference: group numbers would shift in an alternation
+        (r"(?P<w>q)(?P=w)", "qq"),  # a named group and its reference
+        (r"(?i)secret", "SECRET"),  # a global inline flag would apply to every alternative
+        (r"^only-tag$", "only-tag"),  # anchors: each string is screened alone, never joined
+    ],
+)
+def test_rules_a_screen_cannot_stand_for_still_run(pattern: str, text: str) -> None:
+    rules = FilterSet.compile([FilterSpec("plain", "zzz-never", "flag"), FilterSpec("special", pattern, "flag")])
+    for value in (draft(text), draft("note", tags=("first", text)), draft("note", metadata={"a": [1, text]})):
+        assert [hit.rule for hit in rules.scan(value).hits] == ["special"]
+
+
+def test_a_later_rule_sees_what_an_unscreened_redaction_wrote() -> None:
+    # The screen looked at the text before any rule ran; once a redaction changes a field,
+    # every later rule runs on it again.
+    rules = FilterSet.compile([FilterSpec("swap", r"(f)\1o", "redact"), FilterSpec("after", r"redacted:swap", "flag")])
+    for value in (draft("ffo"), draft("note", tags=("ffo",)), draft("note", metadata={"k": "ffo"})):
+        assert [hit.rule for hit in rules.scan(value).hits] == ["swap", "after"]
 
 
 # --- sharing between threads -------------------------------------------------------------------------------------

@@ -1,0 +1,80 @@
+"""Search on a real SQLCipher file: FTS5 ranks, then only the best hits are joined and scoped.
+
+The caller's scope (namespaces, active status, read window) is applied to the ranked hits,
+so these tests put the caller's memories behind many better-ranked memories it may not see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guardian.database import Connection, Database
+from guardian.keys import KeyRing
+from guardian.memories import QUARANTINED, Draft, MemoryStore, Scope
+
+KEY_HEX = "ab" * 32
+NOW = 1_800_000_000_000
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(tmp_path / "memory.db", KEY_HEX)
+    with database.write() as connection:
+        for name in ("alice", "bob"):
+            connection.execute("INSERT INTO agents VALUES (?, 'k1', ?, 0, NULL)", (name, "hash-" + name))
+    yield database
+    database.close()
+
+
+STORE = MemoryStore(KeyRing("k1", {"k1": b"k" * 32}))
+
+
+def scope(agent: str, not_before_ms: int = 0) -> Scope:
+    return Scope(agent=agent, namespaces=(agent,), writable=frozenset({agent}), not_before_ms=not_before_ms)
+
+
+def put(connection: Connection, agent: str, content: str, at_ms: int = NOW, status: str = "active") -> str:
+    [memory] = STORE.insert(connection, scope(agent), [Draft(content, (), "{}", status=status)], at_ms)
+    return memory.id
+
+
+def test_the_callers_memory_is_found_behind_many_better_ranked_ones_it_may_not_see(db: Database) -> None:
+    with db.write() as connection:
+        mine = put(connection, "alice", "a zebra crossed the road")
+        for number in range(300):
+            put(connection, "bob", f"zebra zebra zebra herd {number}")
+    hits = STORE.search(db.reader(), scope("alice"), "zebra", 5)
+    assert [memory.id for memory, _ in hits] == [mine]
+    assert len(STORE.search(db.reader(), scope("bob"), "zebra", 5)) == 5
+
+
+def test_quarantined_and_out_of_window_memories_are_never_hits(db: Database) -> None:
+    with db.write() as connection:
+        old = [put(connection, "alice", f"lantern note {n}", at_ms=NOW - 10_000) for n in range(50)]
+        put(connection, "alice", "lantern lantern held back", status=QUARANTINED)
+        recent = [put(connection, "alice", f"lantern fresh {n}", at_ms=NOW + n) for n in range(3)]
+    ids = [memory.id for memory, _ in STORE.search(db.reader(), scope("alice", not_before_ms=NOW), "lantern", 10)]
+    assert sorted(ids) == sorted(recent)
+    everything = [memory.id for memory, _ in STORE.search(db.reader(), scope("alice"), "lantern", 100)]
+    assert sorted(everything) == sorted(old + recent)
+
+
+def test_hits_come_best_first_with_scores_that_fall(db: Database) -> None:
+    with db.write() as connection:
+        weak = put(connection, "alice", "one mention of comet among many other ordinary words here")
+        strong = put(connection, "alice", "comet comet comet")
+        middle = put(connection, "alice", "comet tails and comet dust")
+    hits = STORE.search(db.reader(), scope("alice"), "comet", 10)
+    assert [memory.id for memory, _ in hits] == [strong, middle, weak]
+    scores = [score for _, score in hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_the_limit_holds_when_many_match(db: Database) -> None:
+    with db.write() as connection:
+        for number in range(40):
+            put(connection, "alice", f"harbour log {number}")
+    assert len(STORE.search(db.reader(), scope("alice"), "harbour", 7)) == 7
