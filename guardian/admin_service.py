@@ -13,13 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 from guardian import audit, policy_history
-from guardian.core import GuardianCore
+from guardian.admin_backups import BackupHandlers
+from guardian.admin_keys import KeyHandlers
+from guardian.core import GuardianCore, session_ref
 from guardian.database import Connection
 from guardian.memories import StoredMemory
 from guardian.pipeline import Call
 from guardian.policy import Policy, compile_policy
 from guardian.shape import memory_id
-from shared.errors import ConfigError, InvalidArgument
+from shared.errors import ConfigError, InvalidArgument, NotFound
 from shared.rpc.guardian.v1 import admin_pb2 as pb
 
 __all__ = ["AdminHandlers"]
@@ -28,12 +30,13 @@ security_log = logging.getLogger("agent_guardian.security")
 
 _MAX_AUDIT_WAIT_MS = 10_000
 _AUDIT_POLL_S = 0.1
+_MAX_TOKEN_GRACE_MS = 7 * 24 * 3600 * 1000
 
 Work = Callable[[Connection], Any]
 
 
-class AdminHandlers:
-    """One method per AdminService RPC, named as the RPC."""
+class AdminHandlers(KeyHandlers, BackupHandlers):
+    """One method per AdminService RPC, named as the RPC (keys and backups in their own modules)."""
 
     def __init__(self, core: GuardianCore) -> None:
         self._core = core
@@ -83,6 +86,49 @@ class AdminHandlers:
             self._core.agents.require(connection, request.name)
             self._core.rates.reset_agent(request.name)
             return pb.UnlockAgentResponse(was_locked=self._core.anomalies.unlock_agent(request.name))
+
+        return work
+
+    def RotateAgentToken(self, call: Call, request: pb.RotateAgentTokenRequest) -> Work:
+        call.object_id = request.name
+        if not 0 <= request.grace_ms <= _MAX_TOKEN_GRACE_MS:
+            raise InvalidArgument(f"grace_ms: must be between 0 and {_MAX_TOKEN_GRACE_MS} (7 days)")
+
+        def work(connection: Connection) -> pb.AddAgentResponse:
+            token = self._core.agents.rotate_token(connection, request.name, call.now_ms, request.grace_ms)
+            return pb.AddAgentResponse(name=request.name, token=token)
+
+        return work
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def ListSessions(self, call: Call, request: pb.ListSessionsRequest) -> Work:
+        def work(_: Connection) -> pb.ListSessionsResponse:
+            return pb.ListSessionsResponse(
+                sessions=[
+                    pb.SessionInfo(
+                        ref=session_ref(session.id),
+                        agent=session.agent,
+                        opened_at_ms=session.created_at_ms,
+                        last_used_at_ms=session.last_used_ms,
+                        expires_at_ms=min(session.expires_at_ms, session.last_used_ms + session.idle_timeout_ms),
+                    )
+                    for session in self._core.sessions.live(call.now_ms, request.agent)
+                ]
+            )
+
+        return work
+
+    def RevokeSession(self, call: Call, request: pb.RevokeSessionRequest) -> Work:
+        call.object_id = request.ref
+
+        def work(_: Connection) -> pb.RevokeSessionResponse:
+            session = self._core.sessions.end_matching(request.ref, session_ref)
+            if session is None:
+                raise NotFound("no open session with that reference (see guardianctl sessions list)")
+            self._core.rates.forget_session(session.id)
+            self._core.anomalies.forget_session(session.id)
+            return pb.RevokeSessionResponse(agent=session.agent)
 
         return work
 
@@ -147,7 +193,8 @@ class AdminHandlers:
         return work
 
     def RollbackPolicy(self, call: Call, request: pb.RollbackPolicyRequest) -> Work:
-        entry = policy_history.find(self._core.database.reader(), request.version)
+        with self._core.database.read() as reader:
+            entry = policy_history.find(reader, request.version)
         return self._apply(call, _compile(entry.text), "rollback")
 
     def _apply(self, call: Call, policy: Policy, source: policy_history.Source) -> Work:
@@ -244,14 +291,17 @@ class AdminHandlers:
         if request.wait_ms > _MAX_AUDIT_WAIT_MS:
             raise InvalidArgument(f"wait_ms must be at most {_MAX_AUDIT_WAIT_MS}")
         # Read on this thread's reader before the audit row's transaction, so a long read
-        # (or a wait for new rows) never holds the writer.
-        reader = self._core.database.reader()
+        # (or a wait for new rows) never holds the writer; the reader is let go between polls.
+        database = self._core.database
         deadline = time.monotonic() + request.wait_ms / 1000
-        rows = audit.query(reader, query)
+        with database.read() as reader:
+            rows = audit.query(reader, query)
         while not rows and time.monotonic() < deadline:
             time.sleep(_AUDIT_POLL_S)
-            rows = audit.query(reader, query)
-        head = audit.read_head(reader)
+            with database.read() as reader:
+                rows = audit.query(reader, query)
+        with database.read() as reader:
+            head = audit.read_head(reader)
         call.object_id = f"{len(rows)} rows"
 
         def work(_: Connection) -> pb.AuditRows:

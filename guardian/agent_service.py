@@ -67,7 +67,7 @@ class AgentHandlers:
 
         def work(connection: Connection) -> pb.OpenSessionResponse:
             # A revocation that committed since the session stage must win.
-            if self._core.agents.authenticate(connection, token) != call.agent:
+            if self._core.agents.authenticate(connection, token, call.now_ms) != call.agent:
                 raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
             rules = call.policy.sessions
             session = self._core.sessions.open(call.agent, call.now_ms, rules.idle_timeout_ms, rules.max_lifetime_ms)

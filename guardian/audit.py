@@ -213,10 +213,15 @@ class AuditTrail:
     """Appends, reads and verifies the chain with the audit key ring."""
 
     def __init__(self, ring: KeyRing, on_failure: Callable[[], None] | None = None) -> None:
+        #: The audit key ring in use: rows are sealed with its primary and verified with any key.
         self.ring = ring
         self._on_failure = on_failure
         #: Whether the most recent append failed (readiness reports it until one succeeds).
         self.last_append_failed = False
+
+    def use_ring(self, ring: KeyRing) -> None:
+        """Seal new rows with ring's primary from now on (a key rotation); every key still verifies."""
+        self.ring = ring
 
     def args_digest(self, request_bytes: bytes) -> str:
         """A keyed digest of a request's bytes: proves which request was made without holding it."""

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import grp
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
+from guardian.database import DEFAULT_MIN_FREE_BYTES, Durability
 from guardian.yamlfile import Section, load_yaml_mapping
 from shared.errors import ConfigError
 from shared.ops_http import parse_listen
@@ -19,6 +22,8 @@ __all__ = ["GuardianConfig", "SocketConfig", "load_config", "render_default_conf
 
 # A Unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL).
 _MAX_SOCKET_PATH = 107
+_SIZE_RE: Final = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?")
+_SIZE_UNITS: Final = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,14 @@ class GuardianConfig:
     shutdown_grace_s: float
     #: How often the housekeeping thread runs (retention purges, forgetting idle state).
     housekeeping_interval_ms: int
+    #: normal: a commit survives a crash of the guardian; full: a power loss too (guardian/database.py).
+    durability: Durability
+    #: Writes that add data are refused (retryably) while less than this is free on the database's filesystem.
+    min_free_bytes: int
+    #: Where `guardianctl backup create` (and the backup timer) has the guardian write its backups.
+    backup_dir: Path
+    #: How many backups the guardian keeps there (the oldest beyond this are deleted).
+    backup_keep: int
 
 
 def load_config(path: Path) -> GuardianConfig:
@@ -102,6 +115,16 @@ def load_config(path: Path) -> GuardianConfig:
     audit.done()
     shutdown_grace_s = top.integer("shutdown_grace_seconds", 10, minimum=0, maximum=600)
     housekeeping_interval_ms = top.duration_ms("housekeeping_interval", "5s")
+    storage = top.section("storage")
+    durability = storage.text("durability", "normal")
+    if durability not in ("normal", "full"):
+        raise ConfigError(f"storage.durability: expected normal or full, got {durability!r}")
+    min_free_bytes = _size(storage, "min_free", f"{DEFAULT_MIN_FREE_BYTES // 1024**2}MiB")
+    storage.done()
+    backup = top.section("backup")
+    backup_dir = _resolve(base, backup.text("dir", str(state_dir / "backups")))
+    backup_keep = backup.integer("keep", 7, minimum=1, maximum=1000)
+    backup.done()
     top.done()
     return GuardianConfig(
         config_path=path,
@@ -120,6 +143,10 @@ def load_config(path: Path) -> GuardianConfig:
         audit_head_interval_ms=audit_head_interval_ms,
         shutdown_grace_s=float(shutdown_grace_s),
         housekeeping_interval_ms=housekeeping_interval_ms,
+        durability="full" if durability == "full" else "normal",
+        min_free_bytes=min_free_bytes,
+        backup_dir=backup_dir,
+        backup_keep=backup_keep,
     )
 
 
@@ -157,7 +184,28 @@ audit:
   head_interval: 60s          # how often the audit chain head goes to the security log
 shutdown_grace_seconds: 10
 housekeeping_interval: 5s     # retention purges and forgetting idle sessions and rate-limit state
+storage:
+  # normal: an acknowledged write survives a crash of the guardian (SQLite WAL, synchronous=NORMAL);
+  # after a power loss the database is intact but may lack the last writes before it.
+  # full: the WAL is fsynced at every commit, so acknowledged writes survive a power loss too (slower).
+  durability: normal
+  # Writes that add data are refused (a retryable error) while less than this is free, so reads
+  # and the audit trail keep working on a full disk. Sizes: 512KiB, 64MiB, 1GiB.
+  min_free: 64MiB
+backup:
+  dir: backups                # `guardianctl backup create` writes verified, encrypted copies here
+  keep: 7                     # and deletes the oldest beyond this many
 """
+
+
+def _size(section: Section, key: str, default: str) -> int:
+    """A size in bytes: a number with an optional unit (B, KiB, MiB, GiB)."""
+    value = section.optional(key, (str, int))
+    text = default if value is None else str(value)
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(f'{section.child_path(key)}: expected a size like "64MiB" or "512KiB", got {text!r}')
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
 def _optional_path(base: Path, section: Section, key: str) -> Path | None:

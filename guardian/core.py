@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 
@@ -20,11 +21,14 @@ from guardian.audit import AuditTrail, HeadFile
 from guardian.config import GuardianConfig
 from guardian.database import Connection, Database
 from guardian.keys import Keys, load_keys
+from guardian.keystore import FILE_NAME as ROTATED_KEYS_FILE
+from guardian.keystore import KeyStore
 from guardian.memories import MemoryStore
 from guardian.metrics import GuardianMetrics, StateReading
 from guardian.policy import Policy, compile_policy, load_policy
 from guardian.ratelimit import RateLimiter
 from guardian.sessions import SessionTable
+from guardian.statedir import lock_state_dir
 from shared.errors import ConfigError
 from shared.ops_http import Readiness
 
@@ -50,8 +54,12 @@ def session_ref(session_id: str) -> str:
 class GuardianCore:
     """Everything the services share."""
 
-    def __init__(self, config: GuardianConfig, keys: Keys, database: Database) -> None:
+    def __init__(self, config: GuardianConfig, keystore: KeyStore, database: Database) -> None:
         self.config = config
+        self.keystore = keystore
+        #: The state dir's lock (guardian/statedir.py), held while the guardian runs.
+        self._state_lock: int | None = None
+        keys = keystore.keys
         self.database = database
         self.metrics = GuardianMetrics()
         self.audit = AuditTrail(keys.audit, on_failure=self.metrics.audit_failures.inc)
@@ -71,13 +79,37 @@ class GuardianCore:
     @classmethod
     def open(cls, config: GuardianConfig) -> GuardianCore:
         """Load keys (validated), open the database, and choose the policy to start with."""
-        keys = load_keys(config.keys_dir)
-        database = Database(config.database, keys.database_hex)
+        lock = lock_state_dir(config.state_dir)
         try:
-            return cls(config, keys, database)
+            keystore = KeyStore(config.state_dir / ROTATED_KEYS_FILE, load_keys(config.keys_dir))
+        except BaseException:
+            os.close(lock)
+            raise
+        database = Database(
+            config.database,
+            keystore.keys.database_hexes,
+            durability=config.durability,
+            min_free_bytes=config.min_free_bytes,
+        )
+        if database.key_index:
+            security_log.warning(
+                "the database opened with an older key: a database rekey did not finish; rotate the database key again",
+                extra={"event": "database_key_fallback"},
+            )
+        try:
+            core = cls(config, keystore, database)
         except BaseException:
             database.close()
+            os.close(lock)
             raise
+        core._state_lock = lock
+        return core
+
+    def use_keys(self, keys: Keys) -> None:
+        """Sign and verify with keys from now on (after a rotation or a retirement of an HMAC key)."""
+        self.memories.use_ring(keys.memory)
+        self.audit.use_ring(keys.audit)
+        self.agents.use_ring(keys.token)
 
     def _open_audit_chain(self) -> None:
         """Chain rows from before the chain existed, then check the last published head is still there."""
@@ -92,7 +124,8 @@ class GuardianCore:
         published = self.audit_head_file.read()
         if published is None:
             return True
-        row = self.database.reader().execute("SELECT mac FROM audit WHERE seq = ?", (published.seq,)).fetchone()
+        with self.database.read() as reader:
+            row = reader.execute("SELECT mac FROM audit WHERE seq = ?", (published.seq,)).fetchone()
         if row is not None and row[0] == published.mac:
             return True
         security_log.error(
@@ -109,10 +142,12 @@ class GuardianCore:
         over it, so the head file keeps the evidence until the operator deals with it.
         """
         consistent = self._holds_published_head()
-        audit.publish_head(self.database.reader(), self.audit_head_file if consistent else None, reason)
+        with self.database.read() as reader:
+            audit.publish_head(reader, self.audit_head_file if consistent else None, reason)
 
     def _state_reading(self) -> StateReading:
-        head = audit.read_head(self.database.reader())
+        with self.database.read() as reader:
+            head = audit.read_head(reader)
         return StateReading(
             sessions_open=self.sessions.count_all(now_ms()),
             database_size_bytes=self.database.size_bytes(),
@@ -253,7 +288,10 @@ class GuardianCore:
             alerter(event)
 
     def close(self) -> None:
-        """Stop the alerter and close the database."""
+        """Stop the alerter, close the database and let go of the state dir."""
         if self._alerter is not None:
             self._alerter.close()
         self.database.close()
+        if self._state_lock is not None:
+            os.close(self._state_lock)
+            self._state_lock = None

@@ -20,7 +20,9 @@ from typing import Any
 import grpc
 
 from guardian.config import load_config
-from guardian.ctl_audit import add_audit_commands
+from guardian.ctl_audit import add_audit_commands, parse_duration_ms
+from guardian.ctl_backup import add_backup_commands
+from guardian.ctl_keys import add_key_commands, add_session_commands
 from guardian.statedir import init_state_dir
 from shared.errors import ConfigError
 from shared.formats import OPERATOR_METADATA_KEY
@@ -134,6 +136,19 @@ def cmd_agents_revoke(args: argparse.Namespace) -> int:
     """guardianctl agents revoke NAME."""
     response = _call(args, "RevokeAgent", admin_pb2.RevokeAgentRequest(name=args.name))
     print(f"agent {args.name!r} revoked; {response.sessions_ended} open session(s) ended")
+    return 0
+
+
+def cmd_agents_rotate_token(args: argparse.Namespace) -> int:
+    """guardianctl agents rotate-token NAME [--grace DURATION]."""
+    request = admin_pb2.RotateAgentTokenRequest(name=args.name, grace_ms=args.grace)
+    response = _call(args, "RotateAgentToken", request)
+    if args.json:
+        print(json.dumps({"name": response.name, "token": response.token, "grace_ms": args.grace}))
+        return 0
+    old = f"keeps working for {args.grace // 1000} s" if args.grace else "stopped working"
+    print(f"agent {response.name!r}: new token (shown only this once; store it now); the old one {old}:")
+    print(response.token)
     return 0
 
 
@@ -287,25 +302,8 @@ def cmd_quarantine_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="guardianctl",
-        description="Administer an agent-guardian: its state dir, agents, policy, quarantine and audit trail.",
-    )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--socket",
-        help=f"admin socket path (default: $AGENT_GUARDIAN_ADMIN_SOCKET or {DEFAULT_ADMIN_SOCKET})",
-    )
-    where.add_argument("--config", help="take the admin socket path from this guardian config.yaml")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    init = commands.add_parser("init", help="create a working state dir (safe to run twice)")
-    init.add_argument("--state-dir", required=True, help="directory to create or complete")
-    init.set_defaults(func=cmd_init)
-
-    agents = commands.add_parser("agents", help="add, list or revoke agents")
+def _add_agent_commands(commands: Any) -> None:
+    agents = commands.add_parser("agents", help="add, list, revoke or unlock agents; rotate their tokens")
     agent_commands = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
     add = agent_commands.add_parser("add", help="register an agent and print its token once")
     add.add_argument("name", help="1-64 letters, digits, '.', '_' or '-'")
@@ -315,9 +313,45 @@ def _parser() -> argparse.ArgumentParser:
     revoke = agent_commands.add_parser("revoke", help="refuse an agent's token and end its sessions")
     revoke.add_argument("name")
     revoke.set_defaults(func=cmd_agents_revoke)
+    rotate = agent_commands.add_parser(
+        "rotate-token",
+        help="issue a new token for an agent and print it once",
+        description="The new token works at once; open sessions stay open. The old token stops working now,"
+        " or after --grace (e.g. 10m, 1h; at most 7d), while the agent's gateway is given the new one.",
+    )
+    rotate.add_argument("name")
+    rotate.add_argument("--grace", type=parse_duration_ms, default=0, help="how long the old token still works")
+    rotate.set_defaults(func=cmd_agents_rotate_token)
     unlock = agent_commands.add_parser("unlock", help="lift an anomaly lock and rate-limit cooldowns from an agent")
     unlock.add_argument("name")
     unlock.set_defaults(func=cmd_agents_unlock)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guardianctl",
+        description="Administer an agent-guardian: its state dir, agents, sessions, policy, quarantine, audit"
+        " trail, keys and backups. Every command but init, `backup verify PATH` and `backup restore` talks to the"
+        " running guardian over its admin socket.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--socket",
+        help=f"admin socket path (default: $AGENT_GUARDIAN_ADMIN_SOCKET or {DEFAULT_ADMIN_SOCKET})",
+    )
+    where.add_argument(
+        "--config",
+        help="take the admin socket path from this guardian config.yaml (and, for the offline backup"
+        " commands, the state dir and keys)",
+    )
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = commands.add_parser("init", help="create a working state dir (safe to run twice)")
+    init.add_argument("--state-dir", required=True, help="directory to create or complete")
+    init.set_defaults(func=cmd_init)
+
+    _add_agent_commands(commands)
 
     policy = commands.add_parser("policy", help="show, check, change or roll back the policy")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -354,6 +388,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("id", help="a memory id from `quarantine list`")
         sub.set_defaults(func=func)
     add_audit_commands(commands, _call)
+    add_session_commands(commands, _call)
+    add_key_commands(commands, _call)
+    add_backup_commands(commands, _call)
     return parser
 
 

@@ -23,7 +23,7 @@ from typing import Any, Final
 from shared.errors import ConfigError
 from shared.rpc.guardian.v1 import admin_pb2
 
-__all__ = ["add_audit_commands", "parse_time"]
+__all__ = ["add_audit_commands", "parse_duration_ms", "parse_time"]
 
 #: Calls one AdminService method: (parsed arguments, method name, request) -> response.
 Caller = Callable[[argparse.Namespace, str, Any], Any]
@@ -63,6 +63,16 @@ def parse_time(text: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
     return int(moment.timestamp() * 1000)
+
+
+def parse_duration_ms(text: str) -> int:
+    """An argparse type: a duration such as 30s, 15m, 2h or 7d, in ms (0 for "0")."""
+    relative = _RELATIVE_RE.fullmatch(text.strip())
+    if text.strip() == "0":
+        return 0
+    if relative is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use 30s, 15m, 2h or 7d")
+    return int(relative[1]) * _UNIT_S[relative[2]] * 1000
 
 
 def _row_count(text: str) -> int:

@@ -74,11 +74,19 @@ class Keys:
     memory: KeyRing
     audit: KeyRing
     token: KeyRing
+    #: Every database key, the one in use (:attr:`database`) first, then older ones, newest
+    #: first (after a rotation, guardian/keystore.py); empty means just :attr:`database`.
+    database_history: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def database_hex(self) -> str:
         """The database key as 64 lowercase hex characters, for ``PRAGMA key``."""
         return self.database.hex()
+
+    @property
+    def database_hexes(self) -> tuple[str, ...]:
+        """Every database key as hex, the one in use first (the database opens with the first that fits)."""
+        return tuple(key.hex() for key in self.database_history) or (self.database_hex,)
 
 
 def load_keys(keys_dir: Path) -> Keys:

@@ -4,8 +4,9 @@ At the audit head interval it publishes the chain's head (sequence and mac) to
 the security log and the head file, so a truncated or rolled-back trail is
 detectable from outside the database.
 
-Every tick it forgets expired sessions, full rate-limit buckets and stale
-anomaly windows (so memory stays bounded), and, when the policy sets a
+Every tick it forgets expired sessions, full rate-limit buckets, stale
+anomaly windows (so memory stays bounded) and idempotency records past their
+24 hours (housekeeping of the guardian's own records: no audit row), and, when the policy sets a
 retention and its interval has passed, deletes memories older than the
 retention in small batches. Each batch is one transaction with its audit row
 (operation ``retention.purge``, the ids purged), so a purge is never silent
@@ -19,8 +20,9 @@ import threading
 import time
 from typing import Final
 
-from guardian import audit
+from guardian import audit, idempotency
 from guardian.core import GuardianCore, now_ms
+from shared.errors import Unavailable
 
 __all__ = ["RETENTION_CALLER", "Maintenance"]
 
@@ -70,12 +72,21 @@ class Maintenance:
         self._core.sessions.sweep(now)
         self._core.rates.sweep()
         self._core.anomalies.sweep(now)
+        try:
+            self.forget_old_answers(now)
+        except Unavailable as fault:  # e.g. a full disk: the records wait for the next tick
+            log.warning("idempotency records not purged: %s", fault.message)
         retention = self._core.policy.retention
         if retention.max_age_ms is not None and now - self._last_purge_ms >= retention.purge_every_ms:
             self._last_purge_ms = now
             purged = self.purge_expired(now)
             if purged:
                 security_log.info("retention purge", extra={"event": "retention_purge", "purged": purged})
+
+    def forget_old_answers(self, now: int) -> int:
+        """Delete idempotency records past their retention (a few at a time); how many."""
+        with self._core.database.write() as connection:
+            return idempotency.purge_older_than(connection, now - idempotency.RETENTION_MS, _PURGE_BATCH * 10)
 
     def purge_expired(self, now: int) -> int:
         """Delete memories older than the policy's retention, batch by batch; how many."""

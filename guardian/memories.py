@@ -128,9 +128,22 @@ class MemoryStore:
     """Reads and writes memories within a caller's scope, signing and verifying each."""
 
     def __init__(self, ring: KeyRing) -> None:
-        self._ring = ring
-        # A separate key for list cursors, derived so it never signs anything else.
-        self._cursor_key = hmac.new(ring.primary, b"agent-guardian/cursor-key/v1", hashlib.sha256).digest()
+        self.use_ring(ring)
+
+    def use_ring(self, ring: KeyRing) -> None:
+        """Sign with ring's primary and verify with any of its keys from now on (a key rotation)."""
+        # Separate keys for list cursors, derived so they never sign anything else; a cursor made
+        # before a rotation still opens.
+        cursor_keys = tuple(
+            hmac.new(key, b"agent-guardian/cursor-key/v1", hashlib.sha256).digest()
+            for key_id, key in sorted(ring.keys.items(), key=lambda item: item[0] != ring.primary_id)
+        )
+        self._ring, self._cursor_keys = ring, cursor_keys
+
+    @property
+    def ring(self) -> KeyRing:
+        """The memory key ring in use."""
+        return self._ring
 
     # -- agent operations ------------------------------------------------------------------
 
@@ -351,7 +364,69 @@ class MemoryStore:
             ),
         )
 
+    def verify_all(self, connection: Connection) -> tuple[int, list[str]]:
+        """Check every memory's digest and HMAC: (how many were checked, the ids that fail)."""
+        checked, after = 0, -1
+        failed: list[str] = []
+        while True:
+            rows = connection.execute(
+                f"SELECT {_COLUMNS} FROM memories WHERE rowid > ? ORDER BY rowid LIMIT 1000",  # noqa: S608
+                (after,),
+            ).fetchall()
+            if not rows:
+                return checked, failed
+            for row in rows:
+                checked += 1
+                if self._check(row) is None:
+                    failed.append(str(row[_AT["id"]]))
+            after = int(rows[-1][0])
+
+    def resign_batch(self, connection: Connection, after_rowid: int, limit: int) -> tuple[int, list[str], int]:
+        """Re-sign up to limit memories after after_rowid not signed with the primary key.
+
+        Only rows that verify are re-signed (a tampered row must never be laundered by a
+        fresh HMAC); returns (how many were re-signed, the ids that fail verification, the
+        last rowid looked at, or -1 when none was left).
+        """
+        rows = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE rowid > ? AND (key_id <> ? OR sig_format <> ?)"  # noqa: S608
+            " ORDER BY rowid LIMIT ?",
+            (after_rowid, self._ring.primary_id, CURRENT_FORMAT, limit),
+        ).fetchall()
+        if not rows:
+            return 0, [], -1
+        resigned = 0
+        failed: list[str] = []
+        for row in rows:
+            if self._check(row) is None:
+                failed.append(str(row[_AT["id"]]))
+                continue
+            # The stored text of every field is what is signed, exactly as _check verifies it.
+            key_id, digest = _fields_of(row).sign(self._ring)
+            connection.execute(
+                "UPDATE memories SET key_id = ?, hmac = ?, sig_format = ? WHERE rowid = ?",
+                (key_id, digest, CURRENT_FORMAT, row[0]),
+            )
+            resigned += 1
+        return resigned, failed, int(rows[-1][0])
+
+    def signed_with(self, connection: Connection, key_id: str) -> int:
+        """How many memories carry an HMAC made with key_id."""
+        return int(connection.execute("SELECT count(*) FROM memories WHERE key_id = ?", (key_id,)).fetchone()[0])
+
     def _verified(self, row: tuple[Any, ...]) -> StoredMemory:
+        """The memory of row, verified; DataLoss (and a security event) if it fails."""
+        memory = self._check(row)
+        if memory is None:
+            security_log.error(
+                "memory failed its integrity check",
+                extra={"event": "integrity_failure", "memory_id": row[_AT["id"]], "namespace": row[_AT["namespace"]]},
+            )
+            raise DataLoss("that memory failed its integrity check and is withheld; the security team is alerted")
+        return memory
+
+    def _check(self, row: tuple[Any, ...]) -> StoredMemory | None:
+        """The memory of row if its digest and HMAC verify, else None."""
         (_, memory_id, namespace, author, created, updated, content, tags_json, metadata, digest, key_id, mac,
          sig_format, status, hits) = row  # fmt: skip
         memory = StoredMemory(
@@ -367,13 +442,8 @@ class MemoryStore:
             status=status,
             filter_hits=tuple(hit for hit in hits.split(",") if hit),
         )
-        fields = SignedFields(memory_id, namespace, author, created, updated, digest, tags_json, metadata, status)
-        if content_sha256(content) != digest or not fields.verify(self._ring, key_id, mac, sig_format):
-            security_log.error(
-                "memory failed its integrity check",
-                extra={"event": "integrity_failure", "memory_id": memory_id, "namespace": namespace},
-            )
-            raise DataLoss("that memory failed its integrity check and is withheld; the security team is alerted")
+        if content_sha256(content) != digest or not _fields_of(row).verify(self._ring, key_id, mac, sig_format):
+            return None
         return memory
 
     def _make_cursor(self, agent: str, created_at_ms: int, rowid: int) -> str:
@@ -384,14 +454,30 @@ class MemoryStore:
         if _CURSOR_RE.fullmatch(cursor) is None:
             raise InvalidArgument("cursor: not a cursor this guardian issued; pass next_cursor unchanged")
         payload, mac = cursor.split(".")
-        if not hmac.compare_digest(self._cursor_mac(agent, payload), mac):
+        if not any(hmac.compare_digest(self._cursor_mac(agent, payload, key), mac) for key in self._cursor_keys):
             raise InvalidArgument("cursor: not a cursor this guardian issued; pass next_cursor unchanged")
         created_at_ms, rowid = struct.unpack(">qq", base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         return int(created_at_ms), int(rowid)
 
-    def _cursor_mac(self, agent: str, payload: str) -> str:
+    def _cursor_mac(self, agent: str, payload: str, key: bytes | None = None) -> str:
         message = agent.encode() + b"\0" + payload.encode()
-        return hmac.new(self._cursor_key, message, hashlib.sha256).hexdigest()[:32]
+        return hmac.new(key or self._cursor_keys[0], message, hashlib.sha256).hexdigest()[:32]
+
+
+def _fields_of(row: tuple[Any, ...]) -> SignedFields:
+    """The signed fields of a stored row, as stored."""
+    at = _AT
+    return SignedFields(
+        row[at["id"]],
+        row[at["namespace"]],
+        row[at["agent"]],
+        row[at["created_at_ms"]],
+        row[at["updated_at_ms"]],
+        row[at["sha256"]],
+        row[at["tags"]],
+        row[at["metadata"]],
+        row[at["status"]],
+    )
 
 
 def _signed_fields(memory: StoredMemory) -> SignedFields:

@@ -24,12 +24,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
 
-from guardian import audit, shape
+from guardian import audit, idempotency, shape
 from guardian.anomaly import AnomalyKind
 from guardian.core import GuardianCore, now_ms, session_ref
 from guardian.database import Connection
@@ -47,6 +47,7 @@ from shared.errors import (
     PermissionDenied,
     RateLimited,
     Unauthenticated,
+    Unavailable,
 )
 from shared.formats import AGENT_NAME_RE, OPERATOR_METADATA_KEY
 
@@ -86,19 +87,28 @@ class Rule:
     #: Whether the handler's work only reads: it runs on a read snapshot, outside the writer,
     #: and only the audit row takes a (short) write transaction.
     reads_only: bool = False
+    #: Whether the handler's work runs outside any transaction and takes what it needs itself,
+    #: step by step (backups, key rotation, re-signing): it must never hold the writer for
+    #: long. Each step that changes the database writes its own audit row with it; the
+    #: request's row follows when the work is done.
+    runs_alone: bool = False
+    #: Whether the request adds data: refused (retryably) while the disk is nearly full.
+    grows_data: bool = False
+    #: Whether the request may carry an idempotency key (guardian/idempotency.py).
+    keyed: bool = False
 
 
 #: The agent service's dispatch table: one row per RPC, nothing else is served.
 AGENT_RULES: Final[dict[str, Rule]] = {
     "OpenSession": Rule("session.open", None, needs_session=False, rate="open", authenticates=True),
     "CloseSession": Rule("session.close", None, needs_session=True),
-    "Store": Rule("memory.store", "store", needs_session=True, rate="write"),
-    "StoreBatch": Rule("memory.store_batch", "store", needs_session=True, rate="write"),
+    "Store": Rule("memory.store", "store", needs_session=True, rate="write", grows_data=True, keyed=True),
+    "StoreBatch": Rule("memory.store_batch", "store", needs_session=True, rate="write", grows_data=True, keyed=True),
     "Get": Rule("memory.get", "get", needs_session=True, rate="read", reads_only=True),
     "Search": Rule("memory.search", "search", needs_session=True, rate="read", reads_only=True),
     "List": Rule("memory.list", "list", needs_session=True, rate="read", reads_only=True),
-    "Update": Rule("memory.update", "update", needs_session=True, rate="write"),
-    "Delete": Rule("memory.delete", "delete", needs_session=True, rate="write"),
+    "Update": Rule("memory.update", "update", needs_session=True, rate="write", grows_data=True, keyed=True),
+    "Delete": Rule("memory.delete", "delete", needs_session=True, rate="write", keyed=True),
 }
 
 #: The admin service's dispatch table. Served only on the admin socket, whose
@@ -120,6 +130,17 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     "PurgeQuarantined": Rule("admin.quarantine.purge", None, needs_session=False),
     "QueryAudit": Rule("admin.audit.query", None, needs_session=False, reads_only=True),
     "VerifyAudit": Rule("admin.audit.verify", None, needs_session=False, reads_only=True),
+    "RotateAgentToken": Rule("admin.agent.rotate_token", None, needs_session=False),
+    "ListSessions": Rule("admin.session.list", None, needs_session=False, reads_only=True),
+    "RevokeSession": Rule("admin.session.revoke", None, needs_session=False),
+    "ListKeys": Rule("admin.keys.list", None, needs_session=False, reads_only=True),
+    "RotateKey": Rule("admin.keys.rotate", None, needs_session=False, runs_alone=True),
+    "ResignMemories": Rule("admin.keys.resign", None, needs_session=False, runs_alone=True),
+    "RetireKey": Rule("admin.keys.retire", None, needs_session=False, runs_alone=True),
+    "CreateBackup": Rule("admin.backup.create", None, needs_session=False, runs_alone=True),
+    "ListBackups": Rule("admin.backup.list", None, needs_session=False, runs_alone=True),
+    "ReadBackup": Rule("admin.backup.read", None, needs_session=False, runs_alone=True),
+    "VerifyBackup": Rule("admin.backup.verify", None, needs_session=False, runs_alone=True),
 }
 
 #: Every method path either socket serves, as gRPC names it.
@@ -179,6 +200,11 @@ class Call:
     after_commit: list[Callable[[], None]] = field(default_factory=list)
     #: The audit row's keyed digest of the request bytes.
     args_digest: str = ""
+    #: The request's idempotency key ("" for none), and its digest without the session id.
+    idempotency_key: str = ""
+    request_digest: str = ""
+    #: Set when the request is a retry answered from its idempotency record.
+    replayed: bool = False
 
     @property
     def required_session(self) -> Session:
@@ -216,9 +242,18 @@ class Pipeline:
         self._caller = caller
 
     def run(
-        self, method: str, request: Message | Malformed, context: grpc.ServicerContext, handler: Handler[Any]
+        self,
+        method: str,
+        request: Message | Malformed,
+        context: grpc.ServicerContext,
+        handler: Handler[Any],
+        response_class: type[Message] | None = None,
     ) -> Any:
-        """Serve one request; every path writes one audit row."""
+        """Serve one request; every path writes one audit row.
+
+        response_class: the method's response message, which an idempotent retry's
+        recorded answer is read back as.
+        """
         started = time.perf_counter()
         rule = self._rules[method]
         caller = admin_caller(context) if self._caller == ADMIN_CALLER else self._caller
@@ -230,19 +265,38 @@ class Pipeline:
             call.args_digest = self._core.audit.args_digest(request.SerializeToString(deterministic=True))
             check_known_fields(request)
             self._session_stage(call, request)
+            if rule.keyed:
+                call.idempotency_key = idempotency.check_key(request.idempotency_key)  # type: ignore[attr-defined]
+                call.request_digest = idempotency.request_digest(request)
             work = handler(call, request)  # the shape stage
             self._policy_stage(call)
             self._rate_stage(call)
             self._content_stage(call)
             database = self._core.database
+            if rule.grows_data:
+                database.check_room()
             if rule.reads_only:
                 with database.snapshot() as reader:
                     response = work(reader)
                 self._append_audit(call, "allow", self._allow_reason(call))
+            elif rule.runs_alone:
+                # No connection: the work takes the writer or a reader itself, step by step (Rule.runs_alone).
+                response = work(cast(Connection, None))
+                self._append_audit(call, "allow", self._allow_reason(call))
             else:
 
                 def work_and_audit(connection: Connection) -> Any:
-                    result = work(connection)
+                    result = self._replay(call, connection, response_class)
+                    if result is None:
+                        result = work(connection)
+                        if call.idempotency_key:
+                            first = idempotency.Prior(
+                                rule.audit_operation,
+                                call.request_digest,
+                                call.object_id,
+                                result.SerializeToString(deterministic=True),
+                            )
+                            idempotency.record(connection, call.agent, call.idempotency_key, first, call.now_ms)
                     self._core.audit.append(connection, self._record(call, "allow", self._allow_reason(call)))
                     return result
 
@@ -267,7 +321,8 @@ class Pipeline:
             token = request.agent_token
             if not token:
                 raise Unauthenticated("no agent token: pass the token `guardianctl agents add` printed")
-            agent = self._core.agents.authenticate(self._core.database.reader(), token)
+            with self._core.database.read() as reader:
+                agent = self._core.agents.authenticate(reader, token, call.now_ms)
             if agent is None:
                 raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
             call.agent = agent
@@ -352,7 +407,8 @@ class Pipeline:
         if not call.agent or call.agent.startswith("@"):
             return
         kinds: list[AnomalyKind] = ["burst", *dict.fromkeys(call.anomalies)]
-        if error is not None and not isinstance(error, Unauthenticated):
+        # A fault of the guardian's own (storage unavailable) is not the agent's denial.
+        if error is not None and not isinstance(error, (Unauthenticated, Unavailable, InternalError)):
             kinds.append("denials")
         if isinstance(error, NotFound):
             kinds.append("unknown_ids")
@@ -402,7 +458,27 @@ class Pipeline:
         )
 
     @staticmethod
+    def _replay(call: Call, connection: Connection, response_class: type[Message] | None) -> Message | None:
+        """The recorded answer if call retries an earlier request with its idempotency key, else None."""
+        if not call.idempotency_key:
+            return None
+        prior = idempotency.find(connection, call.agent, call.idempotency_key)
+        if prior is None:
+            return None
+        if prior.operation != call.rule.audit_operation or prior.request_digest != call.request_digest:
+            raise InvalidArgument(
+                "idempotency_key: already used for a different request; make a new key for each new write"
+            )
+        if response_class is None:
+            raise InternalError()
+        call.replayed = True
+        call.object_id = prior.object_id
+        return response_class.FromString(prior.response)
+
+    @staticmethod
     def _allow_reason(call: Call) -> str:
+        if call.replayed:
+            return "ok: a retry with the same idempotency key; the first answer is returned, nothing written"
         if not call.filter_hits:
             return "ok"
         quarantined = any(draft.status == QUARANTINED for draft in call.drafts)
@@ -411,7 +487,7 @@ class Pipeline:
         )
 
     def _deny(self, call: Call, error: GuardianError, context: grpc.ServicerContext, started: float) -> None:
-        decision: audit.Decision = "error" if isinstance(error, InternalError) else "deny"
+        decision: audit.Decision = "error" if isinstance(error, (InternalError, Unavailable)) else "deny"
         reason = f"{error.kind}: {error.message}"
         metrics = self._core.metrics
         metrics.denials.labels(error.kind).inc()
@@ -419,6 +495,10 @@ class Pipeline:
             metrics.rate_limited.labels(call.rule.rate or "none").inc()
         try:
             self._append_audit(call, decision, reason)
+        except Unavailable as fault:  # the storage failed (disk full, read-only): retryable, never internal
+            log.error("could not write the audit row of a denied %s: %s", call.method, fault.message)
+            self._observe(call, "error", started)
+            abort_with(context, fault)
         except Exception:
             log.exception("could not write the audit row of a denied %s", call.method)
             self._observe(call, "error", started)

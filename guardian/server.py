@@ -81,9 +81,13 @@ def _service_handler(
         handler = getattr(handlers, method.name)
 
         def behaviour(
-            request: Any, context: grpc.ServicerContext, name: str = method.name, handler: Any = handler
+            request: Any,
+            context: grpc.ServicerContext,
+            name: str = method.name,
+            handler: Any = handler,
+            response_class: type[Message] = response_class,
         ) -> Any:
-            return pipeline.run(name, request, context, handler)
+            return pipeline.run(name, request, context, handler, response_class)
 
         methods[method.name] = grpc.unary_unary_rpc_method_handler(
             behaviour,

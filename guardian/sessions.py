@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.errors import Unauthenticated
@@ -78,6 +79,25 @@ class SessionTable:
             for sid in ended:
                 del self._sessions[sid]
         return len(ended)
+
+    def live(self, now_ms: int, agent: str = "") -> list[Session]:
+        """Copies of the live sessions (of agent, if given), oldest first."""
+        with self._lock:
+            found = [
+                Session(**vars(s))
+                for s in self._sessions.values()
+                if _live(s, now_ms) and (not agent or s.agent == agent)
+            ]
+        return sorted(found, key=lambda session: session.created_at_ms)
+
+    def end_matching(self, ref: str, ref_of: Callable[[str], str]) -> Session | None:
+        """End the session whose reference (ref_of its id) is ref; the session, or None if none matched."""
+        with self._lock:
+            for session_id, session in self._sessions.items():
+                if ref_of(session_id) == ref:
+                    del self._sessions[session_id]
+                    return session
+        return None
 
     def count(self, agent: str, now_ms: int) -> int:
         """How many live sessions agent has."""

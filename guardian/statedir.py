@@ -6,6 +6,7 @@ the database, the config or the policy.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,12 @@ from pathlib import Path
 from guardian.config import load_config, render_default_config
 from guardian.database import Database
 from guardian.default_policy import render_default_policy
-from guardian.keys import create_keys, load_keys
+from guardian.keys import create_keys
+from guardian.keystore import load_all_keys
 from guardian.policy import load_policy
 from shared.errors import ConfigError
 
-__all__ = ["InitReport", "init_state_dir"]
+__all__ = ["LOCK_FILE", "InitReport", "init_state_dir", "lock_state_dir"]
 
 
 @dataclass
@@ -57,8 +59,29 @@ def init_state_dir(state_dir: Path) -> InitReport:
         )
     created_keys = create_keys(config.keys_dir)
     report.created += created_keys
-    keys = load_keys(config.keys_dir)
+    keys = load_all_keys(config.keys_dir, config.state_dir)
     existed = config.database.exists()
-    Database(config.database, keys.database_hex).close()
+    Database(config.database, keys.database_hexes).close()
     (report.kept if existed else report.created).append(config.database)
     return report
+
+
+#: The file a running guardian holds locked, so two never share a state dir and a restore can tell.
+LOCK_FILE = "guardian.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold the state dir's lock (an exclusive flock, released when the process exits); its fd.
+
+    Raises ConfigError when another process holds it: a guardian is already running there.
+    """
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"another guardian is running on {state_dir} (it holds {LOCK_FILE}); stop it first"
+            " (systemctl stop agent-guardian)"
+        ) from None
+    return fd

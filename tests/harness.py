@@ -24,7 +24,7 @@ import grpc
 import sqlcipher3
 import yaml
 
-from guardian.keys import load_keys
+from guardian.keystore import load_all_keys
 from guardian.pipeline import ADMIN_RULES, AGENT_RULES
 from guardian.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
@@ -198,7 +198,7 @@ class Guardian:
     @contextmanager
     def keyed_db(self) -> Iterator[Any]:
         """A direct connection to the database with its key, as an attacker holding the key would have."""
-        key = load_keys(self.state_dir / "keys").database_hex
+        key = load_all_keys(self.state_dir / "keys", self.state_dir).database_hex
         connection = sqlcipher3.connect(str(self.database), isolation_level=None)
         connection.execute(f"PRAGMA key = \"x'{key}'\"")
         try:

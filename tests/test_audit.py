@@ -366,7 +366,7 @@ def test_the_agent_socket_serves_no_audit_call(busy: Guardian) -> None:
 
 
 def test_rows_from_before_the_chain_are_moved_into_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from guardian import database
+    from guardian import database, schema
     from guardian.config import load_config
     from guardian.core import GuardianCore
     from guardian.keys import load_keys
@@ -376,7 +376,7 @@ def test_rows_from_before_the_chain_are_moved_into_it(tmp_path: Path, monkeypatc
     keys = load_keys(config.keys_dir)
     config.database.unlink()
     # A schema-2 database, with rows written the old way.
-    monkeypatch.setattr(database, "_MIGRATIONS", database._MIGRATIONS[:2])
+    monkeypatch.setattr(database, "MIGRATIONS", schema.MIGRATIONS[:2])
     monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
     old = database.Database(config.database, keys.database_hex)
     with old.write() as connection:
@@ -390,12 +390,13 @@ def test_rows_from_before_the_chain_are_moved_into_it(tmp_path: Path, monkeypatc
     monkeypatch.undo()
     core = GuardianCore.open(config)
     try:
-        rows = audit.query(core.database.reader(), audit.AuditQuery(limit=1000))
+        with core.database.read() as reader:
+            rows = audit.query(reader, audit.AuditQuery(limit=1000))
+            report = core.audit.verify(reader)
+            tables = {row[0] for row in reader.execute("SELECT name FROM sqlite_master").fetchall()}
         assert [row.object_id for row in rows[:3]] == ["mem_0", "mem_1", "mem_2"]
         assert [row.seq for row in rows] == list(range(1, len(rows) + 1))
-        report = core.audit.verify(core.database.reader())
         assert report.intact and report.rows_checked == len(rows) >= 4
-        tables = {row[0] for row in core.database.reader().execute("SELECT name FROM sqlite_master").fetchall()}
         assert "audit_unchained" not in tables
     finally:
         core.close()

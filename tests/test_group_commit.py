@@ -23,7 +23,8 @@ def database(tmp_path: Path) -> Any:
 
 
 def count(db: Database) -> int:
-    return int(db.reader().execute("SELECT count(*) FROM t").fetchone()[0])
+    with db.read() as reader:
+        return int(reader.execute("SELECT count(*) FROM t").fetchone()[0])
 
 
 def test_a_job_returns_its_result_after_its_commit(database: Database) -> None:
@@ -68,7 +69,8 @@ def test_a_failing_job_rolls_back_alone_in_a_shared_transaction(database: Databa
     for thread in [first, *others]:
         thread.join(10)
     assert isinstance(results["failing"], ValueError)
-    names = {row[0] for row in database.reader().execute("SELECT who FROM t").fetchall()}
+    with database.read() as reader:
+        names = {row[0] for row in reader.execute("SELECT who FROM t").fetchall()}
     assert names == {"first", *(f"ok{i}" for i in range(8))}
     assert all(isinstance(results[f"ok{i}"], int) for i in range(8))
 
@@ -107,7 +109,8 @@ def test_a_commit_that_fails_fails_every_job_in_it(database: Database) -> None:
         thread.join(10)
     assert outcomes["held"] is None  # its own group committed before the others queued
     assert all("FOREIGN KEY" in str(outcomes[name]) for name in ("good", "orphan")), outcomes
-    assert [row[0] for row in database.reader().execute("SELECT who FROM t").fetchall()] == ["held"]
+    with database.read() as reader:
+        assert [row[0] for row in reader.execute("SELECT who FROM t").fetchall()] == ["held"]
     assert database.submit(lambda c: c.execute("INSERT INTO t (who) VALUES ('after')").lastrowid) == 2
 
 

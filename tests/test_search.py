@@ -13,7 +13,7 @@ import pytest
 
 from guardian.database import Connection, Database
 from guardian.keys import KeyRing
-from guardian.memories import QUARANTINED, Draft, MemoryStore, Scope
+from guardian.memories import QUARANTINED, Draft, MemoryStore, Scope, StoredMemory
 
 KEY_HEX = "ab" * 32
 NOW = 1_800_000_000_000
@@ -24,7 +24,10 @@ def db(tmp_path: Path) -> Iterator[Database]:
     database = Database(tmp_path / "memory.db", KEY_HEX)
     with database.write() as connection:
         for name in ("alice", "bob"):
-            connection.execute("INSERT INTO agents VALUES (?, 'k1', ?, 0, NULL)", (name, "hash-" + name))
+            connection.execute(
+                "INSERT INTO agents (name, token_key_id, token_hash, created_at_ms) VALUES (?, 'k1', ?, 0)",
+                (name, "hash-" + name),
+            )
     yield database
     database.close()
 
@@ -34,6 +37,11 @@ STORE = MemoryStore(KeyRing("k1", {"k1": b"k" * 32}))
 
 def scope(agent: str, not_before_ms: int = 0) -> Scope:
     return Scope(agent=agent, namespaces=(agent,), writable=frozenset({agent}), not_before_ms=not_before_ms)
+
+
+def search(db: Database, caller: Scope, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
+    with db.read() as reader:
+        return STORE.search(reader, caller, query, limit)
 
 
 def put(connection: Connection, agent: str, content: str, at_ms: int = NOW, status: str = "active") -> str:
@@ -46,9 +54,9 @@ def test_the_callers_memory_is_found_behind_many_better_ranked_ones_it_may_not_s
         mine = put(connection, "alice", "a zebra crossed the road")
         for number in range(300):
             put(connection, "bob", f"zebra zebra zebra herd {number}")
-    hits = STORE.search(db.reader(), scope("alice"), "zebra", 5)
+    hits = search(db, scope("alice"), "zebra", 5)
     assert [memory.id for memory, _ in hits] == [mine]
-    assert len(STORE.search(db.reader(), scope("bob"), "zebra", 5)) == 5
+    assert len(search(db, scope("bob"), "zebra", 5)) == 5
 
 
 def test_quarantined_and_out_of_window_memories_are_never_hits(db: Database) -> None:
@@ -56,9 +64,9 @@ def test_quarantined_and_out_of_window_memories_are_never_hits(db: Database) -> 
         old = [put(connection, "alice", f"lantern note {n}", at_ms=NOW - 10_000) for n in range(50)]
         put(connection, "alice", "lantern lantern held back", status=QUARANTINED)
         recent = [put(connection, "alice", f"lantern fresh {n}", at_ms=NOW + n) for n in range(3)]
-    ids = [memory.id for memory, _ in STORE.search(db.reader(), scope("alice", not_before_ms=NOW), "lantern", 10)]
+    ids = [memory.id for memory, _ in search(db, scope("alice", not_before_ms=NOW), "lantern", 10)]
     assert sorted(ids) == sorted(recent)
-    everything = [memory.id for memory, _ in STORE.search(db.reader(), scope("alice"), "lantern", 100)]
+    everything = [memory.id for memory, _ in search(db, scope("alice"), "lantern", 100)]
     assert sorted(everything) == sorted(old + recent)
 
 
@@ -67,7 +75,7 @@ def test_hits_come_best_first_with_scores_that_fall(db: Database) -> None:
         weak = put(connection, "alice", "one mention of comet among many other ordinary words here")
         strong = put(connection, "alice", "comet comet comet")
         middle = put(connection, "alice", "comet tails and comet dust")
-    hits = STORE.search(db.reader(), scope("alice"), "comet", 10)
+    hits = search(db, scope("alice"), "comet", 10)
     assert [memory.id for memory, _ in hits] == [strong, middle, weak]
     scores = [score for _, score in hits]
     assert scores == sorted(scores, reverse=True)
@@ -77,4 +85,4 @@ def test_the_limit_holds_when_many_match(db: Database) -> None:
     with db.write() as connection:
         for number in range(40):
             put(connection, "alice", f"harbour log {number}")
-    assert len(STORE.search(db.reader(), scope("alice"), "harbour", 7)) == 7
+    assert len(search(db, scope("alice"), "harbour", 7)) == 7

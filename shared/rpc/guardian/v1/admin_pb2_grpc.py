@@ -114,6 +114,61 @@ class AdminServiceStub:
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.RotateAgentToken = channel.unary_unary(
+                '/guardian.v1.AdminService/RotateAgentToken',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateAgentTokenRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AddAgentResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/guardian.v1.AdminService/ListSessions',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.RevokeSession = channel.unary_unary(
+                '/guardian.v1.AdminService/RevokeSession',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RevokeSessionRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RevokeSessionResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/guardian.v1.AdminService/ListKeys',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/guardian.v1.AdminService/RotateKey',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateKeyResponse.FromString,
+                _registered_method=True)
+        self.ResignMemories = channel.unary_unary(
+                '/guardian.v1.AdminService/ResignMemories',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ResignMemoriesRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ResignMemoriesResponse.FromString,
+                _registered_method=True)
+        self.RetireKey = channel.unary_unary(
+                '/guardian.v1.AdminService/RetireKey',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RetireKeyRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RetireKeyResponse.FromString,
+                _registered_method=True)
+        self.CreateBackup = channel.unary_unary(
+                '/guardian.v1.AdminService/CreateBackup',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CreateBackupRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.BackupInfo.FromString,
+                _registered_method=True)
+        self.ListBackups = channel.unary_unary(
+                '/guardian.v1.AdminService/ListBackups',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListBackupsRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListBackupsResponse.FromString,
+                _registered_method=True)
+        self.ReadBackup = channel.unary_unary(
+                '/guardian.v1.AdminService/ReadBackup',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ReadBackupRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.BackupChunk.FromString,
+                _registered_method=True)
+        self.VerifyBackup = channel.unary_unary(
+                '/guardian.v1.AdminService/VerifyBackup',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -229,6 +284,84 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateAgentToken(self, request, context):
+        """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Open sessions, for every agent or one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSession(self, request, context):
+        """Ends one session, named by the reference ListSessions shows (never the session id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Every key version of every ring: ids, which one signs, which are retired (never key material).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKey(self, request, context):
+        """Makes a new version of one ring and signs (or encrypts) with it from now on; older versions still verify.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResignMemories(self, request, context):
+        """Re-signs every memory not signed with the memory ring's primary key (rows that fail verification are skipped).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireKey(self, request, context):
+        """Stops a rotated memory or token key version from verifying, once nothing depends on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBackup(self, request, context):
+        """Writes an online, encrypted copy of the database into the guardian's backup directory and
+        verifies it (integrity, cipher integrity, every memory's HMAC, the audit chain) before answering.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBackups(self, request, context):
+        """The backups in the guardian's backup directory, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadBackup(self, request, context):
+        """A piece of one backup file (encrypted bytes, as stored), for copying it elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyBackup(self, request, context):
+        """Verifies one backup in the guardian's backup directory again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +444,61 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
                     response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'RotateAgentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateAgentToken,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateAgentTokenRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AddAgentResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListSessionsRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'RevokeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSession,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RevokeSessionRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListKeysRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateKeyRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateKeyResponse.SerializeToString,
+            ),
+            'ResignMemories': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResignMemories,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ResignMemoriesRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ResignMemoriesResponse.SerializeToString,
+            ),
+            'RetireKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireKey,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RetireKeyRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RetireKeyResponse.SerializeToString,
+            ),
+            'CreateBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBackup,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CreateBackupRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.BackupInfo.SerializeToString,
+            ),
+            'ListBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackups,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListBackupsRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListBackupsResponse.SerializeToString,
+            ),
+            'ReadBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadBackup,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ReadBackupRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.BackupChunk.SerializeToString,
+            ),
+            'VerifyBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyBackup,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -745,6 +933,303 @@ class AdminService:
             '/guardian.v1.AdminService/VerifyAudit',
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateAgentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/RotateAgentToken',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateAgentTokenRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AddAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ListSessions',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListSessionsRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/RevokeSession',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RevokeSessionRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ListKeys',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListKeysRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/RotateKey',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResignMemories(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ResignMemories',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ResignMemoriesRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ResignMemoriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/RetireKey',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RetireKeyRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RetireKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/CreateBackup',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CreateBackupRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.BackupInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ListBackups',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListBackupsRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListBackupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ReadBackup',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ReadBackupRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.BackupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/VerifyBackup',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupResponse.FromString,
             options,
             channel_credentials,
             insecure,

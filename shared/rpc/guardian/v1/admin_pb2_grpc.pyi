@@ -64,6 +64,30 @@ class AdminServiceStub:
     """Rows of the audit trail, oldest first, filtered; a cursor (after_seq) pages and follows."""
     VerifyAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]
     """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
+    RotateAgentToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]
+    """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]
+    """Open sessions, for every agent or one."""
+    RevokeSession: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeSessionRequest, _admin_pb2.RevokeSessionResponse]
+    """Ends one session, named by the reference ListSessions shows (never the session id)."""
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListKeysRequest, _admin_pb2.ListKeysResponse]
+    """Every key version of every ring: ids, which one signs, which are retired (never key material)."""
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateKeyRequest, _admin_pb2.RotateKeyResponse]
+    """Makes a new version of one ring and signs (or encrypts) with it from now on; older versions still verify."""
+    ResignMemories: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResignMemoriesRequest, _admin_pb2.ResignMemoriesResponse]
+    """Re-signs every memory not signed with the memory ring's primary key (rows that fail verification are skipped)."""
+    RetireKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetireKeyRequest, _admin_pb2.RetireKeyResponse]
+    """Stops a rotated memory or token key version from verifying, once nothing depends on it."""
+    CreateBackup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateBackupRequest, _admin_pb2.BackupInfo]
+    """Writes an online, encrypted copy of the database into the guardian's backup directory and
+    verifies it (integrity, cipher integrity, every memory's HMAC, the audit chain) before answering.
+    """
+    ListBackups: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListBackupsRequest, _admin_pb2.ListBackupsResponse]
+    """The backups in the guardian's backup directory, newest first."""
+    ReadBackup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReadBackupRequest, _admin_pb2.BackupChunk]
+    """A piece of one backup file (encrypted bytes, as stored), for copying it elsewhere."""
+    VerifyBackup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyBackupRequest, _admin_pb2.VerifyBackupResponse]
+    """Verifies one backup in the guardian's backup directory again."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -98,6 +122,30 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Rows of the audit trail, oldest first, filtered; a cursor (after_seq) pages and follows."""
     VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
     """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
+    RotateAgentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]  # type: ignore[assignment]
+    """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
+    ListSessions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """Open sessions, for every agent or one."""
+    RevokeSession: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeSessionRequest, _admin_pb2.RevokeSessionResponse]  # type: ignore[assignment]
+    """Ends one session, named by the reference ListSessions shows (never the session id)."""
+    ListKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListKeysRequest, _admin_pb2.ListKeysResponse]  # type: ignore[assignment]
+    """Every key version of every ring: ids, which one signs, which are retired (never key material)."""
+    RotateKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateKeyRequest, _admin_pb2.RotateKeyResponse]  # type: ignore[assignment]
+    """Makes a new version of one ring and signs (or encrypts) with it from now on; older versions still verify."""
+    ResignMemories: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResignMemoriesRequest, _admin_pb2.ResignMemoriesResponse]  # type: ignore[assignment]
+    """Re-signs every memory not signed with the memory ring's primary key (rows that fail verification are skipped)."""
+    RetireKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetireKeyRequest, _admin_pb2.RetireKeyResponse]  # type: ignore[assignment]
+    """Stops a rotated memory or token key version from verifying, once nothing depends on it."""
+    CreateBackup: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateBackupRequest, _admin_pb2.BackupInfo]  # type: ignore[assignment]
+    """Writes an online, encrypted copy of the database into the guardian's backup directory and
+    verifies it (integrity, cipher integrity, every memory's HMAC, the audit chain) before answering.
+    """
+    ListBackups: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListBackupsRequest, _admin_pb2.ListBackupsResponse]  # type: ignore[assignment]
+    """The backups in the guardian's backup directory, newest first."""
+    ReadBackup: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReadBackupRequest, _admin_pb2.BackupChunk]  # type: ignore[assignment]
+    """A piece of one backup file (encrypted bytes, as stored), for copying it elsewhere."""
+    VerifyBackup: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyBackupRequest, _admin_pb2.VerifyBackupResponse]  # type: ignore[assignment]
+    """Verifies one backup in the guardian's backup directory again."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -225,5 +273,95 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
         """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
+
+    @_abc_1.abstractmethod
+    def RotateAgentToken(
+        self,
+        request: _admin_pb2.RotateAgentTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AddAgentResponse, _abc.Awaitable[_admin_pb2.AddAgentResponse]]:
+        """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _admin_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListSessionsResponse, _abc.Awaitable[_admin_pb2.ListSessionsResponse]]:
+        """Open sessions, for every agent or one."""
+
+    @_abc_1.abstractmethod
+    def RevokeSession(
+        self,
+        request: _admin_pb2.RevokeSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeSessionResponse, _abc.Awaitable[_admin_pb2.RevokeSessionResponse]]:
+        """Ends one session, named by the reference ListSessions shows (never the session id)."""
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _admin_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListKeysResponse, _abc.Awaitable[_admin_pb2.ListKeysResponse]]:
+        """Every key version of every ring: ids, which one signs, which are retired (never key material)."""
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _admin_pb2.RotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RotateKeyResponse, _abc.Awaitable[_admin_pb2.RotateKeyResponse]]:
+        """Makes a new version of one ring and signs (or encrypts) with it from now on; older versions still verify."""
+
+    @_abc_1.abstractmethod
+    def ResignMemories(
+        self,
+        request: _admin_pb2.ResignMemoriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ResignMemoriesResponse, _abc.Awaitable[_admin_pb2.ResignMemoriesResponse]]:
+        """Re-signs every memory not signed with the memory ring's primary key (rows that fail verification are skipped)."""
+
+    @_abc_1.abstractmethod
+    def RetireKey(
+        self,
+        request: _admin_pb2.RetireKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RetireKeyResponse, _abc.Awaitable[_admin_pb2.RetireKeyResponse]]:
+        """Stops a rotated memory or token key version from verifying, once nothing depends on it."""
+
+    @_abc_1.abstractmethod
+    def CreateBackup(
+        self,
+        request: _admin_pb2.CreateBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.BackupInfo, _abc.Awaitable[_admin_pb2.BackupInfo]]:
+        """Writes an online, encrypted copy of the database into the guardian's backup directory and
+        verifies it (integrity, cipher integrity, every memory's HMAC, the audit chain) before answering.
+        """
+
+    @_abc_1.abstractmethod
+    def ListBackups(
+        self,
+        request: _admin_pb2.ListBackupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListBackupsResponse, _abc.Awaitable[_admin_pb2.ListBackupsResponse]]:
+        """The backups in the guardian's backup directory, newest first."""
+
+    @_abc_1.abstractmethod
+    def ReadBackup(
+        self,
+        request: _admin_pb2.ReadBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.BackupChunk, _abc.Awaitable[_admin_pb2.BackupChunk]]:
+        """A piece of one backup file (encrypted bytes, as stored), for copying it elsewhere."""
+
+    @_abc_1.abstractmethod
+    def VerifyBackup(
+        self,
+        request: _admin_pb2.VerifyBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VerifyBackupResponse, _abc.Awaitable[_admin_pb2.VerifyBackupResponse]]:
+        """Verifies one backup in the guardian's backup directory again."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -260,7 +260,13 @@ class StoreRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional, 16-64 of A-Z a-z 0-9 _ -: a key the caller makes for this write. Sent again
+    with the same request (a retry after a lost answer), it returns the first answer
+    instead of writing twice; with a different request it is refused. Kept 24 hours.
+    """
     @_builtins.property
     def memory(self) -> Global___MemoryDraft: ...
     def __init__(
@@ -268,10 +274,11 @@ class StoreRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         memory: Global___MemoryDraft | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "memory", b"memory", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -303,7 +310,13 @@ class StoreBatchRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MEMORIES_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional, 16-64 of A-Z a-z 0-9 _ -: a key the caller makes for this write. Sent again
+    with the same request (a retry after a lost answer), it returns the first answer
+    instead of writing twice; with a different request it is refused. Kept 24 hours.
+    """
     @_builtins.property
     def memories(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryDraft]: ...
     def __init__(
@@ -311,10 +324,11 @@ class StoreBatchRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         memories: _abc.Iterable[Global___MemoryDraft] | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memories", b"memories", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "memories", b"memories", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,10 +549,16 @@ class UpdateRequest(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     METADATA_JSON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     id: _builtins.str
     content: _builtins.str
     metadata_json: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional, 16-64 of A-Z a-z 0-9 _ -: a key the caller makes for this write. Sent again
+    with the same request (a retry after a lost answer), it returns the first answer
+    instead of writing twice; with a different request it is refused. Kept 24 hours.
+    """
     @_builtins.property
     def tags(self) -> Global___TagList: ...
     def __init__(
@@ -549,10 +569,11 @@ class UpdateRequest(_message.Message):
         content: _builtins.str | None = ...,
         tags: Global___TagList | None = ...,
         metadata_json: _builtins.str | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_metadata_json", b"_metadata_json", "content", b"content", "metadata_json", b"metadata_json", "tags", b"tags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_metadata_json", b"_metadata_json", "content", b"content", "id", b"id", "metadata_json", b"metadata_json", "session_id", b"session_id", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_metadata_json", b"_metadata_json", "content", b"content", "id", b"id", "idempotency_key", b"idempotency_key", "metadata_json", b"metadata_json", "session_id", b"session_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__content: _TypeAlias = _typing.Literal["content"]  # noqa: Y015
     _WhichOneofArgType__content: _TypeAlias = _typing.Literal["_content", b"_content"]  # noqa: Y015
@@ -591,17 +612,24 @@ class DeleteRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     id: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional, 16-64 of A-Z a-z 0-9 _ -: a key the caller makes for this write. Sent again
+    with the same request (a retry after a lost answer), it returns the first answer
+    instead of writing twice; with a different request it is refused. Kept 24 hours.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "idempotency_key", b"idempotency_key", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,173 @@
+"""``guardianctl keys`` and ``guardianctl sessions``: key versions and open sessions, over the admin socket.
+
+- ``keys list``: every version of every ring (memory, audit, token, database),
+  which one signs, which are retired, and how many memories or tokens use each.
+- ``keys rotate RING``: a new version signs (or encrypts) from now on; older
+  ones still verify. No downtime: a database rekey makes requests wait a moment.
+- ``keys resign``: re-sign every memory with the memory ring's primary key (rows
+  that fail verification are left alone and reported).
+- ``keys retire RING KEY_ID``: stop a rotated memory or token key verifying,
+  once no memory or active token depends on it.
+- ``sessions list [--agent NAME]``, ``sessions revoke REF``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from collections.abc import Callable
+from typing import Any
+
+from shared.rpc.guardian.v1 import admin_pb2
+
+__all__ = ["add_key_commands", "add_session_commands"]
+
+Caller = Callable[[argparse.Namespace, str, Any], Any]
+_RINGS = ("memory", "audit", "token", "database")
+
+
+def _when(ms: int) -> str:
+    if not ms:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_keys_list(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl keys list."""
+    response = call(args, "ListKeys", admin_pb2.ListKeysRequest())
+    rows = [
+        {
+            "ring": key.ring,
+            "key_id": key.key_id,
+            "source": key.source,
+            "primary": key.primary,
+            "retired": key.retired,
+            "created": _when(key.created_at_ms),
+            "in_use": key.in_use,
+        }
+        for key in response.keys
+    ]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'RING':<9} {'KEY':<6} {'SOURCE':<8} {'STATE':<8} {'CREATED':<21} IN USE")
+    for row in rows:
+        state = "primary" if row["primary"] else "retired" if row["retired"] else "verifies"
+        used = row["in_use"] if row["ring"] in ("memory", "token") else "-"
+        print(f"{row['ring']:<9} {row['key_id']:<6} {row['source']:<8} {state:<8} {row['created']:<21} {used}")
+    return 0
+
+
+def cmd_keys_rotate(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl keys rotate RING."""
+    response = call(args, "RotateKey", admin_pb2.RotateKeyRequest(ring=args.ring))
+    if args.json:
+        print(json.dumps({"ring": response.ring, "key_id": response.key_id, "previous": response.previous_key_id}))
+        return 0
+    print(f"{response.ring}: {response.key_id} is the primary now (was {response.previous_key_id})")
+    if response.ring == "memory":
+        print("older memories still verify; `guardianctl keys resign` re-signs them with the new key")
+    return 0
+
+
+def cmd_keys_resign(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl keys resign."""
+    response = call(args, "ResignMemories", admin_pb2.ResignMemoriesRequest())
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "key_id": response.key_id,
+                    "resigned": response.resigned,
+                    "failed": response.failed,
+                    "failed_ids": list(response.failed_ids),
+                }
+            )
+        )
+    else:
+        print(f"{response.resigned} memories re-signed with {response.key_id}")
+        if response.failed:
+            print(f"{response.failed} memories FAIL verification and were left as they are:")
+            for memory_id in response.failed_ids:
+                print(f"  {memory_id}")
+    return 1 if response.failed else 0
+
+
+def cmd_keys_retire(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl keys retire RING KEY_ID."""
+    call(args, "RetireKey", admin_pb2.RetireKeyRequest(ring=args.ring, key_id=args.key_id))
+    print(f"{args.ring} key {args.key_id} retired: it no longer verifies anything")
+    return 0
+
+
+def cmd_sessions_list(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl sessions list."""
+    response = call(args, "ListSessions", admin_pb2.ListSessionsRequest(agent=args.agent or ""))
+    rows = [
+        {
+            "ref": s.ref,
+            "agent": s.agent,
+            "opened": _when(s.opened_at_ms),
+            "last_used": _when(s.last_used_at_ms),
+            "ends": _when(s.expires_at_ms),
+        }
+        for s in response.sessions
+    ]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'REF':<17} {'AGENT':<24} {'OPENED':<21} {'LAST USED':<21} ENDS (if unused)")
+    for row in rows:
+        print(f"{row['ref']:<17} {row['agent']:<24} {row['opened']:<21} {row['last_used']:<21} {row['ends']}")
+    return 0
+
+
+def cmd_sessions_revoke(call: Caller, args: argparse.Namespace) -> int:
+    """guardianctl sessions revoke REF."""
+    response = call(args, "RevokeSession", admin_pb2.RevokeSessionRequest(ref=args.ref))
+    print(f"session {args.ref} of agent {response.agent!r} ended (its gateway opens a new one with the token)")
+    return 0
+
+
+def _bind(call: Caller, handler: Callable[[Caller, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    return lambda args: handler(call, args)
+
+
+def add_key_commands(commands: Any, call: Caller) -> None:
+    """Register ``keys list|rotate|resign|retire``."""
+    keys = commands.add_parser("keys", help="list, rotate, re-sign and retire key versions")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every key version, which one signs, and what uses it").set_defaults(
+        func=_bind(call, cmd_keys_list)
+    )
+    rotate = actions.add_parser(
+        "rotate",
+        help="make a new key version the primary (older ones still verify)",
+        description="memory/audit/token: a new HMAC key signs from now on; database: the database is re-encrypted"
+        " under a new key while requests wait. The guardian generates the key and keeps it, wrapped, in its state"
+        " dir; no key is ever shown.",
+    )
+    rotate.add_argument("ring", choices=_RINGS)
+    rotate.set_defaults(func=_bind(call, cmd_keys_rotate))
+    actions.add_parser(
+        "resign", help="re-sign every memory with the memory ring's primary key (exit 1 if some fail verification)"
+    ).set_defaults(func=_bind(call, cmd_keys_resign))
+    retire = actions.add_parser(
+        "retire", help="stop a rotated memory or token key verifying, once nothing uses it (see keys list)"
+    )
+    retire.add_argument("ring", choices=("memory", "token"))
+    retire.add_argument("key_id", help="a rotated key id from `keys list`, e.g. r1")
+    retire.set_defaults(func=_bind(call, cmd_keys_retire))
+
+
+def add_session_commands(commands: Any, call: Caller) -> None:
+    """Register ``sessions list|revoke``."""
+    sessions = commands.add_parser("sessions", help="list or end agents' open sessions")
+    actions = sessions.add_subparsers(dest="sessions_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="open sessions (by reference, never the session id)")
+    listing.add_argument("--agent", help="only this agent's")
+    listing.set_defaults(func=_bind(call, cmd_sessions_list))
+    revoke = actions.add_parser("revoke", help="end one session")
+    revoke.add_argument("ref", help="a reference from `sessions list`")
+    revoke.set_defaults(func=_bind(call, cmd_sessions_revoke))
