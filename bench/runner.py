@@ -203,6 +203,7 @@ def _check_and_trim(run: _SizeRun, transport: str, clients: int, acks: Acks) -> 
     with run.guardian.keyed_db() as db:
         written = int(db.execute("SELECT count(*) FROM memories WHERE rowid > ?", (run.prefill_rowid,)).fetchone()[0])
         db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM memory_terms WHERE rowid > ?", (run.prefill_rowid,))  # the search index too
         db.execute("DELETE FROM memories WHERE rowid > ?", (run.prefill_rowid,))
         db.execute("COMMIT")
     if written != acks.memories:

@@ -3,11 +3,12 @@
 A database of its own beside the guardian's, opened as ``guardian.database``
 opens its own (a raw 32-byte key as the first statement, ``cipher_version``
 checked, ``foreign_keys`` on, WAL, ``synchronous = NORMAL``), with the
-guardian's ``memories`` table, indexes, external-content FTS5 table and
-triggers (schema version 3, without the audit table), filled with the same
-seeded corpus as the guardian. What is left out is exactly what the guardian
-adds: the pipeline, the sha256 and HMACs (the columns hold fixed strings of
-the same length), the audit row and its chain, the policy and gRPC.
+guardian's ``memories`` table, indexes and contentless FTS5 table of namespaced
+terms (guardian/search_index.py; without the audit table), filled with the same
+seeded corpus as the guardian, each row indexed as the guardian indexes it.
+What is left out is exactly what the guardian adds: the pipeline, the sha256
+and HMACs (the columns hold fixed strings of the same length), the audit row
+and its chain, the policy and gRPC.
 
 Operations, one call each:
 
@@ -37,13 +38,14 @@ from typing import Any, Final
 import sqlcipher3
 
 from bench.corpus import BATCH_SIZE, LIST_DEPTH, LIST_PAGE_SIZE, SEARCH_LIMIT, Corpus, MemoryText
+from guardian import search_index
 
 __all__ = ["FLOOR_OF", "SqlFloor"]
 
 #: Which floor operation stands beside which measured operation.
 FLOOR_OF: Final = {"store": "insert", "store_batch": "insert_batch", "get": "get", "search": "fts", "list": "list"}
 
-# guardian/database.py after its migrations, less the audit and policy tables.
+# guardian/schema.py after its migrations, less the audit, policy and idempotency tables.
 _SCHEMA: Final = (
     """CREATE TABLE agents (
         name TEXT PRIMARY KEY, token_key_id TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
@@ -57,15 +59,8 @@ _SCHEMA: Final = (
     "CREATE INDEX memories_by_namespace_newest ON memories(namespace, status, created_at_ms DESC, rowid DESC)",
     "CREATE INDEX memories_by_age ON memories(created_at_ms)",
     "CREATE INDEX memories_held ON memories(status, created_at_ms) WHERE status <> 'active'",
-    """CREATE VIRTUAL TABLE memories_fts USING fts5(
-        content, tags, content='memories', content_rowid='rowid', tokenize='unicode61 remove_diacritics 2')""",
-    """CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN
-        INSERT INTO memories_fts(rowid, content, tags) VALUES (new.rowid, new.content, new.tags);
-    END""",
-    """CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN
-        INSERT INTO memories_fts(memories_fts, rowid, content, tags)
-        VALUES ('delete', old.rowid, old.content, old.tags);
-    END""",
+    """CREATE VIRTUAL TABLE memory_terms USING fts5(
+        content, tags, content='', contentless_delete=1, tokenize='unicode61 remove_diacritics 0')""",
 )
 _COLUMNS: Final = (
     "rowid, id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata, sha256,"
@@ -79,20 +74,21 @@ _INSERT: Final = (
 # Every match joined to its row and scoped, then ranked (FTS5 as the outer loop: CROSS JOIN
 # fixes the order in SQLite): a row read per match. A diagnostic, not a floor.
 _SEARCH_JOIN_FIRST: Final = (
-    f"SELECT {_M_COLUMNS}, bm25(memories_fts) AS rank"  # noqa: S608 - constants only
-    " FROM memories_fts CROSS JOIN memories AS m ON m.rowid = memories_fts.rowid"
-    " WHERE memories_fts MATCH ? AND m.namespace IN (?) AND m.status = 'active' AND m.created_at_ms >= ?"
+    f"SELECT {_M_COLUMNS}, bm25(memory_terms) AS rank"  # noqa: S608 - constants only
+    " FROM memory_terms CROSS JOIN memories AS m ON m.rowid = memory_terms.rowid"
+    " WHERE memory_terms MATCH ? AND m.namespace IN (?) AND m.status = 'active' AND m.created_at_ms >= ?"
     " ORDER BY rank LIMIT ?"
 )
-# The guardian's search (guardian/memories.py): FTS5 ranks and keeps the best, then only those
-# rows are read and scoped (here in SQL; the guardian checks the scope on the rows it reads, and
-# asks for more hits when too few are the caller's; the bench's memories all are). The floor of search.
+# The guardian's search (guardian/memories.py): FTS5 ranks the caller's namespaced terms and keeps
+# the best, then only those rows are read and scoped (here in SQL; the guardian checks the scope on
+# the rows it reads, and with a read window asks for more). The floor of search.
 _SEARCH: Final = (
     f"SELECT {_M_COLUMNS}, hits.rank FROM ("  # noqa: S608 - constants only
-    "SELECT rowid, bm25(memories_fts) AS rank FROM memories_fts WHERE memories_fts MATCH ? ORDER BY rank LIMIT ?"
+    "SELECT rowid, bm25(memory_terms) AS rank FROM memory_terms WHERE memory_terms MATCH ? ORDER BY rank LIMIT ?"
     ") AS hits CROSS JOIN memories AS m ON m.rowid = hits.rowid"
     " WHERE m.namespace IN (?) AND m.status = 'active' AND m.created_at_ms >= ? ORDER BY hits.rank"
 )
+_INDEX: Final = "INSERT INTO memory_terms (rowid, content, tags) VALUES (last_insert_rowid(), ?, ?)"
 _GET: Final = (
     f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND namespace IN (?)"  # noqa: S608 - constants only
     " AND status = 'active' AND created_at_ms >= ?"
@@ -151,7 +147,7 @@ class SqlFloor:
             now = _now_ms()
             rows = [self._row(self._corpus.memory(start + i), now) for i in range(min(_FILL_CHUNK, count - start))]
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(_INSERT, rows)
+            self._insert(rows)
             self._db.execute("COMMIT")
             self._ids.extend(row[0] for row in rows[:: max(1, count // 100_000)])
         self.memories += count
@@ -161,7 +157,7 @@ class SqlFloor:
         """One row, one transaction."""
         row = self._row(self._corpus.memory(self.memories), _now_ms())
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute(_INSERT, row)
+        self._insert([row])
         self._db.execute("COMMIT")
         self.memories += 1
 
@@ -170,9 +166,16 @@ class SqlFloor:
         now = _now_ms()
         rows = [self._row(text, now) for text in self._corpus.batch(self.memories)]
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.executemany(_INSERT, rows)
+        self._insert(rows)
         self._db.execute("COMMIT")
         self.memories += BATCH_SIZE
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        """Rows into memories, each indexed as the guardian indexes it (its namespaced terms)."""
+        for row in rows:
+            self._db.execute(_INSERT, row)
+            content, tags = row[5], " ".join(json.loads(row[6]))
+            self._db.execute(_INDEX, (search_index.terms(_NAMESPACE, content), search_index.terms(_NAMESPACE, tags)))
 
     def get(self) -> None:
         """One row by id."""
@@ -181,7 +184,7 @@ class SqlFloor:
             raise RuntimeError("the floor lost a row")
 
     def _match(self) -> str:
-        return " OR ".join(f'"{word}"' for word in self._corpus.query().split())
+        return search_index.match_query(search_index.query_words(self._corpus.query()), (_NAMESPACE,))
 
     def fts(self) -> None:
         """The guardian's search query: rank in FTS5, then read the best rows (the floor of search)."""
@@ -217,6 +220,7 @@ class SqlFloor:
     def trim(self, keep: int) -> None:
         """Delete the rows stored after the first keep (what insert measurements added)."""
         self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("DELETE FROM memory_terms WHERE rowid > ?", (keep,))
         self._db.execute("DELETE FROM memories WHERE rowid > ?", (keep,))
         self._db.execute("COMMIT")
         self.memories = keep

@@ -258,9 +258,13 @@ class Database:
                 " run a newer agent-guardian"
             )
         for version in range(current + 1, SCHEMA_VERSION + 1):
+            migration = MIGRATIONS[version - 1]
             with self.write() as connection:
-                for statement in split_statements(MIGRATIONS[version - 1]):
-                    connection.execute(statement)
+                if isinstance(migration, str):
+                    for statement in split_statements(migration):
+                        connection.execute(statement)
+                else:
+                    migration(connection)
                 # user_version takes no parameter; version is an int from this module.
                 connection.execute(f"PRAGMA user_version = {int(version)}")
 

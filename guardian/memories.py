@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from guardian import search_index
 from guardian.database import Connection
 from guardian.integrity import CURRENT_FORMAT, SignedFields, canonical_json, content_sha256
 from guardian.keys import KeyRing
@@ -31,7 +32,6 @@ __all__ = [
     "MemoryStore",
     "Scope",
     "StoredMemory",
-    "fts_query",
 ]
 
 security_log = logging.getLogger("agent_guardian.security")
@@ -48,8 +48,6 @@ _COLUMNS: Final = (
 _M_COLUMNS: Final = ", ".join("m." + column for column in _COLUMNS.split(", "))
 #: Where a column is in a row of _COLUMNS.
 _AT: Final = {column: index for index, column in enumerate(_COLUMNS.split(", "))}
-_WORD_RE: Final = re.compile(r"\w+")
-_MAX_QUERY_WORDS: Final = 32
 _CURSOR_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}\.[0-9a-f]{32}")
 _MAX_NAMESPACES: Final = 64
 
@@ -111,19 +109,6 @@ class Scope:
         return ", ".join("?" for _ in self.namespaces)
 
 
-def fts_query(text: str) -> str:
-    """Turn an agent's text into an FTS5 query of quoted words joined by OR.
-
-    Agent text is never FTS syntax: only runs of word characters survive and
-    each is a quoted string, so ``"``, ``*``, ``NEAR(`` or ``AND`` are plain
-    words (or nothing). Raises InvalidArgument when no word is left.
-    """
-    words = _WORD_RE.findall(text)[:_MAX_QUERY_WORDS]
-    if not words:
-        raise InvalidArgument("query: needs at least one word (letters or digits) to search for")
-    return " OR ".join('"' + word.replace('"', '""') + '"' for word in words)
-
-
 class MemoryStore:
     """Reads and writes memories within a caller's scope, signing and verifying each."""
 
@@ -169,7 +154,7 @@ class MemoryStore:
                 filter_hits=draft.filter_hits,
             )
             key_id, digest = _signed_fields(memory).sign(self._ring)
-            connection.execute(
+            cursor = connection.execute(
                 "INSERT INTO memories (id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata,"
                 " sha256, key_id, hmac, sig_format, status, filter_hits)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -190,6 +175,9 @@ class MemoryStore:
                     ",".join(memory.filter_hits),
                 ),
             )
+            if memory.status == ACTIVE:
+                tags_json = canonical_json(list(memory.tags))
+                search_index.index(connection, int(cursor.lastrowid), namespace, memory.content, tags_json)
             stored.append(memory)
         return stored
 
@@ -207,18 +195,22 @@ class MemoryStore:
     def search(self, connection: Connection, scope: Scope, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
         """Memories in scope matching query, best first, with a score (higher is better).
 
-        FTS5 ranks the matches (bm25) and only the best are joined to their rows, where the
-        scope (namespaces, status, read window) is checked; when too few of them are the
-        caller's, the index is asked for four times as many, until enough pass or the
-        matches run out. So the cost follows the matches, never the size of the table.
+        The index holds only active memories, by namespace (guardian/search_index.py), so
+        FTS5 matches and ranks only the caller's namespaces; the best hits are joined to
+        their rows, where the scope is checked again and the read window applied (with a
+        window, the index is asked for four times as many until enough pass or the matches
+        run out). The cost follows the caller's matches, never the size of the table.
         """
-        match = fts_query(query)
+        words = search_index.query_words(query)
+        if not words:
+            raise InvalidArgument("query: needs at least one word (letters or digits) to search for")
+        match = search_index.match_query(words, scope.namespaces)
         wanted = limit
         while True:
             rows = connection.execute(
                 f"SELECT {_M_COLUMNS}, hits.rank FROM ("  # noqa: S608 - constant columns and placeholders
-                "SELECT rowid, bm25(memories_fts) AS rank FROM memories_fts"
-                " WHERE memories_fts MATCH ? ORDER BY rank LIMIT ?"
+                "SELECT rowid, bm25(memory_terms) AS rank FROM memory_terms"
+                " WHERE memory_terms MATCH ? ORDER BY rank LIMIT ?"
                 ") AS hits CROSS JOIN memories AS m ON m.rowid = hits.rowid",
                 (match, wanted),
             ).fetchall()
@@ -290,7 +282,7 @@ class MemoryStore:
         current = self.get(connection, scope, memory_id)
         if current.namespace not in scope.writable:
             raise PermissionDenied("that memory is in a namespace this agent may only read")
-        connection.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
+        self._delete(connection, [memory_id])
 
     # -- the security team's and the daemon's operations ------------------------------------
 
@@ -328,7 +320,7 @@ class MemoryStore:
     def purge_held(self, connection: Connection, memory_id: str) -> StoredMemory:
         """Delete a quarantined memory for good."""
         held = self.get_held(connection, memory_id)
-        connection.execute("DELETE FROM memories WHERE id = ? AND status = ?", (memory_id, QUARANTINED))
+        self._delete(connection, [memory_id])
         return held
 
     def purge_older_than(self, connection: Connection, cutoff_ms: int, limit: int) -> list[str]:
@@ -339,12 +331,31 @@ class MemoryStore:
                 "SELECT id FROM memories WHERE created_at_ms < ? ORDER BY created_at_ms LIMIT ?", (cutoff_ms, limit)
             ).fetchall()
         ]
-        connection.executemany("DELETE FROM memories WHERE id = ?", [(memory_id,) for memory_id in ids])
+        self._delete(connection, ids)
         return ids
 
     # -- signing, verifying, cursors ---------------------------------------------------------
 
+    def _delete(self, connection: Connection, ids: list[str]) -> None:
+        """Delete memories by id, and their terms from the search index."""
+        rowids = [
+            int(row[0])
+            for memory_id in ids
+            for row in connection.execute("SELECT rowid FROM memories WHERE id = ?", (memory_id,)).fetchall()
+        ]
+        search_index.unindex(connection, rowids)
+        connection.executemany("DELETE FROM memories WHERE rowid = ?", [(rowid,) for rowid in rowids])
+
     def _rewrite(self, connection: Connection, memory: StoredMemory) -> None:
+        """Store memory's new fields and signature, and index it again (only an active memory has terms)."""
+        row = connection.execute("SELECT rowid FROM memories WHERE id = ?", (memory.id,)).fetchone()
+        if row is None:
+            raise NotFound("no memory with that id")
+        rowid = int(row[0])
+        search_index.unindex(connection, [rowid])
+        if memory.status == ACTIVE:
+            tags_json = canonical_json(list(memory.tags))
+            search_index.index(connection, rowid, memory.namespace, memory.content, tags_json)
         key_id, digest = _signed_fields(memory).sign(self._ring)
         connection.execute(
             "UPDATE memories SET content = ?, tags = ?, metadata = ?, updated_at_ms = ?, sha256 = ?,"

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, TypeVar, cast
 
-import grpc
 from google.protobuf.message import Message
 
 from guardian import audit, idempotency, shape
@@ -37,7 +36,6 @@ from guardian.memories import QUARANTINED, Draft, Scope
 from guardian.policy import Policy, Profile
 from guardian.sessions import Session
 from guardian.shape import check_known_fields
-from guardian.status import abort_with
 from shared.errors import (
     ContentRefused,
     GuardianError,
@@ -153,23 +151,29 @@ _KNOWN_METHODS: Final = frozenset(
 ADMIN_CALLER: Final = "@admin-socket"
 
 
-def admin_caller(context: grpc.ServicerContext) -> str:
+def admin_caller(metadata: Sequence[tuple[str, str | bytes]]) -> str:
     """The audit trail's name for an admin caller: the socket, plus the login name guardianctl claims.
 
     grpcio does not expose the peer's UID on a Unix socket, so the name is what the
     client says; the socket's group membership is what is proven (see the README).
     """
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if key == OPERATOR_METADATA_KEY and isinstance(value, str) and AGENT_NAME_RE.fullmatch(value):
             return f"{ADMIN_CALLER}:{value}"
     return ADMIN_CALLER
 
 
+#: Why a request is Malformed, when it is not its bytes.
+MALFORMED_BYTES: Final = "the request is malformed (e.g. text that is not valid UTF-8)"
+
+
 @dataclass(frozen=True)
 class Malformed:
-    """Stands for a request whose bytes did not parse as its message type."""
+    """Stands for a request that did not arrive as one message of its type (refused as INVALID_ARGUMENT)."""
 
     data: bytes = field(repr=False)
+    #: What was wrong, safe to show the caller.
+    reason: str = MALFORMED_BYTES
 
 
 @dataclass
@@ -245,23 +249,26 @@ class Pipeline:
         self,
         method: str,
         request: Message | Malformed,
-        context: grpc.ServicerContext,
+        metadata: Sequence[tuple[str, str | bytes]],
         handler: Handler[Any],
         response_class: type[Message] | None = None,
     ) -> Any:
-        """Serve one request; every path writes one audit row.
+        """Serve one request; every path writes one audit row. Returns the response.
 
+        Raises the GuardianError the caller must get (guardian/status.py makes it a gRPC
+        status), after its audit row is written; an InternalError or Unavailable instead
+        when that row could not be written. metadata: the call's invocation metadata.
         response_class: the method's response message, which an idempotent retry's
         recorded answer is read back as.
         """
         started = time.perf_counter()
         rule = self._rules[method]
-        caller = admin_caller(context) if self._caller == ADMIN_CALLER else self._caller
+        caller = admin_caller(metadata) if self._caller == ADMIN_CALLER else self._caller
         call = Call(method=method, rule=rule, policy=self._core.policy, now_ms=now_ms(), agent=caller)
         try:
             if isinstance(request, Malformed):
                 call.args_digest = self._core.audit.args_digest(request.data)
-                raise InvalidArgument("the request is malformed (e.g. text that is not valid UTF-8)")
+                raise InvalidArgument(request.reason)
             call.args_digest = self._core.audit.args_digest(request.SerializeToString(deterministic=True))
             check_known_fields(request)
             self._session_stage(call, request)
@@ -305,10 +312,10 @@ class Pipeline:
                 hook()
         except GuardianError as error:
             self._anomaly_stage(call, error)
-            self._deny(call, error, context, started)
+            raise self._deny(call, error, started) from None
         except Exception:
             log.exception("unexpected error serving %s", method)
-            self._deny(call, InternalError(), context, started)
+            raise self._deny(call, InternalError(), started) from None
         else:
             self._anomaly_stage(call, None)
             self._observe(call, "allow", started)
@@ -486,7 +493,8 @@ class Pipeline:
             dict.fromkeys(call.filter_hits)
         )
 
-    def _deny(self, call: Call, error: GuardianError, context: grpc.ServicerContext, started: float) -> None:
+    def _deny(self, call: Call, error: GuardianError, started: float) -> GuardianError:
+        """Audit a refusal; the error the caller gets (another one if the audit row could not be written)."""
         decision: audit.Decision = "error" if isinstance(error, (InternalError, Unavailable)) else "deny"
         reason = f"{error.kind}: {error.message}"
         metrics = self._core.metrics
@@ -498,11 +506,11 @@ class Pipeline:
         except Unavailable as fault:  # the storage failed (disk full, read-only): retryable, never internal
             log.error("could not write the audit row of a denied %s: %s", call.method, fault.message)
             self._observe(call, "error", started)
-            abort_with(context, fault)
+            return fault
         except Exception:
             log.exception("could not write the audit row of a denied %s", call.method)
             self._observe(call, "error", started)
-            abort_with(context, InternalError())
+            return InternalError()
         self._observe(call, decision, started)
         security_log.info(
             "request denied",
@@ -513,7 +521,7 @@ class Pipeline:
                 "reason": error.kind,
             },
         )
-        abort_with(context, error)
+        return error
 
     def _append_audit(self, call: Call, decision: audit.Decision, reason: str) -> None:
         """Append the call's audit row on its own (group-committed with concurrent requests)."""

@@ -8,15 +8,44 @@ change to the schema is a new migration at the end.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 import sqlcipher3
 
+from guardian import search_index
 from shared.errors import ConfigError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "split_statements"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "split_statements"]
 
-MIGRATIONS: Final[tuple[str, ...]] = (
+#: A migration: SQL statements, or a function that runs its steps on the connection (in the
+#: migration's transaction) where SQL alone cannot (e.g. indexing text the guardian tokenises).
+Migration = str | Callable[[Any], None]
+
+
+def _partition_search_index(connection: Any) -> None:
+    """5: the full-text index becomes one partitioned by namespace (guardian/search_index.py).
+
+    The old index (external content, every agent's words as they are, kept by triggers)
+    is dropped; the new one is contentless, holds namespaced terms the guardian makes, and
+    only active memories, and is filled here from the memories table.
+    """
+    for statement in split_statements(
+        """
+        DROP TRIGGER memories_fts_insert;
+        DROP TRIGGER memories_fts_delete;
+        DROP TRIGGER memories_fts_update;
+        DROP TABLE memories_fts;
+        CREATE VIRTUAL TABLE memory_terms USING fts5(
+            content, tags, content='', contentless_delete=1, tokenize='unicode61 remove_diacritics 0'
+        );
+        """
+    ):
+        connection.execute(statement)
+    search_index.rebuild(connection)
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
     """
     CREATE TABLE agents (
         name TEXT PRIMARY KEY,
@@ -149,6 +178,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_by_age ON idempotency(created_at_ms);
     """,
+    _partition_search_index,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -7,9 +7,10 @@ RateLimited carries ``retry-after-ms`` in the trailing metadata.
 
 from __future__ import annotations
 
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
+import grpc.aio
 
 from shared.errors import (
     ConfigError,
@@ -26,7 +27,7 @@ from shared.errors import (
 )
 from shared.formats import RETRY_AFTER_METADATA_KEY
 
-__all__ = ["STATUS_OF", "abort_with"]
+__all__ = ["STATUS_OF", "abort_with", "status_of"]
 
 STATUS_OF: Final[dict[type[GuardianError], grpc.StatusCode]] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -42,12 +43,16 @@ STATUS_OF: Final[dict[type[GuardianError], grpc.StatusCode]] = {
 }
 
 
-def abort_with(context: grpc.ServicerContext, error: GuardianError) -> NoReturn:
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: GuardianError) -> NoReturn:
     """End the call with the status that error maps to."""
-    # The nearest class in the hierarchy decides (ContentRefused is a PermissionDenied).
-    code = next((STATUS_OF[kind] for kind in type(error).__mro__ if kind in STATUS_OF), grpc.StatusCode.INTERNAL)
+    code = status_of(error)
     if code is grpc.StatusCode.INTERNAL:
-        context.abort(code, "internal error")
+        await context.abort(code, "internal error")
     if isinstance(error, RateLimited):
         context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(error.retry_after_ms)),))
-    context.abort(code, error.message)
+    await context.abort(code, error.message)
+
+
+def status_of(error: GuardianError) -> grpc.StatusCode:
+    """The status code of error: the nearest class in the hierarchy decides (ContentRefused is a PermissionDenied)."""
+    return next((STATUS_OF[kind] for kind in type(error).__mro__ if kind in STATUS_OF), grpc.StatusCode.INTERNAL)

@@ -86,3 +86,50 @@ def test_the_limit_holds_when_many_match(db: Database) -> None:
         for number in range(40):
             put(connection, "alice", f"harbour log {number}")
     assert len(search(db, scope("alice"), "harbour", 7)) == 7
+
+
+def test_scores_and_order_do_not_depend_on_another_namespaces_words(db: Database) -> None:
+    with db.write() as connection:
+        put(connection, "bob", "probe zebrax")
+        put(connection, "bob", "probe quaggx")
+    before = {query: search(db, scope("bob"), query, 5)[0][1] for query in ("zebrax", "quaggx")}
+    with db.write() as connection:
+        for number in range(20):
+            put(connection, "alice", f"zebrax sighting {number}")
+    after = {query: search(db, scope("bob"), query, 5)[0][1] for query in ("zebrax", "quaggx")}
+    # bm25 still counts every indexed memory (N, average length), which alice's writes change; what
+    # must not change is how bob's two words compare: alice's word did not become "common" for bob.
+    assert abs(before["zebrax"] - before["quaggx"]) < 1e-9
+    assert abs(after["zebrax"] - after["quaggx"]) < 1e-9
+
+
+def test_a_memory_is_found_by_its_new_words_after_an_update_and_after_a_release(db: Database) -> None:
+    with db.write() as connection:
+        memory_id = put(connection, "alice", "old walrus words")
+        held = put(connection, "alice", "held narwhal words", status=QUARANTINED)
+    assert search(db, scope("alice"), "narwhal", 5) == []
+    with db.write() as connection:
+        STORE.update(
+            connection,
+            scope("alice"),
+            memory_id,
+            Draft("new puffin words", (), "{}"),
+            changed=frozenset({"content"}),
+            now_ms=NOW + 1,
+        )
+        STORE.release(connection, held, NOW + 2)
+    assert search(db, scope("alice"), "walrus", 5) == []
+    assert [memory.id for memory, _ in search(db, scope("alice"), "puffin", 5)] == [memory_id]
+    assert [memory.id for memory, _ in search(db, scope("alice"), "narwhal", 5)] == [held]
+    with db.write() as connection:
+        STORE.delete(connection, scope("alice"), memory_id)
+    assert search(db, scope("alice"), "puffin", 5) == []
+    with db.read() as reader:
+        assert reader.execute("SELECT count(*) FROM memory_terms").fetchone()[0] == 1  # only the released one
+
+
+def test_words_are_folded_the_same_way_for_the_index_and_the_query(db: Database) -> None:
+    with db.write() as connection:
+        memory_id = put(connection, "alice", "Café İstanbul ＦＵＬＬＷＩＤＴＨ naïve_snake")
+    for query in ("cafe", "CAFÉ", "istanbul", "fullwidth", "naive", "snake"):
+        assert [memory.id for memory, _ in search(db, scope("alice"), query, 5)] == [memory_id], query
