@@ -10,10 +10,11 @@ gRPC type leaks out of here.
 - Every call has a deadline (default 10 s). Calls never wait for the channel
   to become ready: a stopped guardian is reported at once, not after the
   deadline.
-- Reads (OpenSession, Get, Search, List) are retried on ``Unavailable`` with
-  exponential backoff and jitter, a few times within about two seconds and
-  never past the call's deadline. Writes are not retried: the proto carries no
-  idempotency key, so a write whose answer was lost might have been applied.
+- Every call is retried on ``Unavailable`` with exponential backoff and jitter,
+  a few times within about two seconds and never past the call's deadline.
+  Reads are safe to repeat; each write carries an idempotency key made for it
+  (the same key on every retry), so a write whose answer was lost is answered
+  from the guardian's record of it instead of being applied twice.
 - An answer that does not fit its request is an ``InternalError``, never passed
   on: e.g. a quarantined memory is only ever the answer to a write (reads never
   show one), and a memory stored into a named namespace comes back from it.
@@ -72,6 +73,7 @@ __all__ = [
     "UNAVAILABLE_MESSAGE",
     "GuardianClient",
     "guardian_errors",
+    "new_idempotency_key",
 ]
 
 DEFAULT_DEADLINE_S: Final = 10.0
@@ -212,6 +214,11 @@ def _stored_where_asked(draft: MemoryDraft, msg: pb.Memory) -> bool:
     return not draft.namespace or msg.namespace == draft.namespace
 
 
+def new_idempotency_key() -> str:
+    """A fresh idempotency key for one write: make one per write and use it for every retry of it."""
+    return secrets.token_urlsafe(18)
+
+
 def _check(condition: bool) -> None:
     """An answer that does not fit its request is a guardian bug, never passed on."""
     if not condition:
@@ -286,12 +293,8 @@ class GuardianClient:
 
     # -- the two ways of calling ------------------------------------------------
 
-    async def _write(self, call: Callable[[float], Awaitable[_R]]) -> _R:
-        with guardian_errors(self.metrics):
-            return await call(self._deadline_s)
-
-    async def _read(self, call: Callable[[float], Awaitable[_R]]) -> _R:
-        """Run a call that is safe to repeat, retrying ``Unavailable`` within a short window."""
+    async def _retrying(self, call: Callable[[float], Awaitable[_R]]) -> _R:
+        """Run a call that is safe to repeat (a read, or a write with its idempotency key), retrying ``Unavailable``."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self._deadline_s
@@ -318,7 +321,7 @@ class GuardianClient:
         """Exchange an agent token for a session (retried: a spare session only idles out)."""
         with _request_shape():
             request = pb.OpenSessionRequest(agent_token=agent_token)
-        response = await self._read(lambda t: self._stub.OpenSession(request, timeout=t, wait_for_ready=False))
+        response = await self._retrying(lambda t: self._stub.OpenSession(request, timeout=t, wait_for_ready=False))
         # Every session reads at least the agent's own namespace (listed first).
         _check(
             bool(response.session_id)
@@ -337,24 +340,34 @@ class GuardianClient:
         )
 
     async def close_session(self, session_id: str) -> None:
-        """End a session."""
+        """End a session (one attempt: a session the guardian lost ends by itself)."""
         with _request_shape():
             request = pb.CloseSessionRequest(session_id=session_id)
-        await self._write(lambda t: self._stub.CloseSession(request, timeout=t, wait_for_ready=False))
+        with guardian_errors(self.metrics):
+            await self._stub.CloseSession(request, timeout=self._deadline_s, wait_for_ready=False)
 
-    async def store(self, session_id: str, draft: MemoryDraft) -> Memory:
-        """Store one memory; its ``status`` says whether a content filter quarantined it."""
+    async def store(self, session_id: str, draft: MemoryDraft, idempotency_key: str | None = None) -> Memory:
+        """Store one memory; its ``status`` says whether a content filter quarantined it.
+
+        idempotency_key: the same for every attempt of this one write (a fresh one when not given).
+        """
+        key = idempotency_key or new_idempotency_key()
         with _request_shape():
-            request = pb.StoreRequest(session_id=session_id, memory=_draft(draft))
-        response = await self._write(lambda t: self._stub.Store(request, timeout=t, wait_for_ready=False))
+            request = pb.StoreRequest(session_id=session_id, memory=_draft(draft), idempotency_key=key)
+        response = await self._retrying(lambda t: self._stub.Store(request, timeout=t, wait_for_ready=False))
         _check(response.HasField("memory") and _stored_where_asked(draft, response.memory))
         return _memory(response.memory, written=True)
 
-    async def store_batch(self, session_id: str, drafts: Sequence[MemoryDraft]) -> tuple[Memory, ...]:
+    async def store_batch(
+        self, session_id: str, drafts: Sequence[MemoryDraft], idempotency_key: str | None = None
+    ) -> tuple[Memory, ...]:
         """Store all drafts or none; memories come back in the order of the drafts."""
+        key = idempotency_key or new_idempotency_key()
         with _request_shape():
-            request = pb.StoreBatchRequest(session_id=session_id, memories=[_draft(d) for d in drafts])
-        response = await self._write(lambda t: self._stub.StoreBatch(request, timeout=t, wait_for_ready=False))
+            request = pb.StoreBatchRequest(
+                session_id=session_id, memories=[_draft(d) for d in drafts], idempotency_key=key
+            )
+        response = await self._retrying(lambda t: self._stub.StoreBatch(request, timeout=t, wait_for_ready=False))
         _check(
             len(response.memories) == len(drafts)
             and all(_stored_where_asked(d, m) for d, m in zip(drafts, response.memories, strict=True))
@@ -365,7 +378,7 @@ class GuardianClient:
         """One memory by id."""
         with _request_shape():
             request = pb.GetRequest(session_id=session_id, id=memory_id)
-        response = await self._read(lambda t: self._stub.Get(request, timeout=t, wait_for_ready=False))
+        response = await self._retrying(lambda t: self._stub.Get(request, timeout=t, wait_for_ready=False))
         _check(response.HasField("memory") and response.memory.id == memory_id)
         return _memory(response.memory)
 
@@ -373,7 +386,7 @@ class GuardianClient:
         """Full-text search, best match first; ``limit=None`` means the session's maximum."""
         with _request_shape():
             request = pb.SearchRequest(session_id=session_id, query=query, limit=limit or 0)
-        response = await self._read(lambda t: self._stub.Search(request, timeout=t, wait_for_ready=False))
+        response = await self._retrying(lambda t: self._stub.Search(request, timeout=t, wait_for_ready=False))
         _check(limit is None or len(response.hits) <= limit)
         return tuple(SearchHit(memory=_memory(h.memory), score=h.score) for h in response.hits)
 
@@ -381,7 +394,7 @@ class GuardianClient:
         """One page of memories, newest first; pass the returned ``next_cursor`` for the next."""
         with _request_shape():
             request = pb.ListRequest(session_id=session_id, page_size=page_size or 0, cursor=cursor or "")
-        response = await self._read(lambda t: self._stub.List(request, timeout=t, wait_for_ready=False))
+        response = await self._retrying(lambda t: self._stub.List(request, timeout=t, wait_for_ready=False))
         _check(page_size is None or len(response.memories) <= page_size)
         return Page(
             memories=tuple(_memory(m) for m in response.memories),
@@ -396,8 +409,10 @@ class GuardianClient:
         content: str | None = None,
         tags: Sequence[str] | None = None,
         metadata_json: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Memory:
         """Replace each given field of a memory; fields left as None keep their value."""
+        key = idempotency_key or new_idempotency_key()
         with _request_shape():
             request = pb.UpdateRequest(
                 session_id=session_id,
@@ -405,13 +420,15 @@ class GuardianClient:
                 content=content,
                 tags=None if tags is None else pb.TagList(tags=tags),
                 metadata_json=metadata_json,
+                idempotency_key=key,
             )
-        response = await self._write(lambda t: self._stub.Update(request, timeout=t, wait_for_ready=False))
+        response = await self._retrying(lambda t: self._stub.Update(request, timeout=t, wait_for_ready=False))
         _check(response.HasField("memory") and response.memory.id == memory_id)
         return _memory(response.memory, written=True)
 
-    async def delete(self, session_id: str, memory_id: str) -> None:
+    async def delete(self, session_id: str, memory_id: str, idempotency_key: str | None = None) -> None:
         """Delete a memory."""
+        key = idempotency_key or new_idempotency_key()
         with _request_shape():
-            request = pb.DeleteRequest(session_id=session_id, id=memory_id)
-        await self._write(lambda t: self._stub.Delete(request, timeout=t, wait_for_ready=False))
+            request = pb.DeleteRequest(session_id=session_id, id=memory_id, idempotency_key=key)
+        await self._retrying(lambda t: self._stub.Delete(request, timeout=t, wait_for_ready=False))

@@ -33,7 +33,7 @@ from mcp.types import INTERNAL_ERROR, CallToolResult, ContentBlock, TextContent,
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
-from gateway.client import GuardianClient
+from gateway.client import GuardianClient, new_idempotency_key
 from gateway.http_auth import bearer_token
 from gateway.metrics import CANCELLED, OK, GatewayMetrics
 from gateway.models import MemoryDraft, SessionInfo
@@ -230,7 +230,8 @@ async def memory_store(
 ) -> StoreResult:
     """Store one memory."""
     draft = _draft(content, tags, metadata, namespace)
-    memory = await _call(ctx, lambda c, sid: c.store(sid, draft))
+    key = new_idempotency_key()  # one per tool call: every retry, on any session, is the same write
+    memory = await _call(ctx, lambda c, sid: c.store(sid, draft, key))
     return StoreResult(memory=StoredMemory.of(memory), note=quarantine_note([memory]))
 
 
@@ -238,7 +239,8 @@ async def memory_store(
 async def memory_store_batch(ctx: Context[GatewayState, Any], memories: Drafts) -> StoreBatchResult:
     """Store several memories at once, all or none."""
     drafts = [_draft(m.content, m.tags, m.metadata, m.namespace) for m in memories]
-    stored = await _call(ctx, lambda c, sid: c.store_batch(sid, drafts))
+    key = new_idempotency_key()
+    stored = await _call(ctx, lambda c, sid: c.store_batch(sid, drafts, key))
     return StoreBatchResult(memories=[StoredMemory.of(m) for m in stored], note=quarantine_note(stored))
 
 
@@ -279,8 +281,12 @@ async def memory_update(
     if content is None and tags is None and metadata is None:
         raise InvalidArgument("nothing to update; give at least one of content, tags, metadata")
     metadata_json = None if metadata is None else metadata_to_json(metadata)
+    key = new_idempotency_key()
     memory = await _call(
-        ctx, lambda c, sid: c.update(sid, memory_id, content=content, tags=tags, metadata_json=metadata_json)
+        ctx,
+        lambda c, sid: c.update(
+            sid, memory_id, content=content, tags=tags, metadata_json=metadata_json, idempotency_key=key
+        ),
     )
     return UpdateResult(memory=StoredMemory.of(memory), note=quarantine_note([memory]))
 
@@ -289,7 +295,8 @@ async def memory_update(
 async def memory_delete(ctx: Context[GatewayState, Any], id: MemoryId) -> DeleteResult:
     """Delete a memory for good."""
     memory_id = _memory_id(id)
-    await _call(ctx, lambda c, sid: c.delete(sid, memory_id))
+    key = new_idempotency_key()
+    await _call(ctx, lambda c, sid: c.delete(sid, memory_id, key))
     return DeleteResult(deleted=memory_id)
 
 

@@ -129,6 +129,7 @@ class KeyHandlers:
 
         def work(_: Connection) -> pb.RetireKeyResponse:
             with _key_changes:
+                self._core.keystore.check_retirable(ring, key_id)
                 with self._core.database.read() as reader:
                     if ring == "memory" and (count := self._core.memories.signed_with(reader, key_id)):
                         raise FailedPrecondition(

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import sqlcipher3
+
 from guardian.audit import AuditRecord, AuditTrail, ChainHead, HeadFile, read_head
 from guardian.database import Database, open_keyed
 from guardian.keys import Keys
@@ -120,13 +122,21 @@ def verify_file(path: Path, keys: Keys, published: Iterable[ChainHead] = ()) -> 
     Raises ConfigError when no known database key opens it.
     """
     connection, _ = open_keyed(path, keys.database_hexes)
+    unreadable = "not checked: the file cannot be read past its damage"
+    integrity = cipher = audit_state = unreadable
+    checked, failed, rows, head = 0, ["(unreadable)"], 0, None
     try:
         connection.execute("PRAGMA query_only = ON")
-        integrity = "; ".join(str(row[0]) for row in connection.execute("PRAGMA integrity_check").fetchall())
         cipher_rows = connection.execute("PRAGMA cipher_integrity_check").fetchall()
         cipher = "ok" if not cipher_rows else "; ".join(str(row[0]) for row in cipher_rows[:5])
+        integrity = "; ".join(str(row[0]) for row in connection.execute("PRAGMA integrity_check").fetchall())
         checked, failed = MemoryStore(keys.memory).verify_all(connection)
         report = AuditTrail(keys.audit).verify(connection, published)
+        rows, head, audit_state = report.rows_checked, report.head, "ok" if report.intact else report.problem
+    except sqlcipher3.Error as exc:  # a damaged page stops SQLite mid-check: what ran so far stands
+        problem = f"the file is damaged ({str(exc).split(':')[0][:100]})"
+        integrity = problem if integrity == unreadable else integrity
+        cipher = problem if cipher == unreadable else cipher
     finally:
         connection.close()
     return CheckReport(
@@ -135,9 +145,9 @@ def verify_file(path: Path, keys: Keys, published: Iterable[ChainHead] = ()) -> 
         memories_checked=checked,
         memories_failed=tuple(failed[:_MAX_FAILED_IDS]),
         memories_failed_count=len(failed),
-        audit_rows_checked=report.rows_checked,
-        audit="ok" if report.intact else report.problem,
-        audit_head=report.head,
+        audit_rows_checked=rows,
+        audit=audit_state,
+        audit_head=head,
     )
 
 

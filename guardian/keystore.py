@@ -218,24 +218,28 @@ class KeyStore:
             self._rotated, self.keys = rotated, keys
             return keys, key_id, previous
 
-    def retire(self, ring: str, key_id: str) -> Keys:
-        """Stop a rotated memory or token key verifying (the caller checked nothing needs it)."""
+    def check_retirable(self, ring: str, key_id: str) -> None:
+        """FailedPrecondition unless key_id is a rotated, non-primary memory or token key (usage aside)."""
         checked = _ring(ring)
         if checked in _NEVER_RETIRED:
             raise FailedPrecondition(_NEVER_RETIRED[checked])
+        if key_id == self._primary_id(checked):
+            raise FailedPrecondition(f"{key_id} signs new {checked} data; rotate first, then retire it")
+        if not any(v.ring == checked and v.key_id == key_id for v in self._rotated):
+            raise FailedPrecondition(
+                f"{key_id!r} is not a key the guardian rotated in; base keys are retired by editing their file"
+            )
+
+    def retire(self, ring: str, key_id: str) -> Keys:
+        """Stop a rotated memory or token key verifying (the caller checked nothing needs it)."""
         with self._lock:
-            if key_id == self._primary_id(checked):
-                raise FailedPrecondition(f"{key_id} signs new {checked} data; rotate first, then retire it")
-            index = next((i for i, v in enumerate(self._rotated) if v.ring == checked and v.key_id == key_id), None)
-            if index is None:
-                raise FailedPrecondition(
-                    f"{key_id!r} is not a key the guardian rotated in; base keys are retired by editing their file"
-                )
-            rotated = list(self._rotated)
-            rotated[index] = replace(rotated[index], retired=True)
-            keys = self._merge(tuple(rotated))
-            self._write(tuple(rotated))
-            self._rotated, self.keys = tuple(rotated), keys
+            self.check_retirable(ring, key_id)
+            rotated = tuple(
+                replace(v, retired=True) if v.ring == ring and v.key_id == key_id else v for v in self._rotated
+            )
+            keys = self._merge(rotated)
+            self._write(rotated)
+            self._rotated, self.keys = rotated, keys
             return keys
 
     def _primary_id(self, ring: Ring) -> str:

@@ -154,10 +154,11 @@ class Guardian:
         with self.channel("admin") as channel:
             return getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request, timeout=15, metadata=metadata)
 
-    def ctl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run guardianctl against this guardian's admin socket."""
+    def ctl(self, *args: str, stdin: str | None = None, offline: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run guardianctl against this guardian's admin socket (offline: with its config instead)."""
+        where = ["--config", str(self.config)] if offline else ["--socket", str(self.admin_socket)]
         return subprocess.run(
-            [sys.executable, "-m", "guardian.ctl", "--socket", str(self.admin_socket), *args],
+            [sys.executable, "-m", "guardian.ctl", *where, *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -267,13 +268,16 @@ LOG_ONLY_ANOMALIES: dict[str, Any] = {
 
 
 @contextmanager
-def running_guardian(**policy_changes: Any) -> Iterator[Guardian]:
-    """A started guardian on a fresh state dir under /tmp (socket paths must stay short)."""
+def running_guardian(config: dict[str, Any] | None = None, **policy_changes: Any) -> Iterator[Guardian]:
+    """A started guardian on a fresh state dir under /tmp (socket paths must stay short).
+
+    config: top-level sections merged into config.yaml; policy_changes: into policy.yaml.
+    """
     state_dir = Path(tempfile.mkdtemp(prefix="ag-", dir="/tmp"))
     guardian = Guardian(state_dir)
     try:
         init_state_dir(state_dir)
-        guardian.set_config(ops={"listen": "127.0.0.1:0"})  # a free port each, so guardians never collide
+        guardian.set_config(ops={"listen": "127.0.0.1:0"}, **(config or {}))  # a free port each: no collisions
         if policy_changes:
             guardian.set_policy(**policy_changes)
         guardian.start()

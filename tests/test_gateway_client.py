@@ -174,7 +174,7 @@ async def test_each_status_code_maps_to_one_shared_error(
 ) -> None:
     async with fake_guardian() as guardian, GuardianClient(guardian.path) as client:
         sid = (await client.open_session(TOKEN)).session_id
-        guardian.fake.inject("Store", code, details)
+        guardian.fake.inject("Store", code, details, times=10)  # retryable codes too: every retry fails
         with pytest.raises(GuardianError) as caught:
             await client.store(sid, MemoryDraft("x"))
         assert type(caught.value) is error
@@ -203,7 +203,7 @@ async def test_open_session_with_a_refused_token_is_unauthenticated() -> None:
             await client.open_session(UNKNOWN_TOKEN)
 
 
-async def test_reads_are_retried_on_unavailable_writes_are_not() -> None:
+async def test_calls_are_retried_on_unavailable_and_a_write_keeps_its_idempotency_key() -> None:
     async with fake_guardian() as guardian, GuardianClient(guardian.path) as client:
         sid = (await client.open_session(TOKEN)).session_id
         memory = await client.store(sid, MemoryDraft("x"))
@@ -219,10 +219,15 @@ async def test_reads_are_retried_on_unavailable_writes_are_not() -> None:
         assert guardian.fake.calls["Search"] == 4  # bounded: 4 attempts
         assert time.monotonic() - started < 2.5
 
+        # A write whose answer was lost is sent again with the same key, so the guardian can
+        # answer it from its record instead of storing it twice; a new write gets a new key.
         guardian.fake.inject("Store", grpc.StatusCode.UNAVAILABLE, "busy")
-        with pytest.raises(Unavailable):
-            await client.store(sid, MemoryDraft("y"))
-        assert guardian.fake.calls["Store"] == 2  # one success above, one failure, no retry
+        await client.store(sid, MemoryDraft("y"))
+        first, failed, retried = guardian.fake.store_keys
+        assert guardian.fake.calls["Store"] == 3
+        assert failed == retried and len(failed) >= 16 and first != failed
+        await client.store(sid, MemoryDraft("z"), idempotency_key="k" * 20)
+        assert guardian.fake.store_keys[-1] == "k" * 20
 
 
 async def test_a_stopped_guardian_is_reported_quickly_not_after_the_deadline() -> None:

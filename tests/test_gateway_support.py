@@ -78,6 +78,8 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
     #: The agent of every session opened, in order.
     opened: list[str] = field(default_factory=list)
     injected: dict[str, Injected] = field(default_factory=dict)
+    #: The idempotency key of every Store call, in order (retries included).
+    store_keys: list[str] = field(default_factory=list)
     #: Seconds each call sleeps before answering (to simulate a hung guardian).
     delay_s: float = 0.0
 
@@ -191,6 +193,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         return pb.CloseSessionResponse()
 
     async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
+        self.store_keys.append(request.idempotency_key)
         agent = await self._enter("Store", context, request.session_id)
         if len(request.memory.content.encode()) > LIMITS.max_content_bytes:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "content is over 4096 bytes")

@@ -278,7 +278,7 @@ async def test_agent_actionable_errors_are_tool_errors_starting_with_their_kind(
     code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...], text: str
 ) -> None:
     async with fake_guardian() as guardian, mcp_client(guardian) as client:
-        guardian.fake.inject("Store", code, details, trailing=trailing)
+        guardian.fake.inject("Store", code, details, trailing=trailing, times=10)
         assert await error_text(client, "memory_store", content=MARKER) == text
 
 
@@ -300,7 +300,7 @@ async def test_errors_the_agent_cannot_fix_are_protocol_errors(
     code: grpc.StatusCode, kind: str, retryable: bool, message: str
 ) -> None:
     async with fake_guardian() as guardian, mcp_client(guardian) as client:
-        guardian.fake.inject("Store", code, "detail that must not leak: /var/lib/agent-guardian")
+        guardian.fake.inject("Store", code, "detail that must not leak: /var/lib/agent-guardian", times=10)
         with pytest.raises(MCPError) as caught:
             await client.call_tool("memory_store", {"content": MARKER})
         assert caught.value.message == message

@@ -130,6 +130,7 @@ def test_a_memory_is_found_by_its_new_words_after_an_update_and_after_a_release(
 
 def test_words_are_folded_the_same_way_for_the_index_and_the_query(db: Database) -> None:
     with db.write() as connection:
-        memory_id = put(connection, "alice", "Café İstanbul ＦＵＬＬＷＩＤＴＨ naïve_snake")
+        fullwidth = "".join(chr(0xFEE0 + ord(char)) for char in "FULLWIDTH")
+        memory_id = put(connection, "alice", f"Café İstanbul {fullwidth} naïve_snake")
     for query in ("cafe", "CAFÉ", "istanbul", "fullwidth", "naive", "snake"):
         assert [memory.id for memory, _ in search(db, scope("alice"), query, 5)] == [memory_id], query
