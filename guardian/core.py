@@ -142,8 +142,14 @@ class GuardianCore:
         over it, so the head file keeps the evidence until the operator deals with it.
         """
         consistent = self._holds_published_head()
-        with self.database.read() as reader:
-            audit.publish_head(reader, self.audit_head_file if consistent else None, reason)
+        try:
+            with self.database.read() as reader:
+                audit.publish_head(reader, self.audit_head_file if consistent else None, reason)
+        except OSError as exc:  # e.g. a read-only filesystem: the security log line went out, the file did not
+            security_log.error(
+                "the audit chain head could not be written to the head file",
+                extra={"event": "audit_head_write_failed", "error": exc.strerror or type(exc).__name__},
+            )
 
     def _state_reading(self) -> StateReading:
         with self.database.read() as reader:

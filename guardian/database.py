@@ -37,6 +37,7 @@ audit rows of every request keep the room they need.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -50,6 +51,8 @@ import sqlcipher3
 
 from guardian.schema import MIGRATIONS, SCHEMA_VERSION, split_statements
 from shared.errors import ConfigError, InternalError, Unavailable
+
+log = logging.getLogger("agent_guardian")
 
 __all__ = ["DEFAULT_MIN_FREE_BYTES", "Connection", "Database", "Durability", "open_keyed", "storage_fault"]
 
@@ -507,7 +510,10 @@ class Database:
             if self._probe is not None:
                 self._probe.close()
                 self._probe = None
-        self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlcipher3.Error as exc:  # e.g. the disk is full or read-only: the WAL stays, intact
+            log.warning("the write-ahead log could not be checkpointed: %s", _sqlite_reason(exc))
         self._writer.close()
 
     def close(self) -> None:

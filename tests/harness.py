@@ -197,10 +197,10 @@ class Guardian:
         path.write_text(yaml.safe_dump(policy))
 
     @contextmanager
-    def keyed_db(self) -> Iterator[Any]:
-        """A direct connection to the database with its key, as an attacker holding the key would have."""
+    def keyed_db(self, path: Path | None = None) -> Iterator[Any]:
+        """A direct connection to the database (or another file under its key), as someone holding the key."""
         key = load_all_keys(self.state_dir / "keys", self.state_dir).database_hex
-        connection = sqlcipher3.connect(str(self.database), isolation_level=None)
+        connection = sqlcipher3.connect(str(path or self.database), isolation_level=None)
         connection.execute(f"PRAGMA key = \"x'{key}'\"")
         try:
             yield connection
