@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Extra options for `make bench`, e.g. BENCH_ARGS='--million' or BENCH_ARGS='--quick' (see python -m bench --help).
 BENCH_ARGS ?=
+# How long `make soak` runs its mixed load, in seconds.
+SOAK_SECONDS ?= 600
 
 .PHONY: run test lint stubs clean
 
@@ -35,6 +37,11 @@ stubs: $(STAMP)
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+## soak: mixed load through the gateway and over gRPC for SOAK_SECONDS; RSS and open fds of both processes
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) -m bench.soak --duration $(SOAK_SECONDS) --sample 30 --json bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -31,7 +31,7 @@ from bench.corpus import Corpus, MemoryText
 from bench.procs import BenchGuardian
 from guardian.database import Database
 from guardian.integrity import canonical_json
-from guardian.keys import load_keys
+from guardian.keystore import load_all_keys
 from guardian.memories import Draft, MemoryStore, Scope
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
@@ -108,8 +108,8 @@ def prefill_direct(guardian: BenchGuardian, agent: str, count: int, corpus: Corp
     if guardian.spawned is not None:
         raise RuntimeError("stop the guardian before a direct prefill: it must be the only writer")
     started = time.perf_counter()
-    keys = load_keys(guardian.state_dir / "keys")
-    database = Database(guardian.database, keys.database_hex)
+    keys = load_all_keys(guardian.state_dir / "keys", guardian.state_dir)
+    database = Database(guardian.database, keys.database_hexes)
     store = MemoryStore(keys.memory)
     scope = Scope(agent=agent, namespaces=(agent,), writable=frozenset({agent}))
     ids: list[str] = []

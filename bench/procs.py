@@ -27,7 +27,7 @@ import sqlcipher3
 import yaml
 
 from guardian.default_policy import render_default_policy
-from guardian.keys import load_keys
+from guardian.keystore import load_all_keys
 from guardian.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
 
@@ -322,7 +322,7 @@ class BenchGuardian:
     @contextlib.contextmanager
     def keyed_db(self) -> Iterator[Any]:
         """A direct connection to the guardian's database with its key (bench bookkeeping only)."""
-        key = load_keys(self.state_dir / "keys").database_hex
+        key = load_all_keys(self.state_dir / "keys", self.state_dir).database_hex
         connection = sqlcipher3.connect(str(self.database), isolation_level=None, timeout=30.0)
         connection.execute(f"PRAGMA key = \"x'{key}'\"")
         connection.execute("PRAGMA busy_timeout = 30000")

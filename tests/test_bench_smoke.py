@@ -96,3 +96,29 @@ def test_quick_bench_writes_every_figure_and_leaves_nothing_running(tmp_path: Pa
     for entry in data["peak_rss"]:
         assert entry["kib"]["guardian"] > 0 and entry["kib"]["gateway_stdio"] > 0 and entry["kib"]["gateway_http"] > 0
     assert data["targets"] and all({"target", "measured", "threshold", "met"} <= set(t) for t in data["targets"])
+
+
+def test_a_short_soak_reports_memory_and_descriptors_and_leaves_nothing_running(tmp_path: Path) -> None:
+    run = "soak-" + secrets.token_hex(6)
+    out = tmp_path / "soak.json"
+    env = {**os.environ, RUN_ENV: run}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.soak", "--duration", "3", "--sample", "1", "--json", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        for pid in processes_of_run(run):
+            os.kill(pid, signal.SIGKILL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["calls"] > 0 and report["failed"] == 0
+    assert set(report["processes"]) == {"guardian", "gateway"}
+    for row in report["processes"].values():
+        assert row["rss_mb_start"] > 0 and row["fds_end"] > 0 and row["alive_at_end"]
+    assert "RSS start" in result.stdout and not processes_of_run(run)
