@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 # How long `make soak` runs its mixed load, in seconds.
 SOAK_SECONDS ?= 600
 
-.PHONY: run test lint stubs clean
+.PHONY: run test fuzz-long lint stubs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) tools/bootstrap_venv.py $(VENV)
@@ -23,6 +23,11 @@ run: $(STAMP)
 ## test: lint, type-check, then the whole suite
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+## fuzz-long: the property-based fuzzers of tests/fuzz with thousands of inputs each (about 10 minutes);
+## prints the inputs tried per property and in total, also written to tests/fuzz/.last-run.json
+fuzz-long: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/fuzz -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ from guardian.database import Connection
 from guardian.memories import StoredMemory
 from guardian.pipeline import Call
 from guardian.policy import Policy, compile_policy
-from guardian.shape import memory_id
+from guardian.shape import agent_name, memory_id
 from shared.errors import ConfigError, InvalidArgument, NotFound
 from shared.rpc.guardian.v1 import admin_pb2 as pb
 
@@ -31,6 +32,7 @@ security_log = logging.getLogger("agent_guardian.security")
 _MAX_AUDIT_WAIT_MS = 10_000
 _AUDIT_POLL_S = 0.1
 _MAX_TOKEN_GRACE_MS = 7 * 24 * 3600 * 1000
+_MAC_RE = re.compile(r"[0-9a-f]{64}")
 
 Work = Callable[[Connection], Any]
 
@@ -70,7 +72,7 @@ class AdminHandlers(KeyHandlers, BackupHandlers):
         return work
 
     def RevokeAgent(self, call: Call, request: pb.RevokeAgentRequest) -> Work:
-        call.object_id = request.name
+        call.object_id = agent_name(request.name)
 
         def work(connection: Connection) -> pb.RevokeAgentResponse:
             self._core.agents.revoke(connection, request.name, call.now_ms)
@@ -80,7 +82,7 @@ class AdminHandlers(KeyHandlers, BackupHandlers):
         return work
 
     def UnlockAgent(self, call: Call, request: pb.UnlockAgentRequest) -> Work:
-        call.object_id = request.name
+        call.object_id = agent_name(request.name)
 
         def work(connection: Connection) -> pb.UnlockAgentResponse:
             self._core.agents.require(connection, request.name)
@@ -90,7 +92,7 @@ class AdminHandlers(KeyHandlers, BackupHandlers):
         return work
 
     def RotateAgentToken(self, call: Call, request: pb.RotateAgentTokenRequest) -> Work:
-        call.object_id = request.name
+        call.object_id = agent_name(request.name)
         if not 0 <= request.grace_ms <= _MAX_TOKEN_GRACE_MS:
             raise InvalidArgument(f"grace_ms: must be between 0 and {_MAX_TOKEN_GRACE_MS} (7 days)")
 
@@ -103,6 +105,9 @@ class AdminHandlers(KeyHandlers, BackupHandlers):
     # -- sessions ----------------------------------------------------------------------------
 
     def ListSessions(self, call: Call, request: pb.ListSessionsRequest) -> Work:
+        if request.agent:
+            agent_name(request.agent, "agent")
+
         def work(_: Connection) -> pb.ListSessionsResponse:
             return pb.ListSessionsResponse(
                 sessions=[
@@ -310,6 +315,11 @@ class AdminHandlers(KeyHandlers, BackupHandlers):
         return work
 
     def VerifyAudit(self, call: Call, request: pb.VerifyAuditRequest) -> Work:
+        for index, given in enumerate(request.published_heads):
+            if not 1 <= given.seq <= audit.MAX_SEQ or _MAC_RE.fullmatch(given.mac) is None:
+                raise InvalidArgument(
+                    f"published_heads[{index}]: a head is a sequence number from 1 and a mac of 64 hex digits"
+                )
         published = [audit.ChainHead(head.seq, head.mac) for head in request.published_heads]
         own = self._core.audit_head_file.read()
         if own is not None:

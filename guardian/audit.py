@@ -47,6 +47,7 @@ from guardian.keys import KeyRing
 from shared.errors import InvalidArgument
 
 __all__ = [
+    "MAX_SEQ",
     "AuditQuery",
     "AuditRecord",
     "AuditRow",
@@ -74,6 +75,8 @@ _COLUMNS: Final = (
     "seq, ts_ms, agent, session, operation, object_id, decision, reason, policy_version, args_digest, key_id, mac"
 )
 _VERIFY_BATCH: Final = 2000
+#: The largest sequence number or time SQLite stores (a signed 64-bit integer).
+MAX_SEQ: Final = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,8 @@ class AuditQuery:
             raise InvalidArgument(f"decision must be one of {', '.join(sorted(DECISIONS))}")
         if not 1 <= self.limit <= 1000:
             raise InvalidArgument("limit must be between 1 and 1000")
-        if self.since_ms < 0 or self.until_ms < 0 or self.after_seq < 0:
-            raise InvalidArgument("times and sequence numbers must not be negative")
+        if not all(0 <= value <= MAX_SEQ for value in (self.since_ms, self.until_ms, self.after_seq)):
+            raise InvalidArgument(f"times and sequence numbers must be between 0 and {MAX_SEQ}")
         if "*" in self.operation.rstrip("*") or len(self.operation) > _MAX_FIELD:
             raise InvalidArgument("operation must be a name, or a prefix ending in '*' such as memory.*")
 

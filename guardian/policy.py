@@ -1,7 +1,8 @@
 """The policy: the security team's YAML that decides every request.
 
-Read with ``yaml.safe_load``, validated strictly (unknown keys, wrong types
-and bad regexes are errors that name their path), compiled once into an
+Read with ``guardian.yamlfile.parse_yaml`` (safe, no aliases, bounded nesting),
+validated strictly (unknown keys, wrong types and bad regexes are errors that
+name their path), compiled once into an
 immutable :class:`Policy` (filters compiled and trial-run here, so a bad rule
 fails the load, never a request). Default deny: an operation no profile grants
 is refused. ``version`` is the sha256 of the canonical (sorted-key JSON) form
@@ -26,12 +27,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, cast
 
-import yaml
-
 from guardian.anomaly import ANOMALY_KINDS, ANOMALY_RESPONSES, AnomalyKind, AnomalyResponse, AnomalySpec, DetectorSpec
 from guardian.filters import FILTER_ACTIONS, FILTER_FIELDS, FilterAction, FilterSet, FilterSpec, default_filter_specs
 from guardian.ratelimit import BucketSpec, RateSpec
-from guardian.yamlfile import Section
+from guardian.yamlfile import Section, parse_yaml
 from shared.errors import ConfigError
 from shared.formats import AGENT_NAME_RE
 
@@ -175,11 +174,9 @@ def compile_policy(raw: bytes | str, source: str = "the policy") -> Policy:
         raise ConfigError(f"{source} is over {MAX_POLICY_BYTES} bytes; a policy is not that large")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        data = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise ConfigError(f"{source} is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    data = parse_yaml(text, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must hold a mapping at the top level")
     try:

@@ -22,6 +22,7 @@ from shared.errors import InvalidArgument
 from shared.formats import AGENT_NAME_RE, MEMORY_ID_RE
 
 __all__ = [
+    "agent_name",
     "check_known_fields",
     "content",
     "draft",
@@ -91,7 +92,10 @@ def metadata_json(value: str, limits: Limits, field: str = "metadata") -> str:
         raise InvalidArgument(f"{field}: nested {depth} levels deep, over the limit of {limits.max_metadata_depth}")
     _check_finite(parsed, field)
     canonical = canonical_json(parsed)
-    size = len(canonical.encode("utf-8"))
+    try:
+        size = len(canonical.encode("utf-8"))
+    except UnicodeEncodeError:  # "\ud800" in JSON decodes to a lone surrogate, which has no UTF-8
+        raise InvalidArgument(f"{field}: text must be valid Unicode (no unpaired surrogate escapes)") from None
     if size > limits.max_metadata_bytes:
         raise InvalidArgument(f"{field}: {size} bytes is over the limit of {limits.max_metadata_bytes} bytes")
     return canonical
@@ -112,6 +116,13 @@ def namespace(value: str, field: str = "namespace") -> str:
         raise InvalidArgument(
             f"{field}: not a namespace name (1-64 letters, digits, '.', '_' or '-', starting with a letter or digit)"
         )
+    return value
+
+
+def agent_name(value: str, field: str = "name") -> str:
+    """An agent name as guardianctl agents add accepts it (so an error may name it)."""
+    if AGENT_NAME_RE.fullmatch(value) is None:
+        raise InvalidArgument(f"{field}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return value
 
 

@@ -29,6 +29,8 @@ from shared.formats import RETRY_AFTER_METADATA_KEY
 
 __all__ = ["STATUS_OF", "abort_with", "status_of"]
 
+_MAX_MESSAGE_CHARS: Final = 1000
+
 STATUS_OF: Final[dict[type[GuardianError], grpc.StatusCode]] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
@@ -50,7 +52,8 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: Guardia
         await context.abort(code, "internal error")
     if isinstance(error, RateLimited):
         context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(error.retry_after_ms)),))
-    await context.abort(code, error.message)
+    # Messages are short by construction; the bound keeps any one within gRPC's metadata limits.
+    await context.abort(code, error.message[:_MAX_MESSAGE_CHARS])
 
 
 def status_of(error: GuardianError) -> grpc.StatusCode:

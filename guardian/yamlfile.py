@@ -1,8 +1,12 @@
 """Strict reading of the guardian's YAML files (config and policy).
 
-A file is read with ``yaml.safe_load`` and walked with :class:`Section`, which
-refuses unknown keys and wrong types and names the offending path in the
-error, so an operator's typo fails the load instead of being ignored.
+A file is parsed by :func:`parse_yaml` (PyYAML's safe loader, with limits on
+nesting and on the size a document expands to through its aliases: a few
+hundred bytes of ``&a [*b, *b, ...]`` would otherwise expand to gigabytes, and
+deep nesting would exhaust the stack) and
+walked with :class:`Section`, which refuses unknown keys and wrong types and
+names the offending path in the error, so an operator's typo fails the load
+instead of being ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +23,86 @@ T = TypeVar("T")
 
 _DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d)")
 _DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+#: How deeply collections may nest in a config or policy file (the real ones nest 5 levels),
+#: and how many values it may hold once every alias is expanded (the shipped policy: a few hundred).
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader, refusing collections nested deeper than MAX_DEPTH while it composes."""
+
+    _depth = 0
+
+    def _mark(self) -> Any:
+        return self.peek_event().start_mark  # type: ignore[no-untyped-call]
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", self._mark())
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(node: yaml.Node) -> int:
+    """How many nodes the document holds with every alias expanded, counted without expanding it.
+
+    Raises ConfigError for a recursive document (an alias inside what it names) or one that
+    is too large or too deep once expanded (an alias bomb: a few hundred bytes, gigabytes expanded).
+    """
+    sizes: dict[int, tuple[int, int]] = {}
+    open_nodes: set[int] = set()
+
+    def measure(current: yaml.Node) -> tuple[int, int]:
+        key = id(current)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError("is recursive (an alias refers to a value that contains it)")
+        open_nodes.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(current, yaml.MappingNode):
+            children = [part for pair in current.value for part in pair]
+        elif isinstance(current, yaml.SequenceNode):
+            children = list(current.value)
+        size, depth = 1, 1
+        for child in children:
+            child_size, child_depth = measure(child)
+            size, depth = size + child_size, max(depth, child_depth + 1)
+            if size > MAX_NODES or depth > MAX_DEPTH:
+                raise ConfigError(
+                    f"expands to more than {MAX_NODES} values or {MAX_DEPTH} levels (check its aliases, *name)"
+                )
+        open_nodes.discard(key)
+        sizes[key] = (size, depth)
+        return size, depth
+
+    return measure(node)[0]
+
+
+def parse_yaml(text: str | bytes, what: str) -> Any:
+    """The YAML document in text, parsed strictly (see the module docstring); ConfigError saying why not."""
+    try:
+        loader = _StrictLoader(text)  # the reader refuses control characters here already
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {exc}") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    except ConfigError as error:
+        raise ConfigError(f"{what} {error.message}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of 5000 digits
+        raise ConfigError(f"{what} is not valid YAML: {type(exc).__name__}: {str(exc)[:120]}") from None
+    finally:
+        loader.dispose()
 
 
 def load_yaml_mapping(path: Path, what: str) -> tuple[dict[str, Any], bytes]:
@@ -27,10 +111,7 @@ def load_yaml_mapping(path: Path, what: str) -> tuple[dict[str, Any], bytes]:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"the {what} file {path} is not valid YAML: {exc}") from exc
+    data = parse_yaml(raw, f"the {what} file {path}")
     if data is None:
         data = {}
     if not isinstance(data, dict):

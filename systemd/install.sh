@@ -23,6 +23,8 @@ readonly CREDENTIALS="$ETC/credentials"
 readonly STATE=/var/lib/agent-guardian
 readonly LOGS=/var/log/agent-guardian
 readonly UNITS=(agent-guardian.service agent-gateway.service)
+# The backup: a oneshot service the timer starts (never enabled or restarted itself).
+readonly BACKUP_UNITS=(agent-guardian-backup.service agent-guardian-backup.timer)
 readonly UNIT_DIR=/etc/systemd/system
 
 # The scratch copy the package is built from (install_programs); removed however the script ends.
@@ -99,12 +101,13 @@ PY
 
 install_units() {
     say "units and logrotate config"
-    for unit in "${UNITS[@]}"; do
+    for unit in "${UNITS[@]}" "${BACKUP_UNITS[@]}"; do
         install -m 0644 "$SRC/systemd/$unit" "$UNIT_DIR/$unit"
     done
     install -D -m 0644 "$SRC/systemd/logrotate.conf" /etc/logrotate.d/agent-guardian
     systemctl daemon-reload
     systemctl enable --quiet "${UNITS[@]}"
+    systemctl enable --now --quiet agent-guardian-backup.timer
     # Restart (not just start) so a re-run picks up new code; the guardian loses nothing on a restart.
     systemctl restart agent-guardian.service
     systemctl restart agent-gateway.service
@@ -137,6 +140,8 @@ Connect an MCP client to the gateway with that token:
   {"mcpServers": {"agent-guardian": {"type": "http", "url": "http://127.0.0.1:8765/mcp",
     "headers": {"Authorization": "Bearer agt_..."}}}}
 
+Backups: daily (agent-guardian-backup.timer), verified, the newest 7 kept in $STATE/backups;
+  now: guardianctl backup create [PATH];  restore (guardian stopped): guardianctl backup restore PATH
 Let someone use guardianctl:   usermod -aG agent-security NAME   (then log in again)
 Change the policy:             edit $ETC/policy.yaml, then: systemctl reload agent-guardian
 Keys (back them up, apart from the database):  $CREDENTIALS
@@ -146,8 +151,8 @@ EOF
 uninstall() {
     local purge=$1
     say "stopping and removing the units and programs"
-    systemctl disable --now --quiet "${UNITS[@]}" 2>/dev/null || true
-    for unit in "${UNITS[@]}"; do rm -f "$UNIT_DIR/$unit"; done
+    systemctl disable --now --quiet agent-guardian-backup.timer "${UNITS[@]}" 2>/dev/null || true
+    for unit in "${UNITS[@]}" "${BACKUP_UNITS[@]}"; do rm -f "$UNIT_DIR/$unit"; done
     systemctl daemon-reload
     rm -f /etc/logrotate.d/agent-guardian /usr/local/bin/guardianctl
     rm -rf "$PREFIX"

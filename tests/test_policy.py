@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 
 import pytest
@@ -137,3 +138,42 @@ def _ms(day: int, hour: int, minute: int = 0) -> int:
 )
 def test_allowed_hours(start: int, end: int, days: set[int], at: int, allowed: bool) -> None:
     assert AllowedHours("UTC", frozenset(days), start, end).allows(at) is allowed
+
+
+# --- what the YAML parser refuses before the policy schema sees it -----------------------------------------------
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    lines = ["l0: &l0 [x]"]
+    for level in range(1, levels + 1):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_alias_bomb(8, 9), "expands to more than 100000 values"),
+        ("a: &a [*a]\n", "is recursive"),
+        ("x: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep"),
+        ("version: 1" + "0" * 5000 + "\n", "is not valid YAML: ValueError"),
+        ("a: \x8e\n", "is not valid YAML: unacceptable character"),
+    ],
+    ids=["alias-bomb", "recursive", "deep", "huge-int", "control-character"],
+)
+def test_hostile_yaml_is_refused_quickly_with_a_reason(text: str, message: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        compile_policy(text)
+    assert message in caught.value.message
+    assert time.monotonic() - started < 1.0
+
+
+def test_anchors_and_aliases_of_ordinary_size_still_work() -> None:
+    shared = yaml.safe_dump({"rate_limits": {"session": {"reads": {"burst": 5, "per_minute": 60}}}})
+    text = (
+        "version: 1\nprofiles:\n  default:\n    operations: &ops [store, get]\n  other:\n    operations: *ops\n"
+        + shared
+    )
+    policy = compile_policy(text)
+    assert policy.profiles["other"].operations == policy.profiles["default"].operations
