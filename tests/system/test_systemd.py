@@ -650,6 +650,50 @@ def _restart_figures(
     }
 
 
+# -- backups ----------------------------------------------------------------------------------------
+
+
+def test_the_backup_timer_keeps_verified_generations(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    """The timer is enabled; its service (a dynamic user in agent-security) has the guardian keep backup.keep."""
+    d, system = deployed, deployed.system
+    assert system.systemctl("is-enabled", "agent-guardian-backup.timer").stdout.strip() == "enabled"
+    assert system.show("agent-guardian-backup.timer", "ActiveState") == "active"
+    _edit_yaml(d.host_path(f"{ETC}/config.yaml"), lambda config: config["backup"].update(keep=2))
+    system.systemctl("restart", "agent-guardian.service")
+    _wait_for_admin_socket(d)
+    started = time.monotonic()
+    for _ in range(3):
+        system.systemctl("start", "agent-guardian-backup.service", timeout=300)
+        assert system.show("agent-guardian-backup.service", "Result") == "success"
+    took = (time.monotonic() - started) / 3
+    listed = json.loads(d.ctl("--json", "backup", "list", user="sec").stdout)
+    assert len(listed) == 2, listed
+    modes = _modes(system, [f"/var/lib/agent-guardian/backups/{row['name']}" for row in listed])
+    assert set(modes.values()) == {("600", "agent-guardian:agent-guardian")}
+    verified = d.ctl("--json", "backup", "verify", listed[0]["name"], user="sec")
+    check = json.loads(verified.stdout)
+    assert check["ok"] and check["memories_checked"] > 0
+    denied = d.ctl("backup", "list", user="mallory", check=False)
+    assert denied.returncode == 3
+    unit_file = "/etc/systemd/system/agent-guardian-backup.service"
+    analyzed = system.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", unit_file])
+    score = _exposure(analyzed.stdout, "agent-guardian-backup.service")
+    report(
+        capsys,
+        f"backup timer: 3 runs of agent-guardian-backup.service ({took:.1f} s each), {len(listed)} kept (keep: 2),"
+        f" newest verified: {check['memories_checked']} memory HMACs, {check['audit_rows_checked']} audit rows;"
+        f" exposure {score:.1f}",
+    )
+    assert score <= GUARDIAN_MAX_EXPOSURE
+
+
+def _wait_for_admin_socket(d: Deployment) -> None:
+    deadline = time.monotonic() + 60
+    while d.ctl("agents", "list", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the guardian did not come back after its restart"
+        time.sleep(0.2)
+
+
 # -- uninstall (last: it takes the deployment apart) ------------------------------------------------
 
 
@@ -658,7 +702,7 @@ def test_uninstall_keeps_data_and_a_reinstall_finds_it_then_purge_removes_everyt
 ) -> None:
     d, system = deployed, deployed.system
     output = _install(system, "--uninstall")
-    for unit in ("agent-guardian.service", "agent-gateway.service"):
+    for unit in ("agent-guardian.service", "agent-gateway.service", "agent-guardian-backup.timer"):
         assert system.show(unit, "LoadState") == "not-found"
     assert not d.host_path("/opt/agent-guardian").exists()
     assert not d.host_path("/usr/local/bin/guardianctl").is_symlink()
