@@ -36,13 +36,13 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from guardian.database import Connection
+from guardian.files import replace_atomically
 from guardian.keys import KeyRing
 from shared.errors import InvalidArgument
 
@@ -427,13 +427,7 @@ class HeadFile:
 
     def write(self, head: ChainHead) -> None:
         """Replace the file with head."""
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"seq": head.seq, "mac": head.mac}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        replace_atomically(self.path, json.dumps({"seq": head.seq, "mac": head.mac}))
 
 
 def publish_head(connection: Connection, head_file: HeadFile | None, reason: str) -> ChainHead | None:

@@ -41,6 +41,7 @@ import sqlcipher3
 
 from guardian.audit import AuditRecord, AuditTrail, ChainHead, HeadFile, read_head
 from guardian.database import Database, open_keyed
+from guardian.files import fsync_dir
 from guardian.keys import Keys
 from guardian.memories import MemoryStore
 from shared.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
@@ -191,7 +192,7 @@ class BackupDir:
                 )
                 raise FailedPrecondition(f"the backup failed its verification ({check.problem}); nothing was kept")
             os.replace(staged, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         finally:
             with suppress(FileNotFoundError):
                 staged.unlink()
@@ -224,7 +225,7 @@ class BackupDir:
             with suppress(FileNotFoundError):
                 (self.directory / name).unlink()
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             log.info("old backups deleted", extra={"event": "backups_pruned", "removed": len(removed)})
         return removed
 
@@ -266,14 +267,6 @@ class BackupDir:
 def _created_ms(name: str) -> int:
     stamp = datetime.datetime.strptime(name[7:22], "%Y%m%dT%H%M%S").replace(tzinfo=datetime.UTC)
     return int(stamp.timestamp()) * 1000 + int(name[22:25])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -327,7 +320,7 @@ def restore(
             with suppress(FileNotFoundError):
                 os.replace(source, target)
     os.replace(staged, database_path)
-    _fsync_dir(database_path.parent)
+    fsync_dir(database_path.parent)
     database = Database(database_path, keys.database_hexes)
     try:
         with database.write() as connection:

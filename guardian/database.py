@@ -49,6 +49,7 @@ from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 import sqlcipher3
 
+from guardian.files import fsync_dir, fsync_file
 from guardian.schema import MIGRATIONS, SCHEMA_VERSION, split_statements
 from shared.errors import ConfigError, InternalError, Unavailable
 
@@ -450,8 +451,8 @@ class Database:
                     target.close()
             finally:
                 source.close()
-        _fsync_file(destination)
-        _fsync_dir(destination.parent)
+        fsync_file(destination)
+        fsync_dir(destination.parent)
 
     def rekey(self, new_key_hex: str) -> None:
         """Re-encrypt the database under new_key_hex (the caller has stored the key durably first).
@@ -488,13 +489,13 @@ class Database:
                     raise InternalError("the re-encrypted copy failed its check; the database keeps its old key")
             finally:
                 check.close()
-            _fsync_file(staged)
+            fsync_file(staged)
             self._close_connections()
             os.replace(staged, self.path)
             for sidecar in _sidecars(self.path):
                 with suppress(FileNotFoundError):
                     sidecar.unlink()
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             self._key_hex = new_key_hex
             self._generation += 1
             self._writer = _connect(self.path, new_key_hex)
@@ -531,22 +532,6 @@ def _sidecars(path: Path) -> tuple[Path, Path, Path]:
         path.with_name(path.name + "-shm"),
         path.with_name(path.name + "-journal"),
     )
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sqlite_reason(exc: Exception) -> str:

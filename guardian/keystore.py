@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import secrets
 import threading
@@ -46,6 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from guardian.files import replace_atomically
 from guardian.keys import KeyRing, Keys, load_keys
 from shared.errors import ConfigError, FailedPrecondition, InvalidArgument
 
@@ -265,19 +265,7 @@ class KeyStore:
                     ).decode(),
                 }
             )
-        text = json.dumps({"format": _FORMAT, "keys": entries}, indent=1) + "\n"
-        temporary = self._path.with_name(self._path.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self._path)
-        directory = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        replace_atomically(self._path, json.dumps({"format": _FORMAT, "keys": entries}, indent=1) + "\n")
 
 
 def _ring(value: str) -> Ring:

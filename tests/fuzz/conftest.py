@@ -18,10 +18,11 @@ self-ignoring ``tests/fuzz/.hypothesis`` cache).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import grpc
 import pytest
@@ -71,26 +72,29 @@ _STARTED: list[Guardian] = []
 _MCP: list[McpWorld] = []
 
 
-@pytest.fixture(scope="session")
-def agent() -> Iterator[AgentWorld]:
-    """The agent-socket fuzzers' guardian (shared with the MCP fuzzers)."""
-    with agent_world() as world:
+@contextlib.contextmanager
+def _watched(world_context: Any) -> Iterator[Any]:
+    """Enter a world and have its guardian checked after every test while it lives."""
+    with world_context as world:
         _STARTED.append(world.guardian)
         try:
             yield world
         finally:
             _STARTED.remove(world.guardian)
+
+
+@pytest.fixture(scope="session")
+def agent() -> Iterator[AgentWorld]:
+    """The agent-socket fuzzers' guardian (shared with the MCP fuzzers)."""
+    with _watched(agent_world()) as world:
+        yield world
 
 
 @pytest.fixture(scope="session")
 def admin() -> Iterator[AdminWorld]:
     """The admin-socket fuzzer's own guardian."""
-    with admin_world() as world:
-        _STARTED.append(world.guardian)
-        try:
-            yield world
-        finally:
-            _STARTED.remove(world.guardian)
+    with _watched(admin_world()) as world:
+        yield world
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ malformed varints and lengths, deep groups).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from google.protobuf.message_factory import GetMessageClass
 from hypothesis import strategies as st
 
 from tests.fuzz import values
+from tests.security.wire import varint as _varint
 
 __all__ = [
     "Mutation",
@@ -293,6 +295,7 @@ def _present(strategy: st.SearchStrategy[Any], percent: int) -> st.SearchStrateg
     return _weighted(strategy, st.just(_ABSENT), percent)
 
 
+@functools.cache
 def request_trees(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
     """Trees of field values for a message.
 
@@ -361,19 +364,6 @@ class Mutation:
     data: bytes
 
 
-def _varint(value: int) -> bytes:
-    """The protobuf varint encoding of value."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 #: Fragments that are wrong protobuf in some way, or fields this guardian does not know.
 _FRAGMENTS: Final = (
     _varint((1 << 3) | 2) + _varint(2) + b"\xff\xfe",  # field 1: invalid UTF-8
@@ -427,6 +417,7 @@ def _mutations() -> st.SearchStrategy[list[Mutation]]:
     return st.lists(mutation, min_size=1, max_size=3)
 
 
+@functools.cache
 def raw_payloads(descriptor: Descriptor) -> st.SearchStrategy[tuple[str, Any, Any]]:
     """What to send as raw bytes: ``("random", bytes, None)``, or ``("mutated", tree, mutations)``."""
     random_bytes = st.one_of(

@@ -12,11 +12,8 @@ ShowQuarantined answer.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import pytest
-from google.protobuf.descriptor import Descriptor, MethodDescriptor
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,18 +25,6 @@ from tests.fuzz.protogen import apply_mutations, build_message, raw_payloads, re
 from tests.fuzz.world import AdminWorld
 
 ADMIN_METHODS = {method.name: method for method in methods(admin_pb2, "AdminService")}
-
-
-@functools.cache
-def _trees(descriptor: Descriptor) -> st.SearchStrategy[dict[str, Any]]:
-    """The request strategy of a message type, built once."""
-    return request_trees(descriptor)
-
-
-@functools.cache
-def _raw(descriptor: Descriptor) -> st.SearchStrategy[tuple[str, Any, Any]]:
-    """The raw-bytes strategy of a message type, built once."""
-    return raw_payloads(descriptor)
 
 
 def _call(world: AdminWorld, prop: str, method: MethodDescriptor, payload: bytes) -> None:
@@ -65,7 +50,7 @@ def _call(world: AdminWorld, prop: str, method: MethodDescriptor, payload: bytes
 def test_admin_structured(admin: AdminWorld, name: str, data: st.DataObject) -> None:
     """Requests built from the descriptor (names, ids and versions the guardian issued, most of the time)."""
     method = ADMIN_METHODS[name]
-    tree = data.draw(_trees(method.input_type), label="request")
+    tree = data.draw(request_trees(method.input_type), label="request")
     payload = build_message(GetMessageClass(method.input_type), tree, admin.resolve).SerializeToString()
     _call(admin, f"admin_structured[{method.name}]", method, payload)
 
@@ -75,7 +60,7 @@ def test_admin_structured(admin: AdminWorld, name: str, data: st.DataObject) -> 
 def test_admin_raw(admin: AdminWorld, name: str, data: st.DataObject) -> None:
     """Random bytes, and serialized requests mutated, through a raw channel."""
     method = ADMIN_METHODS[name]
-    kind, body, mutations = data.draw(_raw(method.input_type), label="payload")
+    kind, body, mutations = data.draw(raw_payloads(method.input_type), label="payload")
     if kind == "random":
         payload = body
     else:

@@ -11,11 +11,10 @@ memories are unchanged.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import pytest
-from google.protobuf.descriptor import Descriptor, MethodDescriptor
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from hypothesis import given
@@ -28,18 +27,6 @@ from tests.fuzz.protogen import Ref, apply_mutations, build_message, raw_payload
 from tests.fuzz.world import AgentWorld
 
 AGENT_METHODS = {method.name: method for method in methods(agent_pb2, "AgentService")}
-
-
-@functools.cache
-def _trees(descriptor: Descriptor) -> st.SearchStrategy[dict[str, Any]]:
-    """The request strategy of a message type, built once."""
-    return request_trees(descriptor)
-
-
-@functools.cache
-def _raw(descriptor: Descriptor) -> st.SearchStrategy[tuple[str, Any, Any]]:
-    """The raw-bytes strategy of a message type, built once."""
-    return raw_payloads(descriptor)
 
 
 def _resolver(world: AgentWorld, method: MethodDescriptor) -> Any:
@@ -86,7 +73,7 @@ def _call(world: AgentWorld, prop: str, method: MethodDescriptor, payload: bytes
 def test_agent_structured(agent: AgentWorld, name: str, data: st.DataObject) -> None:
     """Requests built from the descriptor, with a valid session most of the time."""
     method = AGENT_METHODS[name]
-    tree = data.draw(_trees(method.input_type), label="request")
+    tree = data.draw(request_trees(method.input_type), label="request")
     payload = _build(agent, method, tree).SerializeToString()
     _call(agent, f"agent_structured[{method.name}]", method, payload)
 
@@ -96,6 +83,6 @@ def test_agent_structured(agent: AgentWorld, name: str, data: st.DataObject) -> 
 def test_agent_raw(agent: AgentWorld, name: str, data: st.DataObject) -> None:
     """Random bytes, and serialized requests mutated, through a raw channel."""
     method = AGENT_METHODS[name]
-    kind, body, mutations = data.draw(_raw(method.input_type), label="payload")
+    kind, body, mutations = data.draw(raw_payloads(method.input_type), label="payload")
     payload = body if kind == "random" else apply_mutations(_build(agent, method, body).SerializeToString(), mutations)
     _call(agent, f"agent_raw[{method.name}]", method, payload)
