@@ -93,7 +93,8 @@ class GuardianCore:
         )
         if database.key_index:
             security_log.warning(
-                "the database opened with an older key: a database rekey did not finish; rotate the database key again",
+                "the database opened with an older database key: a rekey did not finish, or a backup made"
+                " before a rekey was restored; rotate the database key again (guardianctl keys rotate database)",
                 extra={"event": "database_key_fallback"},
             )
         try:

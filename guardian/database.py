@@ -6,12 +6,17 @@ open), built only from a validated hex string and always the first statement
 on a connection. ``cipher_version`` proves the build is SQLCipher. The schema
 and its migrations are in ``guardian/schema.py``.
 
-Concurrency: WAL; one long-lived writer connection used under a lock (every
-change and every audit row goes through it, so the audit row shares the
-change's transaction); one long-lived reader connection per thread, used only
-inside :meth:`Database.read` (or :meth:`Database.snapshot`), which holds the
-reader gate shared. Replacing the key (:meth:`Database.rekey`) holds the writer
-and the gate exclusively, so no connection is in use while the file is swapped.
+Concurrency: WAL; one long-lived writer connection used under a lock: every
+request's work (reads too) and its audit row run on it, in one transaction.
+Reads run there rather than on a reader connection of their own because
+SQLite empties a connection's page cache whenever another connection has
+committed, and every request commits an audit row: on the writer the pages a
+search needs stay decrypted in the cache. One long-lived reader connection per
+thread serves what must not hold the writer (a long audit walk, the session
+stage's token check), only inside :meth:`Database.read` (or
+:meth:`Database.snapshot`), which holds the reader gate shared. Replacing the
+key (:meth:`Database.rekey`) holds the writer and the gate exclusively, so no
+connection is in use while the file is swapped.
 Never take the writer while holding the gate (that order would deadlock with a
 rekey); the code only ever takes the gate alone or the writer, then the gate.
 
@@ -68,6 +73,9 @@ T = TypeVar("T")
 
 #: The most jobs one group commit takes (bounds how long one transaction holds the writer).
 _MAX_GROUP: Final = 64
+#: The writer's page cache (KiB): every request runs on the writer, so the index pages a search
+#: reads stay decrypted here between requests (the default is 2 MiB).
+_WRITER_CACHE_KIB: Final = 24 * 1024
 
 #: SQLite's primary result codes that mean the storage failed, not the statement.
 _STORAGE_FAULTS: Final[dict[int, str]] = {
@@ -240,6 +248,8 @@ class Database:
         self._migrate()
 
     def _configure_writer(self) -> None:
+        # Interpolated: constants of this module.
+        self._writer.execute(f"PRAGMA cache_size = -{_WRITER_CACHE_KIB}")
         self._writer.execute("PRAGMA journal_mode = WAL")
         # Interpolated: a constant of this module, chosen by a validated config value.
         self._writer.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[self._durability]}")

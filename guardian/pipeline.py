@@ -10,9 +10,11 @@ outcome (allowed or denied) writes exactly one audit row:
 5. content   normalise, then the policy's filters: reject, redact, quarantine, flag
 6. data      the handler's work, scoped to the agent's namespaces and read window
 7. integrity every row read is verified (memories.py); a mismatch is DATA_LOSS
-8. audit     the allow row shares the change's transaction (a read runs on a
-             snapshot and its row follows in a short write); a deny row is
-             written on its own; if any cannot be written the request fails
+8. audit     the allow row shares the work's transaction, reads included: every
+             request is a job of the writer's group commit (a read there finds
+             the page cache warm, where a separate reader's cache is reset by
+             every commit); a deny row is written on its own; if any cannot be
+             written the request fails
 9. anomaly   sliding windows over what happened; may lock the session or agent
 
 A method missing from :data:`AGENT_RULES` or :data:`ADMIN_RULES` is never served.
@@ -82,9 +84,6 @@ class Rule:
     rate: RateKind | None = None
     #: Whether the session stage authenticates an agent token instead (OpenSession).
     authenticates: bool = False
-    #: Whether the handler's work only reads: it runs on a read snapshot, outside the writer,
-    #: and only the audit row takes a (short) write transaction.
-    reads_only: bool = False
     #: Whether the handler's work runs outside any transaction and takes what it needs itself,
     #: step by step (backups, key rotation, re-signing): it must never hold the writer for
     #: long. Each step that changes the database writes its own audit row with it; the
@@ -102,9 +101,9 @@ AGENT_RULES: Final[dict[str, Rule]] = {
     "CloseSession": Rule("session.close", None, needs_session=True),
     "Store": Rule("memory.store", "store", needs_session=True, rate="write", grows_data=True, keyed=True),
     "StoreBatch": Rule("memory.store_batch", "store", needs_session=True, rate="write", grows_data=True, keyed=True),
-    "Get": Rule("memory.get", "get", needs_session=True, rate="read", reads_only=True),
-    "Search": Rule("memory.search", "search", needs_session=True, rate="read", reads_only=True),
-    "List": Rule("memory.list", "list", needs_session=True, rate="read", reads_only=True),
+    "Get": Rule("memory.get", "get", needs_session=True, rate="read"),
+    "Search": Rule("memory.search", "search", needs_session=True, rate="read"),
+    "List": Rule("memory.list", "list", needs_session=True, rate="read"),
     "Update": Rule("memory.update", "update", needs_session=True, rate="write", grows_data=True, keyed=True),
     "Delete": Rule("memory.delete", "delete", needs_session=True, rate="write", keyed=True),
 }
@@ -113,25 +112,25 @@ AGENT_RULES: Final[dict[str, Rule]] = {
 #: file mode and group are its access control; no admin RPC takes a session.
 ADMIN_RULES: Final[dict[str, Rule]] = {
     "AddAgent": Rule("admin.agent.add", None, needs_session=False),
-    "ListAgents": Rule("admin.agent.list", None, needs_session=False, reads_only=True),
+    "ListAgents": Rule("admin.agent.list", None, needs_session=False),
     "RevokeAgent": Rule("admin.agent.revoke", None, needs_session=False),
     "UnlockAgent": Rule("admin.agent.unlock", None, needs_session=False),
-    "ShowPolicy": Rule("admin.policy.show", None, needs_session=False, reads_only=True),
-    "ValidatePolicy": Rule("admin.policy.validate", None, needs_session=False, reads_only=True),
-    "DiffPolicy": Rule("admin.policy.diff", None, needs_session=False, reads_only=True),
+    "ShowPolicy": Rule("admin.policy.show", None, needs_session=False),
+    "ValidatePolicy": Rule("admin.policy.validate", None, needs_session=False),
+    "DiffPolicy": Rule("admin.policy.diff", None, needs_session=False),
     "ApplyPolicy": Rule("admin.policy.apply", None, needs_session=False),
-    "PolicyHistory": Rule("admin.policy.history", None, needs_session=False, reads_only=True),
+    "PolicyHistory": Rule("admin.policy.history", None, needs_session=False),
     "RollbackPolicy": Rule("admin.policy.rollback", None, needs_session=False),
-    "ListQuarantine": Rule("admin.quarantine.list", None, needs_session=False, reads_only=True),
-    "ShowQuarantined": Rule("admin.quarantine.show", None, needs_session=False, reads_only=True),
+    "ListQuarantine": Rule("admin.quarantine.list", None, needs_session=False),
+    "ShowQuarantined": Rule("admin.quarantine.show", None, needs_session=False),
     "ReleaseQuarantined": Rule("admin.quarantine.release", None, needs_session=False),
     "PurgeQuarantined": Rule("admin.quarantine.purge", None, needs_session=False),
-    "QueryAudit": Rule("admin.audit.query", None, needs_session=False, reads_only=True),
-    "VerifyAudit": Rule("admin.audit.verify", None, needs_session=False, reads_only=True),
+    "QueryAudit": Rule("admin.audit.query", None, needs_session=False),
+    "VerifyAudit": Rule("admin.audit.verify", None, needs_session=False),
     "RotateAgentToken": Rule("admin.agent.rotate_token", None, needs_session=False),
-    "ListSessions": Rule("admin.session.list", None, needs_session=False, reads_only=True),
+    "ListSessions": Rule("admin.session.list", None, needs_session=False),
     "RevokeSession": Rule("admin.session.revoke", None, needs_session=False),
-    "ListKeys": Rule("admin.keys.list", None, needs_session=False, reads_only=True),
+    "ListKeys": Rule("admin.keys.list", None, needs_session=False),
     "RotateKey": Rule("admin.keys.rotate", None, needs_session=False, runs_alone=True),
     "ResignMemories": Rule("admin.keys.resign", None, needs_session=False, runs_alone=True),
     "RetireKey": Rule("admin.keys.retire", None, needs_session=False, runs_alone=True),
@@ -282,11 +281,7 @@ class Pipeline:
             database = self._core.database
             if rule.grows_data:
                 database.check_room()
-            if rule.reads_only:
-                with database.snapshot() as reader:
-                    response = work(reader)
-                self._append_audit(call, "allow", self._allow_reason(call))
-            elif rule.runs_alone:
+            if rule.runs_alone:
                 # No connection: the work takes the writer or a reader itself, step by step (Rule.runs_alone).
                 response = work(cast(Connection, None))
                 self._append_audit(call, "allow", self._allow_reason(call))
