@@ -97,7 +97,8 @@ async def _one_message(requests: AsyncIterator[bytes]) -> bytes | Malformed:
 
 async def _arrived(requests: AsyncIterator[bytes]) -> bytes | Malformed:
     try:
-        return await asyncio.wait_for(_one_message(requests), ARRIVAL_TIMEOUT_S)
+        async with asyncio.timeout(ARRIVAL_TIMEOUT_S):  # no task of its own, unlike wait_for
+            return await _one_message(requests)
     except TimeoutError:
         return Malformed(b"", f"the request did not arrive within {ARRIVAL_TIMEOUT_S:.0f} s")
 
