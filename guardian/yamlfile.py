@@ -27,6 +27,7 @@ _DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_4
 #: and how many values it may hold once every alias is expanded (the shipped policy: a few hundred).
 MAX_DEPTH = 32
 MAX_NODES = 100_000
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -64,6 +65,8 @@ def _expanded_size(node: yaml.Node) -> int:
             raise ConfigError("is recursive (an alias refers to a value that contains it)")
         open_nodes.add(key)
         children: list[yaml.Node] = []
+        if isinstance(current, yaml.ScalarNode) and _SURROGATE_RE.search(current.value):
+            raise ConfigError("holds text that is not valid Unicode (an escaped lone surrogate such as \\ud800)")
         if isinstance(current, yaml.MappingNode):
             children = [part for pair in current.value for part in pair]
         elif isinstance(current, yaml.SequenceNode):

@@ -30,6 +30,9 @@ CASES: list[tuple[str, str, str, Message]] = [
     # An integer of more than 4300 digits: int() refuses it with ValueError, which is not a YAMLError.
     ("policy-huge-int", "AdminService", "ValidatePolicy", admin_pb2.PolicyText(text="version: 1" + "0" * 5000)),
     ("policy-huge-int-diff", "AdminService", "DiffPolicy", admin_pb2.PolicyText(text="version: 1" + "0" * 5000)),
+    # A YAML escape of a lone surrogate: text with no UTF-8, which the policy's version cannot hash
+    # (the long profile's find, after the fixes above).
+    ("policy-lone-surrogate", "AdminService", "ApplyPolicy", admin_pb2.PolicyText(text='"\\ud800": 1\nversion: 1\n')),
     # Nesting deeper than the parser's recursion: RecursionError, not a YAMLError.
     (
         "policy-deep-nesting",

@@ -654,10 +654,21 @@ def _restart_figures(
 
 
 def test_the_backup_timer_keeps_verified_generations(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
-    """The timer is enabled; its service (a dynamic user in agent-security) has the guardian keep backup.keep."""
+    """The timer is enabled; its service (a dynamic user in agent-security) has the guardian keep backup.keep.
+
+    First the security team rotates the memory key and the database key under the hardened unit
+    (the credentials are read-only to it: rotated versions go to its state dir), so the backups
+    below hold memories signed with two keys in a file encrypted under a rotated one.
+    """
     d, system = deployed, deployed.system
     assert system.systemctl("is-enabled", "agent-guardian-backup.timer").stdout.strip() == "enabled"
     assert system.show("agent-guardian-backup.timer", "ActiveState") == "active"
+    for ring in ("memory", "database"):
+        rotated = json.loads(d.ctl("--json", "keys", "rotate", ring, user="sec").stdout)
+        assert rotated["key_id"] == "r1", rotated
+    assert _modes(system, ["/var/lib/agent-guardian/rotated-keys.json"]) == {
+        "/var/lib/agent-guardian/rotated-keys.json": ("600", "agent-guardian:agent-guardian")
+    }
     _edit_yaml(d.host_path(f"{ETC}/config.yaml"), lambda config: config["backup"].update(keep=2))
     system.systemctl("restart", "agent-guardian.service")
     _wait_for_admin_socket(d)
@@ -681,8 +692,8 @@ def test_the_backup_timer_keeps_verified_generations(deployed: Deployment, capsy
     report(
         capsys,
         f"backup timer: 3 runs of agent-guardian-backup.service ({took:.1f} s each), {len(listed)} kept (keep: 2),"
-        f" newest verified: {check['memories_checked']} memory HMACs, {check['audit_rows_checked']} audit rows;"
-        f" exposure {score:.1f}",
+        f" newest verified: {check['memories_checked']} memory HMACs, {check['audit_rows_checked']} audit rows"
+        f" (after rotating the memory and database keys); exposure {score:.1f}",
     )
     assert score <= GUARDIAN_MAX_EXPOSURE
 
