@@ -40,7 +40,7 @@ from typing import Final
 import sqlcipher3
 
 from guardian.audit import AuditRecord, AuditTrail, ChainHead, HeadFile, read_head
-from guardian.database import Database, open_keyed
+from guardian.database import Database, open_keyed, sidecars
 from guardian.files import fsync_dir
 from guardian.keys import Keys
 from guardian.memories import MemoryStore
@@ -160,14 +160,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _memories(path: Path, keys: Keys) -> int:
-    connection, _ = open_keyed(path, keys.database_hexes)
-    try:
-        return int(connection.execute("SELECT count(*) FROM memories").fetchone()[0])
-    finally:
-        connection.close()
-
-
 class BackupDir:
     """The guardian's backup directory: verified generations, the newest kept."""
 
@@ -196,18 +188,18 @@ class BackupDir:
         finally:
             with suppress(FileNotFoundError):
                 staged.unlink()
-        info = self._info(final, keys, check)
+        info = self._info(final, check)
         self.prune()
         return info
 
-    def _info(self, path: Path, keys: Keys, check: CheckReport) -> BackupInfo:
+    def _info(self, path: Path, check: CheckReport) -> BackupInfo:
         return BackupInfo(
             name=path.name,
             path=path,
             size=path.stat().st_size,
             sha256=_file_sha256(path),
             created_at_ms=_created_ms(path.name),
-            memories=_memories(path, keys),
+            memories=check.memories_checked,  # every memory, whatever its status, was checked
             check=check,
         )
 
@@ -245,7 +237,7 @@ class BackupDir:
             check = verify_file(path, keys)
         except ConfigError:
             raise FailedPrecondition(f"{name} cannot be opened with any of the guardian's database keys") from None
-        return self._info(path, keys, check)
+        return self._info(path, check)
 
     def describe(self, name: str) -> BackupInfo:
         """A backup's name, size and time, without reading it (a listing)."""
@@ -291,7 +283,7 @@ def restore(
     ``<name>.replaced-<time>``.
     """
     staged = database_path.with_name(database_path.name + ".restoring")
-    for leftover in (staged, *_sidecars(staged)):
+    for leftover in (staged, *sidecars(staged)):
         with suppress(FileNotFoundError):
             leftover.unlink()
     shutil.copyfile(backup, staged)
@@ -315,7 +307,7 @@ def restore(
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now_ms / 1000))
         replaced = database_path.with_name(f"{database_path.name}.replaced-{stamp}")
         for source, target in zip(
-            (database_path, *_sidecars(database_path)), (replaced, *_sidecars(replaced)), strict=True
+            (database_path, *sidecars(database_path)), (replaced, *sidecars(replaced)), strict=True
         ):
             with suppress(FileNotFoundError):
                 os.replace(source, target)
@@ -341,7 +333,7 @@ def restore(
     finally:
         database.close()
     head_file.write(head)
-    for path in (database_path, *_sidecars(database_path), head_file.path):
+    for path in (database_path, *sidecars(database_path), head_file.path):
         with suppress(FileNotFoundError):
             os.chown(path, owner.st_uid, owner.st_gid)
     security_log.warning(
@@ -362,7 +354,3 @@ def _head_of(path: Path, keys: Keys) -> ChainHead | None:
         return read_head(connection)
     finally:
         connection.close()
-
-
-def _sidecars(path: Path) -> tuple[Path, Path]:
-    return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")

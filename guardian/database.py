@@ -60,7 +60,7 @@ from shared.errors import ConfigError, InternalError, Unavailable
 
 log = logging.getLogger("agent_guardian")
 
-__all__ = ["DEFAULT_MIN_FREE_BYTES", "Connection", "Database", "Durability", "open_keyed", "storage_fault"]
+__all__ = ["DEFAULT_MIN_FREE_BYTES", "Connection", "Database", "Durability", "open_keyed", "sidecars", "storage_fault"]
 
 _HEX_KEY_RE: Final = re.compile(r"[0-9a-f]{64}")
 #: What writes leave free by default: room for reads' and denials' audit rows and checkpoints.
@@ -478,7 +478,7 @@ class Database:
         with self._write_lock, self._gate.exclusive():
             if self._closed:
                 raise Unavailable("the guardian is stopping; retry in a few seconds")
-            for leftover in (staged, *_sidecars(staged)):
+            for leftover in (staged, *sidecars(staged)):
                 with suppress(FileNotFoundError):
                     leftover.unlink()
             os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
@@ -502,7 +502,7 @@ class Database:
             fsync_file(staged)
             self._close_connections()
             os.replace(staged, self.path)
-            for sidecar in _sidecars(self.path):
+            for sidecar in sidecars(self.path):
                 with suppress(FileNotFoundError):
                     sidecar.unlink()
             fsync_dir(self.path.parent)
@@ -536,7 +536,8 @@ class Database:
             self._close_connections()
 
 
-def _sidecars(path: Path) -> tuple[Path, Path, Path]:
+def sidecars(path: Path) -> tuple[Path, Path, Path]:
+    """The files SQLite keeps beside a database: its WAL, shared memory and rollback journal."""
     return (
         path.with_name(path.name + "-wal"),
         path.with_name(path.name + "-shm"),

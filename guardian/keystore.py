@@ -171,35 +171,18 @@ class KeyStore:
         )
 
     def versions(self) -> list[KeyVersion]:
-        """Every key version, ring by ring, oldest first (retired ones too)."""
-        keys = self.keys
-        primaries = {"memory": keys.memory.primary_id, "audit": keys.audit.primary_id, "token": keys.token.primary_id}
+        """Every key version, ring by ring, base ones first, then rotated ones oldest first (retired too)."""
         found: list[KeyVersion] = []
-        rings: dict[str, KeyRing] = {"memory": self._base.memory, "audit": self._base.audit, "token": self._base.token}
         for name in RINGS:
-            if name == "database":
-                newest = next((v.key_id for v in reversed(self._rotated) if v.ring == "database"), BASE_DATABASE_ID)
-                found.append(KeyVersion("database", BASE_DATABASE_ID, "base", newest == BASE_DATABASE_ID, False, 0))
-            else:
-                found += [
-                    KeyVersion(name, key_id, "base", primaries[name] == key_id, False, 0) for key_id in rings[name].keys
-                ]
+            primary = self._primary_id(name)
+            base_ids = [BASE_DATABASE_ID] if name == "database" else list(getattr(self._base, name).keys)
+            found += [KeyVersion(name, key_id, "base", key_id == primary, False, 0) for key_id in base_ids]
             found += [
-                KeyVersion(
-                    v.ring,
-                    v.key_id,
-                    "rotated",
-                    (primaries.get(name) == v.key_id) if name != "database" else self._is_newest_database(v),
-                    v.retired,
-                    v.created_at_ms,
-                )
+                KeyVersion(name, v.key_id, "rotated", v.key_id == primary, v.retired, v.created_at_ms)
                 for v in self._rotated
                 if v.ring == name
             ]
         return found
-
-    def _is_newest_database(self, version: _Rotated) -> bool:
-        return version == next(v for v in reversed(self._rotated) if v.ring == "database")
 
     # -- changing ------------------------------------------------------------------------------
 

@@ -119,9 +119,9 @@ class MemoryStore:
         """Sign with ring's primary and verify with any of its keys from now on (a key rotation)."""
         # Separate keys for list cursors, derived so they never sign anything else; a cursor made
         # before a rotation still opens.
+        signing_first = [ring.primary, *(key for key_id, key in ring.keys.items() if key_id != ring.primary_id)]
         cursor_keys = tuple(
-            hmac.new(key, b"agent-guardian/cursor-key/v1", hashlib.sha256).digest()
-            for key_id, key in sorted(ring.keys.items(), key=lambda item: item[0] != ring.primary_id)
+            hmac.new(key, b"agent-guardian/cursor-key/v1", hashlib.sha256).digest() for key in signing_first
         )
         self._ring, self._cursor_keys = ring, cursor_keys
 
@@ -176,8 +176,7 @@ class MemoryStore:
                 ),
             )
             if memory.status == ACTIVE:
-                tags_json = canonical_json(list(memory.tags))
-                search_index.index(connection, int(cursor.lastrowid), namespace, memory.content, tags_json)
+                search_index.index(connection, int(cursor.lastrowid), namespace, memory.content, memory.tags)
             stored.append(memory)
         return stored
 
@@ -354,8 +353,7 @@ class MemoryStore:
         rowid = int(row[0])
         search_index.unindex(connection, [rowid])
         if memory.status == ACTIVE:
-            tags_json = canonical_json(list(memory.tags))
-            search_index.index(connection, rowid, memory.namespace, memory.content, tags_json)
+            search_index.index(connection, rowid, memory.namespace, memory.content, memory.tags)
         key_id, digest = _signed_fields(memory).sign(self._ring)
         connection.execute(
             "UPDATE memories SET content = ?, tags = ?, metadata = ?, updated_at_ms = ?, sha256 = ?,"

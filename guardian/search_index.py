@@ -76,19 +76,20 @@ def terms(namespace: str, text: str) -> str:
     return " ".join(tag + word for word in words(text))
 
 
-def _tags_text(tags_json: str) -> str:
+def _stored_tags(tags_json: str) -> list[str]:
+    """The tags of a stored row (its canonical JSON array)."""
     try:
         tags = json.loads(tags_json)
     except ValueError:
-        return ""
-    return " ".join(tag for tag in tags if isinstance(tag, str)) if isinstance(tags, list) else ""
+        return []
+    return [tag for tag in tags if isinstance(tag, str)] if isinstance(tags, list) else []
 
 
-def index(connection: Any, rowid: int, namespace: str, content: str, tags_json: str) -> None:
+def index(connection: Any, rowid: int, namespace: str, content: str, tags: Sequence[str]) -> None:
     """Index one active memory (inside the caller's transaction)."""
     connection.execute(
         "INSERT INTO memory_terms (rowid, content, tags) VALUES (?, ?, ?)",
-        (rowid, terms(namespace, content), terms(namespace, _tags_text(tags_json))),
+        (rowid, terms(namespace, content), terms(namespace, " ".join(tags))),
     )
 
 
@@ -124,6 +125,6 @@ def rebuild(connection: Any) -> int:
         if not rows:
             return total
         for rowid, namespace, content, tags_json in rows:
-            index(connection, rowid, namespace, content, tags_json)
+            index(connection, rowid, namespace, content, _stored_tags(tags_json))
         total += len(rows)
         after = int(rows[-1][0])
