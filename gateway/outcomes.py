@@ -4,8 +4,10 @@ STYLE.md's rule: could a smarter model have avoided the error (bad argument,
 policy denial, rate limit, unknown id)? Then it is an ordinary tool error: an
 ``isError`` result whose text starts with the error's kind, e.g.
 ``rate_limited: too many writes; retry after 1200 ms``. Otherwise (guardian
-down, token refused, a bug) it is a protocol error, ``MCPError``, whose message
-says what to do, with ``data = {"kind": ..., "retryable": ...}``.
+down, token refused, a memory that fails its integrity check, a bug) it is a
+protocol error, ``MCPError``, whose message says what to do, with
+``data = {"kind": ..., "retryable": ...}``. Which is which is the
+``agent_actionable`` column of ``shared/error_table.py``.
 
 The tool error is returned as a ``CallToolResult`` rather than raised as the
 SDK's ``ToolError``, because ``mcp`` 2.x prefixes a raised ``ToolError``'s text
@@ -20,27 +22,10 @@ from __future__ import annotations
 from mcp import MCPError
 from mcp.types import INTERNAL_ERROR, CallToolResult, TextContent
 
-from shared.errors import (
-    DataLoss,
-    FailedPrecondition,
-    GuardianError,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    RateLimited,
-)
+from shared.error_table import error_row
+from shared.errors import GuardianError, RateLimited
 
-__all__ = ["AGENT_ACTIONABLE", "mcp_outcome", "tool_error_text"]
-
-#: Errors the agent can act on: they become tool errors, everything else a protocol error.
-AGENT_ACTIONABLE: tuple[type[GuardianError], ...] = (
-    InvalidArgument,
-    PermissionDenied,
-    RateLimited,
-    NotFound,
-    FailedPrecondition,
-    DataLoss,
-)
+__all__ = ["mcp_outcome", "tool_error_text"]
 
 
 def tool_error_text(err: GuardianError) -> str:
@@ -55,9 +40,9 @@ def mcp_outcome(err: GuardianError) -> CallToolResult:
     """The ``isError`` result for an agent-actionable ``err``.
 
     Raises:
-        MCPError: for every other error (``Unavailable``, ``Unauthenticated``, ``InternalError``, ...).
+        MCPError: for every other error (``Unavailable``, ``Unauthenticated``, ``DataLoss``, ``InternalError``, ...).
     """
-    if isinstance(err, AGENT_ACTIONABLE):
+    if error_row(err).agent_actionable:
         return CallToolResult(content=[TextContent(type="text", text=tool_error_text(err))], is_error=True)
     message = err.message
     if err.retryable and "retry" not in message:

@@ -1,22 +1,24 @@
 """The one error hierarchy of agent-guardian.
 
-Every error a request can end in is one of these; each maps to exactly one
-gRPC status code, in one place on each side of the socket
-(``guardian/status.py`` raises them as statuses, ``gateway/client.py`` turns
-statuses back into them)::
+Every error a request can end in is one of these. How each crosses the
+socket and how each is shown (its gRPC status, an MCP tool error or a
+protocol error, guardianctl's wording and exit status) is its row in the one
+table, ``shared/error_table.py``, which the guardian (``guardian/status.py``),
+the gateway (``gateway/client.py``, ``gateway/outcomes.py``) and guardianctl
+all read::
 
     GuardianError                 message is safe to show an agent
-    ├── InvalidArgument           INVALID_ARGUMENT     shape, size, format
-    ├── PermissionDenied          PERMISSION_DENIED    policy or content filter
-    │   └── ContentRefused                             a filter rule (named) refused content
-    ├── RateLimited               RESOURCE_EXHAUSTED   retry_after_ms says when
-    ├── Unauthenticated           UNAUTHENTICATED      no, bad or expired session/token
-    ├── NotFound                  NOT_FOUND
-    ├── FailedPrecondition        FAILED_PRECONDITION
-    ├── Unavailable               UNAVAILABLE          retryable
-    ├── DataLoss                  DATA_LOSS            an HMAC that does not verify
-    ├── InternalError             INTERNAL             never carries detail
-    └── ConfigError               (start-up only)      an operator's bad file or key
+    ├── InvalidArgument           shape, size, format
+    ├── PermissionDenied          policy or content filter
+    │   └── ContentRefused        a filter rule (named) refused content
+    ├── RateLimited               retry_after_ms says when
+    ├── Unauthenticated           no, bad or expired session/token
+    ├── NotFound                  no such object visible to the caller
+    ├── FailedPrecondition        not in a state where the request can run
+    ├── Unavailable               retryable
+    ├── DataLoss                  an HMAC that does not verify
+    ├── InternalError             never carries detail
+    └── ConfigError               an operator's bad file or key (start-up, guardianctl)
 
 Messages are short, name what was wrong and what to do, and never echo
 memory content, a token, a key, a matched secret or a filesystem path.

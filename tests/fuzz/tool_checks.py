@@ -31,8 +31,7 @@ from tests.fuzz.checks import fail
 
 __all__ = ["ACTIONABLE_KINDS", "check_down_outcome", "check_tool_outcome", "memories_of", "result_text"]
 
-#: The kinds of error an agent can act on, as the gateway words them (gateway/outcomes.py); DATA_LOSS
-#: is one too, but nothing here tampers with the database, so seeing it is a failure.
+#: The kinds of error an agent can act on, as the gateway words them (shared/error_table.py, gateway/outcomes.py).
 ACTIONABLE_KINDS: Final = ("invalid_argument", "permission_denied", "rate_limited", "not_found", "failed_precondition")
 _MEMORY_KEYS: Final = frozenset({"id", "content", "namespace", "status", "author"})
 
