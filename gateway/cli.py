@@ -30,7 +30,7 @@ from typing import Any, Final
 import uvicorn
 
 from gateway.client import DEFAULT_DEADLINE_S
-from gateway.http_auth import MCP_PATH, build_http_app
+from gateway.http_auth import DEFAULT_MAX_BODY_BYTES, MCP_PATH, build_http_app
 from gateway.ops import serving_ops
 from gateway.state import open_gateway
 from gateway.tools import build_server
@@ -99,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
         "127.0.0.1, localhost and --host are always allowed",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        metavar="BYTES",
+        type=_body_limit,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="HTTP: the largest request body read; a larger one gets a JSON-RPC error stating this limit "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--deadline",
         metavar="SECONDS",
         type=float,
@@ -120,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
         help="least severe level logged to stderr as JSON lines (default: %(default)s)",
     )
     return parser
+
+
+def _body_limit(text: str) -> int:
+    """--max-request-bytes: a whole number of at least 64 KiB (a limit below one memory would refuse everything)."""
+    if not text.isdecimal() or int(text) < 65_536:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes of at least 65536, got {text!r}")
+    return int(text)
 
 
 @contextlib.contextmanager
@@ -231,7 +246,14 @@ async def _serve_http(args: argparse.Namespace, ops_listen: tuple[str, int] | No
         _log.warning("binding a non-loopback address; any host that can reach it may try tokens")
     async with open_gateway(args.socket, deadline_s=args.deadline) as state:
         server = build_server(state, log_level=args.log_level.upper())
-        app = build_http_app(server, state, host=args.host, port=args.port, extra_hosts=args.allowed_host)
+        app = build_http_app(
+            server,
+            state,
+            host=args.host,
+            port=args.port,
+            extra_hosts=args.allowed_host,
+            max_body_bytes=args.max_request_bytes,
+        )
         config = uvicorn.Config(
             app,
             host=args.host,

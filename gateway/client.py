@@ -50,16 +50,12 @@ from gateway.models import (
     SearchHit,
     SessionInfo,
 )
+from shared.error_table import error_row, received_row
 from shared.errors import (
-    DataLoss,
-    FailedPrecondition,
     GuardianError,
     InternalError,
     InvalidArgument,
-    NotFound,
-    PermissionDenied,
     RateLimited,
-    Unauthenticated,
     Unavailable,
 )
 from shared.formats import RETRY_AFTER_METADATA_KEY
@@ -81,7 +77,7 @@ DEFAULT_DEADLINE_S: Final = 10.0
 AGENT_SERVICE: Final = "guardian.v1.AgentService"
 #: Deadline of the readiness probe: a scrape must not hang on a stuck guardian.
 HEALTH_DEADLINE_S: Final = 1.0
-UNAVAILABLE_MESSAGE: Final = "the memory guardian is unavailable; retry in a few seconds"
+UNAVAILABLE_MESSAGE: Final = error_row(Unavailable).default_message
 
 _DEFAULT_RETRY_AFTER_MS: Final = 1000
 #: Status details are written by the guardian to be safe to show; this only bounds their size.
@@ -115,28 +111,12 @@ def _retry_after_ms(exc: grpc.aio.AioRpcError) -> int:
 
 
 def _from_status(exc: grpc.aio.AioRpcError) -> GuardianError:
-    """The ``shared.errors`` exception for one gRPC status (see DESIGN.md's table)."""
-    code = exc.code()
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(_details(exc, "the request is malformed"))
-    if code is grpc.StatusCode.PERMISSION_DENIED:
-        return PermissionDenied(_details(exc, "the policy does not allow this request"))
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RateLimited(_details(exc, "rate limit reached"), _retry_after_ms(exc))
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        return Unauthenticated(_details(exc, "the session is unknown or has expired"))
-    if code is grpc.StatusCode.NOT_FOUND:
-        return NotFound(_details(exc, "not found"))
-    if code is grpc.StatusCode.FAILED_PRECONDITION:
-        return FailedPrecondition(_details(exc, "the request cannot run in the current state"))
-    # CANCELLED: the gateway never cancels a call it still awaits (that is an asyncio
-    # CancelledError), so it comes from a stopping guardian dropping calls it had not started.
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return Unavailable(UNAVAILABLE_MESSAGE)
-    if code is grpc.StatusCode.DATA_LOSS:
-        return DataLoss(_details(exc, "a stored memory failed its integrity check"))
-    # INTERNAL never carries detail; UNKNOWN, UNIMPLEMENTED, ... are bugs or faults.
-    return InternalError()
+    """The ``shared.errors`` exception for one gRPC status: a lookup in ``shared/error_table.py``."""
+    row = received_row(exc.code().name)
+    message = _details(exc, row.default_message) if row.carries_details else row.default_message
+    if row.error is RateLimited:
+        return RateLimited(message, _retry_after_ms(exc))
+    return row.error(message)
 
 
 @contextmanager
@@ -187,6 +167,7 @@ def _memory(msg: pb.Memory, *, written: bool = False) -> Memory:
         namespace=msg.namespace,
         author=msg.author,
         status=_status(msg.status, written=written),
+        redacted_by=tuple(msg.redacted_by),
     )
 
 

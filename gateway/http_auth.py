@@ -10,9 +10,14 @@
 
 Host and Origin are checked first with the SDK's DNS-rebinding rules (which the
 SDK's transport applies again), so a request from a rebound page costs the
-guardian nothing. The gate decides only whether a request may reach the MCP
-server at all; each tool call still runs on the caller's own token, which the
-tool handler reads from the same header.
+guardian nothing. Then the body is read, up to ``max_body_bytes``: a larger one
+is answered 413 with a JSON-RPC error whose message states the limit (the MCP
+client shows it to the agent; a bare 413 reads as "Server returned an error
+response"). Nothing of an oversized request reaches the MCP server.
+
+The gate decides only whether a request may reach the MCP server at all; each
+tool call still runs on the caller's own token, which the tool handler reads
+from the same header.
 """
 
 from __future__ import annotations
@@ -27,16 +32,21 @@ from mcp.server.transport_security import TransportSecurityMiddleware, Transport
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.sessions import SessionBroker
 from gateway.state import GatewayState
 from shared.errors import GuardianError, RateLimited, Unavailable
 from shared.formats import is_agent_token
 
-__all__ = ["MCP_PATH", "BearerAuth", "bearer_token", "build_http_app", "transport_security"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "MCP_PATH", "BearerAuth", "bearer_token", "build_http_app", "transport_security"]
 
 MCP_PATH: Final = "/mcp"
+#: The largest HTTP request body the gateway reads (as the SDK's default): far above any memory the default
+#: policy accepts (a batch of 20 memories of 64 KiB), far below what would let a client tie up memory.
+DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+#: JSON-RPC's "Invalid Request".
+_INVALID_REQUEST: Final = -32600
 _REALM: Final = 'Bearer realm="agent-guardian"'
 _UNAVAILABLE_RETRY_AFTER_S: Final = 2
 _log = logging.getLogger(__name__)
@@ -76,10 +86,17 @@ def _refusal(status: int, error: str, message: str, headers: dict[str, str]) -> 
 class BearerAuth:
     """ASGI middleware requiring an accepted agent token on every HTTP request."""
 
-    def __init__(self, app: ASGIApp, broker: SessionBroker, security: TransportSecuritySettings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        broker: SessionBroker,
+        security: TransportSecuritySettings,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         self._app = app
         self._broker = broker
         self._rebinding = TransportSecurityMiddleware(security)
+        self._max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan events pass through
@@ -91,7 +108,39 @@ class BearerAuth:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        await self._app(scope, receive, send)
+        body = await self._read_body(scope, receive)
+        if body is None:
+            await self._too_large(scope, receive, send)
+            return
+        await self._app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> list[Message] | None:
+        """The request's body messages, or None when it is larger than the limit (declared or sent)."""
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdecimal() and int(declared) > self._max_body_bytes:
+            return None
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages
+            size += len(message.get("body", b""))
+            if size > self._max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                return messages
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        _log.info("http request body over the limit", extra={"peer": f"{client[0]}:{client[1]}" if client else "-"})
+        message = (
+            f"the request is larger than the gateway accepts ({self._max_body_bytes} bytes per HTTP request);"
+            " store less at once (the tool descriptions give each memory's limits)"
+        )
+        error = {"jsonrpc": "2.0", "id": None, "error": {"code": _INVALID_REQUEST, "message": message}}
+        await JSONResponse(error, status_code=413)(scope, receive, send)
 
     async def _check_token(self, scope: Scope) -> JSONResponse | None:
         header = Headers(scope=scope).get("authorization")
@@ -131,6 +180,16 @@ class BearerAuth:
         return None
 
 
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive that hands out messages already read, then reads on."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
 def build_http_app(
     server: MCPServer[GatewayState],
     state: GatewayState,
@@ -138,8 +197,11 @@ def build_http_app(
     host: str = "127.0.0.1",
     port: int = 8765,
     extra_hosts: Iterable[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> ASGIApp:
     """The streamable HTTP app (at ``/mcp``) behind the bearer-token gate, rebinding protection on."""
     security = transport_security(host, port, extra_hosts)
-    app = server.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=security, host=host)
-    return BearerAuth(app, state.broker, security)
+    app = server.streamable_http_app(
+        streamable_http_path=MCP_PATH, transport_security=security, host=host, max_request_body_size=max_body_bytes
+    )
+    return BearerAuth(app, state.broker, security, max_body_bytes)

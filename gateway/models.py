@@ -95,6 +95,8 @@ class Memory:
     author: str
     #: "quarantined" only in the reply to the write whose content a filter held back.
     status: MemoryStatus
+    #: Only in the reply to a write: the content filters that redacted part of what was sent.
+    redacted_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,9 +4,9 @@ Metadata crosses the socket as JSON text (``metadata_json``) and the MCP
 boundary as a JSON object: this module converts between the two. The guardian
 validates the object (size, depth); the gateway only serialises it.
 
-A write whose content a filter quarantined still succeeds; its result carries
-a ``note`` (``quarantine_note``) telling the agent the memory is held for
-security review and why it will not find it.
+A write whose content a filter quarantined or redacted still succeeds; its
+result carries a ``note`` (``write_note``) telling the agent the memory is held
+for security review and why it will not find it, or which part was redacted.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = [
     "UpdateResult",
     "metadata_to_json",
     "namespace_to_wire",
-    "quarantine_note",
+    "write_note",
 ]
 
 _MEMORY_ID_HELP = "The memory's id: 'mem_' followed by 32 lowercase hex characters."
@@ -88,20 +88,29 @@ def namespace_to_wire(namespace: str | None) -> str:
     return namespace or ""
 
 
-def quarantine_note(memories: Sequence[Memory]) -> str | None:
-    """What to tell the agent when a write's reply holds quarantined memories; None when there are none."""
+def write_note(memories: Sequence[Memory]) -> str | None:
+    """What to tell the agent when a write's reply holds quarantined or redacted memories; None otherwise."""
+    notes: list[str] = []
     held = [m.id for m in memories if m.status == QUARANTINED]
-    if not held:
-        return None
-    if len(memories) == 1:
-        return f"The memory was saved but is {_HELD}."
-    return f"{len(held)} of {len(memories)} memories ({', '.join(held)}) were saved but are {_HELD}."
+    if held and len(memories) == 1:
+        notes.append(f"The memory was saved but is {_HELD}.")
+    elif held:
+        notes.append(f"{len(held)} of {len(memories)} memories ({', '.join(held)}) were saved but are {_HELD}.")
+    redacted = [m for m in memories if m.redacted_by]
+    if redacted:
+        rules = ", ".join(dict.fromkeys(rule for m in redacted for rule in m.redacted_by))
+        which = "" if len(memories) == 1 else f" ({', '.join(m.id for m in redacted)})"
+        notes.append(
+            f"Part of what you sent{which} was redacted before it was stored (content filter: {rules}); each "
+            "redacted part reads [redacted:FILTER]. Everything else is stored exactly as you sent it."
+        )
+    return " ".join(notes) or None
 
 
 class MemoryInput(BaseModel):
     """One memory to store."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     content: str = Field(description="The text to remember.")
     tags: list[str] = Field(default_factory=list, description="Short labels to find the memory by later.")
@@ -126,6 +135,11 @@ class StoredMemory(BaseModel):
     status: MemoryStatus = Field(
         description="'active', or 'quarantined' (only in a write's result): held for security review, not visible."
     )
+    redacted_by: list[str] = Field(
+        default_factory=list,
+        description="Only in a write's result: the content filters that redacted part of what you sent "
+        "(each part reads [redacted:FILTER]); empty when it is stored exactly as sent.",
+    )
 
     @classmethod
     def of(cls, memory: Memory) -> StoredMemory:
@@ -141,6 +155,7 @@ class StoredMemory(BaseModel):
             namespace=memory.namespace,
             author=memory.author,
             status=memory.status,
+            redacted_by=list(memory.redacted_by),
         )
 
 
@@ -148,7 +163,9 @@ class NotedResult(BaseModel):
     """The result of a write, with a note for the agent when a memory was quarantined."""
 
     note: str | None = Field(
-        default=None, description="Set when a memory was quarantined (held for security review); otherwise null."
+        default=None,
+        description="Set when a memory was quarantined (held for security review) or part of it redacted; "
+        "otherwise null.",
     )
 
 

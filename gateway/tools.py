@@ -29,9 +29,10 @@ from typing import Annotated, Any, Final, Literal, ParamSpec, TypeVar
 
 from mcp import MCPError
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.tools import Tool
 from mcp.types import INTERNAL_ERROR, CallToolResult, ContentBlock, TextContent, ToolAnnotations
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.client import GuardianClient, new_idempotency_key
 from gateway.http_auth import bearer_token
@@ -53,7 +54,7 @@ from gateway.schemas import (
     UpdateResult,
     metadata_to_json,
     namespace_to_wire,
-    quarantine_note,
+    write_note,
 )
 from gateway.state import GatewayState
 from shared.errors import GuardianError, InternalError, InvalidArgument
@@ -232,7 +233,7 @@ async def memory_store(
     draft = _draft(content, tags, metadata, namespace)
     key = new_idempotency_key()  # one per tool call: every retry, on any session, is the same write
     memory = await _call(ctx, lambda c, sid: c.store(sid, draft, key))
-    return StoreResult(memory=StoredMemory.of(memory), note=quarantine_note([memory]))
+    return StoreResult(memory=StoredMemory.of(memory), note=write_note([memory]))
 
 
 @_tool
@@ -241,7 +242,7 @@ async def memory_store_batch(ctx: Context[GatewayState, Any], memories: Drafts) 
     drafts = [_draft(m.content, m.tags, m.metadata, m.namespace) for m in memories]
     key = new_idempotency_key()
     stored = await _call(ctx, lambda c, sid: c.store_batch(sid, drafts, key))
-    return StoreBatchResult(memories=[StoredMemory.of(m) for m in stored], note=quarantine_note(stored))
+    return StoreBatchResult(memories=[StoredMemory.of(m) for m in stored], note=write_note(stored))
 
 
 @_tool
@@ -288,7 +289,7 @@ async def memory_update(
             sid, memory_id, content=content, tags=tags, metadata_json=metadata_json, idempotency_key=key
         ),
     )
-    return UpdateResult(memory=StoredMemory.of(memory), note=quarantine_note([memory]))
+    return UpdateResult(memory=StoredMemory.of(memory), note=write_note([memory]))
 
 
 @_tool
@@ -432,6 +433,26 @@ _HANDLERS: Final[dict[str, Callable[..., Awaitable[Any]]]] = {
 }
 
 
+def _strict(tool: Tool) -> Tool:
+    """tool refusing an argument its input schema does not name, instead of silently dropping it.
+
+    The schema says ``additionalProperties: false``, and a call with an unknown (e.g. misspelt)
+    argument is a tool error naming it, before anything reaches the guardian. The error never
+    quotes the values the agent sent (``hide_input_in_errors``).
+    """
+    loose = tool.fn_metadata.arg_model
+
+    class StrictArguments(loose):  # type: ignore[misc,valid-type]
+        model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    StrictArguments.__name__ = StrictArguments.__qualname__ = loose.__name__
+    StrictArguments.model_rebuild(force=True)
+    metadata = tool.fn_metadata.model_copy(update={"arg_model": StrictArguments})
+    return tool.model_copy(
+        update={"fn_metadata": metadata, "parameters": StrictArguments.model_json_schema(by_alias=True)}
+    )
+
+
 def _lifespan(state: GatewayState) -> Callable[[MCPServer[GatewayState]], AbstractAsyncContextManager[GatewayState]]:
     @asynccontextmanager
     async def lifespan(_server: MCPServer[GatewayState]) -> AsyncIterator[GatewayState]:
@@ -464,6 +485,20 @@ def build_server(
         log_level: the level the SDK passes to ``logging.basicConfig`` (a no-op when
             logging is already configured, as the CLI does).
     """
+    descriptions = tool_descriptions(session)
+    tools = [
+        _strict(
+            Tool.from_function(
+                _HANDLERS[name],
+                name=name,
+                title=_ANNOTATIONS[name].title,
+                description=descriptions[name],
+                annotations=_ANNOTATIONS[name],
+                structured_output=True,
+            )
+        )
+        for name in TOOL_NAMES
+    ]
     server: MCPServer[GatewayState] = MCPServer(
         "agent-guardian",
         title="Agent memory (agent-guardian)",
@@ -471,17 +506,7 @@ def build_server(
         version=_version(),
         lifespan=_lifespan(state),
         log_level=log_level,
+        tools=tools,
     )
-    descriptions = tool_descriptions(session)
     state.metrics.declare_tools(TOOL_NAMES)
-    for name in TOOL_NAMES:
-        annotations = _ANNOTATIONS[name]
-        server.add_tool(
-            _HANDLERS[name],
-            name=name,
-            title=annotations.title,
-            description=descriptions[name],
-            annotations=annotations,
-            structured_output=True,
-        )
     return server

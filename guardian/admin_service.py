@@ -81,6 +81,23 @@ class AdminHandlers(KeyHandlers, BackupHandlers):
 
         return work
 
+    def Status(self, call: Call, request: pb.StatusRequest) -> Work:
+        def work(_: Connection) -> pb.StatusResponse:
+            readiness = self._core.readiness()
+            state = self._core.state_reading()
+            return pb.StatusResponse(
+                ready=readiness.ready,
+                checks=dict(readiness.checks),
+                warnings=dict(readiness.warnings),
+                policy_version=state.policy_version,
+                policy_file_refusal=self._core.policy_file_refusal or "",
+                sessions_open=state.sessions_open,
+                audit_chain_rows=state.audit_chain_rows,
+                database_size_bytes=state.database_size_bytes,
+            )
+
+        return work
+
     def UnlockAgent(self, call: Call, request: pb.UnlockAgentRequest) -> Work:
         call.object_id = agent_name(request.name)
 

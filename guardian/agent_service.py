@@ -26,8 +26,8 @@ __all__ = ["AgentHandlers"]
 Work = Callable[[Connection], Any]
 
 
-def memory_message(memory: StoredMemory) -> pb.Memory:
-    """The wire form of a verified memory."""
+def memory_message(memory: StoredMemory, redacted_by: tuple[str, ...] = ()) -> pb.Memory:
+    """The wire form of a verified memory; redacted_by: the rules that redacted the write that returns it."""
     return pb.Memory(
         id=memory.id,
         content=memory.content,
@@ -39,6 +39,7 @@ def memory_message(memory: StoredMemory) -> pb.Memory:
         namespace=memory.namespace,
         author=memory.author,
         status=memory.status,
+        redacted_by=list(redacted_by),
     )
 
 
@@ -101,7 +102,7 @@ class AgentHandlers:
         def work(connection: Connection) -> pb.StoreResponse:
             [memory] = self._core.memories.insert(connection, call.required_scope, call.drafts, call.now_ms)
             call.object_id = memory.id
-            return pb.StoreResponse(memory=memory_message(memory))
+            return pb.StoreResponse(memory=memory_message(memory, call.drafts[0].redacted_by))
 
         return work
 
@@ -117,7 +118,8 @@ class AgentHandlers:
         def work(connection: Connection) -> pb.StoreBatchResponse:
             memories = self._core.memories.insert(connection, call.required_scope, call.drafts, call.now_ms)
             call.object_id = ",".join(memory.id for memory in memories)
-            return pb.StoreBatchResponse(memories=[memory_message(memory) for memory in memories])
+            pairs = zip(memories, call.drafts, strict=True)
+            return pb.StoreBatchResponse(memories=[memory_message(memory, d.redacted_by) for memory, d in pairs])
 
         return work
 
@@ -186,7 +188,7 @@ class AgentHandlers:
                 changed=call.changed or frozenset(),
                 now_ms=call.now_ms,
             )
-            return pb.UpdateResponse(memory=memory_message(memory))
+            return pb.UpdateResponse(memory=memory_message(memory, changes.redacted_by))
 
         return work
 

@@ -72,9 +72,11 @@ class GuardianCore:
         self._alerter: WebhookAlerter | None = None
         self.anomalies = AnomalyMonitor(alert=self._alert)
         self._policy_lock = threading.Lock()
+        #: Why the policy file on disk is refused (the guardian runs on the last policy in force), or None.
+        self.policy_file_refusal: str | None = None
         self._policy = self._startup_policy()
         self._configure_alerts(self._policy)
-        self.metrics.watch_state(self._state_reading)
+        self.metrics.watch_state(self.state_reading)
 
     @classmethod
     def open(cls, config: GuardianConfig) -> GuardianCore:
@@ -152,7 +154,8 @@ class GuardianCore:
                 extra={"event": "audit_head_write_failed", "error": exc.strerror or type(exc).__name__},
             )
 
-    def _state_reading(self) -> StateReading:
+    def state_reading(self) -> StateReading:
+        """The state gauges' values now."""
         with self.database.read() as reader:
             head = audit.read_head(reader)
         return StateReading(
@@ -160,6 +163,7 @@ class GuardianCore:
             database_size_bytes=self.database.size_bytes(),
             audit_chain_rows=head.seq if head else 0,
             policy_version=self._policy.version,
+            policy_file_refused=self.policy_file_refusal is not None,
         )
 
     def readiness(self) -> Readiness:
@@ -169,12 +173,15 @@ class GuardianCore:
             audit_state = "the last audit row could not be written; requests fail closed until one is"
         else:
             audit_state = "ok" if database == "ok" else "cannot be written while the database cannot"
+        refusal = self.policy_file_refusal
         return Readiness(
             {
                 "database": database,
                 "audit": audit_state,
                 "policy": "ok" if self._policy.version else "no policy loaded",
-            }
+            },
+            # Serving on the last policy in force is ready; the refused file is what the operator must fix.
+            warnings={"policy_file": f"refused ({refusal}); running the last policy in force"} if refusal else {},
         )
 
     @property
@@ -183,8 +190,10 @@ class GuardianCore:
         return self._policy
 
     def _startup_policy(self) -> Policy:
-        # A broken policy file stops the start, whatever the history holds: the operator must fix it.
-        file_policy = load_policy(self.config.policy)
+        try:
+            file_policy = load_policy(self.config.policy)
+        except ConfigError as refused:
+            return self._start_on_last_policy(refused)
         with self.database.write() as connection:
             last_from_file = policy_history.latest(connection, "file")
             newest = policy_history.latest(connection)
@@ -208,6 +217,55 @@ class GuardianCore:
             extra={"event": "policy_loaded", "policy_version": policy.version, "source": newest.source},
         )
         return policy
+
+    def _start_on_last_policy(self, refused: ConfigError) -> Policy:
+        """The policy to start on when the policy file is refused: the last one in force, from the history.
+
+        An unrelated restart must not take every agent's memory away because a bad file was
+        left on disk (a reload already refused it). The refusal is logged, written to the
+        security log and the audit trail, kept for readiness, metrics and ``guardianctl
+        status``. With no history (a first start), there is nothing to fall back on: the
+        start fails with the file's error.
+        """
+        with self.database.read() as reader:
+            newest = policy_history.latest(reader)
+        if newest is None:
+            raise refused
+        try:
+            policy = compile_policy(newest.text, f"policy {newest.version[:12]} from the history")
+        except ConfigError as error:
+            raise ConfigError(
+                f"{refused.message}; and the last policy in force no longer compiles ({error.message})"
+            ) from None
+        self.policy_file_refusal = refused.message
+        security_log.error(
+            "the policy file is refused; starting on the last policy in force until it is fixed",
+            extra={"event": "policy_file_refused", "error": refused.message, "policy_version": policy.version},
+        )
+        log.error(
+            "the policy file is refused (%s); starting on the last policy in force, %s",
+            refused.message,
+            policy.version[:12],
+        )
+        self._audit_refused_file("policy.load", refused, policy)
+        return policy
+
+    def _audit_refused_file(self, operation: str, refused: ConfigError, running: Policy) -> None:
+        """The audit row of a policy file the guardian refused (at start or on reload)."""
+        with self.database.write() as connection:
+            self.audit.append(
+                connection,
+                audit.AuditRecord(
+                    ts_ms=now_ms(),
+                    agent=FILE_APPLIER,
+                    session="",
+                    operation=operation,
+                    object_id="",
+                    decision="deny",
+                    reason=f"invalid_argument: {refused.message}"[:200],
+                    policy_version=running.version,
+                ),
+            )
 
     def _record_file_policy(self, connection: Connection, policy: Policy, deciding: Policy, operation: str) -> None:
         """Record that the policy file put policy in force; deciding: the policy running (itself at start)."""
@@ -257,24 +315,13 @@ class GuardianCore:
                 "policy reload refused; the running policy stays",
                 extra={"event": "policy_reload_failed", "error": error.message},
             )
-            with self.database.write() as connection:
-                self.audit.append(
-                    connection,
-                    audit.AuditRecord(
-                        ts_ms=now_ms(),
-                        agent=FILE_APPLIER,
-                        session="",
-                        operation="policy.reload",
-                        object_id="",
-                        decision="deny",
-                        reason=f"invalid_argument: {error.message}"[:200],
-                        policy_version=self._policy.version,
-                    ),
-                )
+            self.policy_file_refusal = error.message
+            self._audit_refused_file("policy.reload", error, self._policy)
             return None
         with self.database.write() as connection:
             self._record_file_policy(connection, policy, self._policy, "policy.reload")
         self.swap_policy(policy)
+        self.policy_file_refusal = None
         return policy
 
     def _configure_alerts(self, policy: Policy) -> None:

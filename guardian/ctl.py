@@ -24,7 +24,8 @@ from guardian.ctl_audit import add_audit_commands, parse_duration_ms
 from guardian.ctl_backup import add_backup_commands
 from guardian.ctl_keys import add_key_commands, add_session_commands
 from guardian.statedir import init_state_dir
-from shared.errors import ConfigError
+from shared.error_table import ERROR_TABLE, error_row, received_row
+from shared.errors import ConfigError, Unavailable
 from shared.formats import OPERATOR_METADATA_KEY
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
 
@@ -158,6 +159,41 @@ def cmd_agents_unlock(args: argparse.Namespace) -> int:
     state = "was locked; unlocked" if response.was_locked else "was not locked"
     print(f"agent {args.name!r} {state}; its rate-limit cooldowns are cleared")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """guardianctl status: exit 0 when ready with nothing to fix, 1 when not ready or something needs fixing."""
+    status = _call(args, "Status", admin_pb2.StatusRequest())
+    if args.json:
+        _print_json(
+            {
+                "ready": status.ready,
+                "checks": dict(status.checks),
+                "warnings": dict(status.warnings),
+                "policy_version": status.policy_version,
+                "policy_file_refusal": status.policy_file_refusal or None,
+                "sessions_open": status.sessions_open,
+                "audit_chain_rows": status.audit_chain_rows,
+                "database_size_bytes": status.database_size_bytes,
+            }
+        )
+    else:
+        print(f"ready: {'yes' if status.ready else 'NO'}")
+        for name, finding in sorted(status.checks.items()):
+            print(f"  {name}: {finding}")
+        print(f"policy in force: {status.policy_version}")
+        if status.policy_file_refusal:
+            print(
+                f"WARNING: the policy file is refused ({status.policy_file_refusal}); the guardian runs the last"
+                " policy in force. Fix the file, then `systemctl reload agent-guardian` (or send SIGHUP)."
+            )
+        for name, warning in sorted(status.warnings.items()):
+            if name != "policy_file":
+                print(f"WARNING: {name}: {warning}")
+        print(f"sessions open: {status.sessions_open}")
+        print(f"audit chain rows: {status.audit_chain_rows}")
+        print(f"database size: {status.database_size_bytes} bytes")
+    return 0 if status.ready and not status.warnings else 1
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
@@ -333,6 +369,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Administer an agent-guardian: its state dir, agents, sessions, policy, quarantine, audit"
         " trail, keys and backups. Every command but init, `backup verify PATH` and `backup restore` talks to the"
         " running guardian over its admin socket.",
+        epilog=_exit_status_help(),
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -350,6 +387,15 @@ def _parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", help="create a working state dir (safe to run twice)")
     init.add_argument("--state-dir", required=True, help="directory to create or complete")
     init.set_defaults(func=cmd_init)
+
+    status = commands.add_parser(
+        "status",
+        help="is the guardian ready, and is there anything to fix (e.g. a refused policy file)",
+        description="Prints each readiness check, warnings (such as a policy file the guardian refused, while it"
+        " runs the last policy in force), the policy version and the state at a glance. Exit status 0: ready and"
+        " nothing to fix; 1: not ready or a warning.",
+    )
+    status.set_defaults(func=cmd_status)
 
     _add_agent_commands(commands)
 
@@ -400,9 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], int] = args.func
     try:
         return command(args)
-    except ConfigError as error:
+    except ConfigError as error:  # its message names the file and what is wrong with it
         print(f"guardianctl: {error.message}", file=sys.stderr)
-        return 2
+        return error_row(error).exit_code
     except grpc.RpcError as error:
         return _report_rpc_error(error)
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, like other CLI tools
@@ -410,16 +456,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+_UNREACHABLE = "cannot reach the guardian's admin socket (is it running, and may this user connect?)"
+
+
 def _report_rpc_error(error: Any) -> int:
-    code = error.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        print(
-            "guardianctl: cannot reach the guardian's admin socket (is it running, and may this user connect?)",
-            file=sys.stderr,
-        )
-        return 3
-    print(f"guardianctl: {code.name.lower()}: {error.details()}", file=sys.stderr)
-    return 1
+    """Print ``guardianctl: <what kind of error>: <details>`` and return its exit code, both from the error table."""
+    row = received_row(error.code().name)
+    text = _UNREACHABLE if row.error is Unavailable else (error.details() or "").strip() or row.default_message
+    print(f"guardianctl: {row.cli_prefix}" + ("" if text == row.cli_prefix else f": {text}"), file=sys.stderr)
+    return row.exit_code
+
+
+def _exit_status_help() -> str:
+    """The exit statuses, for --help: each with what guardianctl prints before the message."""
+    meanings: dict[int, list[str]] = {0: ["done"]}
+    for row in ERROR_TABLE:
+        meanings.setdefault(row.exit_code, []).append(row.cli_prefix)
+    meanings[error_row(ConfigError).exit_code].append("a bad command line")
+    return "exit status: " + "; ".join(f"{code} {', '.join(meanings[code])}" for code in sorted(meanings)) + "."
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
-"""The content stage: normalise what an agent writes, then run the policy's filters.
+"""The content stage: scan what an agent writes with the policy's filters, store it as it was sent.
 
 Stage 5 of the guardian's pipeline (session → shape → policy → rate → **content**
 → data → integrity → audit). It sees a shape-checked :class:`~guardian.memories.Draft`
 and returns the draft to store, or refuses the request.
 
-Normalisation comes first, so a key split by a zero-width space or written in
-fullwidth letters is still the key. :func:`normalise` applies Unicode NFKC, turns
-``\\r\\n`` into ``\\n`` and removes every control (Cc) and format (Cf) character
-except newline and tab (zero-width spaces and joiners, soft hyphen, bidi
-controls, BOM, Unicode tag characters, ...), lone surrogates and a few more
-invisible characters that are not Cf (variation selectors, the combining
-grapheme joiner, Hangul fillers). It runs on the content, on every tag and on
-every string of the metadata, object keys included.
+A memory is stored exactly as it was sent: the rules match its *scan form*
+(:mod:`guardian.scan_form`: NFKC, invisible characters removed), so a key split by
+a zero-width space or written in fullwidth letters is still the key, and a
+redaction replaces the part of the original that the match came from. The scan
+form runs on the content, on every tag and on every string of the metadata,
+object keys included.
 
 Then each rule runs, in policy order, over the fields it names (``content``,
 ``tags``, ``metadata``), with its action:
@@ -19,7 +17,8 @@ Then each rule runs, in policy order, over the fields it names (``content``,
 ==============  ===================================================================
 ``reject``      the request is refused; the error names the rule, never the match;
                 the first rule that matches decides
-``redact``      every match is replaced by ``[redacted:RULE]`` before storing
+``redact``      the text under every match is replaced by ``[redacted:RULE]`` before
+                storing, and the reply names the rule (``redacted_by``)
 ``quarantine``  stored unchanged but hidden from agents until the security team
                 releases it
 ``flag``        stored unchanged; the hit is recorded in the audit trail
@@ -81,7 +80,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
@@ -90,6 +88,7 @@ import regex
 
 from guardian.integrity import canonical_json
 from guardian.memories import Draft
+from guardian.scan_form import ScanForm
 from shared.errors import ConfigError, ContentRefused, InvalidArgument
 
 __all__ = [
@@ -103,7 +102,6 @@ __all__ = [
     "FilterSet",
     "FilterSpec",
     "default_filter_specs",
-    "normalise",
 ]
 
 log = logging.getLogger("agent_guardian")
@@ -120,11 +118,6 @@ SEARCH_TIMEOUT_S: Final[float] = 0.05
 #: A rule must finish the sample text, when the policy loads, within this many times SEARCH_TIMEOUT_S.
 _TRIAL_BUDGETS: Final = 5
 _NAME_RE: Final = regex.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-#: Removed by normalise(): controls and format characters (but newline and tab), lone surrogates,
-#: and invisible characters outside Cf (combining grapheme joiner, Hangul fillers, variation selectors).
-_INVISIBLE_RE: Final = regex.compile(
-    r"(?![\n\t])[\p{Cc}\p{Cf}\p{Cs}\u034f\u115f\u1160\u3164\uffa0\ufe00-\ufe0f\U000e0100-\U000e01ef]"
-)
 #: Ordinary text, markup and punctuation, but no long runs of one character: a rule must finish on it quickly
 #: and must not match the empty string anywhere in it.
 _TRIAL_TEXT: Final = (
@@ -132,26 +125,6 @@ _TRIAL_TEXT: Final = (
     'key=value; name: "Ada" (https://example.com/a/b?c=d#e) [x] {y} $z 50% a+b=c ~/path\t'
     "Ünïcödé, 日本語, Ελληνικά, emoji 🙂 -- end.\n"
 )
-
-
-def normalise(text: str) -> str:
-    """Text as the filters see it and the store keeps it.
-
-    NFKC (fullwidth and other compatibility forms become their plain
-    equivalents), ``\\r\\n`` becomes ``\\n``, then control (Cc) and format (Cf)
-    characters are removed, except newline and tab: zero-width space, joiners
-    and non-joiner, word joiner, BOM, soft hyphen, Mongolian vowel separator,
-    bidi embeddings, overrides and isolates, tag characters. Lone surrogates,
-    the combining grapheme joiner, Hangul fillers and variation selectors go
-    too. Idempotent: ``normalise(normalise(t)) == normalise(t)``.
-    """
-    composed = unicodedata.normalize("NFKC", text.replace("\r\n", "\n"))
-    cleaned = _INVISIBLE_RE.sub("", composed)
-    # Removing a character can put a base and a combining mark side by side; compose them too, so that
-    # stored text re-filtered on a later update normalises to itself. NFKC never yields a removed character.
-    if cleaned != composed and not unicodedata.is_normalized("NFKC", cleaned):
-        cleaned = unicodedata.normalize("NFKC", cleaned)
-    return cleaned
 
 
 @dataclass(frozen=True)
@@ -184,11 +157,16 @@ class FilterHit:
 class FilterOutcome:
     """The draft as it will be stored, and what matched (a reject never gets here: scan raises)."""
 
-    #: Normalised, with redactions applied.
+    #: As sent, with redactions applied.
     draft: Draft
     hits: tuple[FilterHit, ...]
     #: Some quarantine rule matched: store the memory hidden from agents.
     quarantine: bool
+
+    @property
+    def redacted_by(self) -> tuple[str, ...]:
+        """The rules that redacted something, in order (the reply tells the agent)."""
+        return tuple(dict.fromkeys(hit.rule for hit in self.hits if hit.action == "redact"))
 
 
 @dataclass(frozen=True)
@@ -272,10 +250,15 @@ class _Pass:
         self.spent = 0.0
         self.count = 0
 
-    def __call__(self, text: str) -> str:
-        """Text after this rule; raises ContentRefused on a reject match or when the rule cannot run."""
+    def __call__(self, form: ScanForm) -> ScanForm:
+        """The text after this rule (redacted where it matched, for a redact rule).
+
+        Raises ContentRefused on a reject match or when the rule cannot run.
+        """
         rule = self.rule
         spec = rule.spec
+        text = form.text
+        spans: list[tuple[int, int]] = []
         try:
             remaining = SEARCH_TIMEOUT_S - self.spent
             if remaining <= 0:  # checked here: regex takes a negative timeout as "no timeout"
@@ -283,7 +266,9 @@ class _Pass:
             started = time.thread_time()
             try:
                 if spec.action == "redact":
-                    text, count = rule.compiled.subn(rule.marker, text, timeout=remaining, concurrent=False)
+                    found_all = rule.compiled.finditer(text, timeout=remaining, concurrent=False)
+                    spans = [match.span() for match in found_all]
+                    count = len(spans)
                 elif spec.action == "reject":
                     found = rule.compiled.search(text, timeout=remaining, concurrent=False)
                     count = 0 if found is None else 1
@@ -300,7 +285,8 @@ class _Pass:
         if count and spec.action == "reject":
             raise ContentRefused(f"content refused by filter {spec.name}: remove that part and try again", spec.name)
         self.count += count
-        return text
+        # The redaction replaces what the matches came from in the text as sent; the next rule scans the result.
+        return ScanForm.of(form.replaced(spans, rule.marker)) if spans else form
 
 
 class FilterSet:
@@ -357,45 +343,46 @@ class FilterSet:
         return len(self._rules)
 
     def scan(self, draft: Draft, changed: frozenset[str] | None = None) -> FilterOutcome:
-        """Normalise and filter draft's fields (for an update, only those in changed).
+        """Filter draft's fields (for an update, only those in changed) as their scan forms.
 
-        Tags that are blank once normalised are dropped, and tags are kept
-        distinct after redaction. Metadata is re-serialised canonically.
+        What is returned is the draft as sent, but for redactions; tags stay distinct
+        after redaction, and metadata is re-serialised canonically.
 
         Raises:
             ContentRefused (a PermissionDenied): a reject rule matched (the message names the rule, never the
                 match), or a rule errored or ran out of time.
-            InvalidArgument: the content is empty once normalised, or two metadata keys
-                become the same once normalised or redacted.
+            InvalidArgument: the content or a tag is empty once invisible characters are removed, or two
+                metadata keys become the same once redacted.
         """
         fields = FILTER_FIELDS if changed is None else FILTER_FIELDS & changed
-        content = draft.content
+        content: ScanForm | None = None
         if "content" in fields:
-            content = normalise(content)
-            if not content.strip():
+            content = ScanForm.of(draft.content)
+            if not content.text.strip():
                 raise InvalidArgument("content: is empty once control and zero-width characters are removed")
-        # (index in the draft as given, text): the index names the tag in a hit.
-        tags = [(index, normalise(tag)) for index, tag in enumerate(draft.tags)] if "tags" in fields else []
+        # (index in the draft as given, scan form): the index names the tag in a hit.
+        tags: list[tuple[int, ScanForm]] = []
+        if "tags" in fields:
+            for index, tag in enumerate(draft.tags):
+                form = ScanForm.of(tag)
+                if not form.text.strip():
+                    raise InvalidArgument(f"tags[{index}]: is empty once control and zero-width characters are removed")
+                tags.append((index, form))
         metadata: Any = None
         if "metadata" in fields:
             try:
                 metadata = json.loads(draft.metadata_json)
             except ValueError:
                 raise InvalidArgument("metadata: expected a JSON object") from None
-            metadata = _map_strings(
-                metadata,
-                normalise,
-                "metadata: two keys are the same once control and zero-width characters are removed",
-            )
 
         # Fields in which no screenable rule can match: those rules skip them. A redaction in a
         # field changes its text, so from then on every rule looks at that field again.
         clear = {
             field
             for field, texts in (
-                ("content", [content] if "content" in fields else []),
-                ("tags", [tag for _, tag in tags]),
-                ("metadata", _strings(metadata) if "metadata" in fields else []),
+                ("content", [content.text] if content is not None else []),
+                ("tags", [form.text for _, form in tags]),
+                ("metadata", [ScanForm.of(text).text for text in _strings(metadata)] if "metadata" in fields else []),
             )
             if (screen := self._screens[field]) is not None and screen.clear(texts)
         }
@@ -403,7 +390,7 @@ class FilterSet:
         for rule in self._rules:
             spec = rule.spec
             skip = clear if rule.screenable else set()
-            if "content" in fields and "content" in spec.fields and "content" not in skip:
+            if content is not None and "content" in spec.fields and "content" not in skip:
                 run = _Pass(rule, "content")
                 content = run(content)
                 if run.count:
@@ -411,25 +398,25 @@ class FilterSet:
                     clear.discard("content")
             if "tags" in fields and "tags" in spec.fields and "tags" not in skip:
                 run = _Pass(rule, "tags")
-                for position, (index, tag) in enumerate(tags):
+                for position, (index, form) in enumerate(tags):
                     before = run.count
-                    tags[position] = (index, run(tag))
+                    tags[position] = (index, run(form))
                     if run.count > before:
                         hits.append(FilterHit(spec.name, spec.action, f"tags[{index}]", run.count - before))
                         clear.discard("tags")
             if "metadata" in fields and "metadata" in spec.fields and "metadata" not in skip:
                 run = _Pass(rule, "metadata")
                 collision = f"metadata: two keys are the same once filter {spec.name} redacts them; rename them"
-                metadata = _map_strings(metadata, run, collision)
+                metadata = _map_strings(metadata, _on_original(run), collision)
                 if run.count:
                     hits.append(FilterHit(spec.name, spec.action, "metadata", run.count))
                     clear.discard("metadata")
 
         filtered = draft
-        if "content" in fields:
-            filtered = replace(filtered, content=content)
+        if content is not None:
+            filtered = replace(filtered, content=content.original)
         if "tags" in fields:
-            filtered = replace(filtered, tags=tuple(dict.fromkeys(tag for _, tag in tags if tag.strip())))
+            filtered = replace(filtered, tags=tuple(dict.fromkeys(form.original for _, form in tags)))
         if "metadata" in fields:
             filtered = replace(filtered, metadata_json=canonical_json(metadata))
         return FilterOutcome(filtered, tuple(hits), any(hit.action == "quarantine" for hit in hits))
@@ -453,6 +440,15 @@ def _compile_pattern(spec: FilterSpec, where: str) -> regex.Pattern[str]:
     if empty:
         raise ConfigError(f"{where}: matches the empty string, so it would match everything; require some text")
     return compiled
+
+
+def _on_original(run: _Pass) -> Callable[[str], str]:
+    """run as a change of one string as sent (a metadata key or value): scanned, redacted where it matched."""
+
+    def change(text: str) -> str:
+        return run(ScanForm.of(text)).original
+
+    return change
 
 
 def _strings(value: Any) -> list[str]:

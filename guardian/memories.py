@@ -64,6 +64,8 @@ class Draft:
     status: str = ACTIVE
     #: Names of the filter rules that matched (redact, quarantine, flag).
     filter_hits: tuple[str, ...] = ()
+    #: Names of the rules that redacted part of this write (the reply says so; not stored).
+    redacted_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ class StateReading:
     database_size_bytes: int
     audit_chain_rows: int
     policy_version: str
+    #: Whether the policy file on disk is refused (the guardian runs on the last policy in force).
+    policy_file_refused: bool = False
 
 
 class _StateCollector(Collector):
@@ -55,6 +57,11 @@ class _StateCollector(Collector):
             value=state.audit_chain_rows,
         )
         yield InfoMetricFamily("guardian_policy", "The policy in force.", value={"version": state.policy_version})
+        yield GaugeMetricFamily(
+            "guardian_policy_file_refused",
+            "1 while the policy file on disk is refused and the last policy in force runs instead.",
+            value=int(state.policy_file_refused),
+        )
 
 
 class GuardianMetrics:

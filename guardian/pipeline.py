@@ -7,7 +7,8 @@ outcome (allowed or denied) writes exactly one audit row:
 2. shape     field types, sizes, counts; unknown fields refused (the handler)
 3. policy    is this operation granted to the agent's profile, now (allowed hours)?
 4. rate      token buckets per session and per agent; a breach starts a cooldown
-5. content   normalise, then the policy's filters: reject, redact, quarantine, flag
+5. content   the policy's filters on the scan form: reject, redact, quarantine, flag;
+             what is stored is what was sent (but for redactions), within every limit
 6. data      the handler's work, scoped to the agent's namespaces and read window
 7. integrity every row read is verified (memories.py); a mismatch is DATA_LOSS
 8. audit     the allow row shares the work's transaction, reads included: every
@@ -116,6 +117,8 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     "RevokeAgent": Rule("admin.agent.revoke", None, needs_session=False),
     "UnlockAgent": Rule("admin.agent.unlock", None, needs_session=False),
     "ShowPolicy": Rule("admin.policy.show", None, needs_session=False),
+    # Alone: its readiness probe takes the writer for a moment itself.
+    "Status": Rule("admin.status", None, needs_session=False, runs_alone=True),
     "ValidatePolicy": Rule("admin.policy.validate", None, needs_session=False),
     "DiffPolicy": Rule("admin.policy.diff", None, needs_session=False),
     "ApplyPolicy": Rule("admin.policy.apply", None, needs_session=False),
@@ -386,23 +389,23 @@ class Pipeline:
                 outcome.draft,
                 status=QUARANTINED if outcome.quarantine else draft.status,
                 filter_hits=tuple(dict.fromkeys(draft.filter_hits + rules)),
+                redacted_by=outcome.redacted_by,
             )
-            if outcome.hits:
-                self._recheck_sizes(call, filtered)
+            self._check_stored_sizes(call, filtered)
         if call.filter_hits:
             call.anomalies.append("filter_hits")
 
     @staticmethod
-    def _recheck_sizes(call: Call, draft: Draft) -> None:
-        """Redaction markers can be longer than what they replace: the stored form must fit the limits too."""
+    def _check_stored_sizes(call: Call, draft: Draft) -> None:
+        """Every limit holds for what is stored: a redaction marker can be longer than what it replaces."""
         limits = call.required_profile.limits
         changed = call.changed
         if changed is None or "content" in changed:
-            shape.content(draft.content, limits, "content (once redacted)")
+            shape.content(draft.content, limits, "content (as stored, once redacted)")
         if changed is None or "tags" in changed:
-            shape.tags(draft.tags, limits, "tags (once redacted)")
+            shape.tags(draft.tags, limits, "tags (as stored, once redacted)")
         if changed is None or "metadata" in changed:
-            shape.metadata_json(draft.metadata_json, limits, "metadata (once redacted)")
+            shape.metadata_json(draft.metadata_json, limits, "metadata (as stored, once redacted)")
 
     def _anomaly_stage(self, call: Call, error: GuardianError | None) -> None:
         """Count what happened toward the policy's detectors; never changes the outcome."""
@@ -459,9 +462,13 @@ class Pipeline:
             extra={"event": "unknown_method", "method": call.object_id},
         )
 
-    @staticmethod
-    def _replay(call: Call, connection: Connection, response_class: type[Message] | None) -> Message | None:
-        """The recorded answer if call retries an earlier request with its idempotency key, else None."""
+    def _replay(self, call: Call, connection: Connection, response_class: type[Message] | None) -> Message | None:
+        """The recorded answer if call retries an earlier request with its idempotency key, else None.
+
+        A replay passes today's checks before its answer is returned: every memory in it
+        must still be one the caller could get now (its namespaces, read window, not
+        quarantined), else the answer would show what a fresh request may no longer see.
+        """
         if not call.idempotency_key:
             return None
         prior = idempotency.find(connection, call.agent, call.idempotency_key)
@@ -475,7 +482,16 @@ class Pipeline:
             raise InternalError()
         call.replayed = True
         call.object_id = prior.object_id
-        return response_class.FromString(prior.response)
+        answer = response_class.FromString(prior.response)
+        for memory_id in _memory_ids(answer):
+            try:
+                self._core.memories.get(connection, call.required_scope, memory_id)
+            except NotFound:
+                raise NotFound(
+                    "this retry repeats a write that was done, but its memory is no longer visible to this agent"
+                    " (out of its read window or namespaces, or held for review); nothing was written again"
+                ) from None
+        return answer
 
     @staticmethod
     def _allow_reason(call: Call) -> str:
@@ -552,3 +568,13 @@ class Pipeline:
             policy_version=call.policy.version,
             args_digest=call.args_digest,
         )
+
+
+def _memory_ids(answer: Message) -> list[str]:
+    """The ids of the memories a write's answer shows (its ``memory`` or ``memories`` field)."""
+    fields = answer.DESCRIPTOR.fields_by_name
+    if "memory" in fields and answer.HasField("memory"):
+        return [answer.memory.id]  # type: ignore[attr-defined]
+    if "memories" in fields:
+        return [memory.id for memory in answer.memories]  # type: ignore[attr-defined]
+    return []

@@ -19,10 +19,12 @@ memories and keeps this index in step in the same transaction (there are no
 triggers: the terms are made here, in Python).
 
 Words are maximal runs of letters, numbers and private-use characters (Unicode
-L*, N*, Co; in ASCII, letters and digits) after casefolding, NFKD and removal
-of combining marks: only characters FTS5's unicode61 tokenizer keeps in a
-token, so each term is one FTS5 token, and a query term (made the same way)
-matches only the indexed term it names.
+L*, N*, Co; in ASCII, letters and digits) in the text's scan form
+(:mod:`guardian.scan_form`: NFKC, invisible characters removed, linear in the
+text's size) after casefolding, NFD and removal of combining marks: only
+characters FTS5's unicode61 tokenizer keeps in a token, so each term is one
+FTS5 token, and a query term (made the same way) matches only the indexed
+term it names.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import json
 import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
+
+from guardian.scan_form import ScanForm
 
 __all__ = ["MAX_QUERY_WORDS", "index", "match_query", "query_words", "rebuild", "terms", "unindex"]
 
@@ -54,8 +58,9 @@ def _is_word_char(char: str) -> bool:
 
 def words(text: str) -> list[str]:
     """The words of text as the index knows them (see the module docstring)."""
-    # Casefold first: folding can yield a combining mark (İ -> i + U+0307), which NFKD then exposes.
-    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    # Casefold first: folding can yield a combining mark (İ -> i + U+0307), which NFD then exposes. The scan
+    # form has its compatibility characters mapped already (NFKD would expand the ones it keeps, e.g. U+FDFA).
+    decomposed = unicodedata.normalize("NFD", ScanForm.of(text).text.casefold())
     plain = "".join(char for char in decomposed if not unicodedata.combining(char))
     found: list[str] = []
     current: list[str] = []

@@ -48,12 +48,15 @@ def check_known_fields(message: Message) -> None:
 
 
 def content(value: str, limits: Limits, field: str = "content") -> str:
-    """Non-blank content within max_content_bytes."""
+    """Non-blank content within max_content_bytes, with no NUL (it is stored exactly as given, or refused)."""
     if not value.strip():
         raise InvalidArgument(f"{field}: must not be empty")
     size = len(value.encode("utf-8"))
     if size > limits.max_content_bytes:
         raise InvalidArgument(f"{field}: {size} bytes is over the limit of {limits.max_content_bytes} bytes")
+    nul = value.find("\x00")
+    if nul >= 0:
+        raise InvalidArgument(f"{field}: character {nul} (counting from 0) is NUL (U+0000), which is not stored")
     return value
 
 
@@ -65,8 +68,12 @@ def tags(values: Sequence[str], limits: Limits, field: str = "tags") -> tuple[st
     for index, tag in enumerate(unique):
         if not tag.strip():
             raise InvalidArgument(f"{field}[{index}]: must not be empty")
-        if any(ord(char) < 32 or ord(char) == 127 for char in tag):
-            raise InvalidArgument(f"{field}[{index}]: must not contain control characters")
+        control = next((at for at, char in enumerate(tag) if ord(char) < 32 or ord(char) == 127), None)
+        if control is not None:
+            raise InvalidArgument(
+                f"{field}[{index}]: character {control} (counting from 0) is a control character"
+                f" (U+{ord(tag[control]):04X}); tags must not contain any"
+            )
         size = len(tag.encode("utf-8"))
         if size > limits.max_tag_bytes:
             raise InvalidArgument(f"{field}[{index}]: {size} bytes is over the limit of {limits.max_tag_bytes}")
@@ -80,9 +87,11 @@ def metadata_json(value: str, limits: Limits, field: str = "metadata") -> str:
     if len(value.encode("utf-8")) > limits.max_metadata_bytes * 4:
         raise InvalidArgument(f"{field}: over the limit of {limits.max_metadata_bytes} bytes")
     try:
-        parsed = json.loads(value, parse_constant=_refuse_constant)
+        parsed = json.loads(value, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise InvalidArgument(f"{field}: nested too deeply (limit {limits.max_metadata_depth} levels)") from None
+    except _RepeatedKey:
+        raise InvalidArgument(f"{field}: an object has the same key twice; JSON keys must be distinct") from None
     except ValueError:
         raise InvalidArgument(f"{field}: is not valid JSON") from None
     if not isinstance(parsed, dict):
@@ -166,6 +175,18 @@ def _depth(value: object) -> int:
         deepest = max(deepest, level)
         stack.extend((child, level + 1) for child in children)
     return deepest
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object names one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are distinct: a repeated key would silently drop a value."""
+    mapped = dict(pairs)
+    if len(mapped) != len(pairs):
+        raise _RepeatedKey()
+    return mapped
 
 
 def _refuse_constant(name: str) -> Any:

@@ -40,6 +40,8 @@ class Readiness:
     """Whether a process can do its job, and each check's finding ("ok" or what is wrong)."""
 
     checks: Mapping[str, str] = field(default_factory=dict)
+    #: What an operator should fix although the process serves (shown by /readyz; never makes it unready).
+    warnings: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -107,7 +109,8 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception:
                 log.exception("the readiness check failed")
                 readiness = Readiness({"readiness_check": "the check itself failed; see the log"})
-            body = json.dumps({"ready": readiness.ready, "checks": dict(readiness.checks)}, sort_keys=True)
+            answer = {"ready": readiness.ready, "checks": dict(readiness.checks), "warnings": dict(readiness.warnings)}
+            body = json.dumps(answer, sort_keys=True)
             status = HTTPStatus.OK if readiness.ready else HTTPStatus.SERVICE_UNAVAILABLE
             self._send(status, _JSON, body.encode() + b"\n")
         elif path == "/metrics":

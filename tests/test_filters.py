@@ -1,4 +1,4 @@
-"""The content-filter stage (guardian/filters.py) on its own: normalisation, each action, every
+"""The content-filter stage (guardian/filters.py) on its own: scanning the scan form, each action, every
 shipped rule (hit and near miss), redaction in every field, bad rules failing the load, and rules
 that cannot run refusing the request instead of hanging or letting content through."""
 
@@ -25,7 +25,6 @@ from guardian.filters import (
     FilterSet,
     FilterSpec,
     default_filter_specs,
-    normalise,
 )
 from guardian.memories import Draft
 from shared.errors import ConfigError, InvalidArgument, PermissionDenied
@@ -63,7 +62,6 @@ def test_public_surface() -> None:
         "FilterSet",
         "FilterSpec",
         "default_filter_specs",
-        "normalise",
     }
     assert {"reject", "redact", "quarantine", "flag"} == FILTER_ACTIONS
     assert {"content", "tags", "metadata"} == FILTER_FIELDS
@@ -80,40 +78,7 @@ def test_filter_set_is_immutable_and_reports_its_rules() -> None:
         FilterSpec("one", "a", "flag").pattern = "b"  # type: ignore[misc]
 
 
-# --- normalisation -----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("raw", "clean"),
-    [
-        ("\uff21\uff2b\uff29\uff21\uff11\uff12", "AKIA12"),  # fullwidth letters and digits
-        ("\ufb01le", "file"),  # ligature
-        ("x\u00a0y\u3000z", "x y z"),  # no-break and ideographic space
-        ("e\u0301", "\u00e9"),  # composed
-        ("e\u200b\u0301", "\u00e9"),  # composed across a removed zero-width space
-        ("bell\x07 nul\x00 esc\x1b del\x7f c1\x85", "bell nul esc del c1"),
-        ("keep\nlines\tand tabs", "keep\nlines\tand tabs"),
-        ("windows\r\nlines\r\n", "windows\nlines\n"),
-        ("lone\rcarriage", "lonecarriage"),
-        ("tag\U000e0041\U000e0042chars", "tagchars"),  # Unicode tag characters (ASCII smuggling)
-        ("vs\ufe0fsel\U000e0100ector", "vsselector"),  # variation selectors
-        ("cgj\u034fhangul\u3164fill", "cgjhangulfill"),
-        ("lone\ud800surrogate", "lonesurrogate"),
-        ("plain text stays", "plain text stays"),
-    ],
-)
-def test_normalise(raw: str, clean: str) -> None:
-    assert normalise(raw) == clean
-    assert normalise(clean) == clean  # idempotent
-
-
-INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u180e"]
-INVISIBLE += [chr(code) for code in range(0x202A, 0x202F)] + [chr(code) for code in range(0x2066, 0x206A)]
-
-
-@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
-def test_normalise_removes_zero_width_and_bidi_characters(char: str) -> None:
-    assert normalise(f"a{char}b{char}") == "ab"
+# --- the scan form (guardian/scan_form.py has its own tests) ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -133,31 +98,44 @@ def test_a_key_split_by_invisible_characters_is_still_refused(evasion: str) -> N
     assert error.message == "content refused by filter aws-access-key-id: remove that part and try again"
 
 
-def test_scan_stores_the_normalised_text() -> None:
-    outcome = DEFAULTS.scan(
-        draft(
-            "caf\u0065\u0301 \uff11\u200b\uff12\r\n",
-            tags=("t\u200bag", "\u200b\u200d", "tag"),
-            metadata={"k\u00ad": "v\x07"},
-        )
+def test_scan_keeps_the_text_as_sent() -> None:
+    sent = draft(
+        "caf\u0065\u0301 \uff11\u200b\uff12\r\n \U0001f468\u200d\U0001f469 \u2764\ufe0f",
+        tags=("t\u200bag", "tag", "\uff54\uff41\uff47"),
+        metadata={"k\u00ad": "v\x07"},
     )
-    assert outcome.draft.content == "caf\u00e9 12\n"
-    assert outcome.draft.tags == ("tag",)  # the blank tag is dropped, the duplicate merged
-    assert outcome.draft.metadata_json == '{"k":"v"}'
-    assert outcome.hits == () and not outcome.quarantine
+    outcome = DEFAULTS.scan(sent)
+    assert outcome.draft.content == sent.content
+    assert outcome.draft.tags == sent.tags  # distinct as sent, though their scan forms are the same
+    assert json.loads(outcome.draft.metadata_json) == {"k\u00ad": "v\x07"}
+    assert outcome.hits == () and not outcome.quarantine and outcome.redacted_by == ()
 
 
-@pytest.mark.parametrize("content", ["\u200b", "\u200b\u200d\x07", "\ufeff\r\n\u2060", "\x00"])
-def test_content_empty_once_normalised_is_an_invalid_argument(content: str) -> None:
+@pytest.mark.parametrize("content", ["\u200b", "\u200b\u200d\x07", "\ufeff\u2060 ", "\x01\x02"])
+def test_content_empty_once_invisible_characters_are_removed_is_an_invalid_argument(content: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         DEFAULTS.scan(draft(content))
     assert caught.value.message == "content: is empty once control and zero-width characters are removed"
 
 
-def test_metadata_keys_that_normalise_to_the_same_key_are_refused() -> None:
+def test_a_tag_empty_once_invisible_characters_are_removed_is_refused_not_dropped() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        DEFAULTS.scan(draft(metadata={"key": 1, "k\u200bey": 2}))
-    assert caught.value.message.startswith("metadata: two keys are the same once")
+        DEFAULTS.scan(draft(tags=("fine", "\u200b\u200d")))
+    assert caught.value.message == "tags[1]: is empty once control and zero-width characters are removed"
+
+
+def test_a_redaction_replaces_the_original_text_under_the_match() -> None:
+    rules = one_rule("password=[a-z0-9]+", "redact")
+    outcome = rules.scan(draft("keep \u2764\ufe0f \uff50\uff41\uff53\uff53word=hun\u200bter2 and \U0001f44d\U0001f3fd"))
+    assert outcome.draft.content == "keep \u2764\ufe0f [redacted:rule] and \U0001f44d\U0001f3fd"
+    assert outcome.redacted_by == ("rule",)
+    assert outcome.hits == (FilterHit("rule", "redact", "content", 1),)
+
+
+def test_a_redaction_never_splits_a_cluster_the_scan_form_changed() -> None:
+    # "e" + U+0301 is one character in the scan form: the redaction takes both from the original.
+    outcome = one_rule(r"cod\w", "redact").scan(draft("the code\u0301 x"))
+    assert outcome.draft.content == "the [redacted:rule] x"
 
 
 # --- each action -------------------------------------------------------------------------------------------------
@@ -273,7 +251,7 @@ def test_an_update_scans_only_the_fields_it_changes() -> None:
     rules = one_rule("secret", "reject")
     unchanged = Draft("secret\u200b", ("tag\u200b",), '{"a":"secret"}')
     outcome = rules.scan(unchanged, frozenset({"tags"}))
-    assert outcome.draft == Draft("secret\u200b", ("tag",), '{"a":"secret"}')
+    assert outcome.draft == unchanged
     with pytest.raises(PermissionDenied):
         rules.scan(unchanged, frozenset({"metadata"}))
 

@@ -12,10 +12,10 @@ import httpx
 import httpx2
 import pytest
 import uvicorn
-from mcp import Client
+from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 
-from gateway.http_auth import bearer_token, build_http_app, transport_security
+from gateway.http_auth import DEFAULT_MAX_BODY_BYTES, bearer_token, build_http_app, transport_security
 from gateway.state import open_gateway
 from gateway.tools import build_server
 from tests.test_gateway_support import OTHER_TOKEN, TOKEN, UNKNOWN_TOKEN, FakeGuardianServer, fake_guardian
@@ -135,6 +135,40 @@ async def test_mcp_over_http_uses_each_callers_own_token(mode: str) -> None:
     # One OpenSession per token (the HTTP gate's check becomes the MCP session's), plus one after the restart.
     assert guardian.fake.opened == ["agent-a", "agent-a", "agent-b"]
     assert not guardian.fake.sessions  # all closed when the gateway stopped
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_an_oversized_request_is_a_json_rpc_error_stating_the_limit(mode: str) -> None:
+    async with fake_guardian() as guardian, http_gateway(guardian) as url:
+        async with mcp_over_http(url, TOKEN, mode) as client:
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("memory_store", {"content": "x" * 10_000_000})
+            assert caught.value.error.code == -32600
+            assert f"larger than the gateway accepts ({DEFAULT_MAX_BODY_BYTES} bytes per HTTP request)" in str(
+                caught.value.error.message
+            )
+            assert (await ok(client, "memory_store", content="still fine"))["memory"]["content"] == "still fine"
+        # Streamed without a Content-Length, the same answer once the limit is passed.
+        async with httpx.AsyncClient(timeout=10) as http:
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(5):
+                    yield b" " * (DEFAULT_MAX_BODY_BYTES // 4)
+
+            headers = {**ACCEPT, "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+            response = await http.post(url, content=chunks(), headers=headers)
+            assert response.status_code == 413
+            assert response.json()["error"]["code"] == -32600
+    assert guardian.fake.calls["Store"] == 1
+    assert len(guardian.fake.memories) == 1
+
+
+async def test_an_unknown_argument_over_http_is_a_tool_error_naming_it() -> None:
+    async with fake_guardian() as guardian, http_gateway(guardian) as url, mcp_over_http(url, TOKEN) as client:
+        result = await client.call_tool("memory_store", {"content": "x", "contnet_typo": "y"})
+        assert result.is_error
+        assert "contnet_typo" in " ".join(getattr(block, "text", "") for block in result.content)
+    assert guardian.fake.calls["Store"] == 0
 
 
 def test_bearer_token_parsing() -> None:

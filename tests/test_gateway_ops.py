@@ -243,7 +243,7 @@ def test_health_and_readiness_follow_the_guardian(guardian: Guardian, agent: tup
 
         ready = curl(port, "/readyz")
         assert ready.status == 200, ready.body
-        assert ready.json() == {"ready": True, "checks": {"guardian": "ok"}}
+        assert ready.json() == {"ready": True, "checks": {"guardian": "ok"}, "warnings": {}}
         metrics = curl(port, "/metrics").body
         assert value(metrics, "agent_gateway_guardian_up") == 1
         # stdio opens its one guardian session at start; HTTP opens one per caller, none yet.
@@ -266,7 +266,7 @@ def test_health_and_readiness_follow_the_guardian(guardian: Guardian, agent: tup
         guardian.start()
         back = wait_ready(port, ready=True)
         assert back.status == 200, back.body
-        assert back.json() == {"ready": True, "checks": {"guardian": "ok"}}
+        assert back.json() == {"ready": True, "checks": {"guardian": "ok"}, "warnings": {}}
         assert value(curl(port, "/metrics").body, "agent_gateway_guardian_up") == 1
 
         assert gateway.stop() == 0  # the ops thread does not hold up a clean stop

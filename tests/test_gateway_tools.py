@@ -269,7 +269,6 @@ TOOL_ERRORS = [
     ),
     (grpc.StatusCode.NOT_FOUND, "no memory with that id", (), "not_found: no memory with that id"),
     (grpc.StatusCode.FAILED_PRECONDITION, "quarantined", (), "failed_precondition: quarantined"),
-    (grpc.StatusCode.DATA_LOSS, "integrity check failed", (), "data_loss: integrity check failed"),
 ]
 
 
@@ -307,6 +306,16 @@ async def test_errors_the_agent_cannot_fix_are_protocol_errors(
         assert caught.value.data == {"kind": kind, "retryable": retryable}
 
 
+async def test_a_memory_failing_its_integrity_check_is_a_protocol_error_no_retry_fixes() -> None:
+    withheld = "that memory failed its integrity check and is withheld; the security team is alerted"
+    async with fake_guardian() as guardian, mcp_client(guardian) as client:
+        guardian.fake.inject("Store", grpc.StatusCode.DATA_LOSS, withheld)
+        with pytest.raises(MCPError) as caught:
+            await client.call_tool("memory_store", {"content": MARKER})
+        assert caught.value.message == withheld
+        assert caught.value.data == {"kind": "data_loss", "retryable": False}
+
+
 async def test_a_refused_token_is_a_protocol_error_that_says_so() -> None:
     async with fake_guardian() as guardian, mcp_client(guardian, token=UNKNOWN_TOKEN, with_limits=False) as client:
         with pytest.raises(MCPError) as caught:
@@ -318,8 +327,8 @@ async def test_a_refused_token_is_a_protocol_error_that_says_so() -> None:
 
 async def test_gateway_side_checks_refuse_before_asking_the_guardian() -> None:
     async with fake_guardian() as guardian, mcp_client(guardian) as client:
-        for tool in ("memory_get", "memory_delete", "memory_update"):
-            text = await error_text(client, tool, id="../../etc/passwd", content="x")
+        for tool, extra in (("memory_get", {}), ("memory_delete", {}), ("memory_update", {"content": "x"})):
+            text = await error_text(client, tool, id="../../etc/passwd", **extra)
             assert text.startswith("invalid_argument: id must be 'mem_'")
         assert (await error_text(client, "memory_update", id=MISSING_ID)).startswith(
             "invalid_argument: nothing to update"
@@ -332,6 +341,34 @@ async def test_gateway_side_checks_refuse_before_asking_the_guardian() -> None:
         assert (await client.call_tool("memory_store_batch", {"memories": []})).is_error
     assert guardian.fake.calls["Get"] + guardian.fake.calls["Delete"] + guardian.fake.calls["Update"] == 0
     assert guardian.fake.calls["Store"] == 0 and guardian.fake.calls["List"] == 0
+
+
+UNKNOWN_ARGUMENTS: list[tuple[str, dict[str, Any], str]] = [
+    ("memory_store", {"content": "kept?", "contnet_typo": "x", "owner": "root"}, "contnet_typo"),
+    ("memory_store", {"content": "kept?", "tag": ["misspelt"]}, "tag"),
+    ("memory_store_batch", {"memories": [{"content": "a", "tagz": ["x"]}]}, "tagz"),
+    ("memory_search", {"query": "x", "mode": "semantic-typo"}, "mode"),
+    ("memory_get", {"id": MISSING_ID, "namespace": "other"}, "namespace"),
+    ("memory_list", {"page": 2}, "page"),
+    ("memory_update", {"id": MISSING_ID, "content": "x", "contents": "y"}, "contents"),
+    ("memory_delete", {"id": MISSING_ID, "force": True}, "force"),
+]
+
+
+@pytest.mark.parametrize(("tool", "arguments", "unknown"), UNKNOWN_ARGUMENTS)
+async def test_an_unknown_argument_is_a_tool_error_naming_it_and_nothing_is_sent(
+    tool: str, arguments: dict[str, Any], unknown: str
+) -> None:
+    async with fake_guardian() as guardian, mcp_client(guardian) as client:
+        schema = {t.name: t.input_schema for t in (await client.list_tools()).tools}[tool]
+        assert schema["additionalProperties"] is False
+        text = await error_text(client, tool, **arguments)
+    assert unknown in text and "Extra inputs are not permitted" in text
+    assert "root" not in text and "misspelt" not in text  # the values sent are not quoted back
+    assert (
+        sum(guardian.fake.calls[m] for m in ("Store", "StoreBatch", "Search", "Get", "List", "Update", "Delete")) == 0
+    )
+    assert not guardian.fake.memories
 
 
 async def test_a_guardian_restart_is_invisible_zero_errors() -> None:

@@ -65,7 +65,8 @@ def test_healthz_and_readyz_report_alive_and_ready(guardian: Guardian) -> None:
     assert curl(guardian.ops_url + "/healthz") == (200, '{"alive": true}\n')
     status, body = curl(guardian.ops_url + "/readyz")
     assert status == 200
-    assert json.loads(body) == {"ready": True, "checks": {"audit": "ok", "database": "ok", "policy": "ok"}}
+    checks = {"audit": "ok", "database": "ok", "policy": "ok"}
+    assert json.loads(body) == {"ready": True, "checks": checks, "warnings": {}}
     assert curl(guardian.ops_url + "/nowhere")[0] == 404
     assert health(guardian) == SERVING and health(guardian, "") == SERVING
 
@@ -85,6 +86,7 @@ def test_metrics_follow_prometheus_conventions_and_count_requests(guardian: Guar
         "guardian_sessions_open": "gauge",
         "guardian_database_size_bytes": "gauge",
         "guardian_audit_chain_rows": "gauge",
+        "guardian_policy_file_refused": "gauge",
         "guardian_policy_info": "gauge",
     }
     families = types

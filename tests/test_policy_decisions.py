@@ -222,7 +222,7 @@ def test_redaction_that_would_overflow_the_limit_is_refused(world) -> None:
     alice = agents["alice"]
     # 180 bytes of input; each 8-byte match grows to a 24-byte marker, far over the 200-byte limit.
     expect(lambda: alice.store("pw=abcde " * 20), grpc.StatusCode.INVALID_ARGUMENT)
-    assert_audited(guardian, "alice", "memory.store", "deny", "invalid_argument: content (once redacted)")
+    assert_audited(guardian, "alice", "memory.store", "deny", "invalid_argument: content (as stored, once redacted)")
 
 
 def test_quarantine_release_and_purge(world) -> None:

@@ -80,6 +80,7 @@ ALLOWED: Final[dict[str, dict[str, frozenset[grpc.StatusCode]]]] = {
         "RevokeAgent": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # already revoked
         "UnlockAgent": _ADMIN_BASE | {_C.NOT_FOUND},
         "ShowPolicy": _ADMIN_BASE,
+        "Status": _ADMIN_BASE,
         "ValidatePolicy": _ADMIN_BASE,
         "DiffPolicy": _ADMIN_BASE,
         "ApplyPolicy": _ADMIN_BASE,

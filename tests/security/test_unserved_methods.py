@@ -41,6 +41,7 @@ ADMIN_METHODS: Final = (
     "RevokeAgent",
     "UnlockAgent",
     "ShowPolicy",
+    "Status",
     "ValidatePolicy",
     "DiffPolicy",
     "ApplyPolicy",

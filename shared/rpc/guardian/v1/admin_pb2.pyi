@@ -227,6 +227,109 @@ class ShowPolicyRequest(_message.Message):
 Global___ShowPolicyRequest: _TypeAlias = ShowPolicyRequest  # noqa: Y015
 
 @_typing.final
+class StatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusRequest: _TypeAlias = StatusRequest  # noqa: Y015
+
+@_typing.final
+class StatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ChecksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class WarningsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    READY_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_FILE_REFUSAL_FIELD_NUMBER: _builtins.int
+    SESSIONS_OPEN_FIELD_NUMBER: _builtins.int
+    AUDIT_CHAIN_ROWS_FIELD_NUMBER: _builtins.int
+    DATABASE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    ready: _builtins.bool
+    """True when every check is "ok"."""
+    policy_version: _builtins.str
+    policy_file_refusal: _builtins.str
+    """Why the policy file on disk is refused, while the last policy in force runs; "" when it is not."""
+    sessions_open: _builtins.int
+    audit_chain_rows: _builtins.int
+    database_size_bytes: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Each readiness check: "ok" or what is wrong."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What an operator should fix although the guardian serves (e.g. a refused policy file)."""
+
+    def __init__(
+        self,
+        *,
+        ready: _builtins.bool = ...,
+        checks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        warnings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        policy_version: _builtins.str = ...,
+        policy_file_refusal: _builtins.str = ...,
+        sessions_open: _builtins.int = ...,
+        audit_chain_rows: _builtins.int = ...,
+        database_size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_chain_rows", b"audit_chain_rows", "checks", b"checks", "database_size_bytes", b"database_size_bytes", "policy_file_refusal", b"policy_file_refusal", "policy_version", b"policy_version", "ready", b"ready", "sessions_open", b"sessions_open", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
 class PolicyInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -59,6 +59,11 @@ class AdminServiceStub:
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ShowPolicyRequest.SerializeToString,
                 response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.PolicyInfo.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/guardian.v1.AdminService/Status',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+                _registered_method=True)
         self.ValidatePolicy = channel.unary_unary(
                 '/guardian.v1.AdminService/ValidatePolicy',
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.PolicyText.SerializeToString,
@@ -203,6 +208,13 @@ class AdminServiceServicer:
 
     def ShowPolicy(self, request, context):
         """The policy in force: its text as written, its version, who applied it and when.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Whether the guardian is ready, what an operator should fix, and the state at a glance.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -389,6 +401,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ShowPolicy,
                     request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ShowPolicyRequest.FromString,
                     response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.PolicyInfo.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatusRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatusResponse.SerializeToString,
             ),
             'ValidatePolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ValidatePolicy,
@@ -636,6 +653,33 @@ class AdminService:
             '/guardian.v1.AdminService/ShowPolicy',
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ShowPolicyRequest.SerializeToString,
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.PolicyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/Status',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,8 @@ class AdminServiceStub:
     """Lifts an anomaly lock and a rate-limit cooldown from an agent."""
     ShowPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ShowPolicyRequest, _admin_pb2.PolicyInfo]
     """The policy in force: its text as written, its version, who applied it and when."""
+    Status: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StatusRequest, _admin_pb2.StatusResponse]
+    """Whether the guardian is ready, what an operator should fix, and the state at a glance."""
     ValidatePolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.ValidatePolicyResponse]
     """Validates and compiles a policy without applying it."""
     DiffPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.DiffPolicyResponse]
@@ -101,6 +103,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Lifts an anomaly lock and a rate-limit cooldown from an agent."""
     ShowPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.ShowPolicyRequest, _admin_pb2.PolicyInfo]  # type: ignore[assignment]
     """The policy in force: its text as written, its version, who applied it and when."""
+    Status: _aio.UnaryUnaryMultiCallable[_admin_pb2.StatusRequest, _admin_pb2.StatusResponse]  # type: ignore[assignment]
+    """Whether the guardian is ready, what an operator should fix, and the state at a glance."""
     ValidatePolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.ValidatePolicyResponse]  # type: ignore[assignment]
     """Validates and compiles a policy without applying it."""
     DiffPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.PolicyText, _admin_pb2.DiffPolicyResponse]  # type: ignore[assignment]
@@ -186,6 +190,14 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.PolicyInfo, _abc.Awaitable[_admin_pb2.PolicyInfo]]:
         """The policy in force: its text as written, its version, who applied it and when."""
+
+    @_abc_1.abstractmethod
+    def Status(
+        self,
+        request: _admin_pb2.StatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.StatusResponse, _abc.Awaitable[_admin_pb2.StatusResponse]]:
+        """Whether the guardian is ready, what an operator should fix, and the state at a glance."""
 
     @_abc_1.abstractmethod
     def ValidatePolicy(

@@ -216,6 +216,7 @@ class Memory(_message.Message):
     NAMESPACE_FIELD_NUMBER: _builtins.int
     AUTHOR_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    REDACTED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     content: _builtins.str
     metadata_json: _builtins.str
@@ -232,6 +233,13 @@ class Memory(_message.Message):
     """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def redacted_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only in the reply to a store or an update: the content filters that redacted part of
+        what was sent (each redacted part reads "[redacted:NAME]"); empty when the memory is
+        stored exactly as sent.
+        """
+
     def __init__(
         self,
         *,
@@ -245,10 +253,11 @@ class Memory(_message.Message):
         namespace: _builtins.str = ...,
         author: _builtins.str = ...,
         status: _builtins.str = ...,
+        redacted_by: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "content", b"content", "created_at_ms", b"created_at_ms", "id", b"id", "metadata_json", b"metadata_json", "namespace", b"namespace", "sha256", b"sha256", "status", b"status", "tags", b"tags", "updated_at_ms", b"updated_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "content", b"content", "created_at_ms", b"created_at_ms", "id", b"id", "metadata_json", b"metadata_json", "namespace", b"namespace", "redacted_by", b"redacted_by", "sha256", b"sha256", "status", b"status", "tags", b"tags", "updated_at_ms", b"updated_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
