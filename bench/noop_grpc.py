@@ -1,7 +1,7 @@
 """The gRPC floor: a unary method that does nothing, served like the guardian serves its agent socket.
 
 ``python -m bench.noop_grpc --socket PATH``. The same server settings as
-``guardian.server``: a thread pool of the guardian's size, the same
+``guardian.daemon.server``: a thread pool of the guardian's size, the same
 ``maximum_concurrent_rpcs`` and channel options, a filesystem Unix socket.
 Requests and responses are raw bytes (no protobuf work), so what a client
 times is gRPC itself.
@@ -22,7 +22,7 @@ import grpc
 __all__ = ["NOOP_METHOD", "main"]
 
 NOOP_METHOD: Final = "/bench.v1.Noop/Call"
-#: guardian/server.py: _WORKERS, maximum_concurrent_rpcs and the options it passes.
+#: guardian/daemon/server.py: _WORKERS, maximum_concurrent_rpcs and the options it passes.
 WORKERS: Final = 8
 MAX_CONCURRENT_RPCS: Final = 256
 _OPTIONS: Final = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.so_reuseport", 0)]

@@ -7,8 +7,8 @@ namespace) that every read verifies:
   HMAC, audit row per batch), a few batches in flight. The bench policy lifts
   max_batch and the rate limits so this is quick.
 - ``direct``: with the guardian stopped, the guardian's own modules write the
-  rows: ``guardian.database.Database`` (its PRAGMAs and migrations),
-  ``guardian.memories.MemoryStore.insert`` (the same INSERT, the same ids,
+  rows: ``guardian.store.database.Database`` (its PRAGMAs and migrations),
+  ``guardian.store.memories.MemoryStore.insert`` (the same INSERT, the same ids,
   sha256 and HMAC with the memory key; the FTS triggers index them). The
   content filters are not run (the corpus holds only lowercase pseudo-words,
   which no shipped rule matches) and no audit row is written, since these
@@ -29,10 +29,10 @@ import grpc.aio
 from bench.clients import CHANNEL_OPTIONS
 from bench.corpus import Corpus, MemoryText
 from bench.procs import BenchGuardian
-from guardian.database import Database
-from guardian.integrity import canonical_json
-from guardian.keystore import load_all_keys
-from guardian.memories import Draft, MemoryStore, Scope
+from guardian.keys.rotated import load_all_keys
+from guardian.store.database import Database
+from guardian.store.integrity import canonical_json
+from guardian.store.memories import Draft, MemoryStore, Scope
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
 

@@ -26,9 +26,9 @@ import grpc
 import sqlcipher3
 import yaml
 
-from guardian.default_policy import render_default_policy
-from guardian.keystore import load_all_keys
-from guardian.statedir import init_state_dir
+from guardian.keys.rotated import load_all_keys
+from guardian.policy.default import render_default_policy
+from guardian.state.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = [
@@ -293,7 +293,7 @@ class BenchGuardian:
 
     def start(self) -> None:
         """Start the daemon and wait until the agent socket answers."""
-        argv = [sys.executable, "-m", "guardian.cli", "--config", str(self.config)]
+        argv = [sys.executable, "-m", "guardian.daemon.main", "--config", str(self.config)]
         self.spawned = spawn("guardian", argv, self.state_dir / "guardian.log")
         wait_for_socket(self.spawned, self.agent_socket)
         wait_for_socket(self.spawned, self.admin_socket)

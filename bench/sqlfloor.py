@@ -1,10 +1,10 @@
 """The storage floor: bare SQLCipher doing each operation's SQL on a table of the same size.
 
-A database of its own beside the guardian's, opened as ``guardian.database``
+A database of its own beside the guardian's, opened as ``guardian.store.database``
 opens its own (a raw 32-byte key as the first statement, ``cipher_version``
 checked, ``foreign_keys`` on, WAL, ``synchronous = NORMAL``), with the
 guardian's ``memories`` table, indexes and contentless FTS5 table of namespaced
-terms (guardian/search_index.py; without the audit table), filled with the same
+terms (guardian/store/search_index.py; without the audit table), filled with the same
 seeded corpus as the guardian, each row indexed as the guardian indexes it.
 What is left out is exactly what the guardian adds: the pipeline, the sha256
 and HMACs (the columns hold fixed strings of the same length), the audit row
@@ -15,7 +15,7 @@ Operations, one call each:
 - ``insert``: one row in its own ``BEGIN IMMEDIATE ... COMMIT`` (the floor of store);
 - ``insert_batch``: corpus.BATCH_SIZE rows in one transaction (of store_batch);
 - ``get``: one row by id, scoped like the guardian's query (of get);
-- ``fts``: the guardian's search query (guardian/memories.py): FTS5 ranks the
+- ``fts``: the guardian's search query (guardian/store/memories.py): FTS5 ranks the
   matches of the words joined by OR by bm25 and keeps the best LIMIT, and only
   those are joined to their rows and scoped (of search);
 - ``fts_join_first``: a diagnostic, the plan the guardian used before: every
@@ -38,14 +38,14 @@ from typing import Any, Final
 import sqlcipher3
 
 from bench.corpus import BATCH_SIZE, LIST_DEPTH, LIST_PAGE_SIZE, SEARCH_LIMIT, Corpus, MemoryText
-from guardian import search_index
+from guardian.store import search_index
 
 __all__ = ["FLOOR_OF", "SqlFloor"]
 
 #: Which floor operation stands beside which measured operation.
 FLOOR_OF: Final = {"store": "insert", "store_batch": "insert_batch", "get": "get", "search": "fts", "list": "list"}
 
-# guardian/schema.py after its migrations, less the audit, policy and idempotency tables.
+# guardian/store/schema.py after its migrations, less the audit, policy and idempotency tables.
 _SCHEMA: Final = (
     """CREATE TABLE agents (
         name TEXT PRIMARY KEY, token_key_id TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
@@ -79,7 +79,7 @@ _SEARCH_JOIN_FIRST: Final = (
     " WHERE memory_terms MATCH ? AND m.namespace IN (?) AND m.status = 'active' AND m.created_at_ms >= ?"
     " ORDER BY rank LIMIT ?"
 )
-# The guardian's search (guardian/memories.py): FTS5 ranks the caller's namespaced terms and keeps
+# The guardian's search (guardian/store/memories.py): FTS5 ranks the caller's namespaced terms and keeps
 # the best, then only those rows are read and scoped (here in SQL; the guardian checks the scope on
 # the rows it reads, and with a read window asks for more). The floor of search.
 _SEARCH: Final = (

@@ -3,7 +3,7 @@
 One row per class of ``shared.errors``; nothing else maps errors to statuses,
 MCP outcomes or exit codes:
 
-- the guardian (``guardian/status.py``) answers an error with its row's
+- the guardian (``guardian/service/status.py``) answers an error with its row's
   ``status``; the nearest class in the hierarchy decides, so a ContentRefused
   goes out as PERMISSION_DENIED;
 - the gateway (``gateway/client.py``) turns a status back into the class whose

@@ -3,7 +3,7 @@
 Every error a request can end in is one of these. How each crosses the
 socket and how each is shown (its gRPC status, an MCP tool error or a
 protocol error, guardianctl's wording and exit status) is its row in the one
-table, ``shared/error_table.py``, which the guardian (``guardian/status.py``),
+table, ``shared/error_table.py``, which the guardian (``guardian/service/status.py``),
 the gateway (``gateway/client.py``, ``gateway/outcomes.py``) and guardianctl
 all read::
 

@@ -79,7 +79,7 @@ install_config_and_keys() {
     if [[ -e $ETC/policy.yaml ]]; then
         say "keeping $ETC/policy.yaml"
     else
-        "$VENV/bin/python" -c 'from guardian.default_policy import render_default_policy; print(render_default_policy(), end="")' \
+        "$VENV/bin/python" -c 'from guardian.policy.default import render_default_policy; print(render_default_policy(), end="")' \
             > "$ETC/policy.yaml.new"
         chown root:agent-guardian "$ETC/policy.yaml.new"
         chmod 0640 "$ETC/policy.yaml.new"
@@ -92,7 +92,7 @@ install_config_and_keys() {
     "$VENV/bin/python" - "$CREDENTIALS" <<'PY'
 import sys
 from pathlib import Path
-from guardian.keys import create_keys
+from guardian.keys.ring import create_keys
 for path in create_keys(Path(sys.argv[1])):
     print(f"agent-guardian install: generated {path}")
 PY

@@ -24,9 +24,9 @@ import grpc
 import sqlcipher3
 import yaml
 
-from guardian.keystore import load_all_keys
-from guardian.pipeline import ADMIN_RULES, AGENT_RULES
-from guardian.statedir import init_state_dir
+from guardian.keys.rotated import load_all_keys
+from guardian.service.pipeline import ADMIN_RULES, AGENT_RULES
+from guardian.state.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ class Guardian:
     def start(self, timeout_s: float = 20.0, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "guardian.cli", "--config", str(self.config)],
+            [sys.executable, "-m", "guardian.daemon.main", "--config", str(self.config)],
             cwd=ROOT,
             stderr=log,
             stdout=log,
@@ -158,7 +158,7 @@ class Guardian:
         """Run guardianctl against this guardian's admin socket (offline: with its config instead)."""
         where = ["--config", str(self.config)] if offline else ["--socket", str(self.admin_socket)]
         return subprocess.run(
-            [sys.executable, "-m", "guardian.ctl", *where, *args],
+            [sys.executable, "-m", "guardian.ctl.main", *where, *args],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from guardian.alerts import WebhookAlerter
-from guardian.anomaly import (
+from guardian.checks.alerts import WebhookAlerter
+from guardian.checks.anomaly import (
     ANOMALY_KINDS,
     ANOMALY_RESPONSES,
     AnomalyEvent,

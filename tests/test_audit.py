@@ -21,9 +21,9 @@ from typing import Any
 import grpc
 import pytest
 
-from guardian import audit
-from guardian.audit import AuditRow, AuditTrail
-from guardian.keys import KeyRing
+from guardian.keys.ring import KeyRing
+from guardian.store import audit
+from guardian.store.audit import AuditRow, AuditTrail
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 from tests.harness import ROOT, Guardian, running_guardian
 
@@ -285,7 +285,7 @@ def test_tail_follow_prints_new_rows_and_not_its_own_reads(busy: Guardian) -> No
         [
             sys.executable,
             "-m",
-            "guardian.ctl",
+            "guardian.ctl.main",
             "--config",
             str(busy.config),
             "--json",
@@ -366,11 +366,11 @@ def test_the_agent_socket_serves_no_audit_call(busy: Guardian) -> None:
 
 
 def test_rows_from_before_the_chain_are_moved_into_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from guardian import database, schema
-    from guardian.config import load_config
-    from guardian.core import GuardianCore
-    from guardian.keys import load_keys
-    from guardian.statedir import init_state_dir
+    from guardian.keys.ring import load_keys
+    from guardian.state.config import load_config
+    from guardian.state.core import GuardianCore
+    from guardian.state.statedir import init_state_dir
+    from guardian.store import database, schema
 
     config = load_config(init_state_dir(tmp_path / "state").config)
     keys = load_keys(config.keys_dir)

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from guardian.keystore import load_all_keys
+from guardian.keys.rotated import load_all_keys
 from tests.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
 
 pb = agent_pb2

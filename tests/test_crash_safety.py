@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from guardian.backup import verify_file
-from guardian.keystore import load_all_keys
+from guardian.keys.rotated import load_all_keys
+from guardian.store.backup import verify_file
 from tests.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
 
 pb = agent_pb2

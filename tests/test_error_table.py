@@ -17,8 +17,8 @@ from mcp.types import CallToolResult, TextContent
 import shared.errors
 from gateway.client import UNAVAILABLE_MESSAGE, _from_status
 from gateway.outcomes import mcp_outcome
-from guardian.ctl import _report_rpc_error, main
-from guardian.status import abort_with, status_of
+from guardian.ctl.main import _report_rpc_error, main
+from guardian.service.status import abort_with, status_of
 from shared.error_table import ERROR_TABLE, ErrorRow, StatusName, error_row, received_row
 from shared.errors import (
     ConfigError,

@@ -1,7 +1,7 @@
 """What is stored is what was sent, on a real guardian: exact round trips of hostile Unicode, every limit
 holding for the stored form, no replay past the read window, and no argument silently dropped.
 
-The filters scan a normalised form (guardian/scan_form.py); the store keeps the text as sent.
+The filters scan a normalised form (guardian/store/scan_form.py); the store keeps the text as sent.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
 
-from guardian.scan_form import ScanForm
+from guardian.store.scan_form import ScanForm
 from tests.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
 from tests.mcp_harness import call, call_error, stdio_params
 

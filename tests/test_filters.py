@@ -1,4 +1,4 @@
-"""The content-filter stage (guardian/filters.py) on its own: scanning the scan form, each action, every
+"""The content-filter stage (guardian/checks/filters.py) on its own: scanning the scan form, each action, every
 shipped rule (hit and near miss), redaction in every field, bad rules failing the load, and rules
 that cannot run refusing the request instead of hanging or letting content through."""
 
@@ -14,8 +14,8 @@ from typing import cast
 import pytest
 import yaml
 
-import guardian.filters as filters_module
-from guardian.filters import (
+import guardian.checks.filters as filters_module
+from guardian.checks.filters import (
     DEFAULT_FILTERS_YAML,
     FILTER_ACTIONS,
     FILTER_FIELDS,
@@ -26,7 +26,7 @@ from guardian.filters import (
     FilterSpec,
     default_filter_specs,
 )
-from guardian.memories import Draft
+from guardian.store.memories import Draft
 from shared.errors import ConfigError, InvalidArgument, PermissionDenied
 
 DEFAULTS = FilterSet.compile(default_filter_specs())
@@ -78,7 +78,7 @@ def test_filter_set_is_immutable_and_reports_its_rules() -> None:
         FilterSpec("one", "a", "flag").pattern = "b"  # type: ignore[misc]
 
 
-# --- the scan form (guardian/scan_form.py has its own tests) ---------------------------------------------------------
+# --- the scan form (guardian/store/scan_form.py has its own tests) ---------------------------------------------
 
 
 @pytest.mark.parametrize(

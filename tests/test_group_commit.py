@@ -1,4 +1,4 @@
-"""Group commit (guardian/database.py): concurrent writers share one transaction and one commit;
+"""Group commit (guardian/store/database.py): concurrent writers share one transaction and one commit;
 a job that fails rolls back alone; a commit that fails fails every job in it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from guardian.database import Database
+from guardian.store.database import Database
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guardian.config import load_config
+from guardian.state.config import load_config
 from shared.errors import ConfigError
 from shared.rpc.guardian.v1 import admin_pb2
 from tests.harness import Guardian, agent_pb2, running_guardian

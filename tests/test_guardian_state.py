@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from guardian.config import load_config
-from guardian.database import Database
-from guardian.statedir import init_state_dir
+from guardian.state.config import load_config
+from guardian.state.statedir import init_state_dir
+from guardian.store.database import Database
 from shared.errors import ConfigError
 from tests.harness import ROOT, Guardian, agent_pb2
 
@@ -21,7 +21,7 @@ pb = agent_pb2
 
 def test_a_second_guardian_on_the_same_state_dir_refuses_to_start(guardian: Guardian) -> None:
     second = subprocess.run(
-        [sys.executable, "-m", "guardian.cli", "--config", str(guardian.config)],
+        [sys.executable, "-m", "guardian.daemon.main", "--config", str(guardian.config)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -20,7 +20,7 @@ import grpc
 import pytest
 import sqlcipher3
 
-from guardian.keys import load_keys
+from guardian.keys.ring import load_keys
 from tests.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
 
 pb = agent_pb2

@@ -35,7 +35,7 @@ import grpc
 import pytest
 import yaml
 
-from guardian.statedir import init_state_dir
+from guardian.state.statedir import init_state_dir
 from tests.harness import ROOT, Guardian, agent_pb2
 
 SHIPPED_CONFIG = ROOT / "systemd" / "logrotate.conf"

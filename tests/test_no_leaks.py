@@ -58,7 +58,7 @@ from mcp import Client, MCPError, StdioServerParameters
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.tools import TOOL_NAMES
-from guardian.statedir import init_state_dir
+from guardian.state.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2
 from tests.harness import ROOT, Guardian, HttpAnswer, agent_pb2
 from tests.harness import curl as harness_curl
@@ -608,7 +608,7 @@ def scenario(work_dir: Path) -> Run:
                 run.outputs[f"guardian {path}"] = answer.body.encode()
             run.metrics["guardian"] = run.outputs["guardian /metrics"].decode()
             export = subprocess.run(
-                [sys.executable, "-m", "guardian.ctl", "--config", str(guardian.config), "audit", "export"],
+                [sys.executable, "-m", "guardian.ctl.main", "--config", str(guardian.config), "audit", "export"],
                 cwd=ROOT,
                 capture_output=True,
                 timeout=60,

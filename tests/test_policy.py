@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from guardian.default_policy import render_default_policy
-from guardian.policy import AllowedHours, compile_policy
+from guardian.policy.compile import AllowedHours, compile_policy
+from guardian.policy.default import render_default_policy
 from shared.errors import ConfigError
 
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from guardian.ratelimit import TABLE_FULL_RETRY_MS, BucketSpec, RateKind, RateLimiter, RateSpec
+from guardian.checks.ratelimit import TABLE_FULL_RETRY_MS, BucketSpec, RateKind, RateLimiter, RateSpec
 from shared.errors import RateLimited
 from shared.jsonlog import JsonFormatter
 

@@ -1,4 +1,4 @@
-"""The scan form (guardian/scan_form.py): what the filters see, how a match maps back to the text as sent,
+"""The scan form (guardian/store/scan_form.py): what the filters see, how a match maps back to the text as sent,
 and that building it costs at most a constant times the text's size."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardian.scan_form import MAX_GROWTH, ScanForm
+from guardian.store.scan_form import MAX_GROWTH, ScanForm
 
 
 @pytest.mark.parametrize(

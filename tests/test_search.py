@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from guardian.database import Connection, Database
-from guardian.keys import KeyRing
-from guardian.memories import QUARANTINED, Draft, MemoryStore, Scope, StoredMemory
+from guardian.keys.ring import KeyRing
+from guardian.store.database import Connection, Database
+from guardian.store.memories import QUARANTINED, Draft, MemoryStore, Scope, StoredMemory
 
 KEY_HEX = "ab" * 32
 NOW = 1_800_000_000_000

@@ -27,9 +27,9 @@ from typing import Any
 import grpc
 import pytest
 
-from guardian.backup import verify_file
-from guardian.keystore import load_all_keys
-from guardian.statedir import init_state_dir
+from guardian.keys.rotated import load_all_keys
+from guardian.state.statedir import init_state_dir
+from guardian.store.backup import verify_file
 from tests.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, curl
 
 pb = agent_pb2

@@ -24,8 +24,8 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guardian.config import load_config  # noqa: E402
-from guardian.statedir import init_state_dir  # noqa: E402
+from guardian.state.config import load_config  # noqa: E402
+from guardian.state.statedir import init_state_dir  # noqa: E402
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     report = init_state_dir(state_dir)
     config = load_config(report.config)
     python = sys.executable
-    guardian = subprocess.Popen([python, "-m", "guardian.cli", "--config", str(report.config)], cwd=ROOT)
+    guardian = subprocess.Popen([python, "-m", "guardian.daemon.main", "--config", str(report.config)], cwd=ROOT)
     gateway: subprocess.Popen[bytes] | None = None
     stopping = False
 

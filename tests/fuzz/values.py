@@ -20,7 +20,7 @@ from typing import Any, Final
 import yaml
 from hypothesis import strategies as st
 
-from guardian.default_policy import render_default_policy
+from guardian.policy.default import render_default_policy
 
 __all__ = [
     "EDGE_STRINGS",

@@ -31,8 +31,8 @@ from typing import Any, Final
 import grpc
 import yaml
 
-from guardian.filters import DEFAULT_FILTERS_YAML
-from guardian.keys import load_keys
+from guardian.checks.filters import DEFAULT_FILTERS_YAML
+from guardian.keys.ring import load_keys
 from shared.rpc.guardian.v1 import admin_pb2, agent_pb2, agent_pb2_grpc
 from tests.fuzz.protogen import Ref
 from tests.fuzz.values import QUARANTINE_TRIGGER

@@ -24,7 +24,7 @@ from tests.security.wire import field, message
 pb = agent_pb2
 MARK: Final = marker()
 MIB: Final = 1 << 20
-#: The guardian's grpc.max_receive_message_length (guardian/server.py).
+#: The guardian's grpc.max_receive_message_length (guardian/daemon/server.py).
 SERVER_MAX_RECEIVE: Final = 64 * MIB
 
 

@@ -1,0 +1,254 @@
+"""The guardian's process configuration (``config.yaml``): where its files and
+sockets are. Decisions about requests live in the policy, not here.
+
+Relative paths are resolved against the directory holding the config file.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from guardian.files.strict_yaml import Section, load_yaml_mapping
+from guardian.store.database import DEFAULT_MIN_FREE_BYTES, Durability
+from shared.errors import ConfigError
+from shared.ops_http import parse_listen
+
+__all__ = ["GuardianConfig", "SocketConfig", "load_config", "render_default_config"]
+
+# A Unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL).
+_MAX_SOCKET_PATH = 107
+_SIZE_RE: Final = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?")
+_SIZE_UNITS: Final = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    """One listening socket: its path, the group allowed to connect, its mode."""
+
+    path: Path
+    group_id: int
+    mode: int
+
+
+@dataclass(frozen=True)
+class GuardianConfig:
+    """The validated configuration of one guardian."""
+
+    config_path: Path
+    state_dir: Path
+    database: Path
+    keys_dir: Path
+    policy: Path
+    socket_dir: Path
+    socket_dir_mode: int
+    agent_socket: SocketConfig
+    admin_socket: SocketConfig
+    log_level: str
+    #: Where the main log goes; None: stderr (journald under systemd).
+    log_file: Path | None
+    #: Where the security log goes; None: stderr, alongside the main log.
+    security_log_file: Path | None
+    #: Loopback HOST:PORT for /healthz, /readyz and /metrics; None: not served.
+    ops_listen: tuple[str, int] | None
+    #: How often the audit chain's head is published to the security log.
+    audit_head_interval_ms: int
+    shutdown_grace_s: float
+    #: How often the housekeeping thread runs (retention purges, forgetting idle state).
+    housekeeping_interval_ms: int
+    #: normal: a commit survives a crash of the guardian; full: a power loss too (guardian/store/database.py).
+    durability: Durability
+    #: Writes that add data are refused (retryably) while less than this is free on the database's filesystem.
+    min_free_bytes: int
+    #: Where `guardianctl backup create` (and the backup timer) has the guardian write its backups.
+    backup_dir: Path
+    #: How many backups the guardian keeps there (the oldest beyond this are deleted).
+    backup_keep: int
+
+
+def load_config(path: Path) -> GuardianConfig:
+    """Read and validate config.yaml; raises ConfigError naming the offending key."""
+    path = path.resolve()
+    data, _ = load_yaml_mapping(path, "config")
+    base = path.parent
+    top = Section(data, "")
+    state_dir = _resolve(base, top.text("state_dir", "."))
+    database = _resolve(base, top.text("database", "data/memory.db"))
+    keys_dir = _resolve(base, top.text("keys_dir", "keys"))
+    policy = _resolve(base, top.text("policy", "policy.yaml"))
+    sockets = top.section("sockets")
+    socket_dir = _resolve(base, sockets.text("dir", "run"))
+    socket_dir_mode = _mode(sockets, "dir_mode", "0700", others_may_traverse=True)
+    mode = _mode(sockets, "mode", "0660")
+    agent_socket = SocketConfig(
+        path=_socket_path(sockets, "agent", socket_dir / "agent.sock", base),
+        group_id=_group(sockets, "agent_group"),
+        mode=mode,
+    )
+    admin_socket = SocketConfig(
+        path=_socket_path(sockets, "admin", socket_dir / "admin.sock", base),
+        group_id=_group(sockets, "admin_group"),
+        mode=mode,
+    )
+    sockets.done()
+    if agent_socket.path == admin_socket.path:
+        raise ConfigError("sockets.admin: must differ from sockets.agent")
+    logging = top.section("logging")
+    log_level = logging.text("level", "info").lower()
+    if log_level not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"logging.level: expected debug, info, warning or error, got {log_level!r}")
+    log_file = _optional_path(base, logging, "file")
+    security_log_file = _optional_path(base, logging, "security_file")
+    logging.done()
+    ops = top.section("ops")
+    ops_text = ops.text("listen", "")
+    ops_listen = parse_listen(ops_text, "ops.listen") if ops_text else None
+    ops.done()
+    audit = top.section("audit")
+    audit_head_interval_ms = audit.duration_ms("head_interval", "60s")
+    if audit_head_interval_ms < 1000:
+        raise ConfigError("audit.head_interval: must be at least 1s")
+    audit.done()
+    shutdown_grace_s = top.integer("shutdown_grace_seconds", 10, minimum=0, maximum=600)
+    housekeeping_interval_ms = top.duration_ms("housekeeping_interval", "5s")
+    storage = top.section("storage")
+    durability = storage.text("durability", "normal")
+    if durability not in ("normal", "full"):
+        raise ConfigError(f"storage.durability: expected normal or full, got {durability!r}")
+    min_free_bytes = _size(storage, "min_free", f"{DEFAULT_MIN_FREE_BYTES // 1024**2}MiB")
+    storage.done()
+    backup = top.section("backup")
+    backup_dir = _resolve(base, backup.text("dir", str(state_dir / "backups")))
+    backup_keep = backup.integer("keep", 7, minimum=1, maximum=1000)
+    backup.done()
+    top.done()
+    return GuardianConfig(
+        config_path=path,
+        state_dir=state_dir,
+        database=database,
+        keys_dir=keys_dir,
+        policy=policy,
+        socket_dir=socket_dir,
+        socket_dir_mode=socket_dir_mode,
+        agent_socket=agent_socket,
+        admin_socket=admin_socket,
+        log_level=log_level,
+        log_file=log_file,
+        security_log_file=security_log_file,
+        ops_listen=ops_listen,
+        audit_head_interval_ms=audit_head_interval_ms,
+        shutdown_grace_s=float(shutdown_grace_s),
+        housekeeping_interval_ms=housekeeping_interval_ms,
+        durability="full" if durability == "full" else "normal",
+        min_free_bytes=min_free_bytes,
+        backup_dir=backup_dir,
+        backup_keep=backup_keep,
+    )
+
+
+def render_default_config() -> str:
+    """The config.yaml that `guardianctl init` writes into a new state dir."""
+    return """\
+# agent-guardian configuration: where the guardian keeps its files and sockets.
+# Relative paths are relative to this file's directory.
+state_dir: .
+database: data/memory.db
+keys_dir: keys
+policy: policy.yaml
+sockets:
+  dir: run
+  # 0700 when everything runs as one user; 0711 under systemd, where the
+  # sockets' own mode and group decide who may connect (others may only traverse).
+  dir_mode: "0700"
+  agent: run/agent.sock
+  admin: run/admin.sock
+  # Group allowed to connect to each socket (name or number);
+  # omitted: the guardian's own primary group.
+  # agent_group: agent-gateway
+  # admin_group: agent-security
+  mode: "0660"
+logging:
+  level: info
+  # Omitted: both logs go to stderr (the journal under systemd). Set to write
+  # JSON lines to files instead; systemd/logrotate.conf rotates them safely.
+  # file: /var/log/agent-guardian/guardian.log
+  # security_file: /var/log/agent-guardian/security.log
+ops:
+  # /healthz, /readyz and Prometheus /metrics; loopback only; "" turns it off.
+  listen: "127.0.0.1:9464"
+audit:
+  head_interval: 60s          # how often the audit chain head goes to the security log
+shutdown_grace_seconds: 10
+housekeeping_interval: 5s     # retention purges and forgetting idle sessions and rate-limit state
+storage:
+  # normal: an acknowledged write survives a crash of the guardian (SQLite WAL, synchronous=NORMAL);
+  # after a power loss the database is intact but may lack the last writes before it.
+  # full: the WAL is fsynced at every commit, so acknowledged writes survive a power loss too (slower).
+  durability: normal
+  # Writes that add data are refused (a retryable error) while less than this is free, so reads
+  # and the audit trail keep working on a full disk. Sizes: 512KiB, 64MiB, 1GiB.
+  min_free: 64MiB
+backup:
+  dir: backups                # `guardianctl backup create` writes verified, encrypted copies here
+  keep: 7                     # and deletes the oldest beyond this many
+"""
+
+
+def _size(section: Section, key: str, default: str) -> int:
+    """A size in bytes: a number with an optional unit (B, KiB, MiB, GiB)."""
+    value = section.optional(key, (str, int))
+    text = default if value is None else str(value)
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(f'{section.child_path(key)}: expected a size like "64MiB" or "512KiB", got {text!r}')
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _optional_path(base: Path, section: Section, key: str) -> Path | None:
+    value = section.text(key, "")
+    return _resolve(base, value) if value else None
+
+
+def _resolve(base: Path, value: str) -> Path:
+    return (base / value).resolve() if not os.path.isabs(value) else Path(value)
+
+
+def _mode(section: Section, key: str, default: str, *, others_may_traverse: bool = False) -> int:
+    """An octal mode that grants others nothing (a directory may let them traverse: o+x, never r or w)."""
+    value = section.text(key, default)
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ConfigError(f'{section.child_path(key)}: expected an octal mode like "0660", got {value!r}') from None
+    forbidden = 0o006 if others_may_traverse else 0o007
+    if mode & ~0o777 or mode & forbidden:
+        allowed = "nothing but traversal (o+x)" if others_may_traverse else "nothing"
+        raise ConfigError(f"{section.child_path(key)}: must grant others {allowed} (got {value})")
+    return mode
+
+
+def _socket_path(section: Section, key: str, default: Path, base: Path) -> Path:
+    value = section.text(key, str(default))
+    path = _resolve(base, value)
+    if len(os.fsencode(str(path))) > _MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"sockets.{key}: the path is longer than a Unix socket allows ({_MAX_SOCKET_PATH} bytes);"
+            " choose a shorter state dir or socket path"
+        )
+    return path
+
+
+def _group(section: Section, key: str) -> int:
+    section_value = section.optional(key, (str, int))
+    if section_value is None:
+        return os.getegid()
+    if isinstance(section_value, int):
+        return section_value
+    try:
+        return grp.getgrnam(str(section_value)).gr_gid
+    except KeyError:
+        raise ConfigError(f"{section.child_path(key)}: no such group {section_value!r}") from None

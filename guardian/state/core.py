@@ -1,0 +1,352 @@
+"""The guardian's state, built once at start: database, keys, policy, sessions, limits.
+
+The policy is an immutable object behind one reference, swapped atomically
+(a reader sees either the old or the new policy, never a mix), and only after
+the history row recording it has committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+
+from guardian.checks.alerts import WebhookAlerter
+from guardian.checks.anomaly import AnomalyEvent, AnomalyMonitor
+from guardian.checks.ratelimit import RateLimiter
+from guardian.checks.sessions import SessionTable
+from guardian.keys.ring import Keys, load_keys
+from guardian.keys.rotated import FILE_NAME as ROTATED_KEYS_FILE
+from guardian.keys.rotated import KeyStore
+from guardian.policy import history as policy_history
+from guardian.policy.compile import Policy, compile_policy, load_policy
+from guardian.state.config import GuardianConfig
+from guardian.state.metrics import GuardianMetrics, StateReading
+from guardian.state.statedir import lock_state_dir
+from guardian.store import audit
+from guardian.store.agents import AgentRegistry
+from guardian.store.audit import AuditTrail, HeadFile
+from guardian.store.database import Connection, Database
+from guardian.store.memories import MemoryStore
+from shared.errors import ConfigError
+from shared.ops_http import Readiness
+
+__all__ = ["GuardianCore", "now_ms", "session_ref"]
+
+log = logging.getLogger("agent_guardian")
+security_log = logging.getLogger("agent_guardian.security")
+
+#: The audit trail's name for the policy file as the one who applied a policy.
+FILE_APPLIER = "@policy-file"
+
+
+def now_ms() -> int:
+    """Wall-clock time in Unix milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def session_ref(session_id: str) -> str:
+    """What the audit trail records of a session: a digest, since the id itself is a bearer credential."""
+    return hashlib.sha256(session_id.encode()).hexdigest()[:16] if session_id else ""
+
+
+class GuardianCore:
+    """Everything the services share."""
+
+    def __init__(self, config: GuardianConfig, keystore: KeyStore, database: Database) -> None:
+        self.config = config
+        self.keystore = keystore
+        #: The state dir's lock (guardian/state/statedir.py), held while the guardian runs.
+        self._state_lock: int | None = None
+        keys = keystore.keys
+        self.database = database
+        self.metrics = GuardianMetrics()
+        self.audit = AuditTrail(keys.audit, on_failure=self.metrics.audit_failures.inc)
+        self.audit_head_file = HeadFile(config.state_dir / "audit-head.json")
+        self._open_audit_chain()
+        self.memories = MemoryStore(keys.memory)
+        self.agents = AgentRegistry(keys.token)
+        self.sessions = SessionTable()
+        self.rates = RateLimiter()
+        self._alerter: WebhookAlerter | None = None
+        self.anomalies = AnomalyMonitor(alert=self._alert)
+        self._policy_lock = threading.Lock()
+        #: Why the policy file on disk is refused (the guardian runs on the last policy in force), or None.
+        self.policy_file_refusal: str | None = None
+        self._policy = self._startup_policy()
+        self._configure_alerts(self._policy)
+        self.metrics.watch_state(self.state_reading)
+
+    @classmethod
+    def open(cls, config: GuardianConfig) -> GuardianCore:
+        """Load keys (validated), open the database, and choose the policy to start with."""
+        lock = lock_state_dir(config.state_dir)
+        try:
+            keystore = KeyStore(config.state_dir / ROTATED_KEYS_FILE, load_keys(config.keys_dir))
+        except BaseException:
+            os.close(lock)
+            raise
+        database = Database(
+            config.database,
+            keystore.keys.database_hexes,
+            durability=config.durability,
+            min_free_bytes=config.min_free_bytes,
+        )
+        if database.key_index:
+            security_log.warning(
+                "the database opened with an older database key: a rekey did not finish, or a backup made"
+                " before a rekey was restored; rotate the database key again (guardianctl keys rotate database)",
+                extra={"event": "database_key_fallback"},
+            )
+        try:
+            core = cls(config, keystore, database)
+        except BaseException:
+            database.close()
+            os.close(lock)
+            raise
+        core._state_lock = lock
+        return core
+
+    def use_keys(self, keys: Keys) -> None:
+        """Sign and verify with keys from now on (after a rotation or a retirement of an HMAC key)."""
+        self.memories.use_ring(keys.memory)
+        self.audit.use_ring(keys.audit)
+        self.agents.use_ring(keys.token)
+
+    def _open_audit_chain(self) -> None:
+        """Chain rows from before the chain existed, then check the last published head is still there."""
+        with self.database.write() as connection:
+            adopted = self.audit.adopt_unchained_rows(connection)
+        if adopted:
+            log.info("audit rows moved into the chain", extra={"event": "audit_rows_chained", "rows": adopted})
+        self._holds_published_head()
+
+    def _holds_published_head(self) -> bool:
+        """Whether the chain still holds the last head published to the head file (a security event if not)."""
+        published = self.audit_head_file.read()
+        if published is None:
+            return True
+        with self.database.read() as reader:
+            row = reader.execute("SELECT mac FROM audit WHERE seq = ?", (published.seq,)).fetchone()
+        if row is not None and row[0] == published.mac:
+            return True
+        security_log.error(
+            "the audit chain no longer holds its last published head: rows were truncated, rolled back"
+            " or rewritten; run guardianctl audit verify",
+            extra={"event": "audit_head_mismatch", "published_seq": published.seq},
+        )
+        return False
+
+    def publish_audit_head(self, reason: str) -> None:
+        """Publish the committed chain head to the security log, and to the head file if it continues it.
+
+        A head that does not continue the last published one is logged but not written
+        over it, so the head file keeps the evidence until the operator deals with it.
+        """
+        consistent = self._holds_published_head()
+        try:
+            with self.database.read() as reader:
+                audit.publish_head(reader, self.audit_head_file if consistent else None, reason)
+        except OSError as exc:  # e.g. a read-only filesystem: the security log line went out, the file did not
+            security_log.error(
+                "the audit chain head could not be written to the head file",
+                extra={"event": "audit_head_write_failed", "error": exc.strerror or type(exc).__name__},
+            )
+
+    def state_reading(self) -> StateReading:
+        """The state gauges' values now."""
+        with self.database.read() as reader:
+            head = audit.read_head(reader)
+        return StateReading(
+            sessions_open=self.sessions.count_all(now_ms()),
+            database_size_bytes=self.database.size_bytes(),
+            audit_chain_rows=head.seq if head else 0,
+            policy_version=self._policy.version,
+            policy_file_refused=self.policy_file_refusal is not None,
+        )
+
+    def readiness(self) -> Readiness:
+        """Whether the guardian can serve: the database open and writable, the audit trail, a policy."""
+        database = self.database.probe_write()
+        if database == "ok" and self.audit.last_append_failed:
+            audit_state = "the last audit row could not be written; requests fail closed until one is"
+        else:
+            audit_state = "ok" if database == "ok" else "cannot be written while the database cannot"
+        refusal = self.policy_file_refusal
+        return Readiness(
+            {
+                "database": database,
+                "audit": audit_state,
+                "policy": "ok" if self._policy.version else "no policy loaded",
+            },
+            # Serving on the last policy in force is ready; the refused file is what the operator must fix.
+            warnings={"policy_file": f"refused ({refusal}); running the last policy in force"} if refusal else {},
+        )
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force now."""
+        return self._policy
+
+    def _startup_policy(self) -> Policy:
+        try:
+            file_policy = load_policy(self.config.policy)
+        except ConfigError as refused:
+            return self._start_on_last_policy(refused)
+        with self.database.write() as connection:
+            last_from_file = policy_history.latest(connection, "file")
+            newest = policy_history.latest(connection)
+            if last_from_file is None or last_from_file.version != file_policy.version or newest is None:
+                self._record_file_policy(connection, file_policy, file_policy, "policy.load")
+                return file_policy
+        if newest.version == file_policy.version:
+            return file_policy
+        try:
+            policy = compile_policy(newest.text, f"policy {newest.version[:12]} from the history")
+        except ConfigError as error:
+            security_log.error(
+                "the newest applied policy no longer compiles; starting with the policy file",
+                extra={"event": "policy_history_invalid", "error": error.message},
+            )
+            with self.database.write() as connection:
+                self._record_file_policy(connection, file_policy, file_policy, "policy.load")
+            return file_policy
+        security_log.info(
+            "starting with the newest applied policy (the file is unchanged since it was last loaded)",
+            extra={"event": "policy_loaded", "policy_version": policy.version, "source": newest.source},
+        )
+        return policy
+
+    def _start_on_last_policy(self, refused: ConfigError) -> Policy:
+        """The policy to start on when the policy file is refused: the last one in force, from the history.
+
+        An unrelated restart must not take every agent's memory away because a bad file was
+        left on disk (a reload already refused it). The refusal is logged, written to the
+        security log and the audit trail, kept for readiness, metrics and ``guardianctl
+        status``. With no history (a first start), there is nothing to fall back on: the
+        start fails with the file's error.
+        """
+        with self.database.read() as reader:
+            newest = policy_history.latest(reader)
+        if newest is None:
+            raise refused
+        try:
+            policy = compile_policy(newest.text, f"policy {newest.version[:12]} from the history")
+        except ConfigError as error:
+            raise ConfigError(
+                f"{refused.message}; and the last policy in force no longer compiles ({error.message})"
+            ) from None
+        self.policy_file_refusal = refused.message
+        security_log.error(
+            "the policy file is refused; starting on the last policy in force until it is fixed",
+            extra={"event": "policy_file_refused", "error": refused.message, "policy_version": policy.version},
+        )
+        log.error(
+            "the policy file is refused (%s); starting on the last policy in force, %s",
+            refused.message,
+            policy.version[:12],
+        )
+        self._audit_refused_file("policy.load", refused, policy)
+        return policy
+
+    def _audit_refused_file(self, operation: str, refused: ConfigError, running: Policy) -> None:
+        """The audit row of a policy file the guardian refused (at start or on reload)."""
+        with self.database.write() as connection:
+            self.audit.append(
+                connection,
+                audit.AuditRecord(
+                    ts_ms=now_ms(),
+                    agent=FILE_APPLIER,
+                    session="",
+                    operation=operation,
+                    object_id="",
+                    decision="deny",
+                    reason=f"invalid_argument: {refused.message}"[:200],
+                    policy_version=running.version,
+                ),
+            )
+
+    def _record_file_policy(self, connection: Connection, policy: Policy, deciding: Policy, operation: str) -> None:
+        """Record that the policy file put policy in force; deciding: the policy running (itself at start)."""
+        at = now_ms()
+        policy_history.append(
+            connection,
+            version=policy.version,
+            text=policy.text,
+            applied_at_ms=at,
+            applied_by=FILE_APPLIER,
+            source="file",
+        )
+        self.audit.append(
+            connection,
+            audit.AuditRecord(
+                ts_ms=at,
+                agent=FILE_APPLIER,
+                session="",
+                operation=operation,
+                object_id=policy.version,
+                decision="allow",
+                reason="ok: policy in force (file)",
+                policy_version=deciding.version,
+            ),
+        )
+        security_log.info(
+            "policy in force",
+            extra={"event": "policy_applied", "policy_version": policy.version, "by": FILE_APPLIER, "source": "file"},
+        )
+
+    def swap_policy(self, policy: Policy) -> None:
+        """Put policy in force (the caller has recorded it)."""
+        with self._policy_lock:
+            self._policy = policy
+        self._configure_alerts(policy)
+
+    def reload_policy_file(self) -> Policy | None:
+        """SIGHUP: load the policy file and put it in force; on failure the running policy stays.
+
+        Both outcomes are recorded (history and audit trail on success; audit trail and
+        security log on failure). Returns the new policy, or None if it was refused.
+        """
+        try:
+            policy = load_policy(self.config.policy)
+        except ConfigError as error:
+            security_log.error(
+                "policy reload refused; the running policy stays",
+                extra={"event": "policy_reload_failed", "error": error.message},
+            )
+            self.policy_file_refusal = error.message
+            self._audit_refused_file("policy.reload", error, self._policy)
+            return None
+        with self.database.write() as connection:
+            self._record_file_policy(connection, policy, self._policy, "policy.reload")
+        self.swap_policy(policy)
+        self.policy_file_refusal = None
+        return policy
+
+    def _configure_alerts(self, policy: Policy) -> None:
+        current = self._alerter
+        if current is not None and policy.webhook_url == current.url:
+            return
+        self._alerter = (
+            WebhookAlerter(policy.webhook_url, timeout_s=policy.webhook_timeout_ms / 1000)
+            if policy.webhook_url
+            else None
+        )
+        if current is not None:
+            current.close(timeout_s=1.0)
+
+    def _alert(self, event: AnomalyEvent) -> None:
+        alerter = self._alerter
+        if alerter is not None:
+            alerter(event)
+
+    def close(self) -> None:
+        """Stop the alerter, close the database and let go of the state dir."""
+        if self._alerter is not None:
+            self._alerter.close()
+        self.database.close()
+        if self._state_lock is not None:
+            os.close(self._state_lock)
+            self._state_lock = None

@@ -1,0 +1,87 @@
+"""Creating a guardian state directory (``guardianctl init``).
+
+Safe to run twice: it creates what is missing and never overwrites a key,
+the database, the config or the policy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guardian.keys.ring import create_keys
+from guardian.keys.rotated import load_all_keys
+from guardian.policy.compile import load_policy
+from guardian.policy.default import render_default_policy
+from guardian.state.config import load_config, render_default_config
+from guardian.store.database import Database
+from shared.errors import ConfigError
+
+__all__ = ["LOCK_FILE", "InitReport", "init_state_dir", "lock_state_dir"]
+
+
+@dataclass
+class InitReport:
+    """What init did."""
+
+    config: Path
+    created: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+
+
+def _write_new(path: Path, text: str, mode: int, report: InitReport) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        report.kept.append(path)
+        return
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    report.created.append(path)
+
+
+def init_state_dir(state_dir: Path) -> InitReport:
+    """Create (or complete) a working state dir and check it loads."""
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    report = InitReport(config=state_dir / "config.yaml")
+    _write_new(report.config, render_default_config(), 0o640, report)
+    config = load_config(report.config)
+    _write_new(config.policy, render_default_policy(), 0o640, report)
+    load_policy(config.policy)
+    if config.database.exists() and not (config.keys_dir / "db.key").exists():
+        raise ConfigError(
+            f"the database {config.database} exists but its key {config.keys_dir / 'db.key'} is missing;"
+            " restore the key from its backup (a new key cannot open the existing data)"
+        )
+    created_keys = create_keys(config.keys_dir)
+    report.created += created_keys
+    keys = load_all_keys(config.keys_dir, config.state_dir)
+    existed = config.database.exists()
+    Database(config.database, keys.database_hexes).close()
+    (report.kept if existed else report.created).append(config.database)
+    return report
+
+
+#: The file a running guardian holds locked, so two never share a state dir and a restore can tell.
+LOCK_FILE = "guardian.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold the state dir's lock (an exclusive flock, released when the process exits); its fd.
+
+    Raises ConfigError when another process holds it: a guardian is already running there.
+    """
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"another guardian is running on {state_dir} (it holds {LOCK_FILE}); stop it first"
+            " (systemctl stop agent-guardian)"
+        ) from None
+    return fd

@@ -1,0 +1,512 @@
+"""The memories table: the data stage of the pipeline.
+
+Parameterised SQL only. Every query is scoped to one agent, so an agent can
+never reach another's memories, and every row read is verified (content
+digest and HMAC) before it leaves this module: a mismatch raises DataLoss.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+from guardian.keys.ring import KeyRing
+from guardian.store import search_index
+from guardian.store.database import Connection
+from guardian.store.integrity import CURRENT_FORMAT, SignedFields, canonical_json, content_sha256
+from shared.errors import DataLoss, InvalidArgument, NotFound, PermissionDenied
+
+__all__ = [
+    "ACTIVE",
+    "QUARANTINED",
+    "Draft",
+    "MemoryStore",
+    "Scope",
+    "StoredMemory",
+]
+
+security_log = logging.getLogger("agent_guardian.security")
+
+#: A memory's status: agents see only active ones; quarantined ones wait for the security team.
+ACTIVE: Final = "active"
+QUARANTINED: Final = "quarantined"
+
+# Interpolated into SQL: a constant of this module, never input.
+_COLUMNS: Final = (
+    "rowid, id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata, sha256,"
+    " key_id, hmac, sig_format, status, filter_hits"
+)
+_M_COLUMNS: Final = ", ".join("m." + column for column in _COLUMNS.split(", "))
+#: Where a column is in a row of _COLUMNS.
+_AT: Final = {column: index for index, column in enumerate(_COLUMNS.split(", "))}
+_CURSOR_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}\.[0-9a-f]{32}")
+_MAX_NAMESPACES: Final = 64
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A memory to store, validated by the shape stage and passed through the content filters."""
+
+    content: str
+    tags: tuple[str, ...]
+    metadata_json: str
+    #: The namespace to store into; "" is the author's own.
+    namespace: str = ""
+    status: str = ACTIVE
+    #: Names of the filter rules that matched (redact, quarantine, flag).
+    filter_hits: tuple[str, ...] = ()
+    #: Names of the rules that redacted part of this write (the reply says so; not stored).
+    redacted_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredMemory:
+    """A memory read back and verified."""
+
+    id: str
+    namespace: str
+    author: str
+    content: str
+    tags: tuple[str, ...]
+    metadata_json: str
+    created_at_ms: int
+    updated_at_ms: int
+    sha256: str
+    status: str = ACTIVE
+    filter_hits: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one agent may reach: its namespaces and how far back.
+
+    Every agent query goes through a Scope, so no SQL statement here can reach
+    a namespace the policy did not give the caller.
+    """
+
+    agent: str
+    #: Namespaces it may read, its own first.
+    namespaces: tuple[str, ...]
+    #: Namespaces it may store into, update and delete from (its own included).
+    writable: frozenset[str]
+    #: Memories created before this (Unix ms) are out of its read window; 0 for none.
+    not_before_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.namespaces or len(self.namespaces) > _MAX_NAMESPACES:
+            raise InvalidArgument("a scope needs between 1 and 64 namespaces")
+
+    @property
+    def placeholders(self) -> str:
+        """One SQL parameter placeholder per namespace, for ``namespace IN (...)``."""
+        return ", ".join("?" for _ in self.namespaces)
+
+
+class MemoryStore:
+    """Reads and writes memories within a caller's scope, signing and verifying each."""
+
+    def __init__(self, ring: KeyRing) -> None:
+        self.use_ring(ring)
+
+    def use_ring(self, ring: KeyRing) -> None:
+        """Sign with ring's primary and verify with any of its keys from now on (a key rotation)."""
+        # Separate keys for list cursors, derived so they never sign anything else; a cursor made
+        # before a rotation still opens.
+        signing_first = [ring.primary, *(key for key_id, key in ring.keys.items() if key_id != ring.primary_id)]
+        cursor_keys = tuple(
+            hmac.new(key, b"agent-guardian/cursor-key/v1", hashlib.sha256).digest() for key in signing_first
+        )
+        self._ring, self._cursor_keys = ring, cursor_keys
+
+    @property
+    def ring(self) -> KeyRing:
+        """The memory key ring in use."""
+        return self._ring
+
+    # -- agent operations ------------------------------------------------------------------
+
+    def insert(self, connection: Connection, scope: Scope, drafts: list[Draft], now_ms: int) -> list[StoredMemory]:
+        """Store drafts written by scope.agent (inside the caller's transaction)."""
+        stored: list[StoredMemory] = []
+        for draft in drafts:
+            namespace = draft.namespace or scope.agent
+            if namespace not in scope.writable:
+                # Not echoed: the name is the agent's own text (a content filter never saw it).
+                raise PermissionDenied("the policy does not let this agent write to that namespace")
+            memory = StoredMemory(
+                id="mem_" + secrets.token_hex(16),
+                namespace=namespace,
+                author=scope.agent,
+                content=draft.content,
+                tags=draft.tags,
+                metadata_json=draft.metadata_json,
+                created_at_ms=now_ms,
+                updated_at_ms=now_ms,
+                sha256=content_sha256(draft.content),
+                status=draft.status,
+                filter_hits=draft.filter_hits,
+            )
+            key_id, digest = _signed_fields(memory).sign(self._ring)
+            cursor = connection.execute(
+                "INSERT INTO memories (id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata,"
+                " sha256, key_id, hmac, sig_format, status, filter_hits)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    memory.id,
+                    memory.namespace,
+                    memory.author,
+                    now_ms,
+                    now_ms,
+                    memory.content,
+                    canonical_json(list(memory.tags)),
+                    memory.metadata_json,
+                    memory.sha256,
+                    key_id,
+                    digest,
+                    CURRENT_FORMAT,
+                    memory.status,
+                    ",".join(memory.filter_hits),
+                ),
+            )
+            if memory.status == ACTIVE:
+                search_index.index(connection, int(cursor.lastrowid), namespace, memory.content, memory.tags)
+            stored.append(memory)
+        return stored
+
+    def get(self, connection: Connection, scope: Scope, memory_id: str) -> StoredMemory:
+        """The memory with this id if scope may see it; NotFound otherwise, DataLoss if it fails verification."""
+        row = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND namespace IN ({scope.placeholders})"  # noqa: S608
+            " AND status = 'active' AND created_at_ms >= ?",
+            (memory_id, *scope.namespaces, scope.not_before_ms),
+        ).fetchone()
+        if row is None:
+            raise NotFound("no memory with that id")
+        return self._verified(row)
+
+    def search(self, connection: Connection, scope: Scope, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
+        """Memories in scope matching query, best first, with a score (higher is better).
+
+        The index holds only active memories, by namespace (guardian/store/search_index.py), so
+        FTS5 matches and ranks only the caller's namespaces; the best hits are joined to
+        their rows, where the scope is checked again and the read window applied (with a
+        window, the index is asked for four times as many until enough pass or the matches
+        run out). The cost follows the caller's matches, never the size of the table.
+        """
+        words = search_index.query_words(query)
+        if not words:
+            raise InvalidArgument("query: needs at least one word (letters or digits) to search for")
+        match = search_index.match_query(words, scope.namespaces)
+        wanted = limit
+        while True:
+            rows = connection.execute(
+                f"SELECT {_M_COLUMNS}, hits.rank FROM ("  # noqa: S608 - constant columns and placeholders
+                "SELECT rowid, bm25(memory_terms) AS rank FROM memory_terms"
+                " WHERE memory_terms MATCH ? ORDER BY rank LIMIT ?"
+                ") AS hits CROSS JOIN memories AS m ON m.rowid = hits.rowid",
+                (match, wanted),
+            ).fetchall()
+            visible = [
+                row
+                for row in rows
+                if row[_AT["namespace"]] in scope.namespaces
+                and row[_AT["status"]] == ACTIVE
+                and row[_AT["created_at_ms"]] >= scope.not_before_ms
+            ]
+            if len(visible) >= limit or len(rows) < wanted:
+                visible.sort(key=lambda row: row[-1])
+                return [(self._verified(row[:-1]), -float(row[-1])) for row in visible[:limit]]
+            wanted *= 4
+
+    def list_page(
+        self, connection: Connection, scope: Scope, page_size: int, cursor: str
+    ) -> tuple[list[StoredMemory], str]:
+        """One page of memories in scope, newest first, and the cursor of the next page ('' at the end)."""
+        before_ms, before_rowid = self._open_cursor(scope.agent, cursor) if cursor else (2**62, 2**62)
+        rows = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE namespace IN ({scope.placeholders})"  # noqa: S608
+            " AND status = 'active' AND created_at_ms >= ?"
+            " AND (created_at_ms < ? OR (created_at_ms = ? AND rowid < ?))"
+            " ORDER BY created_at_ms DESC, rowid DESC LIMIT ?",
+            (*scope.namespaces, scope.not_before_ms, before_ms, before_ms, before_rowid, page_size + 1),
+        ).fetchall()
+        page = rows[:page_size]
+        memories = [self._verified(row) for row in page]
+        next_cursor = self._make_cursor(scope.agent, page[-1][4], page[-1][0]) if len(rows) > page_size else ""
+        return memories, next_cursor
+
+    def update(
+        self,
+        connection: Connection,
+        scope: Scope,
+        memory_id: str,
+        changes: Draft,
+        *,
+        changed: frozenset[str],
+        now_ms: int,
+    ) -> StoredMemory:
+        """Apply the changed fields (content, tags, metadata) of changes to a visible memory and re-sign it.
+
+        A quarantine hit in the changes moves the memory to quarantine; filter hits accumulate.
+        """
+        current = self.get(connection, scope, memory_id)
+        if current.namespace not in scope.writable:
+            raise PermissionDenied("that memory is in a namespace this agent may only read")
+        content = changes.content if "content" in changed else current.content
+        updated = StoredMemory(
+            id=current.id,
+            namespace=current.namespace,
+            author=current.author,
+            content=content,
+            tags=changes.tags if "tags" in changed else current.tags,
+            metadata_json=changes.metadata_json if "metadata" in changed else current.metadata_json,
+            created_at_ms=current.created_at_ms,
+            updated_at_ms=max(now_ms, current.updated_at_ms),
+            sha256=content_sha256(content),
+            status=changes.status,
+            filter_hits=tuple(dict.fromkeys(current.filter_hits + changes.filter_hits)),
+        )
+        self._rewrite(connection, updated)
+        return updated
+
+    def delete(self, connection: Connection, scope: Scope, memory_id: str) -> None:
+        """Delete a visible memory in a namespace scope may write; NotFound if it sees none with this id."""
+        current = self.get(connection, scope, memory_id)
+        if current.namespace not in scope.writable:
+            raise PermissionDenied("that memory is in a namespace this agent may only read")
+        self._delete(connection, [memory_id])
+
+    # -- the security team's and the daemon's operations ------------------------------------
+
+    def count(self, connection: Connection, namespace: str) -> int:
+        """How many memories a namespace holds (any status)."""
+        row = connection.execute("SELECT count(*) FROM memories WHERE namespace = ?", (namespace,)).fetchone()
+        return int(row[0])
+
+    def held(self, connection: Connection, limit: int, before_id: str = "") -> list[StoredMemory]:
+        """Quarantined memories, oldest first (verified; a row failing verification raises DataLoss)."""
+        rows = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE status = ? AND id > ?"  # noqa: S608 - constant columns
+            " ORDER BY created_at_ms, id LIMIT ?",
+            (QUARANTINED, before_id, limit),
+        ).fetchall()
+        return [self._verified(row) for row in rows]
+
+    def get_held(self, connection: Connection, memory_id: str) -> StoredMemory:
+        """One quarantined memory, whatever its namespace; NotFound if no quarantined memory has this id."""
+        row = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND status = ?",  # noqa: S608 - constant columns
+            (memory_id, QUARANTINED),
+        ).fetchone()
+        if row is None:
+            raise NotFound("no quarantined memory with that id")
+        return self._verified(row)
+
+    def release(self, connection: Connection, memory_id: str, now_ms: int) -> StoredMemory:
+        """Make a quarantined memory visible to agents again (re-signed with its new status)."""
+        held = self.get_held(connection, memory_id)
+        released = dataclasses.replace(held, status=ACTIVE, updated_at_ms=max(now_ms, held.updated_at_ms))
+        self._rewrite(connection, released)
+        return released
+
+    def purge_held(self, connection: Connection, memory_id: str) -> StoredMemory:
+        """Delete a quarantined memory for good."""
+        held = self.get_held(connection, memory_id)
+        self._delete(connection, [memory_id])
+        return held
+
+    def purge_older_than(self, connection: Connection, cutoff_ms: int, limit: int) -> list[str]:
+        """Delete up to limit memories created before cutoff_ms (retention); their ids."""
+        ids = [
+            str(row[0])
+            for row in connection.execute(
+                "SELECT id FROM memories WHERE created_at_ms < ? ORDER BY created_at_ms LIMIT ?", (cutoff_ms, limit)
+            ).fetchall()
+        ]
+        self._delete(connection, ids)
+        return ids
+
+    # -- signing, verifying, cursors ---------------------------------------------------------
+
+    def _delete(self, connection: Connection, ids: list[str]) -> None:
+        """Delete memories by id, and their terms from the search index."""
+        rowids = [
+            int(row[0])
+            for memory_id in ids
+            for row in connection.execute("SELECT rowid FROM memories WHERE id = ?", (memory_id,)).fetchall()
+        ]
+        search_index.unindex(connection, rowids)
+        connection.executemany("DELETE FROM memories WHERE rowid = ?", [(rowid,) for rowid in rowids])
+
+    def _rewrite(self, connection: Connection, memory: StoredMemory) -> None:
+        """Store memory's new fields and signature, and index it again (only an active memory has terms)."""
+        row = connection.execute("SELECT rowid FROM memories WHERE id = ?", (memory.id,)).fetchone()
+        if row is None:
+            raise NotFound("no memory with that id")
+        rowid = int(row[0])
+        search_index.unindex(connection, [rowid])
+        if memory.status == ACTIVE:
+            search_index.index(connection, rowid, memory.namespace, memory.content, memory.tags)
+        key_id, digest = _signed_fields(memory).sign(self._ring)
+        connection.execute(
+            "UPDATE memories SET content = ?, tags = ?, metadata = ?, updated_at_ms = ?, sha256 = ?,"
+            " key_id = ?, hmac = ?, sig_format = ?, status = ?, filter_hits = ? WHERE id = ?",
+            (
+                memory.content,
+                canonical_json(list(memory.tags)),
+                memory.metadata_json,
+                memory.updated_at_ms,
+                memory.sha256,
+                key_id,
+                digest,
+                CURRENT_FORMAT,
+                memory.status,
+                ",".join(memory.filter_hits),
+                memory.id,
+            ),
+        )
+
+    def verify_all(self, connection: Connection) -> tuple[int, list[str]]:
+        """Check every memory's digest and HMAC: (how many were checked, the ids that fail)."""
+        checked, after = 0, -1
+        failed: list[str] = []
+        while True:
+            rows = connection.execute(
+                f"SELECT {_COLUMNS} FROM memories WHERE rowid > ? ORDER BY rowid LIMIT 1000",  # noqa: S608
+                (after,),
+            ).fetchall()
+            if not rows:
+                return checked, failed
+            for row in rows:
+                checked += 1
+                if self._check(row) is None:
+                    failed.append(str(row[_AT["id"]]))
+            after = int(rows[-1][0])
+
+    def resign_batch(self, connection: Connection, after_rowid: int, limit: int) -> tuple[int, list[str], int]:
+        """Re-sign up to limit memories after after_rowid not signed with the primary key.
+
+        Only rows that verify are re-signed (a tampered row must never be laundered by a
+        fresh HMAC); returns (how many were re-signed, the ids that fail verification, the
+        last rowid looked at, or -1 when none was left).
+        """
+        rows = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE rowid > ? AND (key_id <> ? OR sig_format <> ?)"  # noqa: S608
+            " ORDER BY rowid LIMIT ?",
+            (after_rowid, self._ring.primary_id, CURRENT_FORMAT, limit),
+        ).fetchall()
+        if not rows:
+            return 0, [], -1
+        resigned = 0
+        failed: list[str] = []
+        for row in rows:
+            if self._check(row) is None:
+                failed.append(str(row[_AT["id"]]))
+                continue
+            # The stored text of every field is what is signed, exactly as _check verifies it.
+            key_id, digest = _fields_of(row).sign(self._ring)
+            connection.execute(
+                "UPDATE memories SET key_id = ?, hmac = ?, sig_format = ? WHERE rowid = ?",
+                (key_id, digest, CURRENT_FORMAT, row[0]),
+            )
+            resigned += 1
+        return resigned, failed, int(rows[-1][0])
+
+    def signed_with(self, connection: Connection, key_id: str) -> int:
+        """How many memories carry an HMAC made with key_id."""
+        return int(connection.execute("SELECT count(*) FROM memories WHERE key_id = ?", (key_id,)).fetchone()[0])
+
+    def _verified(self, row: tuple[Any, ...]) -> StoredMemory:
+        """The memory of row, verified; DataLoss (and a security event) if it fails."""
+        memory = self._check(row)
+        if memory is None:
+            security_log.error(
+                "memory failed its integrity check",
+                extra={"event": "integrity_failure", "memory_id": row[_AT["id"]], "namespace": row[_AT["namespace"]]},
+            )
+            raise DataLoss("that memory failed its integrity check and is withheld; the security team is alerted")
+        return memory
+
+    def _check(self, row: tuple[Any, ...]) -> StoredMemory | None:
+        """The memory of row if its digest and HMAC verify, else None."""
+        (_, memory_id, namespace, author, created, updated, content, tags_json, metadata, digest, key_id, mac,
+         sig_format, status, hits) = row  # fmt: skip
+        memory = StoredMemory(
+            id=memory_id,
+            namespace=namespace,
+            author=author,
+            content=content,
+            tags=tuple(json.loads(tags_json)) if _is_json_list(tags_json) else (),
+            metadata_json=metadata,
+            created_at_ms=created,
+            updated_at_ms=updated,
+            sha256=digest,
+            status=status,
+            filter_hits=tuple(hit for hit in hits.split(",") if hit),
+        )
+        if content_sha256(content) != digest or not _fields_of(row).verify(self._ring, key_id, mac, sig_format):
+            return None
+        return memory
+
+    def _make_cursor(self, agent: str, created_at_ms: int, rowid: int) -> str:
+        payload = base64.urlsafe_b64encode(struct.pack(">qq", created_at_ms, rowid)).decode().rstrip("=")
+        return f"{payload}.{self._cursor_mac(agent, payload)}"
+
+    def _open_cursor(self, agent: str, cursor: str) -> tuple[int, int]:
+        if _CURSOR_RE.fullmatch(cursor) is None:
+            raise InvalidArgument("cursor: not a cursor this guardian issued; pass next_cursor unchanged")
+        payload, mac = cursor.split(".")
+        if not any(hmac.compare_digest(self._cursor_mac(agent, payload, key), mac) for key in self._cursor_keys):
+            raise InvalidArgument("cursor: not a cursor this guardian issued; pass next_cursor unchanged")
+        created_at_ms, rowid = struct.unpack(">qq", base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return int(created_at_ms), int(rowid)
+
+    def _cursor_mac(self, agent: str, payload: str, key: bytes | None = None) -> str:
+        message = agent.encode() + b"\0" + payload.encode()
+        return hmac.new(key or self._cursor_keys[0], message, hashlib.sha256).hexdigest()[:32]
+
+
+def _fields_of(row: tuple[Any, ...]) -> SignedFields:
+    """The signed fields of a stored row, as stored."""
+    at = _AT
+    return SignedFields(
+        row[at["id"]],
+        row[at["namespace"]],
+        row[at["agent"]],
+        row[at["created_at_ms"]],
+        row[at["updated_at_ms"]],
+        row[at["sha256"]],
+        row[at["tags"]],
+        row[at["metadata"]],
+        row[at["status"]],
+    )
+
+
+def _signed_fields(memory: StoredMemory) -> SignedFields:
+    return SignedFields(
+        memory.id,
+        memory.namespace,
+        memory.author,
+        memory.created_at_ms,
+        memory.updated_at_ms,
+        memory.sha256,
+        canonical_json(list(memory.tags)),
+        memory.metadata_json,
+        memory.status,
+    )
+
+
+def _is_json_list(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), list)
+    except ValueError:
+        return False
