@@ -28,6 +28,7 @@ import yaml
 
 from guardian.keys.rotated import load_all_keys
 from guardian.policy.default import render_default_policy
+from guardian.state.config import load_config
 from guardian.state.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
 
@@ -273,15 +274,15 @@ class BenchGuardian:
 
     @property
     def agent_socket(self) -> Path:
-        return self.state_dir / "run" / "agent.sock"
+        return load_config(self.config).agent_socket.path
 
     @property
     def admin_socket(self) -> Path:
-        return self.state_dir / "run" / "admin.sock"
+        return load_config(self.config).admin_socket.path
 
     @property
     def database(self) -> Path:
-        return self.state_dir / "data" / "memory.db"
+        return load_config(self.config).database
 
     def prepare(self) -> None:
         """Create the state dir (keys, DB, config) and write the bench policy."""

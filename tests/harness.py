@@ -26,6 +26,7 @@ import yaml
 
 from guardian.keys.rotated import load_all_keys
 from guardian.service.pipeline import ADMIN_RULES, AGENT_RULES
+from guardian.state.config import load_config
 from guardian.state.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
@@ -82,15 +83,15 @@ class Guardian:
 
     @property
     def agent_socket(self) -> Path:
-        return self.state_dir / "run" / "agent.sock"
+        return load_config(self.config).agent_socket.path
 
     @property
     def admin_socket(self) -> Path:
-        return self.state_dir / "run" / "admin.sock"
+        return load_config(self.config).admin_socket.path
 
     @property
     def database(self) -> Path:
-        return self.state_dir / "data" / "memory.db"
+        return load_config(self.config).database
 
     def start(self, timeout_s: float = 20.0, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")

@@ -16,17 +16,17 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from guardian.ctl.connection import call
 from shared.errors import ConfigError
 from shared.rpc.guardian.v1 import admin_pb2
 
 __all__ = ["add_audit_commands", "parse_duration_ms", "parse_time"]
 
 #: Calls one AdminService method: (parsed arguments, method name, request) -> response.
-Caller = Callable[[argparse.Namespace, str, Any], Any]
 
 _RELATIVE_RE: Final = re.compile(r"(\d+)([smhd])")
 _UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -110,7 +110,7 @@ def _query(args: argparse.Namespace, **fields: Any) -> admin_pb2.AuditQuery:
     )
 
 
-def _pages(call: Caller, args: argparse.Namespace) -> Iterator[list[Any]]:
+def _pages(args: argparse.Namespace) -> Iterator[list[Any]]:
     """Every matching row up to the head when the export began, a page at a time, oldest first.
 
     (Each page's query is itself audited, so without that bound the export would chase its own rows.)
@@ -127,7 +127,7 @@ def _pages(call: Caller, args: argparse.Namespace) -> Iterator[list[Any]]:
         after = rows[-1].seq
 
 
-def cmd_audit_tail(call: Caller, args: argparse.Namespace) -> int:
+def cmd_audit_tail(args: argparse.Namespace) -> int:
     """guardianctl audit tail [-n N] [-f]."""
     response = call(args, "QueryAudit", _query(args, limit=args.lines, newest_first=True))
     rows = list(response.rows)
@@ -149,7 +149,7 @@ def cmd_audit_tail(call: Caller, args: argparse.Namespace) -> int:
         return 0
 
 
-def cmd_audit_query(call: Caller, args: argparse.Namespace) -> int:
+def cmd_audit_query(args: argparse.Namespace) -> int:
     """guardianctl audit query [filters] [--limit N]."""
     response = call(args, "QueryAudit", _query(args, limit=args.limit))
     _print_rows(list(response.rows), args.json)
@@ -158,12 +158,12 @@ def cmd_audit_query(call: Caller, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit_export(call: Caller, args: argparse.Namespace) -> int:
+def cmd_audit_export(args: argparse.Namespace) -> int:
     """guardianctl audit export --format jsonl [filters] [--output FILE]."""
     output = sys.stdout if args.output == "-" else Path(args.output).open("x", encoding="utf-8")  # noqa: SIM115
     count = 0
     try:
-        for page in _pages(call, args):
+        for page in _pages(args):
             for row in page:
                 output.write(json.dumps(_row_dict(row), ensure_ascii=False) + "\n")
             count += len(page)
@@ -194,7 +194,7 @@ def published_heads(paths: list[str]) -> list[admin_pb2.ChainHead]:
     return [admin_pb2.ChainHead(seq=seq, mac=heads[seq]) for seq in newest]
 
 
-def cmd_audit_verify(call: Caller, args: argparse.Namespace) -> int:
+def cmd_audit_verify(args: argparse.Namespace) -> int:
     """guardianctl audit verify [--security-log FILE]...; exit 1 if the chain does not hold."""
     heads = published_heads(args.security_log)
     response = call(args, "VerifyAudit", admin_pb2.VerifyAuditRequest(published_heads=heads))
@@ -221,13 +221,10 @@ def cmd_audit_verify(call: Caller, args: argparse.Namespace) -> int:
     return 0 if response.intact else 1
 
 
-def add_audit_commands(commands: Any, call: Caller) -> None:
+def add_audit_commands(commands: Any) -> None:
     """Register ``audit tail|query|export|verify`` under the top-level subcommands."""
     audit = commands.add_parser("audit", help="read, follow, export and verify the audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-
-    def bind(handler: Callable[[Caller, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        return lambda args: handler(call, args)
 
     def filters(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--agent", help="only this agent's rows (or a caller such as @admin-socket:alice)")
@@ -240,18 +237,18 @@ def add_audit_commands(commands: Any, call: Caller) -> None:
     tail.add_argument("-n", "--lines", type=_row_count, default=20, metavar="N", help="how many (1-1000; 20)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new rows until Ctrl-C")
     filters(tail)
-    tail.set_defaults(func=bind(cmd_audit_tail))
+    tail.set_defaults(func=cmd_audit_tail)
 
     query = audit_commands.add_parser("query", help="rows filtered by agent, operation, decision and time")
     filters(query)
     query.add_argument("--limit", type=_row_count, default=100, metavar="N", help="at most this many (1-1000; 100)")
-    query.set_defaults(func=bind(cmd_audit_query))
+    query.set_defaults(func=cmd_audit_query)
 
     export = audit_commands.add_parser("export", help="every matching row as JSON lines")
     export.add_argument("--format", choices=("jsonl",), default="jsonl", help="jsonl: one JSON object a line")
     export.add_argument("--output", default="-", help="file to create (refuses to overwrite); '-': stdout")
     filters(export)
-    export.set_defaults(func=bind(cmd_audit_export))
+    export.set_defaults(func=cmd_audit_export)
 
     verify = audit_commands.add_parser(
         "verify",
@@ -263,4 +260,4 @@ def add_audit_commands(commands: Any, call: Caller) -> None:
     verify.add_argument(
         "--security-log", action="append", default=[], metavar="FILE", help="security log to take heads from"
     )
-    verify.set_defaults(func=bind(cmd_audit_verify))
+    verify.set_defaults(func=cmd_audit_verify)

@@ -21,10 +21,11 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from guardian.ctl.connection import call
+from guardian.ctl.output import when
 from guardian.keys.rotated import load_all_keys
 from guardian.policy.compile import load_policy
 from guardian.state.config import GuardianConfig, load_config
@@ -37,14 +38,9 @@ from shared.rpc.guardian.v1 import admin_pb2
 __all__ = ["DEFAULT_CONFIG", "add_backup_commands"]
 
 #: Calls one AdminService method: (parsed arguments, method name, request) -> response.
-Caller = Callable[[argparse.Namespace, str, Any], Any]
 
 #: The config the offline commands read when --config is not given (the systemd deployment's).
 DEFAULT_CONFIG: Final = "/etc/agent-guardian/config.yaml"
-
-
-def _when(ms: int) -> str:
-    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _info_dict(info: Any) -> dict[str, Any]:
@@ -52,7 +48,7 @@ def _info_dict(info: Any) -> dict[str, Any]:
         "name": info.name,
         "bytes": info.bytes,
         "sha256": info.sha256,
-        "created": _when(info.created_at_ms),
+        "created": when(info.created_at_ms),
         "memories": info.memories,
         "audit_head_seq": info.audit_head.seq,
         "ok": info.check.ok,
@@ -73,14 +69,14 @@ def _print_check(info: dict[str, Any]) -> None:
     )
 
 
-def cmd_backup_create(call: Caller, args: argparse.Namespace) -> int:
+def cmd_backup_create(args: argparse.Namespace) -> int:
     """guardianctl backup create [PATH]."""
     target = Path(args.path) if args.path else None
     if target is not None and (target.exists() or target.is_symlink()):
         raise ConfigError(f"{target} already exists; choose a new path (a backup never overwrites a file)")
     info = call(args, "CreateBackup", admin_pb2.CreateBackupRequest())
     if target is not None:
-        _copy_out(call, args, info, target)
+        _copy_out(args, info, target)
     row = _info_dict(info)
     if args.json:
         print(json.dumps(row | {"copied_to": str(target) if target else None}))
@@ -92,7 +88,7 @@ def cmd_backup_create(call: Caller, args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_out(call: Caller, args: argparse.Namespace, info: Any, target: Path) -> None:
+def _copy_out(args: argparse.Namespace, info: Any, target: Path) -> None:
     """Copy a backup out piece by piece into target (via a partial file), checking its sha256."""
     partial = target.with_name(f".{target.name}.partial")
     digest = hashlib.sha256()
@@ -116,10 +112,10 @@ def _copy_out(call: Caller, args: argparse.Namespace, info: Any, target: Path) -
         partial.unlink(missing_ok=True)
 
 
-def cmd_backup_list(call: Caller, args: argparse.Namespace) -> int:
+def cmd_backup_list(args: argparse.Namespace) -> int:
     """guardianctl backup list."""
     response = call(args, "ListBackups", admin_pb2.ListBackupsRequest())
-    rows = [{"name": b.name, "bytes": b.bytes, "created": _when(b.created_at_ms)} for b in response.backups]
+    rows = [{"name": b.name, "bytes": b.bytes, "created": when(b.created_at_ms)} for b in response.backups]
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -133,7 +129,7 @@ def _offline_config(args: argparse.Namespace) -> GuardianConfig:
     return load_config(Path(args.config or DEFAULT_CONFIG))
 
 
-def cmd_backup_verify(call: Caller, args: argparse.Namespace) -> int:
+def cmd_backup_verify(args: argparse.Namespace) -> int:
     """guardianctl backup verify NAME|PATH."""
     if "/" not in args.backup:
         info = call(args, "VerifyBackup", admin_pb2.VerifyBackupRequest(name=args.backup)).backup
@@ -172,7 +168,7 @@ def _keys(config: GuardianConfig) -> Any:
         ) from None
 
 
-def cmd_backup_restore(call: Caller, args: argparse.Namespace) -> int:
+def cmd_backup_restore(args: argparse.Namespace) -> int:
     """guardianctl backup restore PATH (offline)."""
     backup = Path(args.backup)
     if not backup.is_file():
@@ -215,13 +211,10 @@ def _restore(backup: Path, config: GuardianConfig, keys: Any, policy_version: st
         raise ConfigError(error.message) from None
 
 
-def add_backup_commands(commands: Any, call: Caller) -> None:
+def add_backup_commands(commands: Any) -> None:
     """Register ``backup create|list|verify|restore`` under the top-level subcommands."""
     backup = commands.add_parser("backup", help="make, list, copy out, verify and restore backups")
     actions = backup.add_subparsers(dest="backup_command", required=True, metavar="ACTION")
-
-    def bind(handler: Callable[[Caller, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        return lambda args: handler(call, args)
 
     create = actions.add_parser(
         "create",
@@ -231,9 +224,9 @@ def add_backup_commands(commands: Any, call: Caller) -> None:
         " copied to PATH (encrypted; a new file, never overwritten).",
     )
     create.add_argument("path", nargs="?", help="also copy the backup to this new file")
-    create.set_defaults(func=bind(cmd_backup_create))
+    create.set_defaults(func=cmd_backup_create)
     listing = actions.add_parser("list", help="the guardian's backups, newest first")
-    listing.set_defaults(func=bind(cmd_backup_list))
+    listing.set_defaults(func=cmd_backup_list)
     verify = actions.add_parser(
         "verify",
         help="verify a backup (NAME: by the guardian; PATH: offline, as root, with --config)",
@@ -242,7 +235,7 @@ def add_backup_commands(commands: Any, call: Caller) -> None:
         " fails verification.",
     )
     verify.add_argument("backup", metavar="NAME|PATH")
-    verify.set_defaults(func=bind(cmd_backup_verify))
+    verify.set_defaults(func=cmd_backup_verify)
     restore_parser = actions.add_parser(
         "restore",
         help="put a backup in place of the database (offline: stop the guardian first; as root)",
@@ -252,4 +245,4 @@ def add_backup_commands(commands: Any, call: Caller) -> None:
         " Refuses while the guardian runs.",
     )
     restore_parser.add_argument("backup", metavar="PATH")
-    restore_parser.set_defaults(func=bind(cmd_backup_restore))
+    restore_parser.set_defaults(func=cmd_backup_restore)

@@ -14,26 +14,19 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-from collections.abc import Callable
 from typing import Any
 
+from guardian.ctl.connection import call
+from guardian.ctl.output import when
 from shared.rpc.guardian.v1 import admin_pb2
 
 __all__ = ["add_key_commands", "add_session_commands"]
 
-Caller = Callable[[argparse.Namespace, str, Any], Any]
 _RINGS = ("memory", "audit", "token", "database")
 
 
-def _when(ms: int) -> str:
-    if not ms:
-        return "-"
-    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def cmd_keys_list(call: Caller, args: argparse.Namespace) -> int:
+def cmd_keys_list(args: argparse.Namespace) -> int:
     """guardianctl keys list."""
     response = call(args, "ListKeys", admin_pb2.ListKeysRequest())
     rows = [
@@ -43,7 +36,7 @@ def cmd_keys_list(call: Caller, args: argparse.Namespace) -> int:
             "source": key.source,
             "primary": key.primary,
             "retired": key.retired,
-            "created": _when(key.created_at_ms),
+            "created": when(key.created_at_ms),
             "in_use": key.in_use,
         }
         for key in response.keys
@@ -59,7 +52,7 @@ def cmd_keys_list(call: Caller, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_rotate(call: Caller, args: argparse.Namespace) -> int:
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
     """guardianctl keys rotate RING."""
     response = call(args, "RotateKey", admin_pb2.RotateKeyRequest(ring=args.ring))
     if args.json:
@@ -71,7 +64,7 @@ def cmd_keys_rotate(call: Caller, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_resign(call: Caller, args: argparse.Namespace) -> int:
+def cmd_keys_resign(args: argparse.Namespace) -> int:
     """guardianctl keys resign."""
     response = call(args, "ResignMemories", admin_pb2.ResignMemoriesRequest())
     if args.json:
@@ -94,23 +87,23 @@ def cmd_keys_resign(call: Caller, args: argparse.Namespace) -> int:
     return 1 if response.failed else 0
 
 
-def cmd_keys_retire(call: Caller, args: argparse.Namespace) -> int:
+def cmd_keys_retire(args: argparse.Namespace) -> int:
     """guardianctl keys retire RING KEY_ID."""
     call(args, "RetireKey", admin_pb2.RetireKeyRequest(ring=args.ring, key_id=args.key_id))
     print(f"{args.ring} key {args.key_id} retired: it no longer verifies anything")
     return 0
 
 
-def cmd_sessions_list(call: Caller, args: argparse.Namespace) -> int:
+def cmd_sessions_list(args: argparse.Namespace) -> int:
     """guardianctl sessions list."""
     response = call(args, "ListSessions", admin_pb2.ListSessionsRequest(agent=args.agent or ""))
     rows = [
         {
             "ref": s.ref,
             "agent": s.agent,
-            "opened": _when(s.opened_at_ms),
-            "last_used": _when(s.last_used_at_ms),
-            "ends": _when(s.expires_at_ms),
+            "opened": when(s.opened_at_ms),
+            "last_used": when(s.last_used_at_ms),
+            "ends": when(s.expires_at_ms),
         }
         for s in response.sessions
     ]
@@ -123,23 +116,19 @@ def cmd_sessions_list(call: Caller, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sessions_revoke(call: Caller, args: argparse.Namespace) -> int:
+def cmd_sessions_revoke(args: argparse.Namespace) -> int:
     """guardianctl sessions revoke REF."""
     response = call(args, "RevokeSession", admin_pb2.RevokeSessionRequest(ref=args.ref))
     print(f"session {args.ref} of agent {response.agent!r} ended (its gateway opens a new one with the token)")
     return 0
 
 
-def _bind(call: Caller, handler: Callable[[Caller, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    return lambda args: handler(call, args)
-
-
-def add_key_commands(commands: Any, call: Caller) -> None:
+def add_key_commands(commands: Any) -> None:
     """Register ``keys list|rotate|resign|retire``."""
     keys = commands.add_parser("keys", help="list, rotate, re-sign and retire key versions")
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     actions.add_parser("list", help="every key version, which one signs, and what uses it").set_defaults(
-        func=_bind(call, cmd_keys_list)
+        func=cmd_keys_list
     )
     rotate = actions.add_parser(
         "rotate",
@@ -149,25 +138,25 @@ def add_key_commands(commands: Any, call: Caller) -> None:
         " dir; no key is ever shown.",
     )
     rotate.add_argument("ring", choices=_RINGS)
-    rotate.set_defaults(func=_bind(call, cmd_keys_rotate))
+    rotate.set_defaults(func=cmd_keys_rotate)
     actions.add_parser(
         "resign", help="re-sign every memory with the memory ring's primary key (exit 1 if some fail verification)"
-    ).set_defaults(func=_bind(call, cmd_keys_resign))
+    ).set_defaults(func=cmd_keys_resign)
     retire = actions.add_parser(
         "retire", help="stop a rotated memory or token key verifying, once nothing uses it (see keys list)"
     )
     retire.add_argument("ring", choices=("memory", "token"))
     retire.add_argument("key_id", help="a rotated key id from `keys list`, e.g. r1")
-    retire.set_defaults(func=_bind(call, cmd_keys_retire))
+    retire.set_defaults(func=cmd_keys_retire)
 
 
-def add_session_commands(commands: Any, call: Caller) -> None:
+def add_session_commands(commands: Any) -> None:
     """Register ``sessions list|revoke``."""
     sessions = commands.add_parser("sessions", help="list or end agents' open sessions")
     actions = sessions.add_subparsers(dest="sessions_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="open sessions (by reference, never the session id)")
     listing.add_argument("--agent", help="only this agent's")
-    listing.set_defaults(func=_bind(call, cmd_sessions_list))
+    listing.set_defaults(func=cmd_sessions_list)
     revoke = actions.add_parser("revoke", help="end one session")
     revoke.add_argument("ref", help="a reference from `sessions list`")
-    revoke.set_defaults(func=_bind(call, cmd_sessions_revoke))
+    revoke.set_defaults(func=cmd_sessions_revoke)

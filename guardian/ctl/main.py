@@ -8,10 +8,8 @@ who may use it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import pwd
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,51 +19,15 @@ import grpc
 
 from guardian.ctl.audit import add_audit_commands, parse_duration_ms
 from guardian.ctl.backup import add_backup_commands
+from guardian.ctl.connection import DEFAULT_ADMIN_SOCKET, call
 from guardian.ctl.keys import add_key_commands, add_session_commands
-from guardian.state.config import load_config
+from guardian.ctl.output import print_json, when
 from guardian.state.statedir import init_state_dir
 from shared.error_table import ERROR_TABLE, error_row, received_row
 from shared.errors import ConfigError, Unavailable
-from shared.formats import OPERATOR_METADATA_KEY
-from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
+from shared.rpc.guardian.v1 import admin_pb2
 
 __all__ = ["main"]
-
-DEFAULT_ADMIN_SOCKET = "/run/agent-guardian/admin.sock"
-_TIMEOUT_S = 15.0
-
-
-def _admin_socket(args: argparse.Namespace) -> str:
-    if args.socket:
-        return str(Path(args.socket).resolve())
-    if args.config:
-        return str(load_config(Path(args.config)).admin_socket.path)
-    return os.environ.get("AGENT_GUARDIAN_ADMIN_SOCKET", DEFAULT_ADMIN_SOCKET)
-
-
-def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, admin_pb2_grpc.AdminServiceStub]:
-    channel = grpc.insecure_channel(f"unix:{_admin_socket(args)}")
-    return channel, admin_pb2_grpc.AdminServiceStub(channel)
-
-
-def _operator() -> str:
-    """The login name this command runs as, which the guardian records as claimed (not proven)."""
-    try:
-        name = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        name = f"uid-{os.getuid()}"
-    return os.environ.get("SUDO_USER", name) if os.getuid() == 0 else name
-
-
-def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
-    """Call one AdminService method, naming the operator in the call's metadata."""
-    channel, stub = _stub(args)
-    with channel:
-        return getattr(stub, method)(request, timeout=_TIMEOUT_S, metadata=((OPERATOR_METADATA_KEY, _operator()),))
-
-
-def _print_json(value: object) -> None:
-    print(json.dumps(value, indent=None, ensure_ascii=False))
 
 
 def _read_policy_file(path: str) -> str:
@@ -77,12 +39,6 @@ def _read_policy_file(path: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text") from None
-
-
-def _when(ms: int) -> str:
-    if not ms:
-        return "-"
-    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -98,7 +54,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_agents_add(args: argparse.Namespace) -> int:
     """guardianctl agents add NAME."""
-    response = _call(args, "AddAgent", admin_pb2.AddAgentRequest(name=args.name))
+    response = call(args, "AddAgent", admin_pb2.AddAgentRequest(name=args.name))
     if args.json:
         print(json.dumps({"name": response.name, "token": response.token}))
     else:
@@ -109,12 +65,12 @@ def cmd_agents_add(args: argparse.Namespace) -> int:
 
 def cmd_agents_list(args: argparse.Namespace) -> int:
     """guardianctl agents list."""
-    response = _call(args, "ListAgents", admin_pb2.ListAgentsRequest())
+    response = call(args, "ListAgents", admin_pb2.ListAgentsRequest())
     rows = [
         {
             "name": agent.name,
-            "created": _when(agent.created_at_ms),
-            "revoked": _when(agent.revoked_at_ms),
+            "created": when(agent.created_at_ms),
+            "revoked": when(agent.revoked_at_ms),
             "sessions": agent.open_sessions,
             "memories": agent.memories,
             "locked": agent.locked,
@@ -135,7 +91,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
 
 def cmd_agents_revoke(args: argparse.Namespace) -> int:
     """guardianctl agents revoke NAME."""
-    response = _call(args, "RevokeAgent", admin_pb2.RevokeAgentRequest(name=args.name))
+    response = call(args, "RevokeAgent", admin_pb2.RevokeAgentRequest(name=args.name))
     print(f"agent {args.name!r} revoked; {response.sessions_ended} open session(s) ended")
     return 0
 
@@ -143,7 +99,7 @@ def cmd_agents_revoke(args: argparse.Namespace) -> int:
 def cmd_agents_rotate_token(args: argparse.Namespace) -> int:
     """guardianctl agents rotate-token NAME [--grace DURATION]."""
     request = admin_pb2.RotateAgentTokenRequest(name=args.name, grace_ms=args.grace)
-    response = _call(args, "RotateAgentToken", request)
+    response = call(args, "RotateAgentToken", request)
     if args.json:
         print(json.dumps({"name": response.name, "token": response.token, "grace_ms": args.grace}))
         return 0
@@ -155,7 +111,7 @@ def cmd_agents_rotate_token(args: argparse.Namespace) -> int:
 
 def cmd_agents_unlock(args: argparse.Namespace) -> int:
     """guardianctl agents unlock NAME."""
-    response = _call(args, "UnlockAgent", admin_pb2.UnlockAgentRequest(name=args.name))
+    response = call(args, "UnlockAgent", admin_pb2.UnlockAgentRequest(name=args.name))
     state = "was locked; unlocked" if response.was_locked else "was not locked"
     print(f"agent {args.name!r} {state}; its rate-limit cooldowns are cleared")
     return 0
@@ -163,9 +119,9 @@ def cmd_agents_unlock(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """guardianctl status: exit 0 when ready with nothing to fix, 1 when not ready or something needs fixing."""
-    status = _call(args, "Status", admin_pb2.StatusRequest())
+    status = call(args, "Status", admin_pb2.StatusRequest())
     if args.json:
-        _print_json(
+        print_json(
             {
                 "ready": status.ready,
                 "checks": dict(status.checks),
@@ -198,28 +154,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
     """guardianctl policy show."""
-    info = _call(args, "ShowPolicy", admin_pb2.ShowPolicyRequest())
+    info = call(args, "ShowPolicy", admin_pb2.ShowPolicyRequest())
     if args.json:
-        _print_json(
+        print_json(
             {
                 "version": info.version,
-                "applied_at": _when(info.applied_at_ms),
+                "applied_at": when(info.applied_at_ms),
                 "applied_by": info.applied_by,
                 "source": info.source,
                 "text": info.text,
             }
         )
         return 0
-    print(f"# version {info.version}, in force since {_when(info.applied_at_ms)} ({info.source}, {info.applied_by})")
+    print(f"# version {info.version}, in force since {when(info.applied_at_ms)} ({info.source}, {info.applied_by})")
     print(info.text, end="" if info.text.endswith("\n") else "\n")
     return 0
 
 
 def cmd_policy_validate(args: argparse.Namespace) -> int:
     """guardianctl policy validate FILE."""
-    response = _call(args, "ValidatePolicy", admin_pb2.PolicyText(text=_read_policy_file(args.file)))
+    response = call(args, "ValidatePolicy", admin_pb2.PolicyText(text=_read_policy_file(args.file)))
     if args.json:
-        _print_json({"valid": True, "version": response.version, "summary": list(response.summary)})
+        print_json({"valid": True, "version": response.version, "summary": list(response.summary)})
         return 0
     print(f"{args.file}: valid, version {response.version}")
     for line in response.summary:
@@ -229,9 +185,9 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
 
 def cmd_policy_diff(args: argparse.Namespace) -> int:
     """guardianctl policy diff FILE: exit 0 when identical, 1 when it differs (like diff)."""
-    response = _call(args, "DiffPolicy", admin_pb2.PolicyText(text=_read_policy_file(args.file)))
+    response = call(args, "DiffPolicy", admin_pb2.PolicyText(text=_read_policy_file(args.file)))
     if args.json:
-        _print_json({"running": response.running_version, "new": response.new_version, "diff": response.diff})
+        print_json({"running": response.running_version, "new": response.new_version, "diff": response.diff})
     elif response.running_version == response.new_version:
         print(f"no change: {args.file} is the policy in force ({response.running_version[:12]})")
     else:
@@ -241,7 +197,7 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
 
 def _print_applied(args: argparse.Namespace, response: Any) -> int:
     if args.json:
-        _print_json(
+        print_json(
             {"version": response.version, "previous": response.previous_version, "unchanged": response.unchanged}
         )
     elif response.unchanged:
@@ -253,25 +209,25 @@ def _print_applied(args: argparse.Namespace, response: Any) -> int:
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
     """guardianctl policy apply FILE."""
-    response = _call(args, "ApplyPolicy", admin_pb2.PolicyText(text=_read_policy_file(args.file)))
+    response = call(args, "ApplyPolicy", admin_pb2.PolicyText(text=_read_policy_file(args.file)))
     return _print_applied(args, response)
 
 
 def cmd_policy_rollback(args: argparse.Namespace) -> int:
     """guardianctl policy rollback VERSION."""
-    response = _call(args, "RollbackPolicy", admin_pb2.RollbackPolicyRequest(version=args.version))
+    response = call(args, "RollbackPolicy", admin_pb2.RollbackPolicyRequest(version=args.version))
     return _print_applied(args, response)
 
 
 def cmd_policy_history(args: argparse.Namespace) -> int:
     """guardianctl policy history."""
-    response = _call(args, "PolicyHistory", admin_pb2.PolicyHistoryRequest(limit=args.limit))
+    response = call(args, "PolicyHistory", admin_pb2.PolicyHistoryRequest(limit=args.limit))
     rows = [
-        {"seq": e.seq, "version": e.version, "at": _when(e.applied_at_ms), "by": e.applied_by, "source": e.source}
+        {"seq": e.seq, "version": e.version, "at": when(e.applied_at_ms), "by": e.applied_by, "source": e.source}
         for e in response.entries
     ]
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     print(f"{'SEQ':>5}  {'VERSION':<14} {'APPLIED AT':<21} {'SOURCE':<9} BY")
     for row in rows:
@@ -281,10 +237,10 @@ def cmd_policy_history(args: argparse.Namespace) -> int:
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
     """guardianctl quarantine list."""
-    response = _call(args, "ListQuarantine", admin_pb2.ListQuarantineRequest(limit=args.limit, after_id=args.after))
+    response = call(args, "ListQuarantine", admin_pb2.ListQuarantineRequest(limit=args.limit, after_id=args.after))
     rows = [_held_row(memory) for memory in response.memories]
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     print(f"{'ID':<37} {'NAMESPACE':<20} {'AUTHOR':<20} {'CREATED':<21} {'BYTES':>7}  RULES")
     for row in rows:
@@ -300,7 +256,7 @@ def _held_row(memory: Any) -> dict[str, Any]:
         "id": memory.id,
         "namespace": memory.namespace,
         "author": memory.author,
-        "created": _when(memory.created_at_ms),
+        "created": when(memory.created_at_ms),
         "bytes": memory.content_bytes,
         "rules": list(memory.rules),
     }
@@ -308,14 +264,14 @@ def _held_row(memory: Any) -> dict[str, Any]:
 
 def cmd_quarantine_show(args: argparse.Namespace) -> int:
     """guardianctl quarantine show ID."""
-    response = _call(args, "ShowQuarantined", admin_pb2.QuarantineRequest(id=args.id))
+    response = call(args, "ShowQuarantined", admin_pb2.QuarantineRequest(id=args.id))
     row = _held_row(response.memory) | {
         "tags": list(response.tags),
         "metadata": json.loads(response.metadata_json or "{}"),
         "content": response.content,
     }
     if args.json:
-        _print_json(row)
+        print_json(row)
         return 0
     for key in ("id", "namespace", "author", "created", "bytes", "rules", "tags", "metadata"):
         print(f"{key + ':':<11}{row[key]}")
@@ -326,14 +282,14 @@ def cmd_quarantine_show(args: argparse.Namespace) -> int:
 
 def cmd_quarantine_release(args: argparse.Namespace) -> int:
     """guardianctl quarantine release ID."""
-    response = _call(args, "ReleaseQuarantined", admin_pb2.QuarantineRequest(id=args.id))
+    response = call(args, "ReleaseQuarantined", admin_pb2.QuarantineRequest(id=args.id))
     print(f"released {response.id}: agents of its namespace can see it again")
     return 0
 
 
 def cmd_quarantine_purge(args: argparse.Namespace) -> int:
     """guardianctl quarantine purge ID."""
-    response = _call(args, "PurgeQuarantined", admin_pb2.QuarantineRequest(id=args.id))
+    response = call(args, "PurgeQuarantined", admin_pb2.QuarantineRequest(id=args.id))
     print(f"purged {response.id}: deleted for good")
     return 0
 
@@ -433,10 +389,10 @@ def _parser() -> argparse.ArgumentParser:
         sub = quarantine_commands.add_parser(name, help=text)
         sub.add_argument("id", help="a memory id from `quarantine list`")
         sub.set_defaults(func=func)
-    add_audit_commands(commands, _call)
-    add_session_commands(commands, _call)
-    add_key_commands(commands, _call)
-    add_backup_commands(commands, _call)
+    add_audit_commands(commands)
+    add_session_commands(commands)
+    add_key_commands(commands)
+    add_backup_commands(commands)
     return parser
 
 

@@ -137,10 +137,6 @@ class Profile:
         shared = sorted((self.read_namespaces | self.write_namespaces) - {agent})
         return (agent, *shared)
 
-    def may_write(self, agent: str, namespace: str) -> bool:
-        """Whether the agent may store into, update or delete from namespace."""
-        return namespace == agent or namespace in self.write_namespaces
-
 
 @dataclass(frozen=True)
 class Retention:

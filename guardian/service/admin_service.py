@@ -15,6 +15,7 @@ from typing import Any
 
 from guardian.policy import history as policy_history
 from guardian.policy.compile import Policy, compile_policy
+from guardian.policy.in_force import PolicyInForce
 from guardian.service.admin_backups import BackupHandlers
 from guardian.service.admin_keys import KeyHandlers
 from guardian.service.pipeline import Call
@@ -227,33 +228,11 @@ class AdminHandlers(KeyHandlers, BackupHandlers):
             running = self._core.policy
             if running.version == policy.version:
                 return pb.ApplyPolicyResponse(version=policy.version, previous_version=running.version, unchanged=True)
-            policy_history.append(
-                connection,
-                version=policy.version,
-                text=policy.text,
-                applied_at_ms=call.now_ms,
-                applied_by=call.agent,
-                source=source,
-            )
-            call.after_commit.append(lambda: self._put_in_force(policy, running, call.agent, source))
+            PolicyInForce.record(connection, policy, at_ms=call.now_ms, by=call.agent, source=source)
+            call.after_commit.append(lambda: self._core.swap_policy(policy, by=call.agent, source=source))
             return pb.ApplyPolicyResponse(version=policy.version, previous_version=running.version)
 
         return work
-
-    def _put_in_force(self, policy: Policy, previous: Policy, by: str, source: str) -> None:
-        self._core.swap_policy(policy)
-        security_log.info(
-            "policy in force",
-            extra={
-                "event": "policy_applied",
-                "policy_version": policy.version,
-                "previous_version": previous.version,
-                "by": by,
-                "source": source,
-            },
-        )
-
-    # -- quarantine --------------------------------------------------------------------------
 
     def ListQuarantine(self, call: Call, request: pb.ListQuarantineRequest) -> Work:
         limit = min(request.limit or 100, 1000)

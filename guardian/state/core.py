@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import time
 
 from guardian.checks.alerts import WebhookAlerter
@@ -22,6 +21,7 @@ from guardian.keys.rotated import FILE_NAME as ROTATED_KEYS_FILE
 from guardian.keys.rotated import KeyStore
 from guardian.policy import history as policy_history
 from guardian.policy.compile import Policy, compile_policy, load_policy
+from guardian.policy.in_force import PolicyInForce
 from guardian.state.config import GuardianConfig
 from guardian.state.metrics import GuardianMetrics, StateReading
 from guardian.state.statedir import lock_state_dir
@@ -40,6 +40,15 @@ security_log = logging.getLogger("agent_guardian.security")
 
 #: The audit trail's name for the policy file as the one who applied a policy.
 FILE_APPLIER = "@policy-file"
+
+
+def _loaded(policy: Policy, source: str) -> Policy:
+    """policy, after saying in the security log that the guardian starts with it."""
+    security_log.info(
+        "starting with the policy in force",
+        extra={"event": "policy_loaded", "policy_version": policy.version, "source": source},
+    )
+    return policy
 
 
 def now_ms() -> int:
@@ -72,11 +81,10 @@ class GuardianCore:
         self.rates = RateLimiter()
         self._alerter: WebhookAlerter | None = None
         self.anomalies = AnomalyMonitor(alert=self._alert)
-        self._policy_lock = threading.Lock()
         #: Why the policy file on disk is refused (the guardian runs on the last policy in force), or None.
         self.policy_file_refusal: str | None = None
-        self._policy = self._startup_policy()
-        self._configure_alerts(self._policy)
+        self.in_force = PolicyInForce(self._startup_policy())
+        self._configure_alerts(self.policy)
         self.metrics.watch_state(self.state_reading)
 
     @classmethod
@@ -163,7 +171,7 @@ class GuardianCore:
             sessions_open=self.sessions.count_all(now_ms()),
             database_size_bytes=self.database.size_bytes(),
             audit_chain_rows=head.seq if head else 0,
-            policy_version=self._policy.version,
+            policy_version=self.policy.version,
             policy_file_refused=self.policy_file_refusal is not None,
         )
 
@@ -179,7 +187,7 @@ class GuardianCore:
             {
                 "database": database,
                 "audit": audit_state,
-                "policy": "ok" if self._policy.version else "no policy loaded",
+                "policy": "ok" if self.policy.version else "no policy loaded",
             },
             # Serving on the last policy in force is ready; the refused file is what the operator must fix.
             warnings={"policy_file": f"refused ({refusal}); running the last policy in force"} if refusal else {},
@@ -188,7 +196,7 @@ class GuardianCore:
     @property
     def policy(self) -> Policy:
         """The policy in force now."""
-        return self._policy
+        return self.in_force.current
 
     def _startup_policy(self) -> Policy:
         try:
@@ -200,9 +208,9 @@ class GuardianCore:
             newest = policy_history.latest(connection)
             if last_from_file is None or last_from_file.version != file_policy.version or newest is None:
                 self._record_file_policy(connection, file_policy, file_policy, "policy.load")
-                return file_policy
+                return _loaded(file_policy, "file")
         if newest.version == file_policy.version:
-            return file_policy
+            return _loaded(file_policy, "file")
         try:
             policy = compile_policy(newest.text, f"policy {newest.version[:12]} from the history")
         except ConfigError as error:
@@ -212,12 +220,9 @@ class GuardianCore:
             )
             with self.database.write() as connection:
                 self._record_file_policy(connection, file_policy, file_policy, "policy.load")
-            return file_policy
-        security_log.info(
-            "starting with the newest applied policy (the file is unchanged since it was last loaded)",
-            extra={"event": "policy_loaded", "policy_version": policy.version, "source": newest.source},
-        )
-        return policy
+            return _loaded(file_policy, "file")
+        # The file is unchanged since it was last loaded: an apply or a rollback since then stays in force.
+        return _loaded(policy, newest.source)
 
     def _start_on_last_policy(self, refused: ConfigError) -> Policy:
         """The policy to start on when the policy file is refused: the last one in force, from the history.
@@ -271,14 +276,7 @@ class GuardianCore:
     def _record_file_policy(self, connection: Connection, policy: Policy, deciding: Policy, operation: str) -> None:
         """Record that the policy file put policy in force; deciding: the policy running (itself at start)."""
         at = now_ms()
-        policy_history.append(
-            connection,
-            version=policy.version,
-            text=policy.text,
-            applied_at_ms=at,
-            applied_by=FILE_APPLIER,
-            source="file",
-        )
+        PolicyInForce.record(connection, policy, at_ms=at, by=FILE_APPLIER, source="file")
         self.audit.append(
             connection,
             audit.AuditRecord(
@@ -292,15 +290,10 @@ class GuardianCore:
                 policy_version=deciding.version,
             ),
         )
-        security_log.info(
-            "policy in force",
-            extra={"event": "policy_applied", "policy_version": policy.version, "by": FILE_APPLIER, "source": "file"},
-        )
 
-    def swap_policy(self, policy: Policy) -> None:
-        """Put policy in force (the caller has recorded it)."""
-        with self._policy_lock:
-            self._policy = policy
+    def swap_policy(self, policy: Policy, *, by: str, source: policy_history.Source) -> None:
+        """Put policy in force once the caller's record of it committed (PolicyInForce), and its alerts."""
+        self.in_force.swap(policy, by=by, source=source)
         self._configure_alerts(policy)
 
     def reload_policy_file(self) -> Policy | None:
@@ -317,11 +310,11 @@ class GuardianCore:
                 extra={"event": "policy_reload_failed", "error": error.message},
             )
             self.policy_file_refusal = error.message
-            self._audit_refused_file("policy.reload", error, self._policy)
+            self._audit_refused_file("policy.reload", error, self.policy)
             return None
         with self.database.write() as connection:
-            self._record_file_policy(connection, policy, self._policy, "policy.reload")
-        self.swap_policy(policy)
+            self._record_file_policy(connection, policy, self.policy, "policy.reload")
+        self.swap_policy(policy, by=FILE_APPLIER, source="file")
         self.policy_file_refusal = None
         return policy
 
