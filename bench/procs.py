@@ -2,7 +2,7 @@
 
 Every process the bench starts (and every process those start) inherits
 :data:`RUN_ENV`, set to this run's id, so a caller can check afterwards that
-none is left (``tests/test_bench_smoke.py`` does). The stdio gateways are
+none is left (``tests/integration/test_bench_smoke.py`` does). The stdio gateways are
 started by the MCP client library with an environment of its own, so
 :func:`stdio_gateway` passes the variable on explicitly.
 """

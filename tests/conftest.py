@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import LOG_ONLY_ANOMALIES, Guardian, running_guardian
+from tests.support.harness import LOG_ONLY_ANOMALIES, Guardian, running_guardian
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 The proto files are mapped under the virtual path ``shared/rpc`` so the
 generated imports read ``from shared.rpc.guardian.v1 import ...``: the proto
 package stays ``guardian.v1`` on the wire, and nothing collides with the
-``guardian`` Python package. tests/test_stubs.py regenerates into a temporary
+``guardian`` Python package. tests/unit/test_stubs.py regenerates into a temporary
 directory and fails when the committed stubs differ.
 """
 

@@ -35,7 +35,7 @@ from shared.formats import RETRY_AFTER_METADATA_KEY
 from shared.rpc.guardian.v1 import admin_pb2, agent_pb2
 from tests.fuzz import counting
 from tests.fuzz.world import memories_in
-from tests.harness import Guardian
+from tests.support.harness import Guardian
 
 __all__ = [
     "ADMIN_SERVICE",

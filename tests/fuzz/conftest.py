@@ -34,7 +34,7 @@ from shared.rpc.guardian.v1 import admin_pb2
 from tests.fuzz import counting
 from tests.fuzz.mcp_world import McpWorld, mcp_world
 from tests.fuzz.world import AdminWorld, AgentWorld, admin_world, agent_world
-from tests.harness import Guardian
+from tests.support.harness import Guardian
 
 set_hypothesis_home_dir(Path(__file__).resolve().parent / ".hypothesis")
 

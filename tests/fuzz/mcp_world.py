@@ -21,8 +21,8 @@ from mcp.types import CallToolResult, Tool
 
 from tests.fuzz.protogen import Ref
 from tests.fuzz.world import AgentWorld, Pool
-from tests.harness import Guardian
-from tests.mcp_harness import stdio_params
+from tests.support.harness import Guardian
+from tests.support.mcp_harness import stdio_params
 
 __all__ = ["McpWorld", "mcp_world", "open_client"]
 

@@ -26,7 +26,7 @@ from tests.fuzz.mcp_world import McpWorld, open_client
 from tests.fuzz.schemagen import arbitrary_arguments, resolve_refs, schema_arguments
 from tests.fuzz.tool_checks import check_down_outcome, check_tool_outcome, memories_of
 from tests.fuzz.world import fuzz_policy
-from tests.harness import running_guardian
+from tests.support.harness import running_guardian
 
 #: A tool call answers within this long, plus 16 s per MiB of arguments, or it hangs.
 _BUDGET_S = 5.0

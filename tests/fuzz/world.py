@@ -36,7 +36,7 @@ from guardian.keys.ring import load_keys
 from shared.rpc.guardian.v1 import admin_pb2, agent_pb2, agent_pb2_grpc
 from tests.fuzz.protogen import Ref
 from tests.fuzz.values import QUARANTINE_TRIGGER
-from tests.harness import LOG_ONLY_ANOMALIES, Guardian, _CallRecorder, running_guardian
+from tests.support.harness import LOG_ONLY_ANOMALIES, Guardian, _CallRecorder, running_guardian
 
 __all__ = [
     "FUZZ_NAMESPACES",

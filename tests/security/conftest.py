@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Guardian
 from tests.security.hostile import hostile_guardian
+from tests.support.harness import Guardian
 
 
 @pytest.fixture(scope="module")

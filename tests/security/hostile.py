@@ -30,7 +30,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.rpc.guardian.v1 import agent_pb2_grpc
-from tests.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
+from tests.support.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
 
 __all__ = [
     "AGENT_METHODS",

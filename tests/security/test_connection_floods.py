@@ -22,9 +22,9 @@ from typing import Final
 import grpc
 import pytest
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import Agent, Attack, AuditWatch, cases, enrol, hostile_guardian
 from tests.security.wire import DATA, END_HEADERS, HEADERS, PREFACE, frame, grpc_request_headers, open_http2
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 CONNECTIONS: Final = 2000

@@ -16,8 +16,8 @@ from typing import Any, Final
 import grpc
 import pytest
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import Agent, Attack, cases, enrol, marker, memory_row, refused, served
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 MARK: Final = marker()

@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 from shared.rpc.guardian.v1 import agent_pb2_grpc
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import Agent, Attack, AuditWatch, cases, enrol
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 FLOOD_THREADS: Final = 16

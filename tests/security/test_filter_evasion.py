@@ -20,8 +20,8 @@ from typing import Final
 import grpc
 import pytest
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import Agent, Attack, enrol, hostile_guardian, memory_row, refused
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 _UPPER_DIGITS: Final = string.ascii_uppercase + string.digits

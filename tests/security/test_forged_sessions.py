@@ -18,7 +18,6 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import (
     AGENT_METHODS,
     OPERATION,
@@ -33,6 +32,7 @@ from tests.security.hostile import (
     raw_call,
     refused,
 )
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 MARK: Final = marker()

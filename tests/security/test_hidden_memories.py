@@ -17,8 +17,8 @@ from typing import Final
 import grpc
 import pytest
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import Agent, Attack, enrol, hostile_guardian, marker, memory_row, refused, served
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 MARK: Final = marker()

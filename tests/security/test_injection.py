@@ -20,8 +20,8 @@ from typing import Any, Final
 import grpc
 import pytest
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import Agent, Attack, enrol, marker, memory_row, refused, served
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 MARK: Final = marker()

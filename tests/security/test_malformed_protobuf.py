@@ -14,9 +14,9 @@ from typing import Final
 import grpc
 import pytest
 
-from tests.harness import Guardian
 from tests.security.hostile import AGENT_METHODS, OPERATION, Attack, AuditWatch, marker, raw_call, refused
 from tests.security.wire import END_GROUP, FIXED64, START_GROUP, VARINT, field, key, varint
+from tests.support.harness import Guardian
 
 MARK: Final = marker()
 

@@ -17,9 +17,9 @@ from typing import Any, Final
 import grpc
 import pytest
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import Agent, Attack, AuditWatch, enrol, marker, refused
 from tests.security.wire import field, message
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 MARK: Final = marker()

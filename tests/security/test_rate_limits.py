@@ -18,8 +18,8 @@ from typing import Any, Final
 import grpc
 import pytest
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import Agent, Attack, AuditWatch, cases, enrol, hostile_guardian, refused, trailers
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 SESSION_WRITES: Final = 4

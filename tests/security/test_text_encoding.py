@@ -16,9 +16,9 @@ from typing import Final
 import grpc
 import pytest
 
-from tests.harness import Guardian, agent_pb2
 from tests.security.hostile import OPERATION, Agent, Attack, enrol, marker, raw_call, refused
 from tests.security.wire import field, message
+from tests.support.harness import Guardian, agent_pb2
 
 pb = agent_pb2
 MARK: Final = marker()

@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.rpc.guardian.v1 import admin_pb2
-from tests.harness import Guardian
 from tests.security.hostile import Attack, cases, marker, raw_call, refused
+from tests.support.harness import Guardian
 
 MARK: Final = marker()
 ADMIN_SERVICE: Final = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]

@@ -1,0 +1,1 @@
+"""Tests against real processes: a guardian on real Unix sockets, real gateways, the real MCP client."""

@@ -1,0 +1,92 @@
+"""The privilege boundary is a package boundary: check the imports on each side, and the
+gateway's own rules (only its client touches gRPC; its public surface is exactly ``__all__``)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import gateway
+from tests.support.harness import ROOT
+
+FORBIDDEN = {
+    "guardian": {"gateway", "mcp", "starlette", "uvicorn", "httpx"},
+    "gateway": {"guardian", "sqlcipher3", "yaml"},
+    "shared": {"guardian", "gateway", "mcp", "sqlcipher3"},
+}
+
+
+GATEWAY_MODULES = sorted((ROOT / "gateway").glob("*.py"))
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every absolute module a file imports, as written (``grpc.aio``, ``shared.rpc.guardian.v1``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def imported_roots(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imported_names(path)}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_stay_on_its_side(package: str) -> None:
+    files = [p for p in (ROOT / package).rglob("*.py") if "rpc" not in p.relative_to(ROOT / package).parts]
+    assert files
+    offenders = {str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package]) for path in files}
+    assert not {path: names for path, names in offenders.items() if names}
+
+
+@pytest.mark.parametrize("path", GATEWAY_MODULES, ids=lambda p: p.name)
+def test_only_the_client_touches_grpc_and_the_stubs(path: Path) -> None:
+    if path.name == "client.py":
+        return
+    grpc_names = {n for n in imported_names(path) if n.split(".")[0] == "grpc" or n.startswith("shared.rpc")}
+    assert not grpc_names
+
+
+def test_no_relative_imports_hide_from_the_checks() -> None:
+    for path in GATEWAY_MODULES:
+        tree = ast.parse(path.read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level], path.name
+
+
+def test_public_surface_is_exactly_all() -> None:
+    assert sorted(gateway.__all__) == [
+        "BearerAuth",
+        "GatewayState",
+        "GuardianClient",
+        "Limits",
+        "Memory",
+        "MemoryDraft",
+        "Page",
+        "SearchHit",
+        "SessionBroker",
+        "SessionInfo",
+        "build_http_app",
+        "build_server",
+        "mcp_outcome",
+        "open_gateway",
+    ]
+    public = {name for name in vars(gateway) if not name.startswith("_")}
+    submodules = {p.stem for p in GATEWAY_MODULES}
+    assert public - submodules == set(gateway.__all__)
+
+
+@pytest.mark.parametrize("path", GATEWAY_MODULES, ids=lambda p: p.name)
+def test_every_module_documents_itself_and_declares_all(path: Path) -> None:
+    module = importlib.import_module("gateway" if path.stem == "__init__" else f"gateway.{path.stem}")
+    assert module.__doc__
+    assert isinstance(module.__all__, list)
+    for name in module.__all__:
+        item = getattr(module, name)
+        if callable(item):
+            assert item.__doc__, f"{module.__name__}.{name} has no docstring"
