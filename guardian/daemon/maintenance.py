@@ -21,7 +21,7 @@ import time
 from typing import Final
 
 from guardian.state.core import GuardianCore, now_ms
-from guardian.store import audit, idempotency
+from guardian.store import idempotency
 from shared.errors import Unavailable
 
 __all__ = ["RETENTION_CALLER", "Maintenance"]
@@ -100,18 +100,15 @@ class Maintenance:
                 ids = self._core.memories.purge_older_than(connection, cutoff, _PURGE_BATCH)
                 if not ids:
                     return total
-                self._core.audit.append(
+                self._core.audit.record(
                     connection,
-                    audit.AuditRecord(
-                        ts_ms=now,
-                        agent=RETENTION_CALLER,
-                        session="",
-                        operation="retention.purge",
-                        object_id=",".join(ids),
-                        decision="allow",
-                        reason=f"ok: {len(ids)} memories older than the retention of {policy.retention.max_age_ms} ms",
-                        policy_version=policy.version,
-                    ),
+                    ts_ms=now,
+                    agent=RETENTION_CALLER,
+                    operation="retention.purge",
+                    object_id=",".join(ids),
+                    decision="allow",
+                    reason=f"ok: {len(ids)} memories older than the retention of {policy.retention.max_age_ms} ms",
+                    policy_version=policy.version,
                 )
             total += len(ids)
         return total

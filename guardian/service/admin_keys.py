@@ -20,7 +20,6 @@ from typing import Any, Final
 from guardian.keys.rotated import RINGS
 from guardian.service.pipeline import Call
 from guardian.state.core import GuardianCore
-from guardian.store import audit
 from guardian.store.database import Connection
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.rpc.guardian.v1 import admin_pb2 as pb
@@ -95,18 +94,15 @@ class KeyHandlers:
                     with self._core.database.write() as connection:
                         count, bad, after = memories.resign_batch(connection, after, _RESIGN_BATCH)
                         if count:
-                            self._core.audit.append(
+                            self._core.audit.record(
                                 connection,
-                                audit.AuditRecord(
-                                    ts_ms=call.now_ms,
-                                    agent=call.agent,
-                                    session="",
-                                    operation="keys.resign.batch",
-                                    object_id=f"memory:{key_id}",
-                                    decision="allow",
-                                    reason=f"ok: {count} memories re-signed",
-                                    policy_version=call.policy.version,
-                                ),
+                                ts_ms=call.now_ms,
+                                agent=call.agent,
+                                operation="keys.resign.batch",
+                                object_id=f"memory:{key_id}",
+                                decision="allow",
+                                reason=f"ok: {count} memories re-signed",
+                                policy_version=call.policy.version,
                             )
                     resigned += count
                     failed += bad

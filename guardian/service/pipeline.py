@@ -303,7 +303,7 @@ class Pipeline:
                                 result.SerializeToString(deterministic=True),
                             )
                             idempotency.record(connection, call.agent, call.idempotency_key, first, call.now_ms)
-                    self._core.audit.append(connection, self._record(call, "allow", self._allow_reason(call)))
+                    self._audit(connection, call, "allow", self._allow_reason(call))
                     return result
 
                 response = database.submit(work_and_audit)
@@ -432,13 +432,8 @@ class Pipeline:
                 if event is not None:
                     self._core.metrics.anomalies.labels(event.kind, event.response).inc()
                     with self._core.database.write() as connection:
-                        self._core.audit.append(
-                            connection,
-                            replace(
-                                self._record(call, "alert", f"{event.kind}: {event.count} in {event.window_ms} ms"),
-                                operation=f"anomaly.{event.response}",
-                            ),
-                        )
+                        reason = f"{event.kind}: {event.count} in {event.window_ms} ms"
+                        self._audit(connection, call, "alert", reason, operation=f"anomaly.{event.response}")
         except Exception:
             log.exception("the anomaly stage failed for %s", call.method)
 
@@ -455,9 +450,7 @@ class Pipeline:
         self._core.metrics.requests.labels(rule.audit_operation, "deny").inc()
         self._core.metrics.denials.labels("unimplemented").inc()
         with self._core.database.write() as connection:
-            self._core.audit.append(
-                connection, self._record(call, "deny", "unimplemented: no such method on this socket")
-            )
+            self._audit(connection, call, "deny", "unimplemented: no such method on this socket")
         security_log.warning(
             "call to a method this socket does not serve",
             extra={"event": "unknown_method", "method": call.object_id},
@@ -537,8 +530,7 @@ class Pipeline:
 
     def _append_audit(self, call: Call, decision: audit.Decision, reason: str) -> None:
         """Append the call's audit row on its own (group-committed with concurrent requests)."""
-        record = self._record(call, decision, reason)
-        self._core.database.submit(lambda connection: self._core.audit.append(connection, record))
+        self._core.database.submit(lambda connection: self._audit(connection, call, decision, reason))
 
     def _observe(self, call: Call, decision: audit.Decision, started: float) -> None:
         """Count the outcome; an admin action also goes to the security log."""
@@ -557,12 +549,16 @@ class Pipeline:
                 },
             )
 
-    def _record(self, call: Call, decision: audit.Decision, reason: str) -> audit.AuditRecord:
-        return audit.AuditRecord(
+    def _audit(
+        self, connection: Connection, call: Call, decision: audit.Decision, reason: str, operation: str = ""
+    ) -> None:
+        """Write call's audit row inside connection's transaction (operation: the rule's, unless given)."""
+        self._core.audit.record(
+            connection,
             ts_ms=call.now_ms,
             agent=call.agent,
             session=session_ref(call.session.id) if call.session else "",
-            operation=call.rule.audit_operation,
+            operation=operation or call.rule.audit_operation,
             object_id=call.object_id,
             decision=decision,
             reason=reason,

@@ -259,36 +259,29 @@ class GuardianCore:
     def _audit_refused_file(self, operation: str, refused: ConfigError, running: Policy) -> None:
         """The audit row of a policy file the guardian refused (at start or on reload)."""
         with self.database.write() as connection:
-            self.audit.append(
+            self.audit.record(
                 connection,
-                audit.AuditRecord(
-                    ts_ms=now_ms(),
-                    agent=FILE_APPLIER,
-                    session="",
-                    operation=operation,
-                    object_id="",
-                    decision="deny",
-                    reason=f"invalid_argument: {refused.message}"[:200],
-                    policy_version=running.version,
-                ),
+                ts_ms=now_ms(),
+                agent=FILE_APPLIER,
+                operation=operation,
+                decision="deny",
+                reason=f"invalid_argument: {refused.message}"[:200],
+                policy_version=running.version,
             )
 
     def _record_file_policy(self, connection: Connection, policy: Policy, deciding: Policy, operation: str) -> None:
         """Record that the policy file put policy in force; deciding: the policy running (itself at start)."""
         at = now_ms()
         PolicyInForce.record(connection, policy, at_ms=at, by=FILE_APPLIER, source="file")
-        self.audit.append(
+        self.audit.record(
             connection,
-            audit.AuditRecord(
-                ts_ms=at,
-                agent=FILE_APPLIER,
-                session="",
-                operation=operation,
-                object_id=policy.version,
-                decision="allow",
-                reason="ok: policy in force (file)",
-                policy_version=deciding.version,
-            ),
+            ts_ms=at,
+            agent=FILE_APPLIER,
+            operation=operation,
+            object_id=policy.version,
+            decision="allow",
+            reason="ok: policy in force (file)",
+            policy_version=deciding.version,
         )
 
     def swap_policy(self, policy: Policy, *, by: str, source: policy_history.Source) -> None:

@@ -231,8 +231,32 @@ class AuditTrail:
         key = hmac.new(self.ring.primary, _ARGS_DIGEST_LABEL, "sha256").digest()
         return hmac.new(key, request_bytes, "sha256").hexdigest()[:32]
 
+    def record(
+        self,
+        connection: Connection,
+        *,
+        ts_ms: int,
+        agent: str,
+        operation: str,
+        decision: Decision,
+        reason: str,
+        policy_version: str,
+        session: str = "",
+        object_id: str = "",
+        args_digest: str = "",
+    ) -> ChainHead:
+        """Write one audit row, chained to the current head, inside the caller's write transaction.
+
+        The one writer of audit rows: requests allowed or denied, admin actions, maintenance, a
+        restore. reason is what decided (no content, token or secret); object_id the ids acted on.
+        """
+        return self.append(
+            connection,
+            AuditRecord(ts_ms, agent, session, operation, object_id, decision, reason, policy_version, args_digest),
+        )
+
     def append(self, connection: Connection, record: AuditRecord) -> ChainHead:
-        """Append record, chained to the current head, inside the caller's write transaction."""
+        """Append a record made earlier (rows from before the chain); :meth:`record` for a new row."""
         try:
             head = self._append(connection, record)
         except Exception:

@@ -41,7 +41,7 @@ import sqlcipher3
 
 from guardian.files.durable import fsync_dir
 from guardian.keys.ring import Keys
-from guardian.store.audit import AuditRecord, AuditTrail, ChainHead, HeadFile, read_head
+from guardian.store.audit import AuditTrail, ChainHead, HeadFile, read_head
 from guardian.store.database import Database, open_keyed, sidecars
 from guardian.store.memories import MemoryStore
 from shared.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
@@ -317,18 +317,15 @@ def restore(
     try:
         with database.write() as connection:
             was = f"seq {replaced_head.seq} mac {replaced_head.mac}" if replaced_head else "no database"
-            head = AuditTrail(keys.audit).append(
+            head = AuditTrail(keys.audit).record(
                 connection,
-                AuditRecord(
-                    ts_ms=now_ms,
-                    agent=RESTORE_CALLER,
-                    session="",
-                    operation="admin.backup.restore",
-                    object_id=f"backup sha256 {_file_sha256(backup)[:32]}",
-                    decision="allow",
-                    reason=f"ok: restored; the replaced chain head was {was}"[:200],
-                    policy_version=policy_version,
-                ),
+                ts_ms=now_ms,
+                agent=RESTORE_CALLER,
+                operation="admin.backup.restore",
+                object_id=f"backup sha256 {_file_sha256(backup)[:32]}",
+                decision="allow",
+                reason=f"ok: restored; the replaced chain head was {was}"[:200],
+                policy_version=policy_version,
             )
     finally:
         database.close()
