@@ -335,10 +335,11 @@ def test_audit_reads_are_themselves_audited_with_the_operator(busy: Guardian) ->
 def test_the_agent_socket_serves_no_audit_call(busy: Guardian) -> None:
     with grpc.insecure_channel(f"unix:{busy.agent_socket}") as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
-        for call, request in (
+        calls: tuple[tuple[Callable[[Any], object], object], ...] = (
             (stub.QueryAudit, admin_pb2.AuditQuery()),
             (stub.VerifyAudit, admin_pb2.VerifyAuditRequest()),
-        ):
+        )
+        for call, request in calls:
             with pytest.raises(grpc.RpcError) as caught:
                 call(request)
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

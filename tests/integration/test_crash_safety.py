@@ -62,11 +62,11 @@ def _client(guardian: Guardian, token: str, seed: int, acked: Acknowledged, stop
                     acked.deleted.add(victim)
             elif choice < 0.35:
                 drafts = [pb.MemoryDraft(content=f"crash batch {seed}-{number}-{i}") for i in range(3)]
-                reply = stub.StoreBatch(pb.StoreBatchRequest(session_id=session, memories=drafts), timeout=10)
+                batch_reply = stub.StoreBatch(pb.StoreBatchRequest(session_id=session, memories=drafts), timeout=10)
                 with acked.lock:
-                    for memory in reply.memories:
+                    for memory in batch_reply.memories:
                         acked.stored[memory.id] = memory.content
-                mine += [memory.id for memory in reply.memories]
+                mine += [memory.id for memory in batch_reply.memories]
             else:
                 content = f"crash note {seed}-{number}"
                 reply = stub.Store(

@@ -145,7 +145,7 @@ async def test_bad_input_through_the_gateway(world: dict[str, Any]) -> None:
     with guardian.keyed_db() as db:
         before = db.execute("SELECT count(*) FROM memories").fetchone()[0]
     async with Client(stdio_params(guardian, world["alice"])) as client:
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"content": ""}, "invalid_argument"),
             ({"content": "x" * 70_000}, "invalid_argument"),
             ({"content": "a", "tags": ["t"] * 1 + [f"t{i}" for i in range(20)]}, "invalid_argument"),

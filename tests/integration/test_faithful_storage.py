@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -158,7 +158,7 @@ def test_a_marker_longer_than_the_match_cannot_push_the_stored_form_over_its_lim
     with channel, pytest.raises(grpc.RpcError) as caught:
         stub.Store(pb.StoreRequest(session_id=sid, memory=pb.MemoryDraft(content=content)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.details().startswith("content (as stored, once redacted): 65549 bytes is over the limit")
+    assert str(caught.value.details()).startswith("content (as stored, once redacted): 65549 bytes is over the limit")
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -196,7 +196,11 @@ def test_a_replayed_update_does_not_outlive_the_read_window() -> None:
             assert stub.Update(update).memory.content == "the window hides me"
             assert stub.Update(update).memory.content == "the window hides me"  # a replay inside the window
             time.sleep(2.3)
-            for attempt in (lambda: stub.Get(pb.GetRequest(session_id=sid, id=stored.id)), lambda: stub.Update(update)):
+            attempts: tuple[Callable[[], object], ...] = (
+                lambda: stub.Get(pb.GetRequest(session_id=sid, id=stored.id)),
+                lambda: stub.Update(update),
+            )
+            for attempt in attempts:
                 with pytest.raises(grpc.RpcError) as caught:
                     attempt()
                 assert caught.value.code() == grpc.StatusCode.NOT_FOUND

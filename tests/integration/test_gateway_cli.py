@@ -96,7 +96,7 @@ async def read_log_until(process: asyncio.subprocess.Process, msg: str, seen: li
     while True:
         line = await asyncio.wait_for(process.stderr.readline(), timeout=20)
         assert line, f"gateway exited before logging {msg!r}: {seen}"
-        entry = json.loads(line)  # every stderr line is a JSON object
+        entry: dict[str, Any] = json.loads(line)  # every stderr line is a JSON object
         seen.append(entry)
         if entry["message"] == msg:
             return entry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -113,7 +114,7 @@ async def test_a_quarantined_store_says_so_and_reads_never_show_it() -> None:
 class _Misfiling(FakeGuardian):
     """A buggy guardian: stores into the agent's own namespace whatever the draft asked."""
 
-    async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
+    async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.StoreResponse:
         request.memory.namespace = ""
         return await super().Store(request, context)
 
@@ -122,7 +123,7 @@ class _NoNamespaces(FakeGuardian):
     """A buggy guardian: opens sessions that name no namespace."""
 
     async def OpenSession(
-        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.OpenSessionResponse:
         response = await super().OpenSession(request, context)
         response.ClearField("namespaces")

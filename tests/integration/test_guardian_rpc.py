@@ -8,18 +8,21 @@ from __future__ import annotations
 import re
 import stat
 import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 import grpc
 import pytest
 
-from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
+from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2_grpc
 from tests.support.harness import Guardian, agent_pb2, running_guardian
 
 pb = agent_pb2
+Alice = tuple[agent_pb2_grpc.AgentServiceStub, str]
 
 
 @pytest.fixture(scope="module")
-def alice(guardian: Guardian):
+def alice(guardian: Guardian) -> Iterator[Alice]:
     token = guardian.add_agent("alice")
     channel, stub = guardian.agent_stub()
     session = stub.OpenSession(pb.OpenSessionRequest(agent_token=token)).session_id
@@ -27,7 +30,9 @@ def alice(guardian: Guardian):
     channel.close()
 
 
-def store(stub, session: str, content: str, tags=(), metadata: str = "") -> pb.Memory:
+def store(
+    stub: agent_pb2_grpc.AgentServiceStub, session: str, content: str, tags: Iterable[str] = (), metadata: str = ""
+) -> pb.Memory:
     request = pb.StoreRequest(
         session_id=session, memory=pb.MemoryDraft(content=content, tags=tags, metadata_json=metadata)
     )
@@ -36,10 +41,10 @@ def store(stub, session: str, content: str, tags=(), metadata: str = "") -> pb.M
 
 def count_memories(guardian: Guardian, agent: str) -> int:
     with guardian.keyed_db() as db:
-        return db.execute("SELECT count(*) FROM memories WHERE agent = ?", (agent,)).fetchone()[0]
+        return cast(int, db.execute("SELECT count(*) FROM memories WHERE agent = ?", (agent,)).fetchone()[0])
 
 
-def test_store_get_search_update_list_delete(guardian: Guardian, alice) -> None:
+def test_store_get_search_update_list_delete(guardian: Guardian, alice: Alice) -> None:
     stub, session = alice
     memory = store(
         stub, session, "The deploy key lives in the vault under ops/deploy", ["ops"], '{"b": 1, "a": [1, 2]}'
@@ -100,12 +105,12 @@ def test_list_pages_with_a_cursor(guardian: Guardian) -> None:
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_agents_see_only_their_own_memories(guardian: Guardian, alice) -> None:
+def test_agents_see_only_their_own_memories(guardian: Guardian, alice: Alice) -> None:
     stub, session_a = alice
     secret = store(stub, session_a, "alice's private plan")
     token_b = guardian.add_agent("bob")
     session_b = stub.OpenSession(pb.OpenSessionRequest(agent_token=token_b)).session_id
-    attempts = {
+    attempts: dict[str, Callable[[], object]] = {
         "get": lambda: stub.Get(pb.GetRequest(session_id=session_b, id=secret.id)),
         "update": lambda: stub.Update(pb.UpdateRequest(session_id=session_b, id=secret.id, content="pwned")),
         "delete": lambda: stub.Delete(pb.DeleteRequest(session_id=session_b, id=secret.id)),
@@ -136,37 +141,39 @@ BAD_STORES = [
 
 
 @pytest.mark.parametrize(("name", "draft", "message"), BAD_STORES, ids=[case[0] for case in BAD_STORES])
-def test_bad_store_is_refused_audited_and_stores_nothing(guardian: Guardian, alice, name, draft, message) -> None:
+def test_bad_store_is_refused_audited_and_stores_nothing(
+    guardian: Guardian, alice: Alice, name: str, draft: pb.MemoryDraft, message: str
+) -> None:
     stub, session = alice
     before = count_memories(guardian, "alice")
     with pytest.raises(grpc.RpcError) as caught:
         stub.Store(pb.StoreRequest(session_id=session, memory=draft))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in caught.value.details()
+    assert message in (caught.value.details() or "")
     assert count_memories(guardian, "alice") == before
     row = guardian.audit_rows()[-1]
     assert (row["agent"], row["operation"], row["decision"]) == ("alice", "memory.store", "deny")
     assert row["reason"].startswith("invalid_argument") and len(row["policy_version"]) == 64
 
 
-def test_batch_is_all_or_nothing(guardian: Guardian, alice) -> None:
+def test_batch_is_all_or_nothing(guardian: Guardian, alice: Alice) -> None:
     stub, session = alice
     before = count_memories(guardian, "alice")
     drafts = [pb.MemoryDraft(content="fine"), pb.MemoryDraft(content="")]
     with pytest.raises(grpc.RpcError) as caught:
         stub.StoreBatch(pb.StoreBatchRequest(session_id=session, memories=drafts))
-    assert "memories[1].content" in caught.value.details()
+    assert "memories[1].content" in (caught.value.details() or "")
     too_many = [pb.MemoryDraft(content="x")] * 21
     with pytest.raises(grpc.RpcError) as caught:
         stub.StoreBatch(pb.StoreBatchRequest(session_id=session, memories=too_many))
-    assert "batch limit of 20" in caught.value.details()
+    assert "batch limit of 20" in (caught.value.details() or "")
     assert count_memories(guardian, "alice") == before
 
 
 @pytest.mark.parametrize(
     "memory_id", ["", "mem_nothex", "mem_" + "0" * 32, "../../etc/passwd", "1 OR 1=1", "mem_" + "a" * 31 + "'"]
 )
-def test_ids_the_guardian_never_issued(guardian: Guardian, alice, memory_id: str) -> None:
+def test_ids_the_guardian_never_issued(guardian: Guardian, alice: Alice, memory_id: str) -> None:
     stub, session = alice
     with pytest.raises(grpc.RpcError) as caught:
         stub.Get(pb.GetRequest(session_id=session, id=memory_id))
@@ -176,7 +183,7 @@ def test_ids_the_guardian_never_issued(guardian: Guardian, alice, memory_id: str
 
 
 @pytest.mark.parametrize("query", ['"', "*", "NEAR(", "AND", 'fox" OR "', "content:fox", "^fox", "a AND NOT b"])
-def test_fts_syntax_is_never_interpreted(guardian: Guardian, alice, query: str) -> None:
+def test_fts_syntax_is_never_interpreted(guardian: Guardian, alice: Alice, query: str) -> None:
     stub, session = alice
     store(stub, session, "and near the fox there is content")
     try:
@@ -184,7 +191,7 @@ def test_fts_syntax_is_never_interpreted(guardian: Guardian, alice, query: str) 
     except grpc.RpcError as error:
         # Only a query with no word at all is refused, and clearly.
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "needs at least one word" in error.details()
+        assert "needs at least one word" in (error.details() or "")
         return
     words = {w.lower() for w in re.findall(r"\w+", query)}
     assert hits, "a query with words that the stored memory contains must find it"
@@ -192,10 +199,10 @@ def test_fts_syntax_is_never_interpreted(guardian: Guardian, alice, query: str) 
         assert words & {w.lower() for w in re.findall(r"\w+", hit.memory.content)}
 
 
-def test_invalid_utf8_and_unknown_fields_are_refused(guardian: Guardian, alice) -> None:
+def test_invalid_utf8_and_unknown_fields_are_refused(guardian: Guardian, alice: Alice) -> None:
     _, session = alice
     channel = grpc.insecure_channel(f"unix:{guardian.agent_socket}")
-    raw = channel.unary_unary("/guardian.v1.AgentService/Store")
+    raw = channel.unary_unary("/guardian.v1.AgentService/Store", request_serializer=None, response_deserializer=None)
     session_field = b"\x0a" + bytes([len(session)]) + session.encode()
     bad_utf8 = session_field + b"\x12\x04\x0a\x02\xff\xfe"
     unknown = session_field + b"\x12\x03\x0a\x01a" + b"\xa0\x06\x01"
@@ -203,7 +210,7 @@ def test_invalid_utf8_and_unknown_fields_are_refused(guardian: Guardian, alice) 
         with pytest.raises(grpc.RpcError) as caught:
             raw(payload)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert message in caught.value.details()
+        assert message in (caught.value.details() or "")
         assert guardian.audit_rows()[-1]["decision"] == "deny"
     channel.close()
 
@@ -246,7 +253,7 @@ def test_expired_session_is_refused() -> None:
             with pytest.raises(grpc.RpcError) as caught:
                 stub.List(pb.ListRequest(session_id=session))
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert "expired" in caught.value.details()
+            assert "expired" in (caught.value.details() or "")
             assert guardian.audit_rows()[-1]["reason"].startswith("unauthenticated")
 
 
@@ -264,7 +271,7 @@ def test_policy_denies_operations_a_profile_lacks() -> None:
             assert stub.List(pb.ListRequest(session_id=session)).next_cursor == ""
 
 
-def test_tampered_memory_is_data_loss_never_returned(guardian: Guardian, alice) -> None:
+def test_tampered_memory_is_data_loss_never_returned(guardian: Guardian, alice: Alice) -> None:
     stub, session = alice
     memory = store(stub, session, "pay the invoice to account 1234")
     with guardian.keyed_db() as db:
@@ -272,7 +279,7 @@ def test_tampered_memory_is_data_loss_never_returned(guardian: Guardian, alice) 
     with pytest.raises(grpc.RpcError) as caught:
         stub.Get(pb.GetRequest(session_id=session, id=memory.id))
     assert caught.value.code() == grpc.StatusCode.DATA_LOSS
-    assert "9999" not in caught.value.details()
+    assert "9999" not in (caught.value.details() or "")
     row = guardian.audit_rows()[-1]
     assert (row["decision"], row["object_id"]) == ("deny", memory.id) and row["reason"].startswith("data_loss")
     with pytest.raises(grpc.RpcError) as caught:
@@ -295,7 +302,9 @@ def test_admin_service_is_not_on_the_agent_socket(guardian: Guardian) -> None:
     admin = grpc.insecure_channel(f"unix:{guardian.admin_socket}")
     with admin:
         with pytest.raises(grpc.RpcError) as caught:
-            admin.unary_unary("/guardian.v1.AgentService/OpenSession")(b"")
+            admin.unary_unary(
+                "/guardian.v1.AgentService/OpenSession", request_serializer=None, response_deserializer=None
+            )(b"")
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -100,7 +100,8 @@ def keys_listed(guardian: Guardian) -> list[dict[str, Any]]:
 
 
 def primary(guardian: Guardian, ring: str) -> str:
-    return next(row["key_id"] for row in keys_listed(guardian) if row["ring"] == ring and row["primary"])
+    key_id: str = next(row["key_id"] for row in keys_listed(guardian) if row["ring"] == ring and row["primary"])
+    return key_id
 
 
 def read_all(guardian: Guardian, token: str, acked: list[tuple[str, str]]) -> None:

@@ -519,7 +519,9 @@ def drive_raw_grpc(run: Run, guardian: Guardian, token: str) -> None:
         run.refusals[f"raw: {case}"] = caught.value.details() or ""
 
     try:
-        raw_store = channel.unary_unary("/guardian.v1.AgentService/Store")
+        raw_store = channel.unary_unary(
+            "/guardian.v1.AgentService/Store", request_serializer=None, response_deserializer=None
+        )
         draft = bytes([0x0A, len(marker) + 1]) + b"\xff" + marker  # content: invalid UTF-8 before the marker
         bad_utf8 = bytes([0x12, len(draft)]) + draft
         truncated = b"\x12\x7f\x0a\x7e" + marker  # lengths that run past the end
@@ -530,9 +532,11 @@ def drive_raw_grpc(run: Run, guardian: Guardian, token: str) -> None:
             ("/guardian.v1.AdminService/AddAgent", admin_pb2.AddAgentRequest(name=c).SerializeToString()),
             ("/guardian.v1.AdminService/QueryAudit", marker + m.aws_key.encode()),
         ):
-            call = channel.unary_unary(method)
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
             expect(method, grpc.StatusCode.UNIMPLEMENTED, lambda call=call, body=body: call(body, timeout=10))
-        probe = channel.unary_unary(f"/guardian.v1.AgentService/{m.method_probe}")
+        probe = channel.unary_unary(
+            f"/guardian.v1.AgentService/{m.method_probe}", request_serializer=None, response_deserializer=None
+        )
         expect("method path probe", grpc.StatusCode.UNIMPLEMENTED, lambda: probe(marker, timeout=10))
 
         for case, bad in (
@@ -630,8 +634,8 @@ def scenario(work_dir: Path) -> Run:
             run.outputs[f"state dir (stopped): {name}"] = data
     for name, data in every_file(log_dir).items():
         run.outputs[f"log dir: {name}"] = data
-    for path in (stdio_log, http_log, refused_log):
-        run.outputs[path.name] = path.read_bytes()
+    for log_path in (stdio_log, http_log, refused_log):
+        run.outputs[log_path.name] = log_path.read_bytes()
     return run
 
 

@@ -8,7 +8,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -20,7 +22,7 @@ from tests.support.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, curl,
 pb = agent_pb2
 
 
-def edited_policy(guardian: Guardian, tmp_path: Path, name: str, **changes) -> Path:
+def edited_policy(guardian: Guardian, tmp_path: Path, name: str, **changes: Any) -> Path:
     data = yaml.safe_load((guardian.state_dir / "policy.yaml").read_text())
     data.update(changes)
     path = tmp_path / name
@@ -29,7 +31,8 @@ def edited_policy(guardian: Guardian, tmp_path: Path, name: str, **changes) -> P
 
 
 def version(guardian: Guardian) -> str:
-    return guardian.admin("ShowPolicy", admin_pb2.ShowPolicyRequest()).version
+    info: admin_pb2.PolicyInfo = guardian.admin("ShowPolicy", admin_pb2.ShowPolicyRequest())
+    return info.version
 
 
 def store_allowed(guardian: Guardian, token: str) -> bool:
@@ -255,7 +258,8 @@ def test_a_hundred_reloads_during_traffic_fail_no_request(tmp_path: Path) -> Non
                         stored += 1
                     except grpc.RpcError as error:
                         if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the write budget, not a reload
-                            time.sleep(int(dict(error.trailing_metadata())["retry-after-ms"]) / 1000)
+                            trailing = cast("Iterable[tuple[str, str]]", error.trailing_metadata())
+                            time.sleep(int(dict(trailing)["retry-after-ms"]) / 1000)
                             continue
                         failures.append(f"{error.code().name}: {error.details()}")
 
@@ -280,7 +284,9 @@ def test_the_agent_socket_has_no_policy_calls() -> None:
     with running_guardian() as guardian:
         with grpc.insecure_channel(f"unix:{guardian.agent_socket}") as channel:
             for method in ("ShowPolicy", "ApplyPolicy", "PolicyHistory", "ListQuarantine", "UnlockAgent"):
-                call = channel.unary_unary(f"/guardian.v1.AdminService/{method}")
+                call = channel.unary_unary(
+                    f"/guardian.v1.AdminService/{method}", request_serializer=None, response_deserializer=None
+                )
                 with pytest.raises(grpc.RpcError) as caught:
                     call(b"")
                 assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

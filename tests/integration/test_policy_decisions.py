@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from shared.rpc.guardian.v1 import admin_pb2
+from shared.rpc.guardian.v1 import admin_pb2, agent_pb2_grpc
 from tests.support.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
 
 pb = agent_pb2
@@ -83,7 +83,7 @@ POLICY: dict[str, Any] = {
 @dataclass
 class Agent:
     name: str
-    stub: Any
+    stub: agent_pb2_grpc.AgentServiceStub
     session: str
     token: str = ""
 
@@ -92,11 +92,14 @@ class Agent:
         return self.stub.Store(request).memory
 
 
+World = tuple[Guardian, dict[str, Agent]]
+
+
 @pytest.fixture(scope="module")
-def world() -> Iterator[tuple[Guardian, dict[str, Agent]]]:
+def world() -> Iterator[World]:
     with running_guardian(**POLICY) as guardian:
         channel, stub = guardian.agent_stub()
-        agents = {}
+        agents: dict[str, Agent] = {}
         for name in ("alice", "reader", "tight", "brief", "night", "windowed", "teamw", "teamr", "prober"):
             token = guardian.add_agent(name)
             if name == "night":  # outside its hours it cannot even open a session
@@ -109,7 +112,8 @@ def world() -> Iterator[tuple[Guardian, dict[str, Agent]]]:
 
 
 def running_version(guardian: Guardian) -> str:
-    return guardian.admin("ShowPolicy", admin_pb2.ShowPolicyRequest()).version
+    info: admin_pb2.PolicyInfo = guardian.admin("ShowPolicy", admin_pb2.ShowPolicyRequest())
+    return info.version
 
 
 def last_row(guardian: Guardian, agent: str) -> dict[str, Any]:
@@ -144,7 +148,7 @@ LIMIT_CASES = [
 
 
 @pytest.mark.parametrize(("case", "draft", "reason"), LIMIT_CASES, ids=[c[0] for c in LIMIT_CASES])
-def test_limits(world, case: str, draft: dict[str, Any], reason: str) -> None:
+def test_limits(world: World, case: str, draft: dict[str, Any], reason: str) -> None:
     guardian, agents = world
     alice = agents["alice"]
     error = expect(lambda: alice.store(**draft), grpc.StatusCode.INVALID_ARGUMENT)
@@ -152,7 +156,7 @@ def test_limits(world, case: str, draft: dict[str, Any], reason: str) -> None:
     assert_audited(guardian, "alice", "memory.store", "deny", reason)
 
 
-def test_batch_over_the_limit(world) -> None:
+def test_batch_over_the_limit(world: World) -> None:
     guardian, agents = world
     alice = agents["alice"]
     request = pb.StoreBatchRequest(session_id=alice.session, memories=[pb.MemoryDraft(content="m")] * 4)
@@ -183,7 +187,15 @@ FILTER_CASES = [
 @pytest.mark.parametrize(
     ("case", "content", "code", "reason", "stored", "status"), FILTER_CASES, ids=[c[0] for c in FILTER_CASES]
 )
-def test_content_filters(world, case, content, code, reason, stored, status) -> None:
+def test_content_filters(
+    world: World,
+    case: str,
+    content: str,
+    code: grpc.StatusCode | None,
+    reason: str,
+    stored: str | None,
+    status: str | None,
+) -> None:
     guardian, agents = world
     alice = agents["alice"]
     result = expect(lambda: alice.store(content), code)
@@ -203,7 +215,7 @@ def test_content_filters(world, case, content, code, reason, stored, status) -> 
         assert result.id not in [hit.memory.id for hit in hits]
 
 
-def test_filters_apply_to_updates_tags_and_metadata(world) -> None:
+def test_filters_apply_to_updates_tags_and_metadata(world: World) -> None:
     guardian, agents = world
     alice = agents["alice"]
     memory = alice.store("plain")
@@ -217,7 +229,7 @@ def test_filters_apply_to_updates_tags_and_metadata(world) -> None:
     assert "xyz" not in tagged.metadata_json and "[redacted:test-password]" in tagged.metadata_json
 
 
-def test_redaction_that_would_overflow_the_limit_is_refused(world) -> None:
+def test_redaction_that_would_overflow_the_limit_is_refused(world: World) -> None:
     guardian, agents = world
     alice = agents["alice"]
     # 180 bytes of input; each 8-byte match grows to a 24-byte marker, far over the 200-byte limit.
@@ -225,7 +237,7 @@ def test_redaction_that_would_overflow_the_limit_is_refused(world) -> None:
     assert_audited(guardian, "alice", "memory.store", "deny", "invalid_argument: content (as stored, once redacted)")
 
 
-def test_quarantine_release_and_purge(world) -> None:
+def test_quarantine_release_and_purge(world: World) -> None:
     guardian, agents = world
     alice = agents["alice"]
     held = alice.store("<script>one</script>")
@@ -252,7 +264,7 @@ def test_quarantine_release_and_purge(world) -> None:
 # -- operations, hours, windows, namespaces ---------------------------------------------------------
 
 
-def test_profile_operations_default_deny(world) -> None:
+def test_profile_operations_default_deny(world: World) -> None:
     guardian, agents = world
     reader = agents["reader"]
     expect(lambda: reader.store("mine"), grpc.StatusCode.PERMISSION_DENIED)
@@ -261,7 +273,7 @@ def test_profile_operations_default_deny(world) -> None:
     assert_audited(guardian, "reader", "memory.list", "allow", "ok")
 
 
-def test_allowed_hours(world) -> None:
+def test_allowed_hours(world: World) -> None:
     guardian, agents = world
     night = agents["night"]
     token = night.session
@@ -275,7 +287,7 @@ def test_allowed_hours(world) -> None:
     )
 
 
-def test_read_window(world) -> None:
+def test_read_window(world: World) -> None:
     guardian, agents = world
     windowed = agents["windowed"]
     memory = windowed.store("fresh")
@@ -288,7 +300,7 @@ def test_read_window(world) -> None:
     assert not windowed.stub.List(pb.ListRequest(session_id=windowed.session)).memories
 
 
-def test_shared_namespaces(world) -> None:
+def test_shared_namespaces(world: World) -> None:
     guardian, agents = world
     writer, reader, alice = agents["teamw"], agents["teamr"], agents["alice"]
     shared = writer.store("team standup at nine", namespace="team-notes")
@@ -307,7 +319,7 @@ def test_shared_namespaces(world) -> None:
 # -- rate limits, session limits, anomaly lockout -------------------------------------------------
 
 
-def test_rate_limit_and_cooldown_survive_new_sessions(world) -> None:
+def test_rate_limit_and_cooldown_survive_new_sessions(world: World) -> None:
     guardian, agents = world
     tight = agents["tight"]
     for index in range(3):
@@ -332,7 +344,7 @@ def test_rate_limit_and_cooldown_survive_new_sessions(world) -> None:
     assert "agent" in error.details()
 
 
-def test_after_the_cooldown_requests_succeed_again(world) -> None:
+def test_after_the_cooldown_requests_succeed_again(world: World) -> None:
     guardian, agents = world
     brief = agents["brief"]
     brief.store("one")
@@ -345,7 +357,7 @@ def test_after_the_cooldown_requests_succeed_again(world) -> None:
     assert_audited(guardian, "brief", "memory.store", "allow", "ok")
 
 
-def test_session_opens_are_limited_per_agent(world) -> None:
+def test_session_opens_are_limited_per_agent(world: World) -> None:
     guardian, _ = world
     token = guardian.add_agent("opener")
     channel, stub = guardian.agent_stub()
@@ -362,7 +374,7 @@ def test_session_opens_are_limited_per_agent(world) -> None:
     assert_audited(guardian, "opener", "session.open", "deny", "rate_limited")
 
 
-def test_unknown_id_probing_locks_the_agent(world) -> None:
+def test_unknown_id_probing_locks_the_agent(world: World) -> None:
     guardian, agents = world
     prober = agents["prober"]
     for index in range(3):

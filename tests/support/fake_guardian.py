@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -99,7 +100,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         """Make the next ``times`` calls of ``method`` fail with ``code``."""
         self.injected[method] = Injected(code, details, trailing, times)
 
-    async def _enter(self, method: str, context: grpc.aio.ServicerContext, session_id: str | None) -> str:
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any], session_id: str | None) -> str:
         self.calls[method] += 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
@@ -129,7 +130,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         return "quarantined" if QUARANTINE_TRIGGER in content else "active"
 
     async def _drafts(
-        self, agent: str, drafts: list[pb.MemoryDraft], context: grpc.aio.ServicerContext
+        self, agent: str, drafts: list[pb.MemoryDraft], context: grpc.aio.ServicerContext[Any, Any]
     ) -> list[pb.Memory]:
         """Store every draft or none: a namespace the agent may not write refuses the lot."""
         for draft in drafts:
@@ -157,7 +158,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         self.memories[memory.id] = memory
         return memory
 
-    async def _visible(self, agent: str, memory_id: str, context: grpc.aio.ServicerContext) -> pb.Memory:
+    async def _visible(self, agent: str, memory_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Memory:
         memory = self.memories.get(memory_id)
         if memory is None or not self._sees(agent, memory):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no memory with that id")
@@ -165,7 +166,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         return memory
 
     async def OpenSession(
-        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.OpenSessionResponse:
         await self._enter("OpenSession", context, None)
         agent = self.tokens.get(request.agent_token)
@@ -185,14 +186,14 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         )
 
     async def CloseSession(
-        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseSessionResponse:
         await self._enter("CloseSession", context, request.session_id)
         del self.sessions[request.session_id]
         self.closed.append(request.session_id)
         return pb.CloseSessionResponse()
 
-    async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
+    async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.StoreResponse:
         self.store_keys.append(request.idempotency_key)
         agent = await self._enter("Store", context, request.session_id)
         if len(request.memory.content.encode()) > LIMITS.max_content_bytes:
@@ -201,18 +202,18 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         return pb.StoreResponse(memory=memory)
 
     async def StoreBatch(
-        self, request: pb.StoreBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StoreBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StoreBatchResponse:
         agent = await self._enter("StoreBatch", context, request.session_id)
         if len(request.memories) > LIMITS.max_batch:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 5 memories per batch")
         return pb.StoreBatchResponse(memories=await self._drafts(agent, list(request.memories), context))
 
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.GetResponse:
         agent = await self._enter("Get", context, request.session_id)
         return pb.GetResponse(memory=await self._visible(agent, request.id, context))
 
-    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.SearchResponse:
         agent = await self._enter("Search", context, request.session_id)
         words = request.query.lower().split()
         hits = [
@@ -223,7 +224,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         hits.sort(key=lambda h: -h.score)
         return pb.SearchResponse(hits=hits[: request.limit or LIMITS.max_page_size])
 
-    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
+    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListResponse:
         agent = await self._enter("List", context, request.session_id)
         mine = [m for m in reversed(self.memories.values()) if self._sees(agent, m)]
         start = int(request.cursor) if request.cursor else 0
@@ -231,7 +232,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         end = start + size
         return pb.ListResponse(memories=mine[start:end], next_cursor=str(end) if end < len(mine) else "")
 
-    async def Update(self, request: pb.UpdateRequest, context: grpc.aio.ServicerContext) -> pb.UpdateResponse:
+    async def Update(self, request: pb.UpdateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.UpdateResponse:
         agent = await self._enter("Update", context, request.session_id)
         memory = await self._visible(agent, request.id, context)
         if request.HasField("content"):
@@ -245,7 +246,7 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
         memory.updated_at_ms += 1
         return pb.UpdateResponse(memory=memory)
 
-    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.DeleteResponse:
         agent = await self._enter("Delete", context, request.session_id)
         await self._visible(agent, request.id, context)
         del self.memories[request.id]

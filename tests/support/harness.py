@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import sqlcipher3
@@ -39,7 +39,13 @@ _OUTCOME_UNKNOWN = frozenset(
 )
 
 
-class _CallRecorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+if TYPE_CHECKING:
+    _UnaryUnaryInterceptor = grpc.UnaryUnaryClientInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _UnaryUnaryInterceptor = grpc.UnaryUnaryClientInterceptor
+
+
+class _CallRecorder(_UnaryUnaryInterceptor):
     """Notes every call made through the harness's channels, with its outcome, for the audit cross-check."""
 
     def __init__(self, socket_kind: str, calls: list[tuple[str, str, grpc.StatusCode]]) -> None:

@@ -65,7 +65,8 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     if result.is_error or result.structured_content is None:
         text = " ".join(getattr(block, "text", "") for block in result.content)
         raise SystemExit(f"{tool} failed: {text}")
-    return result.structured_content
+    content: dict[str, Any] = result.structured_content
+    return content
 
 
 async def store(url: str, token: str, content: str) -> dict[str, Any]:

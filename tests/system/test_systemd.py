@@ -441,7 +441,8 @@ class Window:
     allowed: frozenset[str]
 
     def holds(self, record: dict[str, Any]) -> bool:
-        return self.start <= record["start"] <= self.end
+        start: float = record["start"]
+        return self.start <= start <= self.end
 
 
 class Load:

@@ -356,7 +356,7 @@ def _remove_cgroup(cgroup: Path, timeout_s: float) -> list[str]:
     """Kill whatever is left in the cgroup subtree and remove it; the problems found (empty: clean)."""
     if not cgroup.exists():
         return []
-    problems = []
+    problems: list[str] = []
     kill = cgroup / "cgroup.kill"
     if kill.exists():
         with contextlib.suppress(OSError):

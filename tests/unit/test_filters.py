@@ -27,6 +27,7 @@ from guardian.checks.filters import (
     default_filter_specs,
 )
 from guardian.store.memories import Draft
+from guardian.store.scan_form import ScanForm
 from shared.errors import ConfigError, InvalidArgument, PermissionDenied
 
 DEFAULTS = FilterSet.compile(default_filter_specs())
@@ -575,7 +576,7 @@ def _outcome(rules: FilterSet, value: Draft) -> object:
 
 def _unscreened(rules: FilterSet) -> FilterSet:
     bare = FilterSet(rules._rules)
-    bare._screens = dict.fromkeys(bare._screens)  # type: ignore[misc]
+    bare._screens = dict.fromkeys(bare._screens)
     return bare
 
 
@@ -602,9 +603,9 @@ def test_a_screen_skips_the_rules_when_nothing_can_match(monkeypatch: pytest.Mon
     calls: list[str] = []
     real = filters_module._Pass.__call__
 
-    def counting(self: filters_module._Pass, text: str) -> str:
+    def counting(self: filters_module._Pass, form: ScanForm) -> ScanForm:
         calls.append(self.rule.spec.name)
-        return real(self, text)
+        return real(self, form)
 
     monkeypatch.setattr(filters_module._Pass, "__call__", counting)
     DEFAULTS.scan(draft("an ordinary note about the build", tags=("ci",), metadata={"source": "chat"}))

@@ -9,16 +9,17 @@ from typing import Any
 import pytest
 import yaml
 
-from guardian.policy.compile import AllowedHours, compile_policy
+from guardian.policy.compile import AllowedHours, Policy, compile_policy
 from guardian.policy.default import render_default_policy
 from shared.errors import ConfigError
 
 
 def default_data() -> dict[str, Any]:
-    return yaml.safe_load(render_default_policy())
+    data: dict[str, Any] = yaml.safe_load(render_default_policy())
+    return data
 
 
-def compile_data(data: dict[str, Any]):
+def compile_data(data: dict[str, Any]) -> Policy:
     return compile_policy(yaml.safe_dump(data))
 
 
@@ -62,9 +63,10 @@ def test_version_ignores_formatting_and_comments_but_not_meaning() -> None:
 
 def _set(data: dict[str, Any], path: str, value: Any) -> None:
     keys = path.split(".")
+    node: Any = data  # a dict, or a list where a key is an index
     for key in keys[:-1]:
-        data = data.setdefault(key, {}) if not key.isdigit() else data[int(key)]  # type: ignore[assignment]
-    data[keys[-1]] = value
+        node = node.setdefault(key, {}) if not key.isdigit() else node[int(key)]
+    node[keys[-1]] = value
 
 
 BAD = [
