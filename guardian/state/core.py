@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import time
+from typing import Final
 
 from guardian.checks.alerts import WebhookAlerter
 from guardian.checks.anomaly import AnomalyEvent, AnomalyMonitor
@@ -37,6 +38,11 @@ __all__ = ["GuardianCore", "now_ms", "session_ref"]
 
 log = logging.getLogger("agent_guardian")
 security_log = logging.getLogger("agent_guardian.security")
+
+#: What /readyz says while the policy file is refused.
+_FILE_REFUSED_WARNING: Final = (
+    "the policy file is refused; the last policy in force runs (why: guardianctl status, or the security log)"
+)
 
 #: The audit trail's name for the policy file as the one who applied a policy.
 FILE_APPLIER = "@policy-file"
@@ -182,7 +188,6 @@ class GuardianCore:
             audit_state = "the last audit row could not be written; requests fail closed until one is"
         else:
             audit_state = "ok" if database == "ok" else "cannot be written while the database cannot"
-        refusal = self.policy_file_refusal
         return Readiness(
             {
                 "database": database,
@@ -190,7 +195,9 @@ class GuardianCore:
                 "policy": "ok" if self.policy.version else "no policy loaded",
             },
             # Serving on the last policy in force is ready; the refused file is what the operator must fix.
-            warnings={"policy_file": f"refused ({refusal}); running the last policy in force"} if refusal else {},
+            # /readyz has no authentication: why the file is refused (it can quote the policy) stays on the
+            # admin socket (guardianctl status) and in the security log.
+            warnings={"policy_file": _FILE_REFUSED_WARNING} if self.policy_file_refusal else {},
         )
 
     @property

@@ -40,13 +40,10 @@ MAX_GROWTH: Final = 3
 #: Removed from the scan form: controls and format characters (but newline, carriage return and tab),
 #: lone surrogates, and invisible characters outside Cf (combining grapheme joiner, Hangul fillers,
 #: variation selectors).
-_INVISIBLE_RE: Final = regex.compile(
-    r"(?![\n\r\t])[\p{Cc}\p{Cf}\p{Cs}\u034f\u115f\u1160\u3164\uffa0\ufe00-\ufe0f\U000e0100-\U000e01ef]"
-)
+_INVISIBLE: Final = r"(?![\n\r\t])[\p{Cc}\p{Cf}\p{Cs}\u034f\u115f\u1160\u3164\uffa0\ufe00-\ufe0f\U000e0100-\U000e01ef]"
+_INVISIBLE_RE: Final = regex.compile(_INVISIBLE)
 #: A character that the scan form changes or drops, or that may compose with the one before it.
-_TROUBLE_RE: Final = regex.compile(
-    r"[\p{NFKC_QC=N}\p{NFKC_QC=M}]|(?![\n\r\t])[\p{Cc}\p{Cf}\p{Cs}\u034f\u115f\u1160\u3164\uffa0\ufe00-\ufe0f\U000e0100-\U000e01ef]"
-)
+_TROUBLE_RE: Final = regex.compile(r"[\p{NFKC_QC=N}\p{NFKC_QC=M}]|" + _INVISIBLE)
 #: The only troublesome characters in ASCII text (a quicker check for the common case).
 _ASCII_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CLUSTER_RE: Final = regex.compile(r"\X")

@@ -172,7 +172,8 @@ def test_a_refused_policy_file_does_not_block_the_next_start(tmp_path: Path) -> 
         as_json = json.loads(guardian.ctl("--json", "status").stdout)
         assert as_json["ready"] is True and "not valid YAML" in as_json["policy_file_refusal"]
         ready = curl(guardian.ops_url + "/readyz")
-        assert ready.status == 200 and "not valid YAML" in ready.json()["warnings"]["policy_file"]
+        assert ready.status == 200 and "the policy file is refused" in ready.json()["warnings"]["policy_file"]
+        assert "not valid YAML" not in ready.body  # the unauthenticated endpoint does not say why
         assert "guardian_policy_file_refused 1.0" in curl(guardian.ops_url + "/metrics").body
         loaded = [row for row in guardian.audit_rows() if row["operation"] == "policy.load"][-1]
         assert loaded["decision"] == "deny" and "not valid YAML" in loaded["reason"]
