@@ -43,9 +43,9 @@ from grpc_health.v1 import _async as health_aio  # the aio HealthServicer (healt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guardian.daemon.sockets import prepare_socket_dir, remove_stale_socket, secure_socket
-from guardian.service.admin_service import AdminHandlers
-from guardian.service.agent_service import AgentHandlers
-from guardian.service.pipeline import ADMIN_CALLER, ADMIN_RULES, AGENT_RULES, Malformed, Pipeline, Rule
+from guardian.service.call import Malformed, Rule
+from guardian.service.pipeline import ADMIN_CALLER, Pipeline
+from guardian.service.rules import ADMIN_RULES, AGENT_RULES
 from guardian.service.status import abort_with
 from guardian.state.config import SocketConfig
 from guardian.state.core import GuardianCore
@@ -79,7 +79,6 @@ class _Socket:
     service_name: str
     module: ModuleType
     rules: dict[str, Rule]
-    handlers: object
     pipeline: Pipeline
 
 
@@ -127,7 +126,6 @@ class GuardianServer:
                 "AgentService",
                 agent_pb2,
                 AGENT_RULES,
-                AgentHandlers(core),
                 Pipeline(core, AGENT_RULES),
             ),
             _Socket(
@@ -136,7 +134,6 @@ class GuardianServer:
                 "AdminService",
                 admin_pb2,
                 ADMIN_RULES,
-                AdminHandlers(core),
                 Pipeline(core, ADMIN_RULES, caller=ADMIN_CALLER),
             ),
         ]
@@ -211,20 +208,18 @@ class GuardianServer:
         for method in service.methods:
             request_class = getattr(socket.module, method.input_type.name)
             response_class = getattr(socket.module, method.output_type.name)
-            handler = getattr(socket.handlers, method.name)
 
             async def behaviour(
                 requests: AsyncIterator[bytes],
                 context: grpc.aio.ServicerContext[Any, Any],
                 *,
                 name: str = method.name,
-                handler: Any = handler,
                 request_class: type[Message] = request_class,
                 response_class: type[Message] = response_class,
             ) -> Message:
                 request = _parse(request_class, await _arrived(requests))
                 metadata = tuple(context.invocation_metadata() or ())
-                serve = functools.partial(socket.pipeline.run, name, request, metadata, handler, response_class)
+                serve = functools.partial(socket.pipeline.run, name, request, metadata, response_class)
                 try:
                     response: Message = await _in_pool(pool, serve)
                 except GuardianError as error:

@@ -1,6 +1,7 @@
 """The admin service's backup handlers: create, list, read and verify backups.
 
-Part of :class:`guardian.service.admin_service.AdminHandlers`. Backups live in the
+Each runs alone (``Rule.runs_alone``): it reads the database or the backup
+directory itself, never holding the writer. Backups live in the
 guardian's backup directory (config ``backup.dir``) under names the guardian
 issues; no call takes a path. A backup is copied online (writers go on), then
 verified, and only a backup that verifies is kept and reported
@@ -11,19 +12,23 @@ ReadBackup, piece by piece, as the encrypted bytes it is.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
 
-from guardian.service.pipeline import Call
+from guardian.service.call import Call
 from guardian.state.core import GuardianCore
 from guardian.store.backup import BackupDir, BackupInfo
-from guardian.store.database import Connection
 from shared.errors import FailedPrecondition
 from shared.rpc.guardian.v1 import admin_pb2 as pb
 
-__all__ = ["BackupHandlers", "backup_message"]
+__all__ = [
+    "backup_message",
+    "check_backup_chunk",
+    "check_backup_name",
+    "create_backup",
+    "list_backups",
+    "read_backup",
+    "verify_backup",
+]
 
-Work = Callable[[Connection], Any]
 #: One backup at a time: two would only compete for the disk.
 _creating = threading.Lock()
 
@@ -51,54 +56,50 @@ def backup_message(info: BackupInfo) -> pb.BackupInfo:
     )
 
 
-class BackupHandlers:
-    """CreateBackup, ListBackups, ReadBackup, VerifyBackup."""
+def _backups(core: GuardianCore) -> BackupDir:
+    return BackupDir(core.config.backup_dir, core.config.backup_keep)
 
-    _core: GuardianCore
 
-    @property
-    def _backups(self) -> BackupDir:
-        return BackupDir(self._core.config.backup_dir, self._core.config.backup_keep)
+def create_backup(core: GuardianCore, call: Call, request: pb.CreateBackupRequest) -> pb.BackupInfo:
+    """Copy the database online, verify the copy, keep it (and the newest backup.keep of them)."""
+    if not _creating.acquire(blocking=False):
+        raise FailedPrecondition("a backup is already being made; try again when it is done")
+    try:
+        info = _backups(core).create(core.database, core.keystore.keys, call.now_ms)
+    finally:
+        _creating.release()
+    call.object_id = f"{info.name} sha256 {info.sha256[:32]}"
+    return backup_message(info)
 
-    def CreateBackup(self, call: Call, request: pb.CreateBackupRequest) -> Work:
-        def work(_: Connection) -> pb.BackupInfo:
-            if not _creating.acquire(blocking=False):
-                raise FailedPrecondition("a backup is already being made; try again when it is done")
-            try:
-                info = self._backups.create(self._core.database, self._core.keystore.keys, call.now_ms)
-            finally:
-                _creating.release()
-            call.object_id = f"{info.name} sha256 {info.sha256[:32]}"
-            return backup_message(info)
 
-        return work
+def list_backups(core: GuardianCore, call: Call, request: pb.ListBackupsRequest) -> pb.ListBackupsResponse:
+    """The backups kept, each with its check."""
+    backups = _backups(core)
+    return pb.ListBackupsResponse(backups=[backup_message(backups.describe(name)) for name in backups.names()])
 
-    def ListBackups(self, call: Call, request: pb.ListBackupsRequest) -> Work:
-        def work(_: Connection) -> pb.ListBackupsResponse:
-            backups = self._backups
-            return pb.ListBackupsResponse(backups=[backup_message(backups.describe(name)) for name in backups.names()])
 
-        return work
+def check_backup_name(core: GuardianCore, call: Call, request: pb.ReadBackupRequest | pb.VerifyBackupRequest) -> str:
+    """The name of a backup, of the shape the guardian issues (checked before anything is read)."""
+    _backups(core).path_of(request.name)
+    call.object_id = request.name
+    return request.name
 
-    def ReadBackup(self, call: Call, request: pb.ReadBackupRequest) -> Work:
-        backups = self._backups
-        backups.path_of(request.name)  # the name's shape, checked before anything is read
-        call.object_id = f"{request.name} at {request.offset}"
 
-        def work(_: Connection) -> pb.BackupChunk:
-            data, size = backups.read(request.name, request.offset)
-            return pb.BackupChunk(data=data, eof=request.offset + len(data) >= size, size=size)
+def check_backup_chunk(core: GuardianCore, call: Call, request: pb.ReadBackupRequest) -> pb.ReadBackupRequest:
+    """A backup's name, and the offset to read from."""
+    check_backup_name(core, call, request)
+    call.object_id = f"{request.name} at {request.offset}"
+    return request
 
-        return work
 
-    def VerifyBackup(self, call: Call, request: pb.VerifyBackupRequest) -> Work:
-        backups = self._backups
-        backups.path_of(request.name)
-        call.object_id = request.name
+def read_backup(core: GuardianCore, call: Call, request: pb.ReadBackupRequest) -> pb.BackupChunk:
+    """One piece of a backup's encrypted bytes."""
+    data, size = _backups(core).read(request.name, request.offset)
+    return pb.BackupChunk(data=data, eof=request.offset + len(data) >= size, size=size)
 
-        def work(_: Connection) -> pb.VerifyBackupResponse:
-            info = backups.verify(request.name, self._core.keystore.keys)
-            call.object_id = f"{info.name}: {'ok' if info.check.ok else info.check.problem[:150]}"
-            return pb.VerifyBackupResponse(backup=backup_message(info))
 
-        return work
+def verify_backup(core: GuardianCore, call: Call, name: str) -> pb.VerifyBackupResponse:
+    """Check a kept backup again, as a restore would."""
+    info = _backups(core).verify(name, core.keystore.keys)
+    call.object_id = f"{info.name}: {'ok' if info.check.ok else info.check.problem[:150]}"
+    return pb.VerifyBackupResponse(backup=backup_message(info))

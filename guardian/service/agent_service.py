@@ -1,29 +1,47 @@
 """The agent service's handlers: the only implementation of guardian.v1.AgentService.
 
-Each handler checks its request's shape against the caller's limits and
-returns the work to run inside the pipeline's transaction; the pipeline
-(guardian/service/pipeline.py) has already resolved the session and will check the
-policy and write the audit row.
+For each RPC, a check (the shape stage: the request against the caller's limits,
+made into what the handler takes) and a handler (the work, inside the transaction
+that also writes the audit row). The pipeline (guardian/service/pipeline.py) has
+resolved the session before the check, and runs the policy, rate and content
+stages between the two; the dispatch table (guardian/service/rules.py) pairs them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 from guardian.policy.compile import Limits
 from guardian.service import shape
-from guardian.service.pipeline import Call
+from guardian.service.call import Call, Writes
 from guardian.state.core import GuardianCore
 from guardian.store.database import Connection
 from guardian.store.memories import Draft, StoredMemory
 from shared.errors import InvalidArgument, Unauthenticated
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 
-__all__ = ["AgentHandlers"]
-
-Work = Callable[[Connection], Any]
+__all__ = [
+    "Page",
+    "Query",
+    "check_delete",
+    "check_get",
+    "check_list",
+    "check_search",
+    "check_store",
+    "check_store_batch",
+    "check_update",
+    "close_session",
+    "delete",
+    "get",
+    "limits_message",
+    "list_page",
+    "memory_message",
+    "open_session",
+    "search",
+    "store",
+    "store_batch",
+    "update",
+]
 
 
 def memory_message(memory: StoredMemory, redacted_by: tuple[str, ...] = ()) -> pb.Memory:
@@ -57,151 +75,177 @@ def limits_message(limits: Limits) -> pb.Limits:
     )
 
 
-class AgentHandlers:
-    """One method per AgentService RPC, named as the RPC."""
+# -- sessions ------------------------------------------------------------------------------------
 
-    def __init__(self, core: GuardianCore) -> None:
-        self._core = core
 
-    def OpenSession(self, call: Call, request: pb.OpenSessionRequest) -> Work:
-        token = request.agent_token  # authenticated at the session stage; checked again under the writer lock
+def open_session(
+    core: GuardianCore, call: Call, request: pb.OpenSessionRequest, connection: Connection
+) -> pb.OpenSessionResponse:
+    """Open a session for the agent the session stage authenticated."""
+    # A revocation that committed since the session stage must win: checked again under the writer lock.
+    if core.agents.authenticate(connection, request.agent_token, call.now_ms) != call.agent:
+        raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
+    rules = call.policy.sessions
+    session = call.session = core.sessions.open(call.agent, call.now_ms, rules.idle_timeout_ms, rules.max_lifetime_ms)
+    profile = call.required_profile
+    return pb.OpenSessionResponse(
+        session_id=session.id,
+        agent=call.agent,
+        expires_at_ms=session.expires_at_ms,
+        idle_timeout_ms=session.idle_timeout_ms,
+        limits=limits_message(profile.limits),
+        namespaces=list(call.required_scope.namespaces),
+        read_window_ms=profile.read_window_ms or 0,
+    )
 
-        def work(connection: Connection) -> pb.OpenSessionResponse:
-            # A revocation that committed since the session stage must win.
-            if self._core.agents.authenticate(connection, token, call.now_ms) != call.agent:
-                raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
-            rules = call.policy.sessions
-            session = self._core.sessions.open(call.agent, call.now_ms, rules.idle_timeout_ms, rules.max_lifetime_ms)
-            call.session = session
-            profile = call.required_profile
-            return pb.OpenSessionResponse(
-                session_id=session.id,
-                agent=call.agent,
-                expires_at_ms=session.expires_at_ms,
-                idle_timeout_ms=session.idle_timeout_ms,
-                limits=limits_message(profile.limits),
-                namespaces=list(call.required_scope.namespaces),
-                read_window_ms=profile.read_window_ms or 0,
-            )
 
-        return work
+def close_session(
+    core: GuardianCore, call: Call, request: pb.CloseSessionRequest, connection: Connection
+) -> pb.CloseSessionResponse:
+    """End the caller's session and forget its rate and anomaly state."""
+    session_id = call.required_session.id
+    core.sessions.close(session_id)
+    core.rates.forget_session(session_id)
+    core.anomalies.forget_session(session_id)
+    return pb.CloseSessionResponse()
 
-    def CloseSession(self, call: Call, request: pb.CloseSessionRequest) -> Work:
-        def work(_: Connection) -> pb.CloseSessionResponse:
-            session_id = call.required_session.id
-            self._core.sessions.close(session_id)
-            self._core.rates.forget_session(session_id)
-            self._core.anomalies.forget_session(session_id)
-            return pb.CloseSessionResponse()
 
-        return work
+# -- writes --------------------------------------------------------------------------------------
 
-    def Store(self, call: Call, request: pb.StoreRequest) -> Work:
-        call.drafts = [self._draft(request.memory, call.required_profile.limits, "memory")]
 
-        def work(connection: Connection) -> pb.StoreResponse:
-            [memory] = self._core.memories.insert(connection, call.required_scope, call.drafts, call.now_ms)
-            call.object_id = memory.id
-            return pb.StoreResponse(memory=memory_message(memory, call.drafts[0].redacted_by))
+def check_store(core: GuardianCore, call: Call, request: pb.StoreRequest) -> Writes:
+    """One memory draft within the caller's limits."""
+    return Writes((_draft(request.memory, call.required_profile.limits, "memory"),))
 
-        return work
 
-    def StoreBatch(self, call: Call, request: pb.StoreBatchRequest) -> Work:
-        limits = call.required_profile.limits
-        if not request.memories:
-            raise InvalidArgument("memories: needs at least one memory")
-        if len(request.memories) > limits.max_batch:
-            raise InvalidArgument(f"memories: {len(request.memories)} is over the batch limit of {limits.max_batch}")
-        call.drafts = [self._draft(item, limits, f"memories[{index}]") for index, item in enumerate(request.memories)]
-        call.cost = len(call.drafts)
+def store(core: GuardianCore, call: Call, request: Writes, connection: Connection) -> pb.StoreResponse:
+    """Store the (filtered) draft."""
+    [memory] = core.memories.insert(connection, call.required_scope, request.drafts, call.now_ms)
+    call.object_id = memory.id
+    return pb.StoreResponse(memory=memory_message(memory, request.drafts[0].redacted_by))
 
-        def work(connection: Connection) -> pb.StoreBatchResponse:
-            memories = self._core.memories.insert(connection, call.required_scope, call.drafts, call.now_ms)
-            call.object_id = ",".join(memory.id for memory in memories)
-            pairs = zip(memories, call.drafts, strict=True)
-            return pb.StoreBatchResponse(memories=[memory_message(memory, d.redacted_by) for memory, d in pairs])
 
-        return work
+def check_store_batch(core: GuardianCore, call: Call, request: pb.StoreBatchRequest) -> Writes:
+    """One to max_batch memory drafts, each within the caller's limits."""
+    limits = call.required_profile.limits
+    if not request.memories:
+        raise InvalidArgument("memories: needs at least one memory")
+    if len(request.memories) > limits.max_batch:
+        raise InvalidArgument(f"memories: {len(request.memories)} is over the batch limit of {limits.max_batch}")
+    return Writes(tuple(_draft(item, limits, f"memories[{index}]") for index, item in enumerate(request.memories)))
 
-    def Get(self, call: Call, request: pb.GetRequest) -> Work:
-        memory_id = call.object_id = shape.memory_id(request.id)
 
-        def work(connection: Connection) -> pb.GetResponse:
-            memory = self._core.memories.get(connection, call.required_scope, memory_id)
-            return pb.GetResponse(memory=memory_message(memory))
+def store_batch(core: GuardianCore, call: Call, request: Writes, connection: Connection) -> pb.StoreBatchResponse:
+    """Store every (filtered) draft, all or none."""
+    memories = core.memories.insert(connection, call.required_scope, request.drafts, call.now_ms)
+    call.object_id = ",".join(memory.id for memory in memories)
+    pairs = zip(memories, request.drafts, strict=True)
+    return pb.StoreBatchResponse(memories=[memory_message(memory, draft.redacted_by) for memory, draft in pairs])
 
-        return work
 
-    def Search(self, call: Call, request: pb.SearchRequest) -> Work:
-        limits = call.required_profile.limits
-        query = shape.query(request.query, limits)
-        limit = shape.page_size(request.limit, limits, "limit")
+def check_update(core: GuardianCore, call: Call, request: pb.UpdateRequest) -> Writes:
+    """The memory's id and the fields the update sets (at least one), within the caller's limits."""
+    limits = call.required_profile.limits
+    memory_id = call.object_id = shape.memory_id(request.id)
+    changed: set[str] = set()
+    content, metadata = "", "{}"
+    tags: tuple[str, ...] = ()
+    if request.HasField("content"):
+        content = shape.content(request.content, limits)
+        changed.add("content")
+    if request.HasField("tags"):
+        tags = shape.tags(request.tags.tags, limits)
+        changed.add("tags")
+    if request.HasField("metadata_json"):
+        metadata = shape.metadata_json(request.metadata_json, limits)
+        changed.add("metadata")
+    if not changed:
+        raise InvalidArgument("update: set at least one of content, tags or metadata")
+    draft = Draft(content=content, tags=tags, metadata_json=metadata)
+    return Writes((draft,), changed=frozenset(changed), memory_id=memory_id)
 
-        def work(connection: Connection) -> pb.SearchResponse:
-            hits = self._core.memories.search(connection, call.required_scope, query, limit)
-            call.object_id = ",".join(memory.id for memory, _ in hits)
-            return pb.SearchResponse(
-                hits=[pb.SearchHit(memory=memory_message(memory), score=score) for memory, score in hits]
-            )
 
-        return work
+def update(core: GuardianCore, call: Call, request: Writes, connection: Connection) -> pb.UpdateResponse:
+    """Change the (filtered) fields of one of the caller's memories."""
+    [changes] = request.drafts
+    memory = core.memories.update(
+        connection,
+        call.required_scope,
+        request.memory_id,
+        changes,
+        changed=request.changed or frozenset(),
+        now_ms=call.now_ms,
+    )
+    return pb.UpdateResponse(memory=memory_message(memory, changes.redacted_by))
 
-    def List(self, call: Call, request: pb.ListRequest) -> Work:
-        limits = call.required_profile.limits
-        page_size = shape.page_size(request.page_size, limits, "page_size")
 
-        def work(connection: Connection) -> pb.ListResponse:
-            scope = call.required_scope
-            memories, next_cursor = self._core.memories.list_page(connection, scope, page_size, request.cursor)
-            call.object_id = ",".join(memory.id for memory in memories)
-            return pb.ListResponse(memories=[memory_message(memory) for memory in memories], next_cursor=next_cursor)
+def check_delete(core: GuardianCore, call: Call, request: pb.DeleteRequest) -> str:
+    """The id of the memory to delete."""
+    memory_id = call.object_id = shape.memory_id(request.id)
+    return memory_id
 
-        return work
 
-    def Update(self, call: Call, request: pb.UpdateRequest) -> Work:
-        limits = call.required_profile.limits
-        memory_id = call.object_id = shape.memory_id(request.id)
-        changed: set[str] = set()
-        content, metadata = "", "{}"
-        tags: tuple[str, ...] = ()
-        if request.HasField("content"):
-            content = shape.content(request.content, limits)
-            changed.add("content")
-        if request.HasField("tags"):
-            tags = shape.tags(request.tags.tags, limits)
-            changed.add("tags")
-        if request.HasField("metadata_json"):
-            metadata = shape.metadata_json(request.metadata_json, limits)
-            changed.add("metadata")
-        if not changed:
-            raise InvalidArgument("update: set at least one of content, tags or metadata")
-        call.drafts = [Draft(content=content, tags=tags, metadata_json=metadata)]
-        call.changed = frozenset(changed)
+def delete(core: GuardianCore, call: Call, memory_id: str, connection: Connection) -> pb.DeleteResponse:
+    """Delete one of the caller's memories."""
+    core.memories.delete(connection, call.required_scope, memory_id)
+    return pb.DeleteResponse()
 
-        def work(connection: Connection) -> pb.UpdateResponse:
-            [changes] = call.drafts
-            memory = self._core.memories.update(
-                connection,
-                call.required_scope,
-                memory_id,
-                changes,
-                changed=call.changed or frozenset(),
-                now_ms=call.now_ms,
-            )
-            return pb.UpdateResponse(memory=memory_message(memory, changes.redacted_by))
 
-        return work
+# -- reads ---------------------------------------------------------------------------------------
 
-    def Delete(self, call: Call, request: pb.DeleteRequest) -> Work:
-        memory_id = call.object_id = shape.memory_id(request.id)
 
-        def work(connection: Connection) -> pb.DeleteResponse:
-            self._core.memories.delete(connection, call.required_scope, memory_id)
-            return pb.DeleteResponse()
+def check_get(core: GuardianCore, call: Call, request: pb.GetRequest) -> str:
+    """The id of the memory to get."""
+    memory_id = call.object_id = shape.memory_id(request.id)
+    return memory_id
 
-        return work
 
-    @staticmethod
-    def _draft(message: pb.MemoryDraft, limits: Limits, field: str) -> Draft:
-        draft = shape.draft(message.content, message.tags, message.metadata_json, limits, field)
-        return replace(draft, namespace=shape.namespace(message.namespace, f"{field}.namespace"))
+def get(core: GuardianCore, call: Call, memory_id: str, connection: Connection) -> pb.GetResponse:
+    """One memory the caller may read, verified."""
+    return pb.GetResponse(memory=memory_message(core.memories.get(connection, call.required_scope, memory_id)))
+
+
+@dataclass(frozen=True)
+class Query:
+    """A search, checked."""
+
+    text: str
+    limit: int
+
+
+def check_search(core: GuardianCore, call: Call, request: pb.SearchRequest) -> Query:
+    """The query and the number of hits, within the caller's limits."""
+    limits = call.required_profile.limits
+    return Query(shape.query(request.query, limits), shape.page_size(request.limit, limits, "limit"))
+
+
+def search(core: GuardianCore, call: Call, query: Query, connection: Connection) -> pb.SearchResponse:
+    """The memories the caller may read that best match the query."""
+    hits = core.memories.search(connection, call.required_scope, query.text, query.limit)
+    call.object_id = ",".join(memory.id for memory, _ in hits)
+    return pb.SearchResponse(hits=[pb.SearchHit(memory=memory_message(memory), score=score) for memory, score in hits])
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of a listing, checked."""
+
+    size: int
+    cursor: str
+
+
+def check_list(core: GuardianCore, call: Call, request: pb.ListRequest) -> Page:
+    """The page size, within the caller's limits (the cursor is checked where it is opened)."""
+    return Page(shape.page_size(request.page_size, call.required_profile.limits, "page_size"), request.cursor)
+
+
+def list_page(core: GuardianCore, call: Call, page: Page, connection: Connection) -> pb.ListResponse:
+    """One page of the memories the caller may read, newest first."""
+    memories, next_cursor = core.memories.list_page(connection, call.required_scope, page.size, page.cursor)
+    call.object_id = ",".join(memory.id for memory in memories)
+    return pb.ListResponse(memories=[memory_message(memory) for memory in memories], next_cursor=next_cursor)
+
+
+def _draft(message: pb.MemoryDraft, limits: Limits, field: str) -> Draft:
+    draft = shape.draft(message.content, message.tags, message.metadata_json, limits, field)
+    return replace(draft, namespace=shape.namespace(message.namespace, f"{field}.namespace"))

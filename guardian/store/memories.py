@@ -16,6 +16,7 @@ import logging
 import re
 import secrets
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -134,7 +135,7 @@ class MemoryStore:
 
     # -- agent operations ------------------------------------------------------------------
 
-    def insert(self, connection: Connection, scope: Scope, drafts: list[Draft], now_ms: int) -> list[StoredMemory]:
+    def insert(self, connection: Connection, scope: Scope, drafts: Sequence[Draft], now_ms: int) -> list[StoredMemory]:
         """Store drafts written by scope.agent (inside the caller's transaction)."""
         stored: list[StoredMemory] = []
         for draft in drafts:

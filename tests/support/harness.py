@@ -25,7 +25,7 @@ import sqlcipher3
 import yaml
 
 from guardian.keys.rotated import load_all_keys
-from guardian.service.pipeline import ADMIN_RULES, AGENT_RULES
+from guardian.service.rules import ADMIN_RULES, AGENT_RULES
 from guardian.state.config import load_config
 from guardian.state.statedir import init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
