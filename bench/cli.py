@@ -19,6 +19,7 @@ from pathlib import Path
 from bench.corpus import Corpus
 from bench.options import parse_options
 from bench.procs import run_id
+from bench.recall_eval.quality import measure_recall, render_recall
 from bench.report import Report, evaluate_targets, render_targets
 from bench.runner import log, run_sizes
 
@@ -34,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"run {identity}: sizes {options.sizes}, clients {options.clients}, transports {options.transports}")
     try:
         asyncio.run(run_sizes(options, temp_root, report))
+        if not options.quick:
+            log("recall quality on the eval set (bench/recall_eval)")
+            report.recall = measure_recall(temp_root)
     except Exception as error:
         report.problems.append(f"the run stopped: {type(error).__name__}: {error}")
         log(f"the run stopped: {type(error).__name__}: {error}")
@@ -44,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write_json(options.json_path, targets)
     print(report.table())
     print()
+    if report.recall is not None:
+        print(render_recall(report.recall))
+        print()
     print(render_targets(targets))
     if report.problems:
         print("\nproblems:\n  " + "\n  ".join(report.problems))

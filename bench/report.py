@@ -163,6 +163,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
     #: Per size: EXPLAIN QUERY PLAN of the search floor and of the guardian's search SQL.
     query_plans: list[dict[str, Any]] = field(default_factory=list)
+    #: Recall quality on the eval set, per search mode (bench/recall_eval/quality.py); None: not measured.
+    recall: dict[str, Any] | None = None
 
     def figure(self, operation: str, transport: str, clients: int, size: int) -> Figure | None:
         """The figure measured for these, if any."""
@@ -193,6 +195,7 @@ class Report:
             "peak_rss": self.rss,
             "checks": self.checks,
             "query_plans": self.query_plans,
+            "recall": self.recall,
             "targets": [target.to_json() for target in targets],
             "problems": self.problems,
         }

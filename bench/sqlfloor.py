@@ -184,7 +184,7 @@ class SqlFloor:
             raise RuntimeError("the floor lost a row")
 
     def _match(self) -> str:
-        return search_index.match_query(search_index.query_words(self._corpus.query()), (_NAMESPACE,))
+        return search_index.match_query(search_index.query_terms(self._corpus.query()), (_NAMESPACE,))
 
     def fts(self) -> None:
         """The guardian's search query: rank in FTS5, then read the best rows (the floor of search)."""

@@ -48,6 +48,8 @@ from gateway.models import (
     MemoryStatus,
     Page,
     SearchHit,
+    SearchHits,
+    SearchMode,
     SessionInfo,
 )
 from shared.error_table import error_row, received_row
@@ -61,6 +63,13 @@ from shared.errors import (
 from shared.formats import RETRY_AFTER_METADATA_KEY
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
+
+#: The wire's search modes.
+_SEARCH_MODES: Final[dict[SearchMode, pb.SearchMode.ValueType]] = {
+    "hybrid": pb.SEARCH_MODE_HYBRID,
+    "lexical": pb.SEARCH_MODE_LEXICAL,
+    "semantic": pb.SEARCH_MODE_SEMANTIC,
+}
 
 __all__ = [
     "AGENT_SERVICE",
@@ -363,13 +372,21 @@ class GuardianClient:
         _check(response.HasField("memory") and response.memory.id == memory_id)
         return _memory(response.memory)
 
-    async def search(self, session_id: str, query: str, limit: int | None = None) -> tuple[SearchHit, ...]:
-        """Full-text search, best match first; ``limit=None`` means the session's maximum."""
+    async def search(
+        self, session_id: str, query: str, limit: int | None = None, mode: SearchMode = "hybrid"
+    ) -> SearchHits:
+        """Search by words and meaning (or one of them), best match first; ``limit=None``: the session's maximum."""
         with _request_shape():
-            request = pb.SearchRequest(session_id=session_id, query=query, limit=limit or 0)
+            request = pb.SearchRequest(session_id=session_id, query=query, limit=limit or 0, mode=_SEARCH_MODES[mode])
         response = await self._retrying(lambda t: self._stub.Search(request, timeout=t, wait_for_ready=False))
         _check(limit is None or len(response.hits) <= limit)
-        return tuple(SearchHit(memory=_memory(h.memory), score=h.score) for h in response.hits)
+        hits = tuple(
+            SearchHit(
+                memory=_memory(h.memory), score=h.score, lexical_rank=h.lexical_rank, semantic_rank=h.semantic_rank
+            )
+            for h in response.hits
+        )
+        return SearchHits(hits, semantic_pending=response.semantic_pending)
 
     async def list(self, session_id: str, page_size: int | None = None, cursor: str | None = None) -> Page:
         """One page of memories, newest first; pass the returned ``next_cursor`` for the next."""

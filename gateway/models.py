@@ -22,6 +22,7 @@ __all__ = [
     "MemoryDraft",
     "Page",
     "SearchHit",
+    "SearchHits",
     "SessionInfo",
 ]
 
@@ -99,12 +100,27 @@ class Memory:
     redacted_by: tuple[str, ...] = ()
 
 
+#: Which legs a search runs: words and meaning fused, words alone, or meaning alone. (A type alias.)
+SearchMode = Literal["hybrid", "lexical", "semantic"]
+
+
 @dataclass(frozen=True, slots=True)
 class SearchHit:
     """One search result; a higher score is a better match."""
 
     memory: Memory
     score: float
+    #: Its rank among the matches by words and by meaning, from 1; 0 where that leg did not find it.
+    lexical_rank: int = 0
+    semantic_rank: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHits:
+    """A search's hits, best first; semantic_pending: ranked by words alone (the guardian is still loading)."""
+
+    hits: tuple[SearchHit, ...]
+    semantic_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)

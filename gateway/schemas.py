@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.models import QUARANTINED, Memory, MemoryStatus, SearchHit
+from gateway.models import QUARANTINED, Memory, MemoryStatus, SearchHit, SearchHits
 from shared.errors import InternalError, InvalidArgument
 
 __all__ = [
@@ -186,17 +186,39 @@ class Hit(BaseModel):
 
     memory: StoredMemory
     score: float = Field(description="Relevance; higher is a better match.")
+    found_by: list[Literal["words", "meaning"]] = Field(
+        description="Which legs of the search found it: by its words, by its meaning, or both."
+    )
 
     @classmethod
     def of(cls, hit: SearchHit) -> Hit:
         """The MCP form of a search hit."""
-        return cls(memory=StoredMemory.of(hit.memory), score=hit.score)
+        found_by: list[Literal["words", "meaning"]] = []
+        if hit.lexical_rank:
+            found_by.append("words")
+        if hit.semantic_rank:
+            found_by.append("meaning")
+        return cls(memory=StoredMemory.of(hit.memory), score=hit.score, found_by=found_by)
 
 
 class SearchResult(BaseModel):
     """What memory_search returns: best match first."""
 
     hits: list[Hit]
+    note: str | None = Field(
+        default=None, description="Set when the search could not run as asked, e.g. ranked by words alone for now."
+    )
+
+    @classmethod
+    def of(cls, found: SearchHits) -> SearchResult:
+        """The MCP form of a search's hits."""
+        note = (
+            "ranked by words alone: the guardian is still loading its index of meanings after a restart; "
+            "search again in a few seconds to also find memories by meaning"
+            if found.semantic_pending
+            else None
+        )
+        return cls(hits=[Hit.of(hit) for hit in found.hits], note=note)
 
 
 class GetResult(BaseModel):

@@ -42,7 +42,6 @@ from gateway.outcomes import mcp_outcome
 from gateway.schemas import (
     DeleteResult,
     GetResult,
-    Hit,
     ListResult,
     MemoryInput,
     Namespace,
@@ -110,6 +109,13 @@ MemoryId = Annotated[
 Query = Annotated[
     str,
     Field(description="Plain words to look for. Not a query language: quotes and operators are matched as text."),
+]
+Mode = Annotated[
+    Literal["hybrid", "lexical", "semantic"],
+    Field(
+        description="hybrid (the default): by words and by meaning, the two rankings fused; lexical: the words "
+        "themselves (best for names, ids, error codes, paths); semantic: by meaning alone, even in other words."
+    ),
 ]
 Limit = Annotated[
     int | None, Field(ge=1, le=_UINT32_MAX, description="At most this many hits; omit for the maximum allowed.")
@@ -246,10 +252,12 @@ async def memory_store_batch(ctx: Context[GatewayState, Any], memories: Drafts) 
 
 
 @_tool
-async def memory_search(ctx: Context[GatewayState, Any], query: Query, limit: Limit = None) -> SearchResult:
-    """Full-text search over your memories, best match first."""
-    hits = await _call(ctx, lambda c, sid: c.search(sid, query, limit))
-    return SearchResult(hits=[Hit.of(h) for h in hits])
+async def memory_search(
+    ctx: Context[GatewayState, Any], query: Query, limit: Limit = None, mode: Mode = "hybrid"
+) -> SearchResult:
+    """Search your memories by words and by meaning, best match first."""
+    found = await _call(ctx, lambda c, sid: c.search(sid, query, limit, mode))
+    return SearchResult.of(found)
 
 
 @_tool
@@ -371,8 +379,9 @@ def tool_descriptions(session: SessionInfo | None) -> dict[str, str]:
         "object of metadata. Returns the stored memory and its id." + writable + write + _CONTENT + _COMMON,
         "memory_store_batch": "Store several memories in one call; either all are stored or none. Returns "
         "them in the order given." + writable + batch + _CONTENT + _COMMON,
-        "memory_search": "Search the memories you can see for plain words, best match first. Returns the "
-        "matching memories with a relevance score." + visible + search + _COMMON,
+        "memory_search": "Search the memories you can see, best match first: by their words and by their "
+        "meaning (a question in other words than the memory's still finds it). Returns the matching memories "
+        "with a relevance score and which of words or meaning found each." + visible + search + _COMMON,
         "memory_get": "Get one memory by its id." + visible + _COMMON,
         "memory_list": "List the memories you can see, newest first, one page at a time; pass next_cursor "
         "back as cursor for the next page (null means no more pages)." + visible + page + _COMMON,

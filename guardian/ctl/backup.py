@@ -56,6 +56,8 @@ def _info_dict(info: Any) -> dict[str, Any]:
         "cipher_integrity": info.check.cipher_integrity,
         "memories_checked": info.check.memories_checked,
         "memories_failed": list(info.check.memories_failed),
+        "vectors_checked": info.check.vectors_checked,
+        "vectors_failed": list(info.check.vectors_failed),
         "audit_rows_checked": info.check.audit_rows_checked,
         "audit": info.check.audit,
     }
@@ -65,6 +67,7 @@ def _print_check(info: dict[str, Any]) -> None:
     print(
         f"  integrity {info['integrity']}; cipher integrity {info['cipher_integrity']};"
         f" {info['memories_checked']} memory HMACs checked, {len(info['memories_failed'])} failed;"
+        f" {info['vectors_checked']} vector HMACs checked, {len(info['vectors_failed'])} failed;"
         f" audit chain {info['audit']} ({info['audit_rows_checked']} rows)"
     )
 
@@ -147,6 +150,8 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
             "cipher_integrity": check.cipher_integrity,
             "memories_checked": check.memories_checked,
             "memories_failed": list(check.memories_failed),
+            "vectors_checked": check.vectors_checked,
+            "vectors_failed": list(check.vectors_failed),
             "audit_rows_checked": check.audit_rows_checked,
             "audit": check.audit,
         }
@@ -196,7 +201,10 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
         )
         return 0
     print(f"restored {backup} into {config.database}")
-    print(f"  verified: {report.check.memories_checked} memory HMACs, {report.check.audit_rows_checked} audit rows")
+    print(
+        f"  verified: {report.check.memories_checked} memory HMACs, {report.check.vectors_checked} vector HMACs,"
+        f" {report.check.audit_rows_checked} audit rows"
+    )
     if report.replaced is not None:
         print(f"  the database it replaced is kept as {report.replaced}")
     print(f"  audit chain: now at row {report.head.seq} (the restore is recorded there); start the guardian again")

@@ -131,6 +131,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "sessions_open": status.sessions_open,
                 "audit_chain_rows": status.audit_chain_rows,
                 "database_size_bytes": status.database_size_bytes,
+                "recall": {
+                    "index_ready": status.recall_index_ready,
+                    "vectors_indexed": status.vectors_indexed,
+                    "memories_to_embed": status.memories_to_embed,
+                    "embedding_model": status.embedding_model,
+                },
             }
         )
     else:
@@ -149,6 +155,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"sessions open: {status.sessions_open}")
         print(f"audit chain rows: {status.audit_chain_rows}")
         print(f"database size: {status.database_size_bytes} bytes")
+        index = "ready" if status.recall_index_ready else "loading (searches rank by words alone until it is)"
+        print(
+            f"recall by meaning: vector index {index}, {status.vectors_indexed} vectors; model {status.embedding_model}"
+        )
+        if status.memories_to_embed:
+            print(f"  {status.memories_to_embed} memories still to embed (in the background)")
     return 0 if status.ready and not status.warnings else 1
 
 

@@ -20,14 +20,21 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from guardian.daemon.maintenance import Maintenance
-from guardian.daemon.server import GuardianServer
-from guardian.state.config import load_config
-from guardian.state.core import GuardianCore
-from shared.errors import ConfigError
-from shared.jsonlog import configure_logging
-from shared.ops_http import OpsServer
-from shared.sdnotify import Watchdog, notify
+# One thread for numpy's BLAS, set before anything loads numpy: the guardian's vector work is small
+# (one query against the caller's partitions), and BLAS worker threads spinning between calls would
+# cost CPU on every request (measured: a search's CPU 6.9 ms instead of 0.9 at 16 clients).
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+from guardian.daemon.maintenance import Maintenance  # noqa: E402 - after the BLAS setting
+from guardian.daemon.recall import RecallIndexer  # noqa: E402
+from guardian.daemon.server import GuardianServer  # noqa: E402
+from guardian.state.config import load_config  # noqa: E402
+from guardian.state.core import GuardianCore  # noqa: E402
+from shared.errors import ConfigError  # noqa: E402
+from shared.jsonlog import configure_logging  # noqa: E402
+from shared.ops_http import OpsServer  # noqa: E402
+from shared.sdnotify import Watchdog, notify  # noqa: E402
 
 __all__ = ["main"]
 
@@ -71,6 +78,8 @@ def _serve_until_stopped(
     config = core.config
     housekeeping = Maintenance(core, config.housekeeping_interval_ms / 1000, config.audit_head_interval_ms / 1000)
     housekeeping.start()
+    recall = RecallIndexer(core)
+    recall.start()
     notify(f"READY=1\nSTATUS=serving; policy {core.policy.version[:12]}")
     watchdog = Watchdog()
     next_health_check = 0.0
@@ -86,6 +95,7 @@ def _serve_until_stopped(
             server.set_serving(core.readiness().ready)
     notify("STOPPING=1")
     server.stop(config.shutdown_grace_s)
+    recall.stop()
     housekeeping.stop()
     core.publish_audit_head("shutdown")
 

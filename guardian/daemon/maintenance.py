@@ -16,10 +16,10 @@ and never holds the writer for long.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Final
 
+from guardian.daemon.background import Background
 from guardian.state.core import GuardianCore, now_ms
 from guardian.store import idempotency
 from shared.errors import Unavailable
@@ -34,29 +34,19 @@ RETENTION_CALLER: Final = "@retention"
 _PURGE_BATCH: Final = 50  # ids of a batch fit the audit row's object_id
 
 
-class Maintenance:
+class Maintenance(Background):
     """Runs :meth:`tick` every interval on a daemon thread until stopped."""
 
     def __init__(self, core: GuardianCore, interval_s: float = 5.0, head_interval_s: float = 60.0) -> None:
+        super().__init__("guardian-maintenance")
         self._core = core
         self._interval_s = min(interval_s, head_interval_s)
         self._head_interval_s = head_interval_s
         self._next_head = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="guardian-maintenance", daemon=True)
         self._last_purge_ms = 0
 
-    def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread and wait for the tick in progress."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Tick every interval until stopped."""
         while not self._stop.wait(self._interval_s):
             try:
                 self.tick()

@@ -52,6 +52,8 @@ def backup_message(info: BackupInfo) -> pb.BackupInfo:
             audit_rows_checked=check.audit_rows_checked,
             audit=check.audit,
             ok=check.ok,
+            vectors_checked=check.vectors_checked,
+            vectors_failed=list(check.vectors_failed),
         ),
     )
 

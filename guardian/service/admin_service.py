@@ -110,6 +110,9 @@ def status(core: GuardianCore, call: Call, request: pb.StatusRequest) -> pb.Stat
     """Readiness, warnings and the figures an operator looks at first (alone: its probe takes the writer itself)."""
     readiness = core.readiness()
     state = core.state_reading()
+    vectors = core.memories.vectors
+    with core.database.read() as reader:
+        progress = vectors.progress(reader) if vectors else None
     return pb.StatusResponse(
         ready=readiness.ready,
         checks=dict(readiness.checks),
@@ -119,6 +122,10 @@ def status(core: GuardianCore, call: Call, request: pb.StatusRequest) -> pb.Stat
         sessions_open=state.sessions_open,
         audit_chain_rows=state.audit_chain_rows,
         database_size_bytes=state.database_size_bytes,
+        recall_index_ready=vectors.index.ready if vectors else False,
+        vectors_indexed=len(vectors.index) if vectors else 0,
+        memories_to_embed=progress.active - progress.embedded if progress else 0,
+        embedding_model=vectors.model.id if vectors else "",
     )
 
 

@@ -10,14 +10,16 @@ stages between the two; the dispatch table (guardian/service/rules.py) pairs the
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Final
 
 from guardian.policy.compile import Limits
 from guardian.service import shape
 from guardian.service.call import Call, Writes
 from guardian.state.core import GuardianCore
+from guardian.store import search_index
 from guardian.store.database import Connection
-from guardian.store.memories import Draft, StoredMemory
-from shared.errors import InvalidArgument, Unauthenticated
+from guardian.store.memories import Draft, SearchMode, SearchQuery, StoredMemory
+from shared.errors import InvalidArgument, Unauthenticated, Unavailable
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 
 __all__ = [
@@ -209,21 +211,62 @@ def get(core: GuardianCore, call: Call, memory_id: str, connection: Connection) 
 class Query:
     """A search, checked."""
 
-    text: str
+    query: SearchQuery
     limit: int
+    #: Whether a hybrid search runs on words alone because the vector index is still loading.
+    semantic_pending: bool = False
+
+
+#: The wire's search modes, by value.
+_MODES: Final[dict[int, SearchMode]] = {
+    pb.SEARCH_MODE_HYBRID: "hybrid",
+    pb.SEARCH_MODE_LEXICAL: "lexical",
+    pb.SEARCH_MODE_SEMANTIC: "semantic",
+}
 
 
 def check_search(core: GuardianCore, call: Call, request: pb.SearchRequest) -> Query:
-    """The query and the number of hits, within the caller's limits."""
+    """The query's words and, unless lexical, its vector; the number of hits; within the caller's limits.
+
+    The query is embedded here, before the transaction, so the model's work never holds the writer.
+    """
     limits = call.required_profile.limits
-    return Query(shape.query(request.query, limits), shape.page_size(request.limit, limits, "limit"))
+    text = shape.query(request.query, limits)
+    mode = _MODES.get(request.mode)
+    if mode is None:
+        raise InvalidArgument("mode: expected hybrid, lexical or semantic")
+    terms = tuple(search_index.query_terms(text))
+    if not terms:
+        raise InvalidArgument("query: needs at least one word (letters or digits) to search for")
+    limit = shape.page_size(request.limit, limits, "limit")
+    vectors = core.memories.vectors
+    if mode == "lexical" or vectors is None:
+        return Query(SearchQuery(terms, "lexical"), limit)
+    if not vectors.index.ready:
+        if mode == "semantic":
+            raise Unavailable(
+                "the vector index is still loading after a restart; retry in a few seconds, or search with mode lexical"
+            )
+        return Query(SearchQuery(terms, "lexical"), limit, semantic_pending=True)
+    return Query(SearchQuery(terms, mode, vectors.embed(text)), limit)
 
 
 def search(core: GuardianCore, call: Call, query: Query, connection: Connection) -> pb.SearchResponse:
-    """The memories the caller may read that best match the query."""
-    hits = core.memories.search(connection, call.required_scope, query.text, query.limit)
-    call.object_id = ",".join(memory.id for memory, _ in hits)
-    return pb.SearchResponse(hits=[pb.SearchHit(memory=memory_message(memory), score=score) for memory, score in hits])
+    """The memories the caller may read that best match the query, each with its score and its legs' ranks."""
+    hits = core.memories.search(connection, call.required_scope, query.query, query.limit)
+    call.object_id = ",".join(hit.memory.id for hit in hits)
+    return pb.SearchResponse(
+        hits=[
+            pb.SearchHit(
+                memory=memory_message(hit.memory),
+                score=hit.score,
+                lexical_rank=hit.lexical_rank,
+                semantic_rank=hit.semantic_rank,
+            )
+            for hit in hits
+        ],
+        semantic_pending=query.semantic_pending,
+    )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ outcome (allowed or denied) writes exactly one audit row:
 3. policy    is this operation granted to the agent's profile, now (allowed hours)?
 4. rate      token buckets per session and per agent; a breach starts a cooldown
 5. content   the policy's filters on the scan form: reject, redact, quarantine, flag;
-             what is stored is what was sent (but for redactions), within every limit
+             what is stored is what was sent (but for redactions), within every limit;
+             the stored content's vector (recall by meaning), outside the writer's lock
 6. data      the rule's handler, scoped to the agent's namespaces and read window
 7. integrity every row read is verified (memories.py); a mismatch is DATA_LOSS
 8. audit     the allow row shares the work's transaction, reads included: every
@@ -40,7 +41,7 @@ from guardian.service.shape import check_known_fields
 from guardian.state.core import GuardianCore, now_ms, session_ref
 from guardian.store import audit, idempotency
 from guardian.store.database import Connection
-from guardian.store.memories import QUARANTINED, Draft, Scope
+from guardian.store.memories import ACTIVE, QUARANTINED, Draft, Scope
 from shared.errors import (
     ContentRefused,
     GuardianError,
@@ -228,10 +229,17 @@ class Pipeline:
                 redacted_by=outcome.redacted_by,
             )
             _check_stored_sizes(call, checked.changed, stored)
-            filtered.append(stored)
+            filtered.append(self._embedded(stored, checked.changed))
         if hits:
             noted.append("filter_hits")
         return replace(checked, drafts=tuple(filtered)), hits
+
+    def _embedded(self, draft: Draft, changed: frozenset[str] | None) -> Draft:
+        """draft with its content's vector, made here so the model's work never holds the writer."""
+        vectors = self._core.memories.vectors
+        if vectors is None or draft.status != ACTIVE or (changed is not None and "content" not in changed):
+            return draft
+        return replace(draft, vector=vectors.embed(draft.content))
 
     def _data_stage(
         self,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from guardian.files.strict_yaml import Section, load_yaml_mapping
+from guardian.recall.model import BUILTIN, ModelFiles
 from guardian.store.database import DEFAULT_MIN_FREE_BYTES, Durability
 from shared.errors import ConfigError
 from shared.ops_http import parse_listen
@@ -22,6 +23,7 @@ __all__ = ["GuardianConfig", "SocketConfig", "load_config", "render_default_conf
 
 # A Unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL).
 _MAX_SOCKET_PATH = 107
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _SIZE_RE: Final = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?")
 _SIZE_UNITS: Final = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
@@ -68,6 +70,8 @@ class GuardianConfig:
     backup_dir: Path
     #: How many backups the guardian keeps there (the oldest beyond this are deleted).
     backup_keep: int
+    #: The embedding model's files (guardian/recall/model.py); None: the shipped one.
+    embedding_model: ModelFiles | None = None
 
 
 def load_config(path: Path) -> GuardianConfig:
@@ -125,6 +129,7 @@ def load_config(path: Path) -> GuardianConfig:
     backup_dir = _resolve(base, backup.text("dir", str(state_dir / "backups")))
     backup_keep = backup.integer("keep", 7, minimum=1, maximum=1000)
     backup.done()
+    embedding_model = _embedding_model(base, top.section("embedding"))
     top.done()
     return GuardianConfig(
         config_path=path,
@@ -147,7 +152,33 @@ def load_config(path: Path) -> GuardianConfig:
         min_free_bytes=min_free_bytes,
         backup_dir=backup_dir,
         backup_keep=backup_keep,
+        embedding_model=embedding_model,
     )
+
+
+def _embedding_model(base: Path, section: Section) -> ModelFiles | None:
+    """The ``embedding`` section: ``model: builtin``, or another model's two files, each with its sha256."""
+    model = section.text("model", BUILTIN)
+    if model == BUILTIN:
+        section.done()
+        return None
+    if model != "static":
+        raise ConfigError(f"embedding.model: expected builtin or static, got {model!r}")
+    files = ModelFiles(
+        weights=_resolve(base, section.text("weights")),
+        weights_sha256=_sha256_text(section, "weights_sha256"),
+        tokenizer=_resolve(base, section.text("tokenizer")),
+        tokenizer_sha256=_sha256_text(section, "tokenizer_sha256"),
+    )
+    section.done()
+    return files
+
+
+def _sha256_text(section: Section, key: str) -> str:
+    value = str(section.text(key)).lower()
+    if _SHA256_RE.fullmatch(value) is None:
+        raise ConfigError(f"embedding.{key}: expected the file's sha256, 64 hex digits")
+    return value
 
 
 def render_default_config() -> str:
@@ -195,6 +226,17 @@ storage:
 backup:
   dir: backups                # `guardianctl backup create` writes verified, encrypted copies here
   keep: 7                     # and deletes the oldest beyond this many
+embedding:
+  # The local model that gives memory_search its meaning (no network, ever). builtin: the
+  # static model shipped with the guardian. To use another static model (a safetensors matrix of
+  # token vectors and its Hugging Face tokenizer.json), name both files with their sha256; the
+  # guardian refuses to start if either differs, and embeds every memory again in the background.
+  model: builtin
+  # model: static
+  # weights: /path/to/model.safetensors
+  # weights_sha256: <64 hex digits>
+  # tokenizer: /path/to/tokenizer.json
+  # tokenizer_sha256: <64 hex digits>
 """
 
 

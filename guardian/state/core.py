@@ -23,6 +23,7 @@ from guardian.keys.rotated import KeyStore
 from guardian.policy import history as policy_history
 from guardian.policy.compile import Policy, compile_policy, load_policy
 from guardian.policy.in_force import PolicyInForce
+from guardian.recall.model import EmbeddingModel, builtin_files
 from guardian.state.config import GuardianConfig
 from guardian.state.metrics import GuardianMetrics, StateReading
 from guardian.state.statedir import lock_state_dir
@@ -31,6 +32,7 @@ from guardian.store.agents import AgentRegistry
 from guardian.store.audit import AuditTrail, HeadFile
 from guardian.store.database import Connection, Database
 from guardian.store.memories import MemoryStore
+from guardian.store.vectors import MemoryVectors
 from shared.errors import ConfigError
 from shared.ops_http import Readiness
 
@@ -81,7 +83,8 @@ class GuardianCore:
         self.audit = AuditTrail(keys.audit, on_failure=self.metrics.audit_failures.inc)
         self.audit_head_file = HeadFile(config.state_dir / "audit-head.json")
         self._open_audit_chain()
-        self.memories = MemoryStore(keys.memory)
+        model = EmbeddingModel(config.embedding_model or builtin_files())
+        self.memories = MemoryStore(keys.memory, MemoryVectors(model, keys.memory, database.after_commit))
         self.agents = AgentRegistry(keys.token)
         self.sessions = SessionTable()
         self.rates = RateLimiter()

@@ -44,6 +44,7 @@ from guardian.keys.ring import Keys
 from guardian.store.audit import AuditTrail, ChainHead, HeadFile, read_head
 from guardian.store.database import Database, open_keyed, sidecars
 from guardian.store.memories import MemoryStore
+from guardian.store.vectors import verify_stored
 from shared.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 
 __all__ = [
@@ -79,6 +80,10 @@ class CheckReport:
     audit_rows_checked: int
     audit: str
     audit_head: ChainHead | None
+    vectors_checked: int = 0
+    #: Vectors whose HMAC does not verify (the ids of their memories, at most 100), and how many.
+    vectors_failed: tuple[str, ...] = ()
+    vectors_failed_count: int = 0
 
     @property
     def ok(self) -> bool:
@@ -87,6 +92,7 @@ class CheckReport:
             self.integrity == "ok"
             and self.cipher_integrity == "ok"
             and not self.memories_failed_count
+            and not self.vectors_failed_count
             and self.audit == "ok"
         )
 
@@ -99,6 +105,8 @@ class CheckReport:
             return f"cipher integrity check: {self.cipher_integrity}"
         if self.memories_failed_count:
             return f"{self.memories_failed_count} memories fail their HMAC or digest (first: {self.memories_failed[0]})"
+        if self.vectors_failed_count:
+            return f"{self.vectors_failed_count} vectors fail their HMAC (first of memory {self.vectors_failed[0]})"
         if self.audit != "ok":
             return f"audit chain: {self.audit}"
         return ""
@@ -126,12 +134,14 @@ def verify_file(path: Path, keys: Keys, published: Iterable[ChainHead] = ()) -> 
     unreadable = "not checked: the file cannot be read past its damage"
     integrity = cipher = audit_state = unreadable
     checked, failed, rows, head = 0, ["(unreadable)"], 0, None
+    vectors_checked, vectors_failed = 0, ["(unreadable)"]
     try:
         connection.execute("PRAGMA query_only = ON")
         cipher_rows = connection.execute("PRAGMA cipher_integrity_check").fetchall()
         cipher = "ok" if not cipher_rows else "; ".join(str(row[0]) for row in cipher_rows[:5])
         integrity = "; ".join(str(row[0]) for row in connection.execute("PRAGMA integrity_check").fetchall())
         checked, failed = MemoryStore(keys.memory).verify_all(connection)
+        vectors_checked, vectors_failed = verify_stored(connection, keys.memory)
         report = AuditTrail(keys.audit).verify(connection, published)
         rows, head, audit_state = report.rows_checked, report.head, "ok" if report.intact else report.problem
     except sqlcipher3.Error as exc:  # a damaged page stops SQLite mid-check: what ran so far stands
@@ -149,6 +159,9 @@ def verify_file(path: Path, keys: Keys, published: Iterable[ChainHead] = ()) -> 
         audit_rows_checked=rows,
         audit=audit_state,
         audit_head=head,
+        vectors_checked=vectors_checked,
+        vectors_failed=tuple(vectors_failed[:_MAX_FAILED_IDS]),
+        vectors_failed_count=len(vectors_failed),
     )
 
 

@@ -104,6 +104,8 @@ class _Job(Generic[T]):
     """One unit of work waiting for a group commit."""
 
     work: Any
+    #: What to run once its changes have committed (Database.after_commit).
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
     done: bool = False
     result: T | None = None
     error: BaseException | None = field(default=None, repr=False)
@@ -243,6 +245,8 @@ class Database:
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        #: The after-commit actions of the transaction (or group job) running on the writer, or None.
+        self._pending: list[Callable[[], None]] | None = None
         self._probe: Any = None
         self._probe_lock = threading.Lock()
         self._migrate()
@@ -293,15 +297,20 @@ class Database:
         with self._write_lock:
             if self._closed:
                 raise Unavailable("the guardian is stopping; retry in a few seconds")
+            actions: list[Callable[[], None]] = []
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
+                self._pending = actions
                 try:
                     yield self._writer
                 except BaseException:
                     with suppress(sqlcipher3.Error):  # SQLite may have rolled back already
                         self._writer.execute("ROLLBACK")
                     raise
+                finally:
+                    self._pending = None
                 self._writer.execute("COMMIT")
+                _run_all(actions)
             except sqlcipher3.Error as exc:
                 fault = storage_fault(exc)
                 if fault is None:
@@ -347,15 +356,21 @@ class Database:
             writer.execute("BEGIN IMMEDIATE")
             for job in group:
                 writer.execute("SAVEPOINT job")
+                self._pending = job.after_commit
                 try:
                     job.result = job.work(writer)
                 except Exception as exc:  # the job's own failure: undo only its changes
                     job.error = exc
+                    job.after_commit.clear()
                     if storage_fault(exc) is not None:
                         raise  # the storage failed: SQLite may have ended the transaction; fail the group
                     writer.execute("ROLLBACK TO job")
+                finally:
+                    self._pending = None
                 writer.execute("RELEASE job")
             writer.execute("COMMIT")
+            for job in group:
+                _run_all(job.after_commit)
         except BaseException as exc:
             with suppress(Exception):
                 writer.execute("ROLLBACK")
@@ -367,6 +382,16 @@ class Database:
         finally:
             for job in group:
                 job.done = True
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run action once the transaction running on the writer now has committed; never if its work rolls back.
+
+        For what mirrors committed rows in memory (the vector index), which must never show
+        a change that was not committed. Only from work on the writer (write() or submit()).
+        """
+        if self._pending is None:
+            raise InternalError("after_commit outside a write transaction")
+        self._pending.append(action)
 
     def check_room(self) -> None:
         """Unavailable while free space on the database's filesystem is under min_free_bytes."""
@@ -534,6 +559,15 @@ class Database:
                 return
             self._closed = True
             self._close_connections()
+
+
+def _run_all(actions: list[Callable[[], None]]) -> None:
+    """Run after-commit actions; one that fails is logged and the rest still run (the commit stands)."""
+    for action in actions:
+        try:
+            action()
+        except Exception:
+            log.exception("an after-commit action failed")
 
 
 def sidecars(path: Path) -> tuple[Path, Path, Path]:

@@ -17,21 +17,27 @@ import re
 import secrets
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 from guardian.keys.ring import KeyRing
+from guardian.recall.fusion import fuse
+from guardian.recall.model import Vector
 from guardian.store import search_index
 from guardian.store.database import Connection
 from guardian.store.integrity import CURRENT_FORMAT, SignedFields, canonical_json, content_sha256
+from guardian.store.vectors import MemoryVectors
 from shared.errors import DataLoss, InvalidArgument, NotFound, PermissionDenied
 
 __all__ = [
     "ACTIVE",
     "QUARANTINED",
     "Draft",
+    "Hit",
     "MemoryStore",
     "Scope",
+    "SearchMode",
+    "SearchQuery",
     "StoredMemory",
 ]
 
@@ -51,6 +57,8 @@ _M_COLUMNS: Final = ", ".join("m." + column for column in _COLUMNS.split(", "))
 _AT: Final = {column: index for index, column in enumerate(_COLUMNS.split(", "))}
 _CURSOR_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}\.[0-9a-f]{32}")
 _MAX_NAMESPACES: Final = 64
+#: Candidates a search asks each leg for, at least.
+_MIN_DEPTH: Final = 20
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,8 @@ class Draft:
     filter_hits: tuple[str, ...] = ()
     #: Names of the rules that redacted part of this write (the reply says so; not stored).
     redacted_by: tuple[str, ...] = ()
+    #: The content's vector, when it was embedded before the transaction (else it is embedded there).
+    vector: Vector | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -112,10 +122,35 @@ class Scope:
         return ", ".join("?" for _ in self.namespaces)
 
 
+#: Which legs a search runs: both, fused (guardian/recall/fusion.py), or one.
+SearchMode = Literal["hybrid", "lexical", "semantic"]
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """A search, checked: its terms (for the lexical leg) and its vector (for the semantic leg)."""
+
+    terms: tuple[search_index.QueryTerm, ...]
+    mode: SearchMode = "hybrid"
+    vector: Vector | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A memory a search found: its score (higher is better) and its rank in each leg (0: not found there)."""
+
+    memory: StoredMemory
+    score: float
+    lexical_rank: int
+    semantic_rank: int
+
+
 class MemoryStore:
     """Reads and writes memories within a caller's scope, signing and verifying each."""
 
-    def __init__(self, ring: KeyRing) -> None:
+    def __init__(self, ring: KeyRing, vectors: MemoryVectors | None = None) -> None:
+        """vectors: where memories' vectors go (None: none are kept, e.g. to verify a backup)."""
+        self.vectors = vectors
         self.use_ring(ring)
 
     def use_ring(self, ring: KeyRing) -> None:
@@ -127,6 +162,8 @@ class MemoryStore:
             hmac.new(key, b"agent-guardian/cursor-key/v1", hashlib.sha256).digest() for key in signing_first
         )
         self._ring, self._cursor_keys = ring, cursor_keys
+        if self.vectors is not None:
+            self.vectors.use_ring(ring)
 
     @property
     def ring(self) -> KeyRing:
@@ -179,7 +216,7 @@ class MemoryStore:
                 ),
             )
             if memory.status == ACTIVE:
-                search_index.index(connection, int(cursor.lastrowid), namespace, memory.content, memory.tags)
+                self._index(connection, int(cursor.lastrowid), memory, draft.vector)
             stored.append(memory)
         return stored
 
@@ -194,39 +231,94 @@ class MemoryStore:
             raise NotFound("no memory with that id")
         return self._verified(row)
 
-    def search(self, connection: Connection, scope: Scope, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
-        """Memories in scope matching query, best first, with a score (higher is better).
+    def search(self, connection: Connection, scope: Scope, query: SearchQuery, limit: int) -> list[Hit]:
+        """The limit memories in scope that best match query, best first.
 
-        The index holds only active memories, by namespace (guardian/store/search_index.py), so
-        FTS5 matches and ranks only the caller's namespaces; the best hits are joined to
-        their rows, where the scope is checked again and the read window applied (with a
-        window, the index is asked for four times as many until enough pass or the matches
-        run out). The cost follows the caller's matches, never the size of the table.
+        Each leg asks its index for the best candidates of the caller's namespaces only:
+        the lexical leg FTS5 (guardian/store/search_index.py, ranked by bm25), the semantic
+        leg the vector index (cosine with the query's vector); hybrid fuses their ranks,
+        each lexical hit weighed by how much of the query it holds (guardian/recall/fusion.py).
+        The candidates' rows are read once; the scope is checked again on them, the read
+        window applied and each row verified; when too few pass and a leg may hold more, the
+        legs are asked for four times as many. The cost follows the candidates asked for,
+        never the size of the table.
         """
-        words = search_index.query_words(query)
-        if not words:
-            raise InvalidArgument("query: needs at least one word (letters or digits) to search for")
-        match = search_index.match_query(words, scope.namespaces)
-        wanted = limit
+        depth = max(2 * limit, _MIN_DEPTH)
         while True:
-            rows = connection.execute(
-                f"SELECT {_M_COLUMNS}, hits.rank FROM ("  # noqa: S608 - constant columns and placeholders
-                "SELECT rowid, bm25(memory_terms) AS rank FROM memory_terms"
-                " WHERE memory_terms MATCH ? ORDER BY rank LIMIT ?"
-                ") AS hits CROSS JOIN memories AS m ON m.rowid = hits.rowid",
-                (match, wanted),
+            lexical = self._lexical(connection, scope, query.terms, depth) if query.mode != "semantic" else []
+            semantic = self._semantic(scope, query.vector, depth) if query.mode != "lexical" else []
+            rows = self._rows(connection, [rowid for rowid, _ in lexical] + [rowid for rowid, _ in semantic])
+            if query.mode == "hybrid":
+                shares = [
+                    (rowid, search_index.coverage(query.terms, _searchable(rows[rowid])) if rowid in rows else 0.0)
+                    for rowid, _ in lexical
+                ]
+                fused = fuse(shares, [rowid for rowid, _ in semantic])
+                ranked = [(hit.rowid, hit.score, hit.lexical_rank, hit.semantic_rank) for hit in fused]
+            elif query.mode == "lexical":
+                ranked = [(rowid, -bm25, rank, 0) for rank, (rowid, bm25) in enumerate(lexical, 1)]
+            else:
+                ranked = [(rowid, cosine, 0, rank) for rank, (rowid, cosine) in enumerate(semantic, 1)]
+            hits = self._visible_hits(scope, rows, ranked, limit)
+            if len(hits) >= limit or (len(lexical) < depth and len(semantic) < depth):
+                return hits
+            depth *= 4
+
+    def _lexical(
+        self, connection: Connection, scope: Scope, terms: Sequence[search_index.QueryTerm], depth: int
+    ) -> list[tuple[int, float]]:
+        """The lexical leg: up to depth (rowid, bm25) of the caller's namespaces, best (lowest bm25) first."""
+        if not terms:
+            return []
+        rows = connection.execute(
+            "SELECT rowid, bm25(memory_terms) AS rank FROM memory_terms WHERE memory_terms MATCH ?"
+            " ORDER BY rank LIMIT ?",
+            (search_index.match_query(terms, scope.namespaces), depth),
+        ).fetchall()
+        return [(int(rowid), float(rank)) for rowid, rank in rows]
+
+    def _semantic(self, scope: Scope, vector: Vector | None, depth: int) -> list[tuple[int, float]]:
+        """The semantic leg: up to depth (rowid, cosine) of the caller's namespaces, nearest first."""
+        if self.vectors is None or vector is None:
+            return []
+        return self.vectors.index.search(scope.namespaces, vector, depth)
+
+    @staticmethod
+    def _rows(connection: Connection, rowids: Sequence[int]) -> dict[int, tuple[Any, ...]]:
+        """The memories rows of these rowids (those that exist)."""
+        unique = list(dict.fromkeys(rowids))
+        if not unique:
+            return {}
+        placeholders = ", ".join("?" for _ in unique)
+        return {
+            int(row[0]): row
+            for row in connection.execute(
+                f"SELECT {_COLUMNS} FROM memories WHERE rowid IN ({placeholders})",  # noqa: S608 - placeholders
+                unique,
             ).fetchall()
-            visible = [
-                row
-                for row in rows
-                if row[_AT["namespace"]] in scope.namespaces
+        }
+
+    def _visible_hits(
+        self,
+        scope: Scope,
+        rows: dict[int, tuple[Any, ...]],
+        ranked: list[tuple[int, float, int, int]],
+        limit: int,
+    ) -> list[Hit]:
+        """The first limit of ranked (rowid, score, lexical rank, semantic rank) that scope may read, verified."""
+        hits: list[Hit] = []
+        for rowid, score, lexical_rank, semantic_rank in ranked:
+            row = rows.get(rowid)
+            if (
+                row is not None
+                and row[_AT["namespace"]] in scope.namespaces
                 and row[_AT["status"]] == ACTIVE
                 and row[_AT["created_at_ms"]] >= scope.not_before_ms
-            ]
-            if len(visible) >= limit or len(rows) < wanted:
-                visible.sort(key=lambda row: row[-1])
-                return [(self._verified(row[:-1]), -float(row[-1])) for row in visible[:limit]]
-            wanted *= 4
+            ):
+                hits.append(Hit(self._verified(row), score, lexical_rank, semantic_rank))
+                if len(hits) == limit:
+                    break
+        return hits
 
     def list_page(
         self, connection: Connection, scope: Scope, page_size: int, cursor: str
@@ -276,7 +368,7 @@ class MemoryStore:
             status=changes.status,
             filter_hits=tuple(dict.fromkeys(current.filter_hits + changes.filter_hits)),
         )
-        self._rewrite(connection, updated)
+        self._rewrite(connection, updated, changes.vector if "content" in changed else None)
         return updated
 
     def delete(self, connection: Connection, scope: Scope, memory_id: str) -> None:
@@ -346,17 +438,25 @@ class MemoryStore:
             for row in connection.execute("SELECT rowid FROM memories WHERE id = ?", (memory_id,)).fetchall()
         ]
         search_index.unindex(connection, rowids)
+        if self.vectors is not None:
+            self.vectors.drop(connection, rowids)
         connection.executemany("DELETE FROM memories WHERE rowid = ?", [(rowid,) for rowid in rowids])
 
-    def _rewrite(self, connection: Connection, memory: StoredMemory) -> None:
-        """Store memory's new fields and signature, and index it again (only an active memory has terms)."""
-        row = connection.execute("SELECT rowid FROM memories WHERE id = ?", (memory.id,)).fetchone()
+    def _rewrite(self, connection: Connection, memory: StoredMemory, vector: Vector | None = None) -> None:
+        """Store memory's new fields and signature, and index it again (only an active memory is indexed).
+
+        vector: the new content's, if it was embedded already.
+        """
+        row = connection.execute("SELECT rowid, sha256 FROM memories WHERE id = ?", (memory.id,)).fetchone()
         if row is None:
             raise NotFound("no memory with that id")
         rowid = int(row[0])
         search_index.unindex(connection, [rowid])
         if memory.status == ACTIVE:
-            search_index.index(connection, rowid, memory.namespace, memory.content, memory.tags)
+            same_content = row[1] == memory.sha256 and self.vectors is not None and self.vectors.has(connection, rowid)
+            self._index(connection, rowid, memory, vector, terms_only=same_content)
+        elif self.vectors is not None:
+            self.vectors.drop(connection, [rowid])
         key_id, digest = _signed_fields(memory).sign(self._ring)
         connection.execute(
             "UPDATE memories SET content = ?, tags = ?, metadata = ?, updated_at_ms = ?, sha256 = ?,"
@@ -375,6 +475,55 @@ class MemoryStore:
                 memory.id,
             ),
         )
+
+    def _index(
+        self,
+        connection: Connection,
+        rowid: int,
+        memory: StoredMemory,
+        vector: Vector | None,
+        *,
+        terms_only: bool = False,
+    ) -> None:
+        """Index an active memory: its terms, and its vector (embedded here unless given or unchanged)."""
+        search_index.index(connection, rowid, memory.namespace, memory.content, memory.tags)
+        if self.vectors is not None and not terms_only:
+            vector = self.vectors.embed(memory.content) if vector is None else vector
+            self.vectors.put(connection, rowid, memory.id, memory.namespace, vector)
+
+    def unembedded(
+        self, connection: Connection, after_rowid: int, limit: int
+    ) -> tuple[list[tuple[int, StoredMemory]], int]:
+        """Up to limit active memories after after_rowid with no vector of the model in use.
+
+        Returns (rowid, memory) pairs of those that verify (one that does not is withheld from
+        every read, so it gets no vector), and the last rowid looked at (-1: none was left).
+        """
+        if self.vectors is None:
+            return [], -1
+        rowids = self.vectors.missing(connection, after_rowid, limit)
+        if not rowids:
+            return [], -1
+        placeholders = ", ".join("?" for _ in rowids)
+        rows = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE rowid IN ({placeholders}) ORDER BY rowid",  # noqa: S608
+            rowids,
+        ).fetchall()
+        found = [(int(row[0]), self._check(row)) for row in rows]
+        return [(rowid, memory) for rowid, memory in found if memory is not None], rowids[-1]
+
+    def attach_vectors(self, connection: Connection, embedded: Sequence[tuple[int, StoredMemory, Vector]]) -> int:
+        """Store vectors made outside the writer, for the memories still as they were read; how many."""
+        if self.vectors is None:
+            return 0
+        attached = 0
+        for rowid, memory, vector in embedded:
+            row = connection.execute("SELECT sha256, status FROM memories WHERE rowid = ?", (rowid,)).fetchone()
+            if row is None or row[0] != memory.sha256 or row[1] != ACTIVE or self.vectors.has(connection, rowid):
+                continue  # deleted, changed (and embedded then), or held since it was read
+            self.vectors.put(connection, rowid, memory.id, memory.namespace, vector)
+            attached += 1
+        return attached
 
     def verify_all(self, connection: Connection) -> tuple[int, list[str]]:
         """Check every memory's digest and HMAC: (how many were checked, the ids that fail)."""
@@ -504,6 +653,12 @@ def _signed_fields(memory: StoredMemory) -> SignedFields:
         memory.metadata_json,
         memory.status,
     )
+
+
+def _searchable(row: tuple[Any, ...]) -> str:
+    """The text of a row that the full-text index holds: its content, then its tags."""
+    tags = json.loads(row[_AT["tags"]]) if _is_json_list(row[_AT["tags"]]) else []
+    return str(row[_AT["content"]]) + "\n" + " ".join(tag for tag in tags if isinstance(tag, str))
 
 
 def _is_json_list(text: str) -> bool:

@@ -179,6 +179,17 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     CREATE INDEX idempotency_by_age ON idempotency(created_at_ms);
     """,
     _partition_search_index,
+    # 6: memories' vectors for recall by meaning (guardian/store/vectors.py), one row per embedded
+    # active memory, keyed by the memory's rowid. Filled in the background after the upgrade.
+    """
+    CREATE TABLE memory_vectors (
+        rowid INTEGER PRIMARY KEY,
+        model TEXT NOT NULL,
+        vector BLOB NOT NULL,
+        key_id TEXT NOT NULL,
+        mac TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -37,8 +37,37 @@ from typing import Any, Final
 
 from guardian.store.scan_form import ScanForm
 
-__all__ = ["MAX_QUERY_WORDS", "index", "match_query", "query_words", "rebuild", "terms", "unindex"]
+__all__ = [
+    "MAX_QUERY_WORDS",
+    "STOPWORDS",
+    "QueryTerm",
+    "coverage",
+    "index",
+    "match_query",
+    "query_terms",
+    "rebuild",
+    "terms",
+    "unindex",
+]
 
+#: English words too common to tell memories apart: a query's words are searched for without them
+#: (unless it has no other word). NLTK's English stopword list, plus a few modal verbs and "also".
+# fmt: off
+STOPWORDS: Final[frozenset[str]] = frozenset({
+    "i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "your", "yours", "yourself", "yourselves",
+    "he", "him", "his", "himself", "she", "her", "hers", "herself", "it", "its", "itself", "they", "them", "their",
+    "theirs", "themselves", "what", "which", "who", "whom", "this", "that", "these", "those", "am", "is", "are",
+    "was", "were", "be", "been", "being", "have", "has", "had", "having", "do", "does", "did", "doing", "a", "an",
+    "the", "and", "but", "if", "or", "because", "as", "until", "while", "of", "at", "by", "for", "with", "about",
+    "against", "between", "into", "through", "during", "before", "after", "above", "below", "to", "from", "up",
+    "down", "in", "out", "on", "off", "over", "under", "again", "further", "then", "once", "here", "there", "when",
+    "where", "why", "how", "all", "any", "both", "each", "few", "more", "most", "other", "some", "such", "no",
+    "nor", "not", "only", "own", "same", "so", "than", "too", "very", "s", "t", "can", "will", "just", "don",
+    "should", "now", "d", "ll", "m", "o", "re", "ve", "y", "ain", "aren", "couldn", "didn", "doesn", "hadn", "hasn",
+    "haven", "isn", "ma", "mightn", "mustn", "needn", "shan", "shouldn", "wasn", "weren", "won", "wouldn", "would",
+    "could", "might", "must", "shall", "also",
+})
+# fmt: on
 #: Words of a query that are searched for (the rest are ignored).
 MAX_QUERY_WORDS: Final = 32
 _TAG_HEX: Final = 12
@@ -103,18 +132,53 @@ def unindex(connection: Any, rowids: Iterable[int]) -> None:
     connection.executemany("DELETE FROM memory_terms WHERE rowid = ?", [(rowid,) for rowid in rowids])
 
 
-def query_words(text: str) -> list[str]:
-    """The distinct words of a query that are searched for, in order."""
-    return list(dict.fromkeys(words(text)))[:MAX_QUERY_WORDS]
+#: One term of a query: the words of one whitespace-separated token of it. One word is matched as
+#: such; several (``ERR_CONN_RESET``, ``24.0.4``, a path) as a phrase, those words in that order.
+QueryTerm = tuple[str, ...]
 
 
-def match_query(query: Sequence[str], namespaces: Sequence[str]) -> str:
-    """The FTS5 query for query's words in any of namespaces: quoted terms joined by OR.
+def query_terms(text: str) -> list[QueryTerm]:
+    """The distinct terms of a query that are searched for, in order: all but stopwords, unless all are.
+
+    At most MAX_QUERY_WORDS words in all.
+    """
+    found = list(dict.fromkeys(term for token in text.split() if (term := tuple(words(token)))))
+    telling = [term for term in found if len(term) > 1 or term[0] not in STOPWORDS]
+    kept: list[QueryTerm] = []
+    budget = MAX_QUERY_WORDS
+    for term in telling or found:
+        if len(term) > budget:
+            break
+        kept.append(term)
+        budget -= len(term)
+    return kept
+
+
+def match_query(terms: Sequence[QueryTerm], namespaces: Sequence[str]) -> str:
+    """The FTS5 query for terms in any of namespaces: each term quoted (a phrase), and a phrase's words
+    alone too (a memory with the words in a row ranks above one with them apart), joined by OR.
 
     Every term is a quoted string of letters and digits only, so agent text is never FTS syntax.
     """
     tags = [_namespace_tag(namespace) for namespace in namespaces]
-    return " OR ".join(f'"{tag}{word}"' for word in query for tag in tags)
+    wanted = dict.fromkeys([*terms, *((word,) for term in terms if len(term) > 1 for word in term)])
+    return " OR ".join('"' + " ".join(tag + word for word in term) + '"' for term in wanted for tag in tags)
+
+
+def coverage(terms: Sequence[QueryTerm], text: str) -> float:
+    """The share of terms that text holds (a phrase term: its words in a row)."""
+    if not terms:
+        return 0.0
+    held = words(text)
+    present = set(held)
+    found = 0
+    for term in terms:
+        if len(term) == 1:
+            found += term[0] in present
+        elif all(word in present for word in term):
+            width = len(term)
+            found += any(tuple(held[at : at + width]) == term for at in range(len(held) - width + 1))
+    return found / len(terms)
 
 
 def rebuild(connection: Any) -> int:

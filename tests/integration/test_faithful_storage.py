@@ -18,26 +18,18 @@ from hypothesis import strategies as st
 from mcp import Client
 
 from guardian.store.scan_form import ScanForm
-from tests.support.harness import LOG_ONLY_ANOMALIES, Guardian, agent_pb2, running_guardian
+from tests.support.harness import LOG_ONLY_ANOMALIES, UNLIMITED_PROFILE, Guardian, agent_pb2, running_guardian
 from tests.support.mcp_harness import call, call_error, stdio_params
 
 pytestmark = pytest.mark.anyio
 
 pb = agent_pb2
 KEY = "faithful-key-0123456789"
-FAST_WRITES = {"burst": 10_000, "per_minute": 100_000}
 POLICY: dict[str, Any] = {
     "anomaly": LOG_ONLY_ANOMALIES,
     "sessions": {"max_per_agent": 1000},
     "profiles": {
-        "default": {
-            "operations": ["store", "get", "search", "list", "update", "delete"],
-            "rate_limits": {
-                "session": {"writes": FAST_WRITES, "reads": FAST_WRITES},
-                "agent": {"writes": FAST_WRITES, "reads": FAST_WRITES},
-                "session_opens": FAST_WRITES,
-            },
-        },
+        "default": UNLIMITED_PROFILE,
         "windowed": {"operations": ["store", "get", "list", "update"], "read_window": "2s"},
     },
     "agents": {"windowed": "windowed"},

@@ -57,7 +57,7 @@ async def test_every_rpc_round_trips_plain_values() -> None:
 
         got = await client.get(sid, stored.id)
         assert got.content == "the sky is blue" and got == stored
-        hits = await client.search(sid, "blue", limit=5)
+        hits = (await client.search(sid, "blue", limit=5)).hits
         assert {h.memory.id for h in hits} == {stored.id, batch[1].id}
         assert all(isinstance(h.score, float) for h in hits)
 
@@ -108,7 +108,7 @@ async def test_a_quarantined_store_says_so_and_reads_never_show_it() -> None:
         assert updated.status == "quarantined"
         with pytest.raises(NotFound):
             await client.get(sid, held.id)
-        assert not await client.search(sid, "notes") and not (await client.list(sid)).memories
+        assert not (await client.search(sid, "notes")).hits and not (await client.list(sid)).memories
 
 
 class _Misfiling(FakeGuardian):

@@ -85,7 +85,12 @@ async def test_tools_have_input_and_output_schemas_annotations_and_limits() -> N
     assert {"namespace", "author", "status"} <= set(stored["required"])
     assert stored["properties"]["status"]["enum"] == ["active", "quarantined"]
     assert set(tools["memory_list"].output_schema["properties"]) == {"memories", "next_cursor"}  # type: ignore[index]
-    assert set(tools["memory_search"].output_schema["properties"]) == {"hits"}  # type: ignore[index]
+    search = tools["memory_search"]
+    assert set(search.output_schema["properties"]) == {"hits", "note"}  # type: ignore[index]
+    hit = search.output_schema["$defs"]["Hit"]  # type: ignore[index]
+    assert hit["properties"]["found_by"]["items"]["enum"] == ["words", "meaning"]
+    assert search.input_schema["properties"]["mode"]["enum"] == ["hybrid", "lexical", "semantic"]
+    assert search.input_schema["properties"]["mode"]["default"] == "hybrid"
     assert set(tools["memory_delete"].output_schema["properties"]) == {"deleted"}  # type: ignore[index]
     assert set(tools["memory_update"].input_schema["required"]) == {"id"}
     # The stdio gateway knew the session's limits at start: the numbers are in the descriptions.
@@ -347,7 +352,7 @@ UNKNOWN_ARGUMENTS: list[tuple[str, dict[str, Any], str]] = [
     ("memory_store", {"content": "kept?", "contnet_typo": "x", "owner": "root"}, "contnet_typo"),
     ("memory_store", {"content": "kept?", "tag": ["misspelt"]}, "tag"),
     ("memory_store_batch", {"memories": [{"content": "a", "tagz": ["x"]}]}, "tagz"),
-    ("memory_search", {"query": "x", "mode": "semantic-typo"}, "mode"),
+    ("memory_search", {"query": "x", "sort": "newest"}, "sort"),
     ("memory_get", {"id": MISSING_ID, "namespace": "other"}, "namespace"),
     ("memory_list", {"page": 2}, "page"),
     ("memory_update", {"id": MISSING_ID, "content": "x", "contents": "y"}, "contents"),

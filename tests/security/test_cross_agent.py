@@ -195,8 +195,12 @@ def test_search_results_do_not_depend_on_another_agents_memories(
     bob, (written, unwritten) = world.bob, world.twins
 
     def search(query: str) -> list[tuple[str, float]]:
-        """Bob's search for query: (content, score) of each hit, audited as an allow."""
-        request = pb.SearchRequest(session_id=bob.session, query=query)
+        """Bob's search by words for query: (content, score) of each hit, audited as an allow.
+
+        The words' statistics are what could tell; the semantic leg's partitions are tested in
+        tests/integration/test_recall.py.
+        """
+        request = pb.SearchRequest(session_id=bob.session, query=query, mode=pb.SEARCH_MODE_LEXICAL)
         reply, _ = served(guardian, lambda: bob.stub.Search(request, timeout=20), "memory.search")
         return [(hit.memory.content, hit.score) for hit in reply.hits]
 

@@ -222,6 +222,8 @@ class FakeGuardian(pb_grpc.AgentServiceServicer):
             if self._sees(agent, m) and any(w in m.content.lower() for w in words)
         ]
         hits.sort(key=lambda h: -h.score)
+        for rank, hit in enumerate(hits, 1):
+            hit.lexical_rank = rank
         return pb.SearchResponse(hits=hits[: request.limit or LIMITS.max_page_size])
 
     async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListResponse:

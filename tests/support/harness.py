@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import sqlcipher3
@@ -274,6 +274,15 @@ LOG_ONLY_ANOMALIES: dict[str, Any] = {
 }
 
 
+_UNLIMITED_RATE: Final = {"burst": 10_000, "per_minute": 100_000}
+#: A profile with every operation and rate limits far above any test's load (for tests of other things).
+UNLIMITED_PROFILE: dict[str, Any] = {
+    "operations": ["store", "get", "search", "list", "update", "delete"],
+    "rate_limits": {scope: {"writes": _UNLIMITED_RATE, "reads": _UNLIMITED_RATE} for scope in ("session", "agent")}
+    | {"session_opens": _UNLIMITED_RATE},
+}
+
+
 @contextmanager
 def running_guardian(config: dict[str, Any] | None = None, **policy_changes: Any) -> Iterator[Guardian]:
     """A started guardian on a fresh state dir under /tmp (socket paths must stay short).
@@ -298,4 +307,13 @@ def running_guardian(config: dict[str, Any] | None = None, **policy_changes: Any
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-__all__ = ["LOG_ONLY_ANOMALIES", "ROOT", "Guardian", "HttpAnswer", "agent_pb2", "curl", "running_guardian"]
+__all__ = [
+    "LOG_ONLY_ANOMALIES",
+    "ROOT",
+    "UNLIMITED_PROFILE",
+    "Guardian",
+    "HttpAnswer",
+    "agent_pb2",
+    "curl",
+    "running_guardian",
+]

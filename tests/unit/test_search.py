@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from guardian.keys.ring import KeyRing
+from guardian.store import search_index
 from guardian.store.database import Connection, Database
-from guardian.store.memories import QUARANTINED, Draft, MemoryStore, Scope, StoredMemory
+from guardian.store.memories import QUARANTINED, Draft, MemoryStore, Scope, SearchQuery, StoredMemory
 
 KEY_HEX = "ab" * 32
 NOW = 1_800_000_000_000
@@ -40,8 +41,10 @@ def scope(agent: str, not_before_ms: int = 0) -> Scope:
 
 
 def search(db: Database, caller: Scope, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
+    """The lexical leg alone (this store keeps no vectors)."""
+    words = tuple(search_index.query_terms(query))
     with db.read() as reader:
-        return STORE.search(reader, caller, query, limit)
+        return [(hit.memory, hit.score) for hit in STORE.search(reader, caller, SearchQuery(words, "lexical"), limit)]
 
 
 def put(connection: Connection, agent: str, content: str, at_ms: int = NOW, status: str = "active") -> str:

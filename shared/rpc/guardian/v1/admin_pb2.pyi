@@ -293,6 +293,10 @@ class StatusResponse(_message.Message):
     SESSIONS_OPEN_FIELD_NUMBER: _builtins.int
     AUDIT_CHAIN_ROWS_FIELD_NUMBER: _builtins.int
     DATABASE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    RECALL_INDEX_READY_FIELD_NUMBER: _builtins.int
+    VECTORS_INDEXED_FIELD_NUMBER: _builtins.int
+    MEMORIES_TO_EMBED_FIELD_NUMBER: _builtins.int
+    EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     ready: _builtins.bool
     """True when every check is "ok"."""
     policy_version: _builtins.str
@@ -301,6 +305,15 @@ class StatusResponse(_message.Message):
     sessions_open: _builtins.int
     audit_chain_rows: _builtins.int
     database_size_bytes: _builtins.int
+    recall_index_ready: _builtins.bool
+    """Recall by meaning: whether the vector index has been loaded since start (until then
+    hybrid searches run on words alone), how many vectors it holds, and how many active
+    memories still wait to be embedded (after an upgrade or a change of model).
+    """
+    vectors_indexed: _builtins.int
+    memories_to_embed: _builtins.int
+    embedding_model: _builtins.str
+    """The embedding model in use (its id names the model and its weights' sha256)."""
     @_builtins.property
     def checks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Each readiness check: "ok" or what is wrong."""
@@ -320,10 +333,14 @@ class StatusResponse(_message.Message):
         sessions_open: _builtins.int = ...,
         audit_chain_rows: _builtins.int = ...,
         database_size_bytes: _builtins.int = ...,
+        recall_index_ready: _builtins.bool = ...,
+        vectors_indexed: _builtins.int = ...,
+        memories_to_embed: _builtins.int = ...,
+        embedding_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_chain_rows", b"audit_chain_rows", "checks", b"checks", "database_size_bytes", b"database_size_bytes", "policy_file_refusal", b"policy_file_refusal", "policy_version", b"policy_version", "ready", b"ready", "sessions_open", b"sessions_open", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_chain_rows", b"audit_chain_rows", "checks", b"checks", "database_size_bytes", b"database_size_bytes", "embedding_model", b"embedding_model", "memories_to_embed", b"memories_to_embed", "policy_file_refusal", b"policy_file_refusal", "policy_version", b"policy_version", "ready", b"ready", "recall_index_ready", b"recall_index_ready", "sessions_open", b"sessions_open", "vectors_indexed", b"vectors_indexed", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1287,6 +1304,8 @@ class BackupCheck(_message.Message):
     AUDIT_ROWS_CHECKED_FIELD_NUMBER: _builtins.int
     AUDIT_FIELD_NUMBER: _builtins.int
     OK_FIELD_NUMBER: _builtins.int
+    VECTORS_CHECKED_FIELD_NUMBER: _builtins.int
+    VECTORS_FAILED_FIELD_NUMBER: _builtins.int
     integrity: _builtins.str
     """"ok", or what is wrong."""
     cipher_integrity: _builtins.str
@@ -1295,10 +1314,16 @@ class BackupCheck(_message.Message):
     audit: _builtins.str
     """"ok", or the audit chain's first problem."""
     ok: _builtins.bool
+    vectors_checked: _builtins.int
+    """Stored vectors (recall by meaning) checked, and those whose HMAC does not verify (their
+    memories' ids, at most 100).
+    """
     @_builtins.property
     def memories_failed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Memories whose content digest or HMAC does not verify (ids, at most 100)."""
 
+    @_builtins.property
+    def vectors_failed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -1309,10 +1334,12 @@ class BackupCheck(_message.Message):
         audit_rows_checked: _builtins.int = ...,
         audit: _builtins.str = ...,
         ok: _builtins.bool = ...,
+        vectors_checked: _builtins.int = ...,
+        vectors_failed: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "audit_rows_checked", b"audit_rows_checked", "cipher_integrity", b"cipher_integrity", "integrity", b"integrity", "memories_checked", b"memories_checked", "memories_failed", b"memories_failed", "ok", b"ok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "audit_rows_checked", b"audit_rows_checked", "cipher_integrity", b"cipher_integrity", "integrity", b"integrity", "memories_checked", b"memories_checked", "memories_failed", b"memories_failed", "ok", b"ok", "vectors_checked", b"vectors_checked", "vectors_failed", b"vectors_failed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"shared/rpc/guardian/v1/agent.proto\x12\x0bguardian.v1\"\xc7\x01\n\x06Limits\x12\x19\n\x11max_content_bytes\x18\x01 \x01(\r\x12\x1a\n\x12max_metadata_bytes\x18\x02 \x01(\r\x12\x10\n\x08max_tags\x18\x03 \x01(\r\x12\x15\n\rmax_tag_bytes\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x15\n\rmax_page_size\x18\x06 \x01(\r\x12\x17\n\x0fmax_query_bytes\x18\x07 \x01(\r\x12\x1a\n\x12max_metadata_depth\x18\x08 \x01(\r\")\n\x12OpenSessionRequest\x12\x13\n\x0b\x61gent_token\x18\x01 \x01(\t\"\xb9\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x15\n\rexpires_at_ms\x18\x03 \x01(\x03\x12\x17\n\x0fidle_timeout_ms\x18\x04 \x01(\x03\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.guardian.v1.Limits\x12\x12\n\nnamespaces\x18\x06 \x03(\t\x12\x16\n\x0eread_window_ms\x18\x07 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"V\n\x0bMemoryDraft\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\xd0\x01\n\x06Memory\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x11\n\tnamespace\x18\x08 \x01(\t\x12\x0e\n\x06\x61uthor\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\x12\x13\n\x0bredacted_by\x18\x0b \x03(\t\"e\n\x0cStoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x06memory\x18\x02 \x01(\x0b\x32\x18.guardian.v1.MemoryDraft\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"4\n\rStoreResponse\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.guardian.v1.Memory\"l\n\x11StoreBatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x08memories\x18\x02 \x03(\x0b\x32\x18.guardian.v1.MemoryDraft\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\";\n\x12StoreBatchResponse\x12%\n\x08memories\x18\x01 \x03(\x0b\x32\x13.guardian.v1.Memory\",\n\nGetRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"2\n\x0bGetResponse\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.guardian.v1.Memory\"A\n\rSearchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"?\n\tSearchHit\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.guardian.v1.Memory\x12\r\n\x05score\x18\x02 \x01(\x01\"6\n\x0eSearchResponse\x12$\n\x04hits\x18\x01 \x03(\x0b\x32\x16.guardian.v1.SearchHit\"D\n\x0bListRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\"J\n\x0cListResponse\x12%\n\x08memories\x18\x01 \x03(\x0b\x32\x13.guardian.v1.Memory\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\x17\n\x07TagList\x12\x0c\n\x04tags\x18\x01 \x03(\t\"\xbc\x01\n\rUpdateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x14\n\x07\x63ontent\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\"\n\x04tags\x18\x04 \x01(\x0b\x32\x14.guardian.v1.TagList\x12\x1a\n\rmetadata_json\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\tB\n\n\x08_contentB\x10\n\x0e_metadata_json\"5\n\x0eUpdateResponse\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.guardian.v1.Memory\"H\n\rDeleteRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x10\n\x0e\x44\x65leteResponse2\x84\x05\n\x0c\x41gentService\x12P\n\x0bOpenSession\x12\x1f.guardian.v1.OpenSessionRequest\x1a .guardian.v1.OpenSessionResponse\x12S\n\x0c\x43loseSession\x12 .guardian.v1.CloseSessionRequest\x1a!.guardian.v1.CloseSessionResponse\x12>\n\x05Store\x12\x19.guardian.v1.StoreRequest\x1a\x1a.guardian.v1.StoreResponse\x12M\n\nStoreBatch\x12\x1e.guardian.v1.StoreBatchRequest\x1a\x1f.guardian.v1.StoreBatchResponse\x12\x38\n\x03Get\x12\x17.guardian.v1.GetRequest\x1a\x18.guardian.v1.GetResponse\x12\x41\n\x06Search\x12\x1a.guardian.v1.SearchRequest\x1a\x1b.guardian.v1.SearchResponse\x12;\n\x04List\x12\x18.guardian.v1.ListRequest\x1a\x19.guardian.v1.ListResponse\x12\x41\n\x06Update\x12\x1a.guardian.v1.UpdateRequest\x1a\x1b.guardian.v1.UpdateResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.guardian.v1.DeleteRequest\x1a\x1b.guardian.v1.DeleteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"shared/rpc/guardian/v1/agent.proto\x12\x0bguardian.v1\"\xc7\x01\n\x06Limits\x12\x19\n\x11max_content_bytes\x18\x01 \x01(\r\x12\x1a\n\x12max_metadata_bytes\x18\x02 \x01(\r\x12\x10\n\x08max_tags\x18\x03 \x01(\r\x12\x15\n\rmax_tag_bytes\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x15\n\rmax_page_size\x18\x06 \x01(\r\x12\x17\n\x0fmax_query_bytes\x18\x07 \x01(\r\x12\x1a\n\x12max_metadata_depth\x18\x08 \x01(\r\")\n\x12OpenSessionRequest\x12\x13\n\x0b\x61gent_token\x18\x01 \x01(\t\"\xb9\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x15\n\rexpires_at_ms\x18\x03 \x01(\x03\x12\x17\n\x0fidle_timeout_ms\x18\x04 \x01(\x03\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.guardian.v1.Limits\x12\x12\n\nnamespaces\x18\x06 \x03(\t\x12\x16\n\x0eread_window_ms\x18\x07 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"V\n\x0bMemoryDraft\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\xd0\x01\n\x06Memory\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x11\n\tnamespace\x18\x08 \x01(\t\x12\x0e\n\x06\x61uthor\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\x12\x13\n\x0bredacted_by\x18\x0b \x03(\t\"e\n\x0cStoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x06memory\x18\x02 \x01(\x0b\x32\x18.guardian.v1.MemoryDraft\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"4\n\rStoreResponse\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.guardian.v1.Memory\"l\n\x11StoreBatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x08memories\x18\x02 \x03(\x0b\x32\x18.guardian.v1.MemoryDraft\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\";\n\x12StoreBatchResponse\x12%\n\x08memories\x18\x01 \x03(\x0b\x32\x13.guardian.v1.Memory\",\n\nGetRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"2\n\x0bGetResponse\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.guardian.v1.Memory\"h\n\rSearchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.guardian.v1.SearchMode\"l\n\tSearchHit\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.guardian.v1.Memory\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x14\n\x0clexical_rank\x18\x03 \x01(\r\x12\x15\n\rsemantic_rank\x18\x04 \x01(\r\"P\n\x0eSearchResponse\x12$\n\x04hits\x18\x01 \x03(\x0b\x32\x16.guardian.v1.SearchHit\x12\x18\n\x10semantic_pending\x18\x02 \x01(\x08\"D\n\x0bListRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\"J\n\x0cListResponse\x12%\n\x08memories\x18\x01 \x03(\x0b\x32\x13.guardian.v1.Memory\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\x17\n\x07TagList\x12\x0c\n\x04tags\x18\x01 \x03(\t\"\xbc\x01\n\rUpdateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x14\n\x07\x63ontent\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\"\n\x04tags\x18\x04 \x01(\x0b\x32\x14.guardian.v1.TagList\x12\x1a\n\rmetadata_json\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\tB\n\n\x08_contentB\x10\n\x0e_metadata_json\"5\n\x0eUpdateResponse\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.guardian.v1.Memory\"H\n\rDeleteRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x10\n\x0e\x44\x65leteResponse*W\n\nSearchMode\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x00\x12\x17\n\x13SEARCH_MODE_LEXICAL\x10\x01\x12\x18\n\x14SEARCH_MODE_SEMANTIC\x10\x02\x32\x84\x05\n\x0c\x41gentService\x12P\n\x0bOpenSession\x12\x1f.guardian.v1.OpenSessionRequest\x1a .guardian.v1.OpenSessionResponse\x12S\n\x0c\x43loseSession\x12 .guardian.v1.CloseSessionRequest\x1a!.guardian.v1.CloseSessionResponse\x12>\n\x05Store\x12\x19.guardian.v1.StoreRequest\x1a\x1a.guardian.v1.StoreResponse\x12M\n\nStoreBatch\x12\x1e.guardian.v1.StoreBatchRequest\x1a\x1f.guardian.v1.StoreBatchResponse\x12\x38\n\x03Get\x12\x17.guardian.v1.GetRequest\x1a\x18.guardian.v1.GetResponse\x12\x41\n\x06Search\x12\x1a.guardian.v1.SearchRequest\x1a\x1b.guardian.v1.SearchResponse\x12;\n\x04List\x12\x18.guardian.v1.ListRequest\x1a\x19.guardian.v1.ListResponse\x12\x41\n\x06Update\x12\x1a.guardian.v1.UpdateRequest\x1a\x1b.guardian.v1.UpdateResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.guardian.v1.DeleteRequest\x1a\x1b.guardian.v1.DeleteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.rpc.guardian.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SEARCHMODE']._serialized_start=2083
+  _globals['_SEARCHMODE']._serialized_end=2170
   _globals['_LIMITS']._serialized_start=52
   _globals['_LIMITS']._serialized_end=251
   _globals['_OPENSESSIONREQUEST']._serialized_start=253
@@ -58,25 +60,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRESPONSE']._serialized_start=1224
   _globals['_GETRESPONSE']._serialized_end=1274
   _globals['_SEARCHREQUEST']._serialized_start=1276
-  _globals['_SEARCHREQUEST']._serialized_end=1341
-  _globals['_SEARCHHIT']._serialized_start=1343
-  _globals['_SEARCHHIT']._serialized_end=1406
-  _globals['_SEARCHRESPONSE']._serialized_start=1408
-  _globals['_SEARCHRESPONSE']._serialized_end=1462
-  _globals['_LISTREQUEST']._serialized_start=1464
-  _globals['_LISTREQUEST']._serialized_end=1532
-  _globals['_LISTRESPONSE']._serialized_start=1534
-  _globals['_LISTRESPONSE']._serialized_end=1608
-  _globals['_TAGLIST']._serialized_start=1610
-  _globals['_TAGLIST']._serialized_end=1633
-  _globals['_UPDATEREQUEST']._serialized_start=1636
-  _globals['_UPDATEREQUEST']._serialized_end=1824
-  _globals['_UPDATERESPONSE']._serialized_start=1826
-  _globals['_UPDATERESPONSE']._serialized_end=1879
-  _globals['_DELETEREQUEST']._serialized_start=1881
-  _globals['_DELETEREQUEST']._serialized_end=1953
-  _globals['_DELETERESPONSE']._serialized_start=1955
-  _globals['_DELETERESPONSE']._serialized_end=1971
-  _globals['_AGENTSERVICE']._serialized_start=1974
-  _globals['_AGENTSERVICE']._serialized_end=2618
+  _globals['_SEARCHREQUEST']._serialized_end=1380
+  _globals['_SEARCHHIT']._serialized_start=1382
+  _globals['_SEARCHHIT']._serialized_end=1490
+  _globals['_SEARCHRESPONSE']._serialized_start=1492
+  _globals['_SEARCHRESPONSE']._serialized_end=1572
+  _globals['_LISTREQUEST']._serialized_start=1574
+  _globals['_LISTREQUEST']._serialized_end=1642
+  _globals['_LISTRESPONSE']._serialized_start=1644
+  _globals['_LISTRESPONSE']._serialized_end=1718
+  _globals['_TAGLIST']._serialized_start=1720
+  _globals['_TAGLIST']._serialized_end=1743
+  _globals['_UPDATEREQUEST']._serialized_start=1746
+  _globals['_UPDATEREQUEST']._serialized_end=1934
+  _globals['_UPDATERESPONSE']._serialized_start=1936
+  _globals['_UPDATERESPONSE']._serialized_end=1989
+  _globals['_DELETEREQUEST']._serialized_start=1991
+  _globals['_DELETEREQUEST']._serialized_end=2063
+  _globals['_DELETERESPONSE']._serialized_start=2065
+  _globals['_DELETERESPONSE']._serialized_end=2081
+  _globals['_AGENTSERVICE']._serialized_start=2173
+  _globals['_AGENTSERVICE']._serialized_end=2817
 # @@protoc_insertion_point(module_scope)

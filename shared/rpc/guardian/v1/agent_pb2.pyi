@@ -17,6 +17,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -27,6 +28,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SearchMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_MODE_HYBRID: _SearchMode.ValueType  # 0
+    """Both legs, their rankings fused (the default)."""
+    SEARCH_MODE_LEXICAL: _SearchMode.ValueType  # 1
+    """Words only: full-text, ranked by bm25."""
+    SEARCH_MODE_SEMANTIC: _SearchMode.ValueType  # 2
+    """Meaning only: the local embedding model's vectors, ranked by cosine."""
+
+class SearchMode(_SearchMode, metaclass=_SearchModeEnumTypeWrapper):
+    """Which legs a search runs."""
+
+SEARCH_MODE_HYBRID: SearchMode.ValueType  # 0
+"""Both legs, their rankings fused (the default)."""
+SEARCH_MODE_LEXICAL: SearchMode.ValueType  # 1
+"""Words only: full-text, ranked by bm25."""
+SEARCH_MODE_SEMANTIC: SearchMode.ValueType  # 2
+"""Meaning only: the local embedding model's vectors, ranked by cosine."""
+Global___SearchMode: _TypeAlias = SearchMode  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
@@ -412,21 +437,24 @@ class SearchRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     query: _builtins.str
     """Plain words: the guardian never interprets it as query syntax."""
     limit: _builtins.int
     """0 means the session's max_page_size."""
+    mode: Global___SearchMode.ValueType
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         query: _builtins.str = ...,
         limit: _builtins.int = ...,
+        mode: Global___SearchMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "query", b"query", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "mode", b"mode", "query", b"query", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -438,8 +466,13 @@ class SearchHit(_message.Message):
 
     MEMORY_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    LEXICAL_RANK_FIELD_NUMBER: _builtins.int
+    SEMANTIC_RANK_FIELD_NUMBER: _builtins.int
     score: _builtins.float
-    """Higher is a better match."""
+    """Higher is a better match: the fused score (hybrid), -bm25 (lexical) or the cosine (semantic)."""
+    lexical_rank: _builtins.int
+    """The hit's rank in each leg, from 1; 0 when that leg did not find it (or did not run)."""
+    semantic_rank: _builtins.int
     @_builtins.property
     def memory(self) -> Global___Memory: ...
     def __init__(
@@ -447,10 +480,12 @@ class SearchHit(_message.Message):
         *,
         memory: Global___Memory | None = ...,
         score: _builtins.float = ...,
+        lexical_rank: _builtins.int = ...,
+        semantic_rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lexical_rank", b"lexical_rank", "memory", b"memory", "score", b"score", "semantic_rank", b"semantic_rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,16 +496,22 @@ class SearchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HITS_FIELD_NUMBER: _builtins.int
+    SEMANTIC_PENDING_FIELD_NUMBER: _builtins.int
+    semantic_pending: _builtins.bool
+    """True when the semantic leg did not run because the vector index is still being loaded
+    after a start (a hybrid search then ranks by words alone; retry for meaning).
+    """
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]: ...
     def __init__(
         self,
         *,
         hits: _abc.Iterable[Global___SearchHit] | None = ...,
+        semantic_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "semantic_pending", b"semantic_pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

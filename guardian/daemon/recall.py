@@ -1,0 +1,115 @@
+"""Recall by meaning in the background: the vector index loaded at start, then every memory embedded.
+
+At start the guardian serves at once; this thread loads the vector index from the
+stored vectors (checking each one's HMAC: one that fails is dropped, said in the
+security log, and embedded again), then marks the index ready. Until then a
+hybrid search ranks by words alone and says so (``semantic_pending``), and a
+semantic-only search is refused as retryable (UNAVAILABLE): never a silent
+partial answer.
+
+Then it embeds, in small batches, the active memories that have no vector of
+the model in use: after an upgrade from a guardian without vectors, or after a
+change of model. Each batch is read on a reader, embedded with no lock held, and
+written in a short transaction that skips any memory changed meanwhile (a write
+embeds its memory itself). Nothing of this is recorded but the vectors, so it is
+resumable after a kill: the next start looks again for what has no vector.
+Progress is logged and shown by ``guardianctl status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+from guardian.daemon.background import Background
+from guardian.state.core import GuardianCore
+
+__all__ = ["RecallIndexer"]
+
+log = logging.getLogger("agent_guardian")
+security_log = logging.getLogger("agent_guardian.security")
+
+_EMBED_BATCH: Final = 64
+_LOG_EVERY: Final = 10_000
+
+
+class RecallIndexer(Background):
+    """Loads the vector index, then embeds what lacks a vector; on a daemon thread, once per start."""
+
+    def __init__(self, core: GuardianCore) -> None:
+        super().__init__("guardian-recall")
+        self._core = core
+
+    def run(self) -> None:
+        """Load, then embed; a failure is logged and the rest waits for the next start."""
+        try:
+            self.load()
+            self.embed_missing()
+        except Exception:
+            log.exception("recall indexing stopped; searches rank by what is indexed, and a restart resumes it")
+
+    def load(self) -> int:
+        """Fill the index from the stored vectors; how many were loaded."""
+        vectors = self._core.memories.vectors
+        if vectors is None:
+            return 0
+        started = time.monotonic()
+        log.info("loading the vector index", extra={"event": "vector_index_loading", "model": vectors.model.id})
+        with self._core.database.read() as reader:
+            loaded, failed = vectors.load(reader, self._log_progress("vector_index_loading", "loaded"))
+        if failed:
+            security_log.error(
+                "stored vectors fail their HMAC; they are dropped and embedded again from their memories",
+                extra={"event": "vector_integrity_failure", "count": len(failed)},
+            )
+            with self._core.database.write() as connection:
+                vectors.drop(connection, failed)
+        vectors.index.loaded()
+        log.info(
+            "vector index ready",
+            extra={"event": "vector_index_ready", "vectors": loaded, "seconds": round(time.monotonic() - started, 3)},
+        )
+        return loaded
+
+    def embed_missing(self) -> int:
+        """Embed every active memory that has no vector of the model in use; how many were embedded."""
+        memories, database = self._core.memories, self._core.database
+        vectors = memories.vectors
+        if vectors is None:
+            return 0
+        embedded, after, started = 0, -1, time.monotonic()
+        report = self._log_progress("embedding_progress", "embedded")
+        while not self._stop.is_set():
+            with database.read() as reader:
+                batch, after = memories.unembedded(reader, after, _EMBED_BATCH)
+            if after < 0:
+                break
+            made = [(rowid, memory, vectors.embed(memory.content)) for rowid, memory in batch]
+            with database.write() as connection:
+                embedded += memories.attach_vectors(connection, made)
+            report(embedded)
+        if embedded:
+            log.info(
+                "memories embedded",
+                extra={
+                    "event": "embedding_done",
+                    "embedded": embedded,
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
+        return embedded
+
+    @staticmethod
+    def _log_progress(event: str, field: str) -> Callable[[int], None]:
+        """A progress callback that logs every _LOG_EVERY."""
+        logged = 0
+
+        def report(done: int) -> None:
+            nonlocal logged
+            if done - logged >= _LOG_EVERY:
+                logged = done
+                log.info("recall indexing in progress", extra={"event": event, field: done})
+
+        return report

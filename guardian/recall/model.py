@@ -1,0 +1,139 @@
+"""The local embedding model: a text's meaning as a unit vector, computed in the guardian, never over a network.
+
+The shipped model is the static one bundled in the ``wordllama`` wheel from PyPI
+(code MIT; weights distilled from Llama 2's token embeddings, under the Llama 2
+Community License: see the README): a table of one vector per token of its
+tokenizer. A text's vector is the mean of its tokens' rows, L2-normalised. Nothing
+of ``wordllama`` is imported or run: its two data files are read from the installed
+wheel, each checked against the sha256 pinned here before it is used, the weights
+with ``safetensors`` (a format that holds tensors only, never code) and the
+tokenizer with Hugging Face ``tokenizers`` (Rust). An operator may name other
+files of the same kind, each with its sha256 (config ``embedding``); a file whose
+sha256 differs stops the guardian at start with the reason.
+
+Why here and not in a separate process: see the README's security section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Final, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import ConfigError
+
+__all__ = ["BUILTIN", "EmbeddingModel", "ModelFiles", "Vector", "builtin_files"]
+
+#: A unit vector of float32.
+Vector: TypeAlias = npt.NDArray[np.float32]
+
+#: The distribution whose files the shipped model is, and the files, pinned.
+_BUILTIN_DISTRIBUTION: Final = "wordllama"
+_BUILTIN_WEIGHTS: Final = (
+    "wordllama/weights/l2_supercat_256.safetensors",
+    "64b47a2dc493cb8e85944076601189739852d7b64e0e1eedcb1937a251cd9fd5",
+)
+_BUILTIN_TOKENIZER: Final = (
+    "wordllama/tokenizers/l2_supercat_tokenizer_config.json",
+    "93248f2a9ec36c7b35f700a033d5f36228aae48db61aee31007fa49062cdeb68",
+)
+#: The config's name for the shipped model.
+BUILTIN: Final = "builtin"
+#: Tokens of a text that count toward its vector (a longer text is cut here: its start decides).
+MAX_TOKENS: Final = 2048
+_READ_CHUNK: Final = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A static embedding model's two files, each with the sha256 it must have."""
+
+    weights: Path
+    weights_sha256: str
+    tokenizer: Path
+    tokenizer_sha256: str
+
+
+def builtin_files() -> ModelFiles:
+    """The shipped model's files, where the installed wheel put them (no import of the package)."""
+    try:
+        distribution = metadata.distribution(_BUILTIN_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise ConfigError(
+            "embedding: the shipped model's package (wordllama) is not installed; reinstall agent-guardian"
+        ) from None
+    weights, tokenizer = (
+        Path(str(distribution.locate_file(name))) for name, _ in (_BUILTIN_WEIGHTS, _BUILTIN_TOKENIZER)
+    )
+    return ModelFiles(weights, _BUILTIN_WEIGHTS[1], tokenizer, _BUILTIN_TOKENIZER[1])
+
+
+def _sha256(path: Path, what: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(_READ_CHUNK):
+                digest.update(chunk)
+    except OSError as error:
+        raise ConfigError(f"embedding: cannot read the {what} file {path}: {error.strerror}") from None
+    return digest.hexdigest()
+
+
+class EmbeddingModel:
+    """A static embedding model, loaded from files whose sha256 was checked."""
+
+    def __init__(self, files: ModelFiles) -> None:
+        """Check both files' sha256, then load them; ConfigError saying which file and why, otherwise."""
+        for path, expected, what in (
+            (files.weights, files.weights_sha256, "weights"),
+            (files.tokenizer, files.tokenizer_sha256, "tokenizer"),
+        ):
+            found = _sha256(path, what)
+            if found != expected.lower():
+                raise ConfigError(
+                    f"embedding: the {what} file {path} has sha256 {found}, not the {expected} it must have;"
+                    " the guardian does not start on a model it cannot vouch for"
+                )
+        # Imported here, not by whoever only needs the Vector type (guardianctl); the environment
+        # first: encode() of one text never needs tokenizers' thread pool.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        from safetensors.numpy import load_file  # noqa: PLC0415
+        from tokenizers import Tokenizer  # noqa: PLC0415
+
+        tensors = load_file(str(files.weights))
+        if len(tensors) != 1:
+            raise ConfigError(f"embedding: the weights file {files.weights} must hold exactly one tensor")
+        [table] = tensors.values()
+        if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 8:
+            raise ConfigError(f"embedding: the weights file {files.weights} must hold one matrix of token vectors")
+        # Kept as stored (fp16: 16 MiB for the shipped model); a text's rows are summed in float32.
+        self._table: npt.NDArray[np.floating[Any]] = np.ascontiguousarray(table)
+        tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        if tokenizer.get_vocab_size() > self._table.shape[0]:
+            raise ConfigError(f"embedding: the tokenizer {files.tokenizer} has more tokens than the weights have rows")
+        self._tokenizer: Any = tokenizer
+        #: Names the model in every stored vector: a vector of another model is embedded again.
+        self.id = f"static-{self._table.shape[1]}-{files.weights_sha256[:16]}"
+
+    @property
+    def dims(self) -> int:
+        """The length of a vector."""
+        return int(self._table.shape[1])
+
+    def embed(self, text: str) -> Vector:
+        """text's unit vector (the zero vector for a text with no token)."""
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids[:MAX_TOKENS]
+        if not ids:
+            return np.zeros(self.dims, dtype=np.float32)
+        mean: Vector = self._table[ids].astype(np.float32).mean(axis=0)
+        norm = float(np.linalg.norm(mean))
+        return mean / np.float32(norm) if norm > 0 else np.zeros(self.dims, dtype=np.float32)

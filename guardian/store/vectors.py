@@ -1,0 +1,192 @@
+"""The vectors of memories: stored in the encrypted database beside their memory, mirrored in the index.
+
+Table ``memory_vectors`` holds one row per active memory that has been embedded:
+the model that made it, the packed vector (guardian/recall/vectors.py) and an
+HMAC over the memory's id, the model and the vector, with a key derived from the
+memory key ring (key id kept, so a rotation leaves older vectors verifiable). A
+row is written or dropped in the same transaction as its memory; the in-memory
+:class:`~guardian.recall.index.VectorIndex` follows once that transaction has
+committed (:meth:`Database.after_commit`), so it never holds what was not
+committed. A quarantined memory has no vector until it is released.
+
+A memory whose vector is missing, of another model, or fails its HMAC (dropped
+when the index is loaded) is embedded again from its verified content in the
+background (guardian/daemon/maintenance.py), in small batches: the upgrade of an existing state dir, a change
+of model, and a tampered vector all end the same way, resumably, without holding
+the writer for long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from guardian.keys.ring import KeyRing
+from guardian.recall.index import VectorIndex
+from guardian.recall.model import EmbeddingModel, Vector
+from guardian.recall.vectors import pack, unpack
+from guardian.store.database import Connection
+
+__all__ = ["EmbeddingProgress", "MemoryVectors", "vector_keys", "vector_mac", "verify_stored"]
+
+security_log = logging.getLogger("agent_guardian.security")
+
+_KEY_LABEL: Final = b"agent-guardian/vector-key/v1"
+_LOAD_BATCH: Final = 5000
+
+
+@dataclass(frozen=True)
+class EmbeddingProgress:
+    """How many active memories have a vector of the model in use."""
+
+    embedded: int
+    active: int
+
+    @property
+    def done(self) -> bool:
+        """Whether every active memory has one."""
+        return self.embedded >= self.active
+
+
+def vector_keys(ring: KeyRing) -> dict[str, bytes]:
+    """The vector MAC keys, by the id of the memory key each is derived from."""
+    return {key_id: hmac.new(key, _KEY_LABEL, hashlib.sha256).digest() for key_id, key in ring.keys.items()}
+
+
+def vector_mac(key: bytes, memory_id: str, model: str, blob: bytes) -> str:
+    """The HMAC of a stored vector: over its memory's id, the model that made it, and the packed vector."""
+    message = memory_id.encode() + b"\0" + model.encode() + b"\0" + blob
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def verify_stored(connection: Connection, ring: KeyRing) -> tuple[int, list[str]]:
+    """Check every stored vector's HMAC (no model needed): (how many were checked, the memory ids that fail)."""
+    keys = vector_keys(ring)
+    checked, after = 0, -1
+    failed: list[str] = []
+    if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'memory_vectors'").fetchone() is None:
+        return checked, failed  # a file from before vectors (schema 5): nothing to check
+    while True:
+        rows = connection.execute(
+            "SELECT v.rowid, m.id, v.model, v.vector, v.key_id, v.mac FROM memory_vectors AS v"
+            " LEFT JOIN memories AS m ON m.rowid = v.rowid WHERE v.rowid > ? ORDER BY v.rowid LIMIT ?",
+            (after, _LOAD_BATCH),
+        ).fetchall()
+        if not rows:
+            return checked, failed
+        for _, memory_id, model, blob, key_id, mac in rows:
+            checked += 1
+            key = keys.get(key_id)
+            if (
+                memory_id is None
+                or key is None
+                or not hmac.compare_digest(vector_mac(key, memory_id, model, blob), mac)
+            ):
+                failed.append(str(memory_id or "(a vector of no memory)"))
+        after = int(rows[-1][0])
+
+
+class MemoryVectors:
+    """Writes, verifies and loads memories' vectors; keeps the index in step after each commit."""
+
+    def __init__(
+        self, model: EmbeddingModel, ring: KeyRing, after_commit: Callable[[Callable[[], None]], None]
+    ) -> None:
+        self.model = model
+        self.index = VectorIndex(model.dims)
+        self._after_commit = after_commit
+        self.use_ring(ring)
+
+    def use_ring(self, ring: KeyRing) -> None:
+        """MAC with ring's primary and verify with any of its keys from now on."""
+        self._primary_id = ring.primary_id
+        self._keys = vector_keys(ring)
+
+    def embed(self, text: str) -> Vector:
+        """text's vector, by the model in use."""
+        return self.model.embed(text)
+
+    # -- in a memory's transaction -------------------------------------------------------------
+
+    def put(self, connection: Connection, rowid: int, memory_id: str, namespace: str, vector: Vector) -> None:
+        """Store memory rowid's vector (replacing any) and, once committed, index it."""
+        blob = pack(vector)
+        connection.execute(
+            "INSERT OR REPLACE INTO memory_vectors (rowid, model, vector, key_id, mac) VALUES (?, ?, ?, ?, ?)",
+            (rowid, self.model.id, blob, self._primary_id, self._mac(self._primary_id, memory_id, blob)),
+        )
+        quantized = unpack(blob, self.model.dims)
+        self._after_commit(lambda: self.index.put(namespace, rowid, quantized))
+
+    def drop(self, connection: Connection, rowids: Sequence[int]) -> None:
+        """Delete these memories' vectors and, once committed, take them out of the index."""
+        connection.executemany("DELETE FROM memory_vectors WHERE rowid = ?", [(rowid,) for rowid in rowids])
+        dropped = list(rowids)
+        self._after_commit(lambda: self.index.remove(dropped))
+
+    # -- at start and in the background -----------------------------------------------------------
+
+    def load(
+        self, connection: Connection, progress: Callable[[int], None] = lambda loaded: None
+    ) -> tuple[int, list[int]]:
+        """Fill the index from the stored vectors of the model in use: (how many, the rowids that fail their HMAC).
+
+        progress: told how many are loaded so far, after each batch.
+        """
+        loaded, after = 0, -1
+        failed: list[int] = []
+        while True:
+            rows = connection.execute(
+                "SELECT v.rowid, m.id, m.namespace, v.vector, v.key_id, v.mac FROM memory_vectors AS v"
+                " JOIN memories AS m ON m.rowid = v.rowid"
+                " WHERE v.rowid > ? AND v.model = ? AND m.status = 'active' ORDER BY v.rowid LIMIT ?",
+                (after, self.model.id, _LOAD_BATCH),
+            ).fetchall()
+            if not rows:
+                return loaded, failed
+            for rowid, memory_id, namespace, blob, key_id, mac in rows:
+                if self._verifies(memory_id, blob, key_id, mac):
+                    self.index.load(namespace, int(rowid), unpack(blob, self.model.dims))
+                    loaded += 1
+                else:
+                    failed.append(int(rowid))
+            after = int(rows[-1][0])
+            progress(loaded)
+
+    def missing(self, connection: Connection, after_rowid: int, limit: int) -> list[int]:
+        """Up to limit active memories after after_rowid with no vector of the model in use, by rowid."""
+        rows = connection.execute(
+            "SELECT m.rowid FROM memories AS m LEFT JOIN memory_vectors AS v ON v.rowid = m.rowid AND v.model = ?"
+            " WHERE m.rowid > ? AND m.status = 'active' AND v.rowid IS NULL ORDER BY m.rowid LIMIT ?",
+            (self.model.id, after_rowid, limit),
+        ).fetchall()
+        return [int(row[0]) for row in rows]
+
+    def has(self, connection: Connection, rowid: int) -> bool:
+        """Whether memory rowid has a vector of the model in use."""
+        row = connection.execute(
+            "SELECT 1 FROM memory_vectors WHERE rowid = ? AND model = ?", (rowid, self.model.id)
+        ).fetchone()
+        return row is not None
+
+    def progress(self, connection: Connection) -> EmbeddingProgress:
+        """Active memories, and those with a vector of the model in use."""
+        active = connection.execute("SELECT count(*) FROM memories WHERE status = 'active'").fetchone()[0]
+        embedded = connection.execute(
+            "SELECT count(*) FROM memory_vectors AS v JOIN memories AS m ON m.rowid = v.rowid"
+            " WHERE v.model = ? AND m.status = 'active'",
+            (self.model.id,),
+        ).fetchone()[0]
+        return EmbeddingProgress(int(embedded), int(active))
+
+    def _mac(self, key_id: str, memory_id: str, blob: bytes) -> str:
+        return vector_mac(self._keys[key_id], memory_id, self.model.id, blob)
+
+    def _verifies(self, memory_id: str, blob: bytes, key_id: str, mac: str) -> bool:
+        if key_id not in self._keys or len(blob) != 4 + self.model.dims:
+            return False
+        return hmac.compare_digest(self._mac(key_id, memory_id, blob), mac)

@@ -1,0 +1,188 @@
+"""The parts of recall by meaning, one at a time: the model, packed vectors, the index, fusion, query terms,
+and the database's after-commit actions that keep the index in step with what committed."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pytest
+
+from guardian.keys.ring import KeyRing
+from guardian.policy.compile import compile_policy
+from guardian.policy.default import render_default_policy
+from guardian.recall.fusion import fuse
+from guardian.recall.index import MIN_COSINE, VectorIndex
+from guardian.recall.model import EmbeddingModel, ModelFiles, builtin_files
+from guardian.recall.vectors import pack, quantize, unpack
+from guardian.service.agent_service import check_search
+from guardian.service.call import Call
+from guardian.state.core import GuardianCore
+from guardian.store import search_index
+from guardian.store.database import Database
+from guardian.store.vectors import MemoryVectors
+from shared.errors import ConfigError, InternalError, Unavailable
+from shared.rpc.guardian.v1 import agent_pb2 as pb
+
+KEY_HEX = "cd" * 32
+
+
+@pytest.fixture(scope="module")
+def model() -> EmbeddingModel:
+    return EmbeddingModel(builtin_files())
+
+
+def test_the_shipped_model_gives_deterministic_unit_vectors(model: EmbeddingModel) -> None:
+    vector = model.embed("the walrus hums at midnight")
+    assert vector.dtype == np.float32 and vector.shape == (model.dims,) == (256,)
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+    assert np.array_equal(vector, model.embed("the walrus hums at midnight"))
+    assert not model.embed("").any()
+    related = float(vector @ model.embed("a sea mammal singing late at night"))
+    unrelated = float(vector @ model.embed("quarterly tax filing deadline for the invoice"))
+    assert related > unrelated
+
+
+def test_a_model_file_with_another_sha256_is_refused_naming_the_file(tmp_path: Path) -> None:
+    shipped = builtin_files()
+    copy = tmp_path / "tokenizer.json"
+    shutil.copy(shipped.tokenizer, copy)
+    with copy.open("ab") as file:
+        file.write(b" ")
+    files = ModelFiles(shipped.weights, shipped.weights_sha256, copy, shipped.tokenizer_sha256)
+    with pytest.raises(ConfigError, match=f"the tokenizer file {copy} has sha256 [0-9a-f]{{64}}, not the"):
+        EmbeddingModel(files)
+    missing = ModelFiles(tmp_path / "absent", shipped.weights_sha256, copy, shipped.tokenizer_sha256)
+    with pytest.raises(ConfigError, match="cannot read the weights file"):
+        EmbeddingModel(missing)
+
+
+def test_a_packed_vector_round_trips_within_quantisation(model: EmbeddingModel) -> None:
+    vector = model.embed("blue-green releases behind the load balancer")
+    values, scale = unpack(pack(vector), model.dims)
+    assert len(pack(vector)) == 4 + model.dims
+    assert float(np.abs(values.astype(np.float32) * scale - vector).max()) <= scale / 2 + 1e-7
+    assert quantize(np.zeros(8, dtype=np.float32))[1] == 0.0
+    with pytest.raises(ValueError, match="260 bytes, not 259"):
+        unpack(b"\0" * 259, 256)
+
+
+def _unit(seed: int, dims: int = 16) -> np.ndarray:
+    vector = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+    unit: np.ndarray = vector / np.linalg.norm(vector)
+    return unit
+
+
+def test_the_index_searches_only_the_namespaces_asked_for_and_keeps_in_step() -> None:
+    index = VectorIndex(16)
+    index.loaded()
+    query = _unit(1)
+    index.put("alice", 1, quantize(query))
+    index.put("bob", 2, quantize(query))  # bob's copy of the very same vector
+    for rowid in range(3, 200):  # enough to grow the partition several times
+        index.put("alice", rowid, quantize(_unit(rowid)))
+    found = index.search(["alice"], query, 5)
+    assert found[0][0] == 1 and found[0][1] > 0.99 and all(rowid != 2 for rowid, _ in found)
+    assert index.search(["bob"], query, 5)[0][0] == 2
+    assert all(score >= MIN_COSINE for _, score in index.search(["alice"], query, 300))
+    index.remove([1, 999])
+    assert all(rowid != 1 for rowid, _ in index.search(["alice"], query, 300))
+    index.put("alice", 5, quantize(query))  # replaced in place
+    assert index.search(["alice"], query, 1)[0][0] == 5
+    assert len(index) == 198
+    assert index.search(["alice"], np.zeros(16, dtype=np.float32), 5) == []
+
+
+def test_while_loading_a_commit_wins_over_the_older_stored_vector() -> None:
+    index = VectorIndex(16)
+    assert not index.ready
+    index.put("alice", 1, quantize(_unit(1)))  # committed while the loader runs
+    index.remove([2])
+    index.load("alice", 1, quantize(_unit(7)))  # the loader's (older) copies
+    index.load("alice", 2, quantize(_unit(8)))
+    index.load("alice", 3, quantize(_unit(9)))
+    index.loaded()
+    assert index.ready
+    assert index.search(["alice"], _unit(1), 1)[0][0] == 1
+    assert {rowid for rowid, _ in index.search(["alice"], _unit(9), 10)} <= {1, 3}
+    assert 2 not in {rowid for rowid, _ in index.search(["alice"], _unit(8), 10)}
+
+
+def test_fusion_counts_a_lexical_hit_by_how_much_of_the_query_it_holds() -> None:
+    # 1: all of the query's words; 2: a third of them (one common word); 3 and 4: found by meaning.
+    fused = fuse([(2, 1 / 3), (1, 1.0)], [3, 1, 4])
+    assert [hit.rowid for hit in fused] == [1, 3, 4]
+    assert (fused[0].lexical_rank, fused[0].semantic_rank) == (1, 2)
+    assert (fused[1].lexical_rank, fused[1].semantic_rank) == (0, 1)
+    assert fused[0].score > fused[1].score > fused[2].score > 0
+
+
+def test_query_terms_drop_stopwords_and_keep_punctuated_tokens_as_phrases() -> None:
+    assert search_index.query_terms("what can my daughter not eat") == [("daughter",), ("eat",)]
+    assert search_index.query_terms("who am I") == [("who",), ("am",), ("i",)]
+    assert search_index.query_terms("ERR_CONN_RESET in 24.0.4") == [("err", "conn", "reset"), ("24", "0", "4")]
+    assert search_index.query_terms("?! -- ...") == []
+    terms = search_index.query_terms("24.0.4 keycloak")
+    assert search_index.coverage(terms, "Keycloak runs 24.0.4 here") == 1.0
+    assert search_index.coverage(terms, "API 24, release 4.0 of keycloak") == 0.5
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(tmp_path / "memory.db", KEY_HEX)
+    yield db
+    db.close()
+
+
+def test_after_commit_actions_run_only_for_what_committed(database: Database) -> None:
+    ran: list[str] = []
+    with database.write():
+        database.after_commit(lambda: ran.append("write"))
+        assert ran == []
+    assert ran == ["write"]
+    with pytest.raises(RuntimeError), database.write():
+        database.after_commit(lambda: ran.append("rolled back"))
+        raise RuntimeError("the work failed")
+
+    def fails(_: object) -> None:
+        database.after_commit(lambda: ran.append("failed job"))
+        raise ValueError("this job fails alone")
+
+    def succeeds(_: object) -> None:
+        database.after_commit(lambda: ran.append("job"))
+
+    with pytest.raises(ValueError, match="fails alone"):
+        database.submit(fails)
+    database.submit(succeeds)
+    assert ran == ["write", "job"]
+    with pytest.raises(InternalError):
+        database.after_commit(lambda: None)
+
+
+class _Memories:
+    def __init__(self, vectors: MemoryVectors) -> None:
+        self.vectors = vectors
+
+
+class _Core:
+    """The slice of the guardian a search's check reads: its memories' vectors."""
+
+    def __init__(self, vectors: MemoryVectors) -> None:
+        self.memories = _Memories(vectors)
+
+
+def test_until_the_index_is_loaded_hybrid_runs_on_words_and_semantic_is_retryable(model: EmbeddingModel) -> None:
+    policy = compile_policy(render_default_policy())
+    call = Call(method="Search", policy=policy, now_ms=0, agent="alice", profile=policy.profile_for("alice"))
+    vectors = MemoryVectors(model, KeyRing("k1", {"k1": b"k" * 32}), after_commit=lambda action: None)
+    core = cast(GuardianCore, _Core(vectors))
+    hybrid = check_search(core, call, pb.SearchRequest(query="dental checkup"))
+    assert hybrid.semantic_pending and hybrid.query.mode == "lexical" and hybrid.query.vector is None
+    with pytest.raises(Unavailable, match="still loading"):
+        check_search(core, call, pb.SearchRequest(query="dental checkup", mode=pb.SEARCH_MODE_SEMANTIC))
+    vectors.index.loaded()
+    ready = check_search(core, call, pb.SearchRequest(query="dental checkup"))
+    assert not ready.semantic_pending and ready.query.mode == "hybrid" and ready.query.vector is not None
