@@ -28,8 +28,7 @@ import yaml
 
 from guardian.keys.rotated import load_all_keys
 from guardian.policy.default import render_default_policy
-from guardian.state.config import load_config
-from guardian.state.statedir import init_state_dir
+from guardian.state.statedir import StateDirFiles, init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = [
@@ -259,7 +258,7 @@ def bench_policy() -> dict[str, Any]:
 
 
 @dataclass
-class BenchGuardian:
+class BenchGuardian(StateDirFiles):
     """A guardian on its own state dir, with the bench policy."""
 
     state_dir: Path
@@ -267,22 +266,6 @@ class BenchGuardian:
     #: The highest VmHWM seen of the guardian process(es) on this state dir, in KiB.
     peak_kib: int = 0
     tokens: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def config(self) -> Path:
-        return self.state_dir / "config.yaml"
-
-    @property
-    def agent_socket(self) -> Path:
-        return load_config(self.config).agent_socket.path
-
-    @property
-    def admin_socket(self) -> Path:
-        return load_config(self.config).admin_socket.path
-
-    @property
-    def database(self) -> Path:
-        return load_config(self.config).database
 
     def prepare(self) -> None:
         """Create the state dir (keys, DB, config) and write the bench policy."""

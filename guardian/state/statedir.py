@@ -19,7 +19,10 @@ from guardian.state.config import load_config, render_default_config
 from guardian.store.database import Database
 from shared.errors import ConfigError
 
-__all__ = ["LOCK_FILE", "InitReport", "init_state_dir", "lock_state_dir"]
+__all__ = ["CONFIG_FILE", "LOCK_FILE", "InitReport", "StateDirFiles", "init_state_dir", "lock_state_dir"]
+
+#: The config file's name in a state dir made by init_state_dir.
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass
@@ -42,12 +45,38 @@ def _write_new(path: Path, text: str, mode: int, report: InitReport) -> None:
     report.created.append(path)
 
 
+class StateDirFiles:
+    """Where the files of an initialised state dir are, as its config.yaml says (for tools that drive a guardian)."""
+
+    state_dir: Path
+
+    @property
+    def config(self) -> Path:
+        """Its config.yaml."""
+        return self.state_dir / CONFIG_FILE
+
+    @property
+    def agent_socket(self) -> Path:
+        """The agent socket's path."""
+        return load_config(self.config).agent_socket.path
+
+    @property
+    def admin_socket(self) -> Path:
+        """The admin socket's path."""
+        return load_config(self.config).admin_socket.path
+
+    @property
+    def database(self) -> Path:
+        """The database file's path."""
+        return load_config(self.config).database
+
+
 def init_state_dir(state_dir: Path) -> InitReport:
     """Create (or complete) a working state dir and check it loads."""
     state_dir = state_dir.resolve()
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
-    report = InitReport(config=state_dir / "config.yaml")
+    report = InitReport(config=state_dir / CONFIG_FILE)
     _write_new(report.config, render_default_config(), 0o640, report)
     config = load_config(report.config)
     _write_new(config.policy, render_default_policy(), 0o640, report)

@@ -26,8 +26,7 @@ import yaml
 
 from guardian.keys.rotated import load_all_keys
 from guardian.service.rules import ADMIN_RULES, AGENT_RULES
-from guardian.state.config import load_config
-from guardian.state.statedir import init_state_dir
+from guardian.state.statedir import StateDirFiles, init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +68,7 @@ def expected_audit(socket_kind: str, method: str, code: grpc.StatusCode) -> tupl
 
 
 @dataclass
-class Guardian:
+class Guardian(StateDirFiles):
     """A guardian process on its own state dir."""
 
     state_dir: Path
@@ -82,22 +81,6 @@ class Guardian:
 
     def __post_init__(self) -> None:
         self.log_path = self.state_dir / "guardian-test.log"
-
-    @property
-    def config(self) -> Path:
-        return self.state_dir / "config.yaml"
-
-    @property
-    def agent_socket(self) -> Path:
-        return load_config(self.config).agent_socket.path
-
-    @property
-    def admin_socket(self) -> Path:
-        return load_config(self.config).admin_socket.path
-
-    @property
-    def database(self) -> Path:
-        return load_config(self.config).database
 
     def start(self, timeout_s: float = 20.0, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")
