@@ -103,15 +103,40 @@ def resign_memories(core: GuardianCore, call: Call, request: pb.ResignMemoriesRe
                     )
             resigned += count
             failed += bad
+        vectors_resigned = _resign_vectors(core, call, key_id)
     if failed:
         security_log.error(
             "memories that fail verification were left unsigned by the new key",
             extra={"event": "resign_skipped", "failed": len(failed), "first_id": failed[0]},
         )
-    call.object_id = f"memory:{key_id}: {resigned} re-signed, {len(failed)} failed"
+    call.object_id = f"memory:{key_id}: {resigned} re-signed, {len(failed)} failed; {vectors_resigned} vectors"
     return pb.ResignMemoriesResponse(
         resigned=resigned, failed_ids=failed[:_MAX_FAILED_IDS], failed=len(failed), key_id=key_id
     )
+
+
+def _resign_vectors(core: GuardianCore, call: Call, key_id: str) -> int:
+    """MAC every stored vector with the primary memory key, a batch per transaction, each audited; how many."""
+    vectors = core.memories.vectors
+    if vectors is None:
+        return 0
+    resigned, after = 0, 0
+    while after >= 0:
+        with core.database.write() as connection:
+            count, dropped, after = vectors.resign_batch(connection, after, _RESIGN_BATCH)
+            if count or dropped:
+                core.audit.record(
+                    connection,
+                    ts_ms=call.now_ms,
+                    agent=call.agent,
+                    operation="keys.resign.batch",
+                    object_id=f"memory:{key_id}",
+                    decision="allow",
+                    reason=f"ok: {count} vectors re-signed, {dropped} failing dropped (embedded again at start)",
+                    policy_version=call.policy.version,
+                )
+        resigned += count
+    return resigned
 
 
 @dataclass(frozen=True)
@@ -135,9 +160,14 @@ def retire_key(core: GuardianCore, call: Call, version: KeyVersion) -> pb.Retire
     with _key_changes:
         core.keystore.check_retirable(ring, key_id)
         with core.database.read() as reader:
-            if ring == "memory" and (count := core.memories.signed_with(reader, key_id)):
+            vectors = core.memories.vectors
+            if ring == "memory" and (
+                count := core.memories.signed_with(reader, key_id)
+                + (vectors.signed_with(reader, key_id) if vectors else 0)
+            ):
                 raise FailedPrecondition(
-                    f"{count} memories are still signed with {key_id}; run guardianctl keys resign first"
+                    f"{count} memories or their vectors are still signed with {key_id};"
+                    " run guardianctl keys resign first"
                 )
             if ring == "token" and (count := core.agents.tokens_hashed_with(reader, key_id, call.now_ms)):
                 raise FailedPrecondition(f"{count} agents' tokens were hashed with {key_id}; rotate their tokens first")

@@ -228,7 +228,8 @@ _MODES: Final[dict[int, SearchMode]] = {
 def check_search(core: GuardianCore, call: Call, request: pb.SearchRequest) -> Query:
     """The query's words and, unless lexical, its vector; the number of hits; within the caller's limits.
 
-    The query is embedded here, before the transaction, so the model's work never holds the writer.
+    The query is embedded, and the vector index asked for its nearest memories, here, before the
+    transaction: neither the model's work nor the vector scan ever holds the writer.
     """
     limits = call.required_profile.limits
     text = shape.query(request.query, limits)
@@ -248,7 +249,9 @@ def check_search(core: GuardianCore, call: Call, request: pb.SearchRequest) -> Q
                 "the vector index is still loading after a restart; retry in a few seconds, or search with mode lexical"
             )
         return Query(SearchQuery(terms, "lexical"), limit, semantic_pending=True)
-    return Query(SearchQuery(terms, mode, vectors.embed(text)), limit)
+    vector = vectors.embed(text)
+    nearest = core.memories.nearest(call.required_scope, vector, limit)
+    return Query(SearchQuery(terms, mode, vector, nearest), limit)
 
 
 def search(core: GuardianCore, call: Call, query: Query, connection: Connection) -> pb.SearchResponse:

@@ -133,6 +133,8 @@ class SearchQuery:
     terms: tuple[search_index.QueryTerm, ...]
     mode: SearchMode = "hybrid"
     vector: Vector | None = field(default=None, compare=False, repr=False)
+    #: The semantic leg's first candidates, found before the transaction (MemoryStore.nearest).
+    nearest: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -243,10 +245,13 @@ class MemoryStore:
         legs are asked for four times as many. The cost follows the candidates asked for,
         never the size of the table.
         """
-        depth = max(2 * limit, _MIN_DEPTH)
+        depth = first = _depth(limit)
         while True:
             lexical = self._lexical(connection, scope, query.terms, depth) if query.mode != "semantic" else []
-            semantic = self._semantic(scope, query.vector, depth) if query.mode != "lexical" else []
+            semantic: Sequence[tuple[int, float]] = []
+            if query.mode != "lexical":
+                found = query.nearest if depth == first else None
+                semantic = found if found is not None else self._semantic(scope, query.vector, depth)
             rows = self._rows(connection, [rowid for rowid, _ in lexical] + [rowid for rowid, _ in semantic])
             if query.mode == "hybrid":
                 shares = [
@@ -267,15 +272,34 @@ class MemoryStore:
     def _lexical(
         self, connection: Connection, scope: Scope, terms: Sequence[search_index.QueryTerm], depth: int
     ) -> list[tuple[int, float]]:
-        """The lexical leg: up to depth (rowid, bm25) of the caller's namespaces, best (lowest bm25) first."""
+        """The lexical leg: up to depth (rowid, bm25) of the caller's namespaces, best (lowest bm25) first.
+
+        Its cost is bounded by depth and the query's terms, not by how many memories hold them
+        (search_index.lexical_plan).
+        """
         if not terms:
             return []
+        match, ranked = search_index.lexical_plan(connection, terms, scope.namespaces)
+        if not ranked:  # every term is common: the newest memories holding them all, unscored (bm25 would
+            # read every posting of every term to count them)
+            rows = connection.execute(
+                "SELECT rowid FROM memory_terms WHERE memory_terms MATCH ? ORDER BY rowid DESC LIMIT ?",
+                (match, depth),
+            ).fetchall()
+            return [(int(row[0]), 0.0) for row in rows]
         rows = connection.execute(
             "SELECT rowid, bm25(memory_terms) AS rank FROM memory_terms WHERE memory_terms MATCH ?"
             " ORDER BY rank LIMIT ?",
-            (search_index.match_query(terms, scope.namespaces), depth),
+            (match, depth),
         ).fetchall()
         return [(int(rowid), float(rank)) for rowid, rank in rows]
+
+    def nearest(self, scope: Scope, vector: Vector, limit: int) -> tuple[tuple[int, float], ...]:
+        """The semantic leg's first candidates for a search of limit hits, for :attr:`SearchQuery.nearest`.
+
+        Run before the search's transaction: the vector scan never holds the writer.
+        """
+        return tuple(self._semantic(scope, vector, _depth(limit)))
 
     def _semantic(self, scope: Scope, vector: Vector | None, depth: int) -> list[tuple[int, float]]:
         """The semantic leg: up to depth (rowid, cosine) of the caller's namespaces, nearest first."""
@@ -653,6 +677,11 @@ def _signed_fields(memory: StoredMemory) -> SignedFields:
         memory.metadata_json,
         memory.status,
     )
+
+
+def _depth(limit: int) -> int:
+    """How many candidates a search of limit hits asks each leg for, first."""
+    return max(2 * limit, _MIN_DEPTH)
 
 
 def _searchable(row: tuple[Any, ...]) -> str:

@@ -38,11 +38,13 @@ from typing import Any, Final
 from guardian.store.scan_form import ScanForm
 
 __all__ = [
+    "COMMON_TERM_ROWS",
     "MAX_QUERY_WORDS",
     "STOPWORDS",
     "QueryTerm",
     "coverage",
     "index",
+    "lexical_plan",
     "match_query",
     "query_terms",
     "rebuild",
@@ -132,6 +134,8 @@ def unindex(connection: Any, rowids: Iterable[int]) -> None:
     connection.executemany("DELETE FROM memory_terms WHERE rowid = ?", [(rowid,) for rowid in rowids])
 
 
+#: How many of a caller's memories may hold a query term before it counts as common (lexical_plan).
+COMMON_TERM_ROWS: Final = 2000
 #: One term of a query: the words of one whitespace-separated token of it. One word is matched as
 #: such; several (``ERR_CONN_RESET``, ``24.0.4``, a path) as a phrase, those words in that order.
 QueryTerm = tuple[str, ...]
@@ -163,6 +167,31 @@ def match_query(terms: Sequence[QueryTerm], namespaces: Sequence[str]) -> str:
     tags = [_namespace_tag(namespace) for namespace in namespaces]
     wanted = dict.fromkeys([*terms, *((word,) for term in terms if len(term) > 1 for word in term)])
     return " OR ".join('"' + " ".join(tag + word for word in term) + '"' for term in wanted for tag in tags)
+
+
+def lexical_plan(connection: Any, terms: Sequence[QueryTerm], namespaces: Sequence[str]) -> tuple[str, bool]:
+    """The FTS5 query for a search's lexical leg, and whether FTS5 may rank all it matches.
+
+    A term that COMMON_TERM_ROWS or more of the caller's memories hold (counted only that
+    far, so finding out costs at most that many postings) would make ranking cost as many
+    rows as it matches (bm25 reads every posting of a term to count them), and tells little:
+    its idf is small. The query is the other terms, ranked by bm25 as usual (True); when every
+    term is that common, it is all of them together (AND), not ranked (False: the caller takes
+    the newest matches). Either way the cost is bounded by the terms and the depth asked for,
+    not by how many memories hold the words.
+    """
+    telling = [
+        term
+        for term in terms
+        if connection.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM memory_terms WHERE memory_terms MATCH ? LIMIT ?)",
+            (match_query([term], namespaces), COMMON_TERM_ROWS),
+        ).fetchone()[0]
+        < COMMON_TERM_ROWS
+    ]
+    if telling:
+        return match_query(telling, namespaces), True
+    return " AND ".join(f"({match_query([term], namespaces)})" for term in terms), False
 
 
 def coverage(terms: Sequence[QueryTerm], text: str) -> float:

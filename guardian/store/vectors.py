@@ -157,6 +157,38 @@ class MemoryVectors:
             after = int(rows[-1][0])
             progress(loaded)
 
+    def resign_batch(self, connection: Connection, after_rowid: int, limit: int) -> tuple[int, int, int]:
+        """MAC again with the primary key up to limit vectors after after_rowid that another key MACed.
+
+        Returns (how many were, how many failed their HMAC and were dropped to be embedded
+        again at the next start, the last rowid looked at or -1 when none was left).
+        """
+        rows = connection.execute(
+            "SELECT v.rowid, m.id, v.model, v.vector, v.key_id, v.mac FROM memory_vectors AS v"
+            " JOIN memories AS m ON m.rowid = v.rowid WHERE v.rowid > ? AND v.key_id <> ? ORDER BY v.rowid LIMIT ?",
+            (after_rowid, self._primary_id, limit),
+        ).fetchall()
+        if not rows:
+            return 0, 0, -1
+        resigned, bad = 0, []
+        for rowid, memory_id, model, blob, key_id, mac in rows:
+            key = self._keys.get(key_id)
+            if key is None or not hmac.compare_digest(vector_mac(key, memory_id, model, blob), mac):
+                bad.append(int(rowid))
+                continue
+            connection.execute(
+                "UPDATE memory_vectors SET key_id = ?, mac = ? WHERE rowid = ?",
+                (self._primary_id, vector_mac(self._keys[self._primary_id], memory_id, model, blob), rowid),
+            )
+            resigned += 1
+        if bad:
+            self.drop(connection, bad)
+        return resigned, len(bad), int(rows[-1][0])
+
+    def signed_with(self, connection: Connection, key_id: str) -> int:
+        """How many stored vectors carry an HMAC made with key_id."""
+        return int(connection.execute("SELECT count(*) FROM memory_vectors WHERE key_id = ?", (key_id,)).fetchone()[0])
+
     def missing(self, connection: Connection, after_rowid: int, limit: int) -> list[int]:
         """Up to limit active memories after after_rowid with no vector of the model in use, by rowid."""
         rows = connection.execute(

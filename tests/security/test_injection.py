@@ -104,11 +104,16 @@ def test_search_text_is_only_ever_words(guardian: Guardian, world: World, attack
         )
         assert "needs at least one word" in refusal.details
     else:
-        reply, _ = served(guardian, lambda: mallory.stub.Search(request, timeout=20), "memory.search")
+        by_words = pb.SearchRequest(session_id=mallory.session, query=query, mode=pb.SEARCH_MODE_LEXICAL)
+        reply, _ = served(guardian, lambda: mallory.stub.Search(by_words, timeout=20), "memory.search")
         for hit in reply.hits:
             assert hit.memory.id in world.own, "a search reached beyond the caller's own memories"
             assert words & {word.lower() for word in re.findall(r"\w+", hit.memory.content)}
             assert SECRET_WORD not in hit.memory.content
+        # By meaning too (the default): still only the caller's own memories, never the secret.
+        reply, _ = served(guardian, lambda: mallory.stub.Search(request, timeout=20), "memory.search")
+        for hit in reply.hits:
+            assert hit.memory.id in world.own and SECRET_WORD not in hit.memory.content
     tables_intact(guardian, world, before)
 
 

@@ -23,6 +23,7 @@ from guardian.service.call import Call
 from guardian.state.core import GuardianCore
 from guardian.store import search_index
 from guardian.store.database import Database
+from guardian.store.memories import MemoryStore, Scope
 from guardian.store.vectors import MemoryVectors
 from shared.errors import ConfigError, InternalError, Unavailable
 from shared.rpc.guardian.v1 import agent_pb2 as pb
@@ -162,27 +163,28 @@ def test_after_commit_actions_run_only_for_what_committed(database: Database) ->
         database.after_commit(lambda: None)
 
 
-class _Memories:
-    def __init__(self, vectors: MemoryVectors) -> None:
-        self.vectors = vectors
-
-
 class _Core:
-    """The slice of the guardian a search's check reads: its memories' vectors."""
+    """The slice of the guardian a search's check reads: its memories (and their vectors)."""
 
-    def __init__(self, vectors: MemoryVectors) -> None:
-        self.memories = _Memories(vectors)
+    def __init__(self, memories: MemoryStore) -> None:
+        self.memories = memories
 
 
 def test_until_the_index_is_loaded_hybrid_runs_on_words_and_semantic_is_retryable(model: EmbeddingModel) -> None:
     policy = compile_policy(render_default_policy())
+    scope = Scope(agent="alice", namespaces=("alice",), writable=frozenset({"alice"}))
     call = Call(method="Search", policy=policy, now_ms=0, agent="alice", profile=policy.profile_for("alice"))
-    vectors = MemoryVectors(model, KeyRing("k1", {"k1": b"k" * 32}), after_commit=lambda action: None)
-    core = cast(GuardianCore, _Core(vectors))
+    call.scope = scope
+    ring = KeyRing("k1", {"k1": b"k" * 32})
+    vectors = MemoryVectors(model, ring, after_commit=lambda action: None)
+    core = cast(GuardianCore, _Core(MemoryStore(ring, vectors)))
     hybrid = check_search(core, call, pb.SearchRequest(query="dental checkup"))
     assert hybrid.semantic_pending and hybrid.query.mode == "lexical" and hybrid.query.vector is None
     with pytest.raises(Unavailable, match="still loading"):
         check_search(core, call, pb.SearchRequest(query="dental checkup", mode=pb.SEARCH_MODE_SEMANTIC))
     vectors.index.loaded()
+    vectors.index.put("alice", 7, quantize(model.embed("Dentist appointment moved to the 14th")))
+    vectors.index.put("bob", 8, quantize(model.embed("Dentist appointment moved to the 14th")))
     ready = check_search(core, call, pb.SearchRequest(query="dental checkup"))
     assert not ready.semantic_pending and ready.query.mode == "hybrid" and ready.query.vector is not None
+    assert [rowid for rowid, _ in ready.query.nearest or ()] == [7]  # found before the transaction, in scope

@@ -137,3 +137,21 @@ def test_words_are_folded_the_same_way_for_the_index_and_the_query(db: Database)
         memory_id = put(connection, "alice", f"Café İstanbul {fullwidth} naïve_snake")
     for query in ("cafe", "CAFÉ", "istanbul", "fullwidth", "naive", "snake"):
         assert [memory.id for memory, _ in search(db, scope("alice"), query, 5)] == [memory_id], query
+
+
+def test_a_term_most_memories_hold_is_left_out_so_the_cost_follows_the_rare_ones(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search_index, "COMMON_TERM_ROWS", 5)
+    with db.write() as connection:
+        common = [put(connection, "alice", f"project status update number {n}", at_ms=NOW + n) for n in range(8)]
+        rare = put(connection, "alice", "project status: the zebra migration is done", at_ms=NOW + 100)
+        put(connection, "bob", "zebra zebra zebra")  # another namespace: never counted for alice
+    with db.read() as reader:
+        match, ranked = search_index.lexical_plan(reader, [("project",), ("zebra",)], ["alice"])
+        assert ranked and "project" not in match and "zebra" in match
+        match, ranked = search_index.lexical_plan(reader, [("project",), ("status",)], ["alice"])
+        assert not ranked and " AND " in match
+    assert [memory.id for memory, _ in search(db, scope("alice"), "project zebra", 5)] == [rare]
+    newest = [memory.id for memory, _ in search(db, scope("alice"), "project status", 3)]
+    assert newest == [rare, common[-1], common[-2]]  # the newest matches, unscored
