@@ -14,6 +14,9 @@ written in a short transaction that skips any memory changed meanwhile (a write
 embeds its memory itself). Nothing of this is recorded but the vectors, so it is
 resumable after a kill: the next start looks again for what has no vector.
 Progress is logged and shown by ``guardianctl status``.
+
+Then, until the guardian stops, it keeps the index's large partitions trained as
+inverted files (guardian/recall/index.py), one short step at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ security_log = logging.getLogger("agent_guardian.security")
 
 _EMBED_BATCH: Final = 64
 _LOG_EVERY: Final = 10_000
+#: How often it looks for a partition that has grown enough to be trained (again).
+_TRAIN_CHECK_S: Final = 30.0
 
 
 class RecallIndexer(Background):
@@ -43,10 +48,11 @@ class RecallIndexer(Background):
         self._core = core
 
     def run(self) -> None:
-        """Load, then embed; a failure is logged and the rest waits for the next start."""
+        """Load, then embed, then keep large partitions trained; a failure is logged, a restart resumes."""
         try:
             self.load()
             self.embed_missing()
+            self.keep_trained()
         except Exception:
             log.exception("recall indexing stopped; searches rank by what is indexed, and a restart resumes it")
 
@@ -100,6 +106,15 @@ class RecallIndexer(Background):
                 },
             )
         return embedded
+
+    def keep_trained(self) -> None:
+        """Until stopped: train the partitions that grew large enough (guardian/recall/index.py), step by step."""
+        vectors = self._core.memories.vectors
+        if vectors is None:
+            return
+        while not self._stop.is_set():
+            if not vectors.index.train_step():
+                self._stop.wait(_TRAIN_CHECK_S)
 
     @staticmethod
     def _log_progress(event: str, field: str) -> Callable[[int], None]:

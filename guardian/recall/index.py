@@ -3,11 +3,20 @@
 A search scans the partitions of the namespaces the caller may read and no
 others, so neither its results, nor their order, nor its time depend on what any
 other namespace holds (as for the full-text index, guardian/store/search_index.py).
-Each partition keeps int8 vectors and their scales (guardian/recall/vectors.py) in
-one growing matrix; a removed row is replaced by the last one. The score of a
-memory is the cosine of its vector with the query's (both unit vectors, up to
-quantisation). Only committed, active memories are here: the store adds and
-removes entries once their transaction has committed (Database.after_commit).
+The score of a memory is the cosine of its vector with the query's (both unit
+vectors, up to quantisation: guardian/recall/vectors.py). Only committed, active
+memories are here: the store adds and removes entries once their transaction has
+committed (Database.after_commit).
+
+A partition keeps its int8 vectors in *lists*. A small one (under IVF_MIN vectors)
+is one list, scanned whole: exact. A large one is an inverted file: about
+sqrt(n) lists, each around a centroid (spherical k-means on a sample), and a
+search scans the NPROBE lists whose centroids are nearest the query, so its cost
+grows with sqrt(n), not n. Training runs in the background (guardian/daemon/recall.py),
+never under the index's lock but for short steps: the partition then has a next
+set of lists beside the current one, every put goes to the next, a search scans
+both, and the background moves the current lists' vectors over a chunk at a
+time until none is left. A partition is trained again when it has doubled.
 
 At start the index is loaded from the stored vectors while requests are served;
 until that is done (:attr:`VectorIndex.ready`) a search may miss memories, and a
@@ -27,25 +36,36 @@ import numpy.typing as npt
 
 from guardian.recall.vectors import Quantized
 
-__all__ = ["MIN_COSINE", "VectorIndex"]
+__all__ = ["IVF_MIN", "MIN_COSINE", "NPROBE", "VectorIndex"]
 
 #: The least cosine that counts as a match by meaning: below it a memory is not found by the semantic
 #: leg at all (so a query about nothing stored finds nothing). On bench/recall_eval with the shipped
 #: model, 86% of the right answers to questions in other words score at least 0.10, against 19% of
 #: all notes.
 MIN_COSINE: Final = 0.10
+#: A partition with this many vectors or more is searched as an inverted file (not scanned whole).
+IVF_MIN: Final = 20_000
+#: How many lists of an inverted file a search scans.
+NPROBE: Final = 24
 #: Rows scored per step (bounds the float32 copy a step makes).
 _CHUNK: Final = 8192
-_INITIAL_ROWS: Final = 64
+#: Vectors moved to the next lists per step of training (the lock is held for one step).
+_MOVE_STEP: Final = 1024
+#: Vectors k-means learns the centroids from, per list, and rounds of it.
+_SAMPLE_PER_LIST: Final = 32
+_KMEANS_ROUNDS: Final = 8
+_INITIAL_ROWS: Final = 16
+
+Floats = npt.NDArray[np.float32]
 
 
 @dataclass
-class _Partition:
-    """One namespace's vectors."""
+class _Block:
+    """One list's vectors: int8 values, scales and rowids in growing arrays."""
 
     dims: int
     values: npt.NDArray[np.int8] = field(init=False)
-    scales: npt.NDArray[np.float32] = field(init=False)
+    scales: Floats = field(init=False)
     rowids: npt.NDArray[np.int64] = field(init=False)
     size: int = 0
     at: dict[int, int] = field(default_factory=dict)
@@ -76,7 +96,12 @@ class _Partition:
             self.at[moved] = position
         self.size = last
 
-    def scores(self, query: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def floats(self, start: int, stop: int) -> Floats:
+        """Rows start..stop as float32 vectors (int8 values times their scale)."""
+        out: Floats = self.values[start:stop].astype(np.float32) * self.scales[start:stop, None]
+        return out
+
+    def scores(self, query: Floats) -> Floats:
         out = np.empty(self.size, dtype=np.float32)
         for start in range(0, self.size, _CHUNK):
             stop = min(start + _CHUNK, self.size)
@@ -84,12 +109,140 @@ class _Partition:
         return out
 
     def _grow(self) -> None:
-        rows = len(self.rowids) * 2
+        rows = max(_INITIAL_ROWS, len(self.rowids) + len(self.rowids) // 2)
         values = np.zeros((rows, self.dims), dtype=np.int8)
         values[: self.size] = self.values[: self.size]
         self.values = values
         self.scales = np.resize(self.scales, rows)
         self.rowids = np.resize(self.rowids, rows)
+
+
+@dataclass
+class _Lists:
+    """Vectors in lists: one list (exact), or one per centroid (an inverted file)."""
+
+    dims: int
+    centroids: Floats | None = None
+    blocks: list[_Block] = field(default_factory=list)
+    list_of: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        count = 1 if self.centroids is None else len(self.centroids)
+        self.blocks = [_Block(self.dims) for _ in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.list_of)
+
+    def put(self, rowid: int, vector: Quantized) -> None:
+        self.remove(rowid)
+        index = 0
+        if self.centroids is not None:
+            values, scale = vector
+            index = int(np.argmax(self.centroids @ (values.astype(np.float32) * scale)))
+        self.blocks[index].put(rowid, vector)
+        self.list_of[rowid] = index
+
+    def remove(self, rowid: int) -> bool:
+        index = self.list_of.pop(rowid, None)
+        if index is None:
+            return False
+        self.blocks[index].remove(rowid)
+        return True
+
+    def search(self, query: Floats, k: int) -> list[tuple[float, int]]:
+        if self.centroids is None:
+            chosen = self.blocks
+        else:
+            near = self.centroids @ query
+            probe = min(NPROBE, len(near))
+            chosen = [self.blocks[i] for i in np.argpartition(-near, probe - 1)[:probe]]
+        found: list[tuple[float, int]] = []
+        for block in chosen:
+            if block.size == 0:
+                continue
+            scores = block.scores(query)
+            take = min(k, block.size)
+            top = np.argpartition(-scores, take - 1)[:take] if take < block.size else np.arange(take)
+            found.extend((float(scores[i]), int(block.rowids[i])) for i in top if scores[i] >= MIN_COSINE)
+        return found
+
+    def take_some(self, count: int) -> list[tuple[int, Quantized]]:
+        """Remove and return up to count vectors (from the fullest block's end)."""
+        taken: list[tuple[int, Quantized]] = []
+        while len(taken) < count and self.list_of:
+            block = max(self.blocks, key=lambda b: b.size)
+            while block.size and len(taken) < count:
+                position = block.size - 1
+                rowid = int(block.rowids[position])
+                taken.append((rowid, (block.values[position].copy(), float(block.scales[position]))))
+                block.remove(rowid)
+                del self.list_of[rowid]
+        return taken
+
+    def put_many(self, items: Sequence[tuple[int, Quantized]]) -> None:
+        """put() for many vectors, their lists found in one product with the centroids."""
+        if self.centroids is None or not items:
+            for rowid, vector in items:
+                self.put(rowid, vector)
+            return
+        floats = np.stack([values.astype(np.float32) * scale for _, (values, scale) in items])
+        for (rowid, vector), index in zip(items, np.argmax(floats @ self.centroids.T, axis=1), strict=True):
+            self.remove(rowid)
+            self.blocks[int(index)].put(rowid, vector)
+            self.list_of[rowid] = int(index)
+
+    def sample(self, count: int, rng: np.random.Generator) -> Floats:
+        """Up to count of its vectors as float32, drawn at random."""
+        sizes = np.array([block.size for block in self.blocks])
+        total = int(sizes.sum())
+        picks = rng.choice(total, size=min(count, total), replace=False)
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        rows = []
+        for block, start, size in zip(self.blocks, starts, sizes, strict=True):
+            positions = picks[(picks >= start) & (picks < start + size)] - start
+            if len(positions):
+                rows.append(block.values[positions].astype(np.float32) * block.scales[positions, None])
+        return np.concatenate(rows) if rows else np.zeros((0, self.dims), dtype=np.float32)
+
+
+@dataclass
+class _Partition:
+    """One namespace's vectors: its current lists, and while training, the next ones."""
+
+    dims: int
+    current: _Lists = field(init=False)
+    next: _Lists | None = None
+    #: How many vectors the current centroids were learnt from (0: exact).
+    trained_at: int = 0
+
+    def __post_init__(self) -> None:
+        self.current = _Lists(self.dims)
+
+    def __len__(self) -> int:
+        return len(self.current) + (len(self.next) if self.next is not None else 0)
+
+    def put(self, rowid: int, vector: Quantized) -> None:
+        if self.next is not None:
+            self.current.remove(rowid)
+            self.next.put(rowid, vector)
+        else:
+            self.current.put(rowid, vector)
+
+    def remove(self, rowid: int) -> bool:
+        removed = self.current.remove(rowid)
+        if self.next is not None:
+            removed = self.next.remove(rowid) or removed
+        return removed
+
+    def search(self, query: Floats, k: int) -> list[tuple[float, int]]:
+        found = self.current.search(query, k)
+        if self.next is not None:
+            found += self.next.search(query, k)
+        return found
+
+    def needs_training(self) -> bool:
+        size = len(self)
+        return self.next is None and size >= IVF_MIN and size >= 2 * max(self.trained_at, IVF_MIN // 2)
 
 
 class VectorIndex:
@@ -103,6 +256,7 @@ class VectorIndex:
         #: While loading at start: the memories commits changed meanwhile (their stored vector,
         #: as the loader read it, may be older than what was put or removed here).
         self._touched: set[int] | None = set()
+        self._rng = np.random.default_rng(0)
 
     def __len__(self) -> int:
         return len(self._namespace_of)
@@ -140,7 +294,7 @@ class VectorIndex:
                 if namespace is not None:
                     self._partitions[namespace].remove(rowid)
 
-    def search(self, namespaces: Sequence[str], query: npt.NDArray[np.float32], k: int) -> list[tuple[int, float]]:
+    def search(self, namespaces: Sequence[str], query: Floats, k: int) -> list[tuple[int, float]]:
         """The k memories of namespaces whose vectors are nearest query: (rowid, cosine), best first."""
         if not query.any():
             return []
@@ -148,13 +302,35 @@ class VectorIndex:
         with self._lock:
             for namespace in namespaces:
                 partition = self._partitions.get(namespace)
-                if partition is None or partition.size == 0:
-                    continue
-                scores = partition.scores(query)
-                take = min(k, partition.size)
-                top = np.argpartition(-scores, take - 1)[:take] if take < partition.size else np.arange(take)
-                best.extend((float(scores[i]), int(partition.rowids[i])) for i in top if scores[i] >= MIN_COSINE)
+                if partition is not None:
+                    best.extend(partition.search(query, k))
         return [(rowid, score) for score, rowid in heapq.nlargest(k, best)]
+
+    def train_step(self) -> bool:
+        """One short step of training whichever partition needs it; whether there was anything to do.
+
+        Learning the centroids runs outside the lock (on a copy of a sample); moving the
+        vectors to the new lists takes the lock for _MOVE_STEP vectors at a time.
+        """
+        with self._lock:
+            moving = next((p for p in self._partitions.values() if p.next is not None), None)
+            if moving is not None and moving.next is not None:
+                moving.next.put_many(moving.current.take_some(_MOVE_STEP))
+                if not moving.current:
+                    moving.current, moving.next = moving.next, None
+                return True
+            due = next((p for p in self._partitions.values() if p.needs_training()), None)
+            if due is None:
+                return False
+            size = len(due)
+            lists = max(64, int(np.sqrt(size)))
+            sample = due.current.sample(lists * _SAMPLE_PER_LIST, self._rng)
+        centroids = _kmeans(sample, lists, self._rng)
+        with self._lock:
+            if due.next is None and len(due):
+                due.next = _Lists(self.dims, centroids)
+                due.trained_at = size
+        return True
 
     def _put(self, namespace: str, rowid: int, vector: Quantized) -> None:
         current = self._namespace_of.get(rowid)
@@ -165,3 +341,19 @@ class VectorIndex:
             partition = self._partitions[namespace] = _Partition(self.dims)
         partition.put(rowid, vector)
         self._namespace_of[rowid] = namespace
+
+
+def _kmeans(sample: Floats, lists: int, rng: np.random.Generator) -> Floats:
+    """Spherical k-means: lists unit centroids of the sample's directions."""
+    norms = np.linalg.norm(sample, axis=1, keepdims=True)
+    points: Floats = sample / np.maximum(norms, np.float32(1e-12))
+    centroids: Floats = points[rng.choice(len(points), size=min(lists, len(points)), replace=False)].copy()
+    for _ in range(_KMEANS_ROUNDS):
+        nearest = np.argmax(points @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, nearest, points)
+        counts = np.bincount(nearest, minlength=len(centroids))
+        empty = counts == 0
+        sums[empty] = points[rng.choice(len(points), size=int(empty.sum()))]
+        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), np.float32(1e-12))
+    return centroids.astype(np.float32)

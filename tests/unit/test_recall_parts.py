@@ -14,6 +14,7 @@ import pytest
 from guardian.keys.ring import KeyRing
 from guardian.policy.compile import compile_policy
 from guardian.policy.default import render_default_policy
+from guardian.recall import index as index_module
 from guardian.recall.fusion import fuse
 from guardian.recall.index import MIN_COSINE, VectorIndex
 from guardian.recall.model import EmbeddingModel, ModelFiles, builtin_files
@@ -188,3 +189,34 @@ def test_until_the_index_is_loaded_hybrid_runs_on_words_and_semantic_is_retryabl
     ready = check_search(core, call, pb.SearchRequest(query="dental checkup"))
     assert not ready.semantic_pending and ready.query.mode == "hybrid" and ready.query.vector is not None
     assert [rowid for rowid, _ in ready.query.nearest or ()] == [7]  # found before the transaction, in scope
+
+
+def test_a_large_partition_becomes_an_inverted_file_step_by_step_and_stays_exact_for_what_it_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(index_module, "IVF_MIN", 400)
+    monkeypatch.setattr(index_module, "_MOVE_STEP", 100)
+    index = VectorIndex(16)
+    index.loaded()
+    vectors = {rowid: _unit(rowid) for rowid in range(1, 1001)}
+    for rowid, vector in vectors.items():
+        index.put("alice", rowid, quantize(vector))
+    index.put("bob", 5000, quantize(vectors[7]))
+    assert index.train_step()  # centroids learnt; the vectors move over in later steps
+    partition = index._partitions["alice"]
+    assert partition.next is not None and len(partition) == 1000
+    index.train_step()  # one move step: some moved, some not
+    assert 0 < len(partition.next) < 1000
+    index.remove([3])  # a change in the middle of the move
+    index.put("alice", 1001, quantize(vectors[7]))
+    for query in (7, 500, 999):  # found wherever they are while moving
+        assert index.search(["alice"], vectors[query], 1)[0][0] in {query, 1001}
+    while index.train_step():
+        pass
+    assert partition.next is None and partition.current.centroids is not None
+    assert len(partition.current.blocks) >= 64 and len(partition) == 1000
+    assert 3 not in {rowid for rowid, _ in index.search(["alice"], vectors[3], 50)}
+    hits = [index.search(["alice"], vectors[rowid], 1)[0][0] for rowid in range(10, 1000, 37)]
+    assert sum(hit == rowid for hit, rowid in zip(hits, range(10, 1000, 37), strict=True)) >= 0.8 * len(hits)
+    assert 5000 not in {rowid for rowid, _ in index.search(["alice"], vectors[7], 50)}  # bob's, never alice's
+    assert not index.train_step()  # nothing left to do until it doubles
