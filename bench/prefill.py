@@ -30,9 +30,11 @@ from bench.clients import CHANNEL_OPTIONS
 from bench.corpus import Corpus, MemoryText
 from bench.procs import BenchGuardian
 from guardian.keys.rotated import load_all_keys
+from guardian.recall.model import EmbeddingModel, builtin_files
 from guardian.store.database import Database
 from guardian.store.integrity import canonical_json
 from guardian.store.memories import Draft, MemoryStore, Scope
+from guardian.store.vectors import MemoryVectors
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
 
@@ -104,13 +106,15 @@ async def prefill_grpc(guardian: BenchGuardian, token: str, count: int, corpus: 
 
 
 def prefill_direct(guardian: BenchGuardian, agent: str, count: int, corpus: Corpus) -> PrefillReport:
-    """Write count signed memories with the guardian's own modules (the guardian must be stopped)."""
+    """Write count signed memories and their vectors with the guardian's own modules (the guardian must be stopped)."""
     if guardian.spawned is not None:
         raise RuntimeError("stop the guardian before a direct prefill: it must be the only writer")
     started = time.perf_counter()
     keys = load_all_keys(guardian.state_dir / "keys", guardian.state_dir)
     database = Database(guardian.database, keys.database_hexes)
-    store = MemoryStore(keys.memory)
+    # Vectors too, as the guardian writes them (its index is filled when it starts, from these).
+    vectors = MemoryVectors(EmbeddingModel(builtin_files()), keys.memory, after_commit=lambda action: None)
+    store = MemoryStore(keys.memory, vectors)
     scope = Scope(agent=agent, namespaces=(agent,), writable=frozenset({agent}))
     ids: list[str] = []
     try:

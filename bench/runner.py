@@ -204,6 +204,9 @@ def _check_and_trim(run: _SizeRun, transport: str, clients: int, acks: Acks) -> 
         written = int(db.execute("SELECT count(*) FROM memories WHERE rowid > ?", (run.prefill_rowid,)).fetchone()[0])
         db.execute("BEGIN IMMEDIATE")
         db.execute("DELETE FROM memory_terms WHERE rowid > ?", (run.prefill_rowid,))  # the search index too
+        # Their vectors too (the guardian's in-memory index keeps them until it restarts: a search skips a
+        # vector whose memory is gone, so they cost only their share of the candidates asked for).
+        db.execute("DELETE FROM memory_vectors WHERE rowid > ?", (run.prefill_rowid,))
         db.execute("DELETE FROM memories WHERE rowid > ?", (run.prefill_rowid,))
         db.execute("COMMIT")
     if written != acks.memories:
@@ -396,6 +399,7 @@ async def _run_size(size: int, temp_root: Path, options: Options, report: Report
             run.guardian.stop()
             prefill = prefill_direct(run.guardian, AGENT, size, run.corpus)
             run.guardian.start()
+            log(f"size {size}: vector index ready {run.guardian.wait_recall_ready():.1f} s after the start")
         else:
             prefill = await prefill_grpc(run.guardian, run.token, size, run.corpus)
             run.prefill_batches = prefill.batches

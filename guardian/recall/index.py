@@ -29,7 +29,7 @@ import heapq
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -57,49 +57,86 @@ _KMEANS_ROUNDS: Final = 8
 _INITIAL_ROWS: Final = 16
 
 Floats = npt.NDArray[np.float32]
+_NONE: Final = -1
+
+
+class _Slots:
+    """Where each memory's vector is, by rowid: its partition, list and row there (-1: nowhere).
+
+    numpy arrays indexed by rowid (SQLite's rowids are dense), grown as rowids grow: about
+    10 bytes a rowid, where dicts would take some 300 bytes a vector at a million of them.
+    """
+
+    def __init__(self) -> None:
+        self.partition = np.full(1024, _NONE, dtype=np.int16)
+        self.list = np.full(1024, _NONE, dtype=np.int32)
+        self.row = np.full(1024, _NONE, dtype=np.int32)
+
+    def reserve(self, rowid: int) -> None:
+        """Room for rowid."""
+        if rowid >= len(self.row):
+            size = max(rowid + 1, len(self.row) * 3 // 2)
+            self.partition = _grown(self.partition, size)
+            self.list = _grown(self.list, size)
+            self.row = _grown(self.row, size)
+
+    def where(self, rowid: int) -> tuple[int, int, int]:
+        """(partition, list, row) of rowid, each -1 when it has no vector here."""
+        if rowid >= len(self.row):
+            return _NONE, _NONE, _NONE
+        return int(self.partition[rowid]), int(self.list[rowid]), int(self.row[rowid])
+
+    def place(self, rowid: int, partition: int, index: int, row: int) -> None:
+        """Record where rowid's vector is."""
+        self.partition[rowid], self.list[rowid], self.row[rowid] = partition, index, row
+
+    def clear(self, rowid: int) -> None:
+        """rowid has no vector here any more."""
+        self.partition[rowid] = self.list[rowid] = self.row[rowid] = _NONE
+
+
+def _grown(array: npt.NDArray[np.signedinteger[Any]], size: int) -> npt.NDArray[np.signedinteger[Any]]:
+    grown = np.full(size, _NONE, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
 
 
 @dataclass
 class _Block:
-    """One list's vectors: int8 values, scales and rowids in growing arrays."""
+    """One list's vectors: int8 values, scales and rowids in growing arrays (their rows kept in the slots)."""
 
     dims: int
+    slots: _Slots
     values: npt.NDArray[np.int8] = field(init=False)
     scales: Floats = field(init=False)
     rowids: npt.NDArray[np.int64] = field(init=False)
     size: int = 0
-    at: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.values = np.zeros((_INITIAL_ROWS, self.dims), dtype=np.int8)
         self.scales = np.zeros(_INITIAL_ROWS, dtype=np.float32)
         self.rowids = np.zeros(_INITIAL_ROWS, dtype=np.int64)
 
-    def put(self, rowid: int, vector: Quantized) -> None:
+    def append(self, rowid: int, vector: Quantized) -> int:
+        """Add rowid's vector (none of it is here); its row."""
         values, scale = vector
-        position = self.at.get(rowid)
-        if position is None:
-            if self.size == len(self.rowids):
-                self._grow()
-            position = self.at[rowid] = self.size
-            self.size += 1
-        self.values[position], self.scales[position], self.rowids[position] = values, scale, rowid
+        if self.size == len(self.rowids):
+            self._grow()
+        row = self.size
+        self.values[row], self.scales[row], self.rowids[row] = values, scale, rowid
+        self.size += 1
+        return row
 
-    def remove(self, rowid: int) -> None:
-        position = self.at.pop(rowid)
+    def remove_row(self, row: int) -> None:
+        """Remove the vector at row (the last one takes its place, and its slot says so)."""
         last = self.size - 1
-        if position != last:
+        if row != last:
             moved = int(self.rowids[last])
-            self.values[position] = self.values[last]
-            self.scales[position] = self.scales[last]
-            self.rowids[position] = moved
-            self.at[moved] = position
+            self.values[row] = self.values[last]
+            self.scales[row] = self.scales[last]
+            self.rowids[row] = moved
+            self.slots.row[moved] = row
         self.size = last
-
-    def floats(self, start: int, stop: int) -> Floats:
-        """Rows start..stop as float32 vectors (int8 values times their scale)."""
-        out: Floats = self.values[start:stop].astype(np.float32) * self.scales[start:stop, None]
-        return out
 
     def scores(self, query: Floats) -> Floats:
         out = np.empty(self.size, dtype=np.float32)
@@ -107,6 +144,13 @@ class _Block:
             stop = min(start + _CHUNK, self.size)
             out[start:stop] = (self.values[start:stop].astype(np.float32) @ query) * self.scales[start:stop]
         return out
+
+    def trim(self) -> None:
+        """Give back the room grown ahead (after a partition's vectors all moved in)."""
+        rows = max(self.size, _INITIAL_ROWS)
+        self.values = self.values[:rows].copy()
+        self.scales = self.scales[:rows].copy()
+        self.rowids = self.rowids[:rows].copy()
 
     def _grow(self) -> None:
         rows = max(_INITIAL_ROWS, len(self.rowids) + len(self.rowids) // 2)
@@ -122,32 +166,49 @@ class _Lists:
     """Vectors in lists: one list (exact), or one per centroid (an inverted file)."""
 
     dims: int
+    slots: _Slots
+    #: The partition's number in the slots.
+    partition: int
     centroids: Floats | None = None
+    #: Lists are numbered from 0 in the slots; the next lists of a partition being trained from ``offset``.
+    offset: int = 0
     blocks: list[_Block] = field(default_factory=list)
-    list_of: dict[int, int] = field(default_factory=dict)
+    count: int = 0
 
     def __post_init__(self) -> None:
-        count = 1 if self.centroids is None else len(self.centroids)
-        self.blocks = [_Block(self.dims) for _ in range(count)]
+        lists = 1 if self.centroids is None else len(self.centroids)
+        self.blocks = [_Block(self.dims, self.slots) for _ in range(lists)]
 
     def __len__(self) -> int:
-        return len(self.list_of)
+        return self.count
+
+    def holds(self, index: int) -> bool:
+        """Whether the list numbered index in the slots is one of these."""
+        return self.offset <= index < self.offset + len(self.blocks)
 
     def put(self, rowid: int, vector: Quantized) -> None:
-        self.remove(rowid)
+        """Add rowid's vector (none of it is here) to the list of the nearest centroid."""
         index = 0
         if self.centroids is not None:
             values, scale = vector
             index = int(np.argmax(self.centroids @ (values.astype(np.float32) * scale)))
-        self.blocks[index].put(rowid, vector)
-        self.list_of[rowid] = index
+        self._append(rowid, vector, index)
 
-    def remove(self, rowid: int) -> bool:
-        index = self.list_of.pop(rowid, None)
-        if index is None:
-            return False
-        self.blocks[index].remove(rowid)
-        return True
+    def put_many(self, items: Sequence[tuple[int, Quantized]]) -> None:
+        """put() for many vectors, their lists found in one product with the centroids."""
+        if self.centroids is None or not items:
+            for rowid, vector in items:
+                self.put(rowid, vector)
+            return
+        floats = np.stack([values.astype(np.float32) * scale for _, (values, scale) in items])
+        for (rowid, vector), index in zip(items, np.argmax(floats @ self.centroids.T, axis=1), strict=True):
+            self._append(rowid, vector, int(index))
+
+    def remove(self, rowid: int, index: int, row: int) -> None:
+        """Remove rowid, at row of the list numbered index (as the slots say)."""
+        self.blocks[index - self.offset].remove_row(row)
+        self.slots.clear(rowid)
+        self.count -= 1
 
     def search(self, query: Floats, k: int) -> list[tuple[float, int]]:
         if self.centroids is None:
@@ -167,35 +228,22 @@ class _Lists:
         return found
 
     def take_some(self, count: int) -> list[tuple[int, Quantized]]:
-        """Remove and return up to count vectors (from the fullest block's end)."""
+        """Remove and return up to count vectors (from the fullest lists' ends)."""
         taken: list[tuple[int, Quantized]] = []
-        while len(taken) < count and self.list_of:
-            block = max(self.blocks, key=lambda b: b.size)
+        while len(taken) < count and self.count:
+            position = max(range(len(self.blocks)), key=lambda i: self.blocks[i].size)
+            block = self.blocks[position]
             while block.size and len(taken) < count:
-                position = block.size - 1
-                rowid = int(block.rowids[position])
-                taken.append((rowid, (block.values[position].copy(), float(block.scales[position]))))
-                block.remove(rowid)
-                del self.list_of[rowid]
+                row = block.size - 1
+                rowid = int(block.rowids[row])
+                taken.append((rowid, (block.values[row].copy(), float(block.scales[row]))))
+                self.remove(rowid, self.offset + position, row)
         return taken
-
-    def put_many(self, items: Sequence[tuple[int, Quantized]]) -> None:
-        """put() for many vectors, their lists found in one product with the centroids."""
-        if self.centroids is None or not items:
-            for rowid, vector in items:
-                self.put(rowid, vector)
-            return
-        floats = np.stack([values.astype(np.float32) * scale for _, (values, scale) in items])
-        for (rowid, vector), index in zip(items, np.argmax(floats @ self.centroids.T, axis=1), strict=True):
-            self.remove(rowid)
-            self.blocks[int(index)].put(rowid, vector)
-            self.list_of[rowid] = int(index)
 
     def sample(self, count: int, rng: np.random.Generator) -> Floats:
         """Up to count of its vectors as float32, drawn at random."""
         sizes = np.array([block.size for block in self.blocks])
-        total = int(sizes.sum())
-        picks = rng.choice(total, size=min(count, total), replace=False)
+        picks = rng.choice(int(sizes.sum()), size=min(count, int(sizes.sum())), replace=False)
         starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
         rows = []
         for block, start, size in zip(self.blocks, starts, sizes, strict=True):
@@ -204,41 +252,61 @@ class _Lists:
                 rows.append(block.values[positions].astype(np.float32) * block.scales[positions, None])
         return np.concatenate(rows) if rows else np.zeros((0, self.dims), dtype=np.float32)
 
+    def _append(self, rowid: int, vector: Quantized, index: int) -> None:
+        self.slots.reserve(rowid)
+        row = self.blocks[index].append(rowid, vector)
+        self.slots.place(rowid, self.partition, self.offset + index, row)
+        self.count += 1
+
 
 @dataclass
 class _Partition:
     """One namespace's vectors: its current lists, and while training, the next ones."""
 
     dims: int
+    slots: _Slots
+    #: Its number in the slots.
+    number: int
     current: _Lists = field(init=False)
     next: _Lists | None = None
     #: How many vectors the current centroids were learnt from (0: exact).
     trained_at: int = 0
 
     def __post_init__(self) -> None:
-        self.current = _Lists(self.dims)
+        self.current = _Lists(self.dims, self.slots, self.number)
 
     def __len__(self) -> int:
         return len(self.current) + (len(self.next) if self.next is not None else 0)
 
     def put(self, rowid: int, vector: Quantized) -> None:
-        if self.next is not None:
-            self.current.remove(rowid)
-            self.next.put(rowid, vector)
-        else:
-            self.current.put(rowid, vector)
+        (self.next if self.next is not None else self.current).put(rowid, vector)
 
-    def remove(self, rowid: int) -> bool:
-        removed = self.current.remove(rowid)
-        if self.next is not None:
-            removed = self.next.remove(rowid) or removed
-        return removed
+    def remove(self, rowid: int, index: int, row: int) -> None:
+        """Remove rowid, at row of the list numbered index (the next lists' numbers follow the current's)."""
+        holder = self.next if self.next is not None and self.next.holds(index) else self.current
+        holder.remove(rowid, index, row)
 
     def search(self, query: Floats, k: int) -> list[tuple[float, int]]:
         found = self.current.search(query, k)
         if self.next is not None:
             found += self.next.search(query, k)
         return found
+
+    def begin_training(self, centroids: Floats, trained_at: int) -> None:
+        """Start moving to lists around centroids (numbered after the current ones in the slots)."""
+        offset = self.current.offset + len(self.current.blocks)  # numbers no current list has
+        self.next = _Lists(self.dims, self.slots, self.number, centroids, offset)
+        self.trained_at = trained_at
+
+    def move_step(self, count: int) -> None:
+        """Move up to count vectors from the current lists to the next; the next become current when all are."""
+        if self.next is None:
+            return
+        self.next.put_many(self.current.take_some(count))
+        if not self.current:
+            self.current, self.next = self.next, None
+            for block in self.current.blocks:
+                block.trim()
 
     def needs_training(self) -> bool:
         size = len(self)
@@ -250,8 +318,11 @@ class VectorIndex:
 
     def __init__(self, dims: int) -> None:
         self.dims = dims
+        self._slots = _Slots()
         self._partitions: dict[str, _Partition] = {}
-        self._namespace_of: dict[int, str] = {}
+        #: Partitions by their number in the slots.
+        self._numbered: list[_Partition] = []
+        self._count = 0
         self._lock = threading.Lock()
         #: While loading at start: the memories commits changed meanwhile (their stored vector,
         #: as the loader read it, may be older than what was put or removed here).
@@ -259,7 +330,7 @@ class VectorIndex:
         self._rng = np.random.default_rng(0)
 
     def __len__(self) -> int:
-        return len(self._namespace_of)
+        return self._count
 
     @property
     def ready(self) -> bool:
@@ -290,9 +361,7 @@ class VectorIndex:
             for rowid in rowids:
                 if self._touched is not None:
                     self._touched.add(rowid)
-                namespace = self._namespace_of.pop(rowid, None)
-                if namespace is not None:
-                    self._partitions[namespace].remove(rowid)
+                self._remove(rowid)
 
     def search(self, namespaces: Sequence[str], query: Floats, k: int) -> list[tuple[int, float]]:
         """The k memories of namespaces whose vectors are nearest query: (rowid, cosine), best first."""
@@ -313,13 +382,11 @@ class VectorIndex:
         vectors to the new lists takes the lock for _MOVE_STEP vectors at a time.
         """
         with self._lock:
-            moving = next((p for p in self._partitions.values() if p.next is not None), None)
-            if moving is not None and moving.next is not None:
-                moving.next.put_many(moving.current.take_some(_MOVE_STEP))
-                if not moving.current:
-                    moving.current, moving.next = moving.next, None
+            moving = next((p for p in self._numbered if p.next is not None), None)
+            if moving is not None:
+                moving.move_step(_MOVE_STEP)
                 return True
-            due = next((p for p in self._partitions.values() if p.needs_training()), None)
+            due = next((p for p in self._numbered if p.needs_training()), None)
             if due is None:
                 return False
             size = len(due)
@@ -328,19 +395,24 @@ class VectorIndex:
         centroids = _kmeans(sample, lists, self._rng)
         with self._lock:
             if due.next is None and len(due):
-                due.next = _Lists(self.dims, centroids)
-                due.trained_at = size
+                due.begin_training(centroids, size)
         return True
 
     def _put(self, namespace: str, rowid: int, vector: Quantized) -> None:
-        current = self._namespace_of.get(rowid)
-        if current is not None and current != namespace:
-            self._partitions[current].remove(rowid)
+        self._remove(rowid)
         partition = self._partitions.get(namespace)
         if partition is None:
-            partition = self._partitions[namespace] = _Partition(self.dims)
+            partition = _Partition(self.dims, self._slots, len(self._numbered))
+            self._partitions[namespace] = partition
+            self._numbered.append(partition)
         partition.put(rowid, vector)
-        self._namespace_of[rowid] = namespace
+        self._count += 1
+
+    def _remove(self, rowid: int) -> None:
+        number, index, row = self._slots.where(rowid)
+        if number != _NONE:
+            self._numbered[number].remove(rowid, index, row)
+            self._count -= 1
 
 
 def _kmeans(sample: Floats, lists: int, rng: np.random.Generator) -> Floats:

@@ -220,3 +220,16 @@ def test_a_large_partition_becomes_an_inverted_file_step_by_step_and_stays_exact
     assert sum(hit == rowid for hit, rowid in zip(hits, range(10, 1000, 37), strict=True)) >= 0.8 * len(hits)
     assert 5000 not in {rowid for rowid, _ in index.search(["alice"], vectors[7], 50)}  # bob's, never alice's
     assert not index.train_step()  # nothing left to do until it doubles
+    for rowid in range(2001, 3001):
+        vectors[rowid] = _unit(rowid)
+        index.put("alice", rowid, quantize(vectors[rowid]))
+    assert index.train_step() and partition.next is not None  # doubled: trained again
+    index.train_step()
+    index.remove([2500, 20])  # one in the next lists by now or not: either way it goes
+    while index.train_step():
+        pass
+    assert partition.next is None and len(partition) == len(index) - 1 == 1998
+    found = {rowid for rowid, _ in index.search(["alice"], vectors[2500], 100)}
+    assert 2500 not in found and 20 not in found
+    hits = [index.search(["alice"], vectors[rowid], 1)[0][0] for rowid in range(2003, 3000, 41)]
+    assert sum(hit == rowid for hit, rowid in zip(hits, range(2003, 3000, 41), strict=True)) >= 0.8 * len(hits)
