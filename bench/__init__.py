@@ -2,7 +2,8 @@
 
 ``python -m bench`` (or ``make bench``) starts a guardian on a fresh state dir
 for each size, fills it to that many memories, then measures store,
-store_batch, get, search and list, at each concurrency, through
+store_batch, get, search, search_common (words every memory holds) and list,
+at each concurrency, through
 
 - ``grpc``: the agent socket directly (``grpc.aio``, the gateway's client library);
 - ``stdio``: the real MCP client, one ``agent-gateway --transport stdio`` process per client;
@@ -13,8 +14,9 @@ client code and concurrency: an MCP no-op tool on the same SDK and transport
 (:mod:`bench.noop_server`), a gRPC no-op call on the same kind of Unix socket
 with the guardian's thread-pool size (:mod:`bench.noop_grpc`), and a bare
 SQLCipher insert and FTS5 query on a table of the same size
-(:mod:`bench.sqlfloor`). It then evaluates the targets of issue 5 and writes
-every figure to JSON (``bench/results/latest.json`` by default).
+(:mod:`bench.sqlfloor`). It then evaluates the targets of issues 5 and 15, measures
+recall on the eval set (:mod:`bench.recall_eval.quality`, not with ``--quick``), and
+writes every figure to JSON (``bench/results/latest.json`` by default).
 
 Modules, one concept each:
 

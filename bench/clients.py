@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: The operations measured, in the order the report lists them.
-OPERATIONS: Final = ("store", "store_batch", "get", "search", "list")
+OPERATIONS: Final = ("store", "store_batch", "get", "search", "search_common", "list")
 _DEADLINE_S: Final = 60.0
 _START_TIMEOUT_S: Final = 180.0
 #: The gateway's channel options (gateway/client.py), so the direct clients connect the same way.
@@ -115,6 +115,11 @@ class GrpcAgentClient:
         request = pb.SearchRequest(session_id=self._session, query=self._corpus.query(), limit=SEARCH_LIMIT)
         await self._stub.Search(request, timeout=_DEADLINE_S)
 
+    async def search_common(self) -> None:
+        """Search for words every memory holds."""
+        request = pb.SearchRequest(session_id=self._session, query=self._corpus.common_query(), limit=SEARCH_LIMIT)
+        await self._stub.Search(request, timeout=_DEADLINE_S)
+
     async def list(self) -> None:
         """The next page (following the cursor LIST_DEPTH pages deep, then from the newest again)."""
         request = pb.ListRequest(session_id=self._session, page_size=LIST_PAGE_SIZE, cursor=self._cursor)
@@ -169,6 +174,10 @@ class McpAgentClient:
     async def search(self) -> None:
         """memory_search."""
         await self._call("memory_search", {"query": self._corpus.query(), "limit": SEARCH_LIMIT})
+
+    async def search_common(self) -> None:
+        """memory_search for words every memory holds."""
+        await self._call("memory_search", {"query": self._corpus.common_query(), "limit": SEARCH_LIMIT})
 
     async def list(self) -> None:
         """memory_list, following next_cursor like GrpcAgentClient.list."""

@@ -7,7 +7,9 @@ content each: the size of a note an agent keeps. A query is
 :data:`QUERY_WORDS` words from the same vocabulary, so at N memories each
 query matches about ``N * QUERY_WORDS * WORDS_PER_MEMORY / VOCABULARY``
 memories (the guardian joins query words with OR), and the share of matching
-memories stays the same as N grows: the work of a search grows with N.
+memories stays the same as N grows. Every memory also starts with
+:data:`COMMON_WORDS`, the query of ``search_common``: words every memory holds,
+whose search must still cost what a selective one costs (issue 15).
 
 Everything is seeded, so two runs store and ask the same things.
 """
@@ -21,6 +23,7 @@ from typing import Any, Final
 
 __all__ = [
     "BATCH_SIZE",
+    "COMMON_WORDS",
     "LIST_PAGE_SIZE",
     "QUERY_WORDS",
     "SEARCH_LIMIT",
@@ -33,6 +36,8 @@ __all__ = [
 VOCABULARY: Final = 10_000
 WORDS_PER_MEMORY: Final = 24
 QUERY_WORDS: Final = 2
+#: Words every memory starts with: the query of ``search_common`` (a search whose words are everywhere).
+COMMON_WORDS: Final = "project memo"
 #: Hits a search asks for, and memories a list page holds: what an agent reads at once.
 SEARCH_LIMIT: Final = 10
 LIST_PAGE_SIZE: Final = 10
@@ -76,9 +81,8 @@ class Corpus:
     def memory(self, number: int) -> MemoryText:
         """A fresh memory; number only labels it (the words are random)."""
         words = self._rng.choices(self._words, k=WORDS_PER_MEMORY)
-        words[0] = words[0].capitalize()
         return MemoryText(
-            content=" ".join(words) + ".",
+            content=f"{COMMON_WORDS.capitalize()}: " + " ".join(words) + ".",
             tags=("bench", f"topic-{number % _TOPICS}"),
             metadata={"source": "bench", "n": number},
         )
@@ -90,6 +94,10 @@ class Corpus:
     def query(self) -> str:
         """A search: QUERY_WORDS vocabulary words."""
         return " ".join(self._rng.choices(self._words, k=QUERY_WORDS))
+
+    def common_query(self) -> str:
+        """A search whose words every memory holds."""
+        return COMMON_WORDS
 
     def memory_id(self) -> str:
         """The id of a random prefilled memory."""

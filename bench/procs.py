@@ -296,13 +296,13 @@ class BenchGuardian(StateDirFiles):
             self.spawned = None
 
     def wait_recall_ready(self, timeout_s: float = 1800.0) -> float:
-        """Wait until the guardian's vector index is loaded and no memory waits to be embedded; seconds waited."""
+        """Wait until the vector index is loaded and organised and no memory waits to be embedded; seconds waited."""
         started = time.monotonic()
         with grpc.insecure_channel(f"unix:{self.admin_socket}") as channel:
             stub = admin_pb2_grpc.AdminServiceStub(channel)
             while True:
                 status = stub.Status(admin_pb2.StatusRequest(), timeout=30)
-                if status.recall_index_ready and status.memories_to_embed == 0:
+                if status.recall_index_ready and status.memories_to_embed == 0 and not status.recall_index_training:
                     return time.monotonic() - started
                 if time.monotonic() - started > timeout_s:
                     raise RuntimeError(f"the vector index was not ready in {timeout_s:.0f} s")

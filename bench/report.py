@@ -238,7 +238,7 @@ class Report:
 
 
 _TRANSPORT_ORDER: Final = {"grpc": 0, "stdio": 1, "http": 2}
-_OPERATION_ORDER: Final = {"store": 0, "store_batch": 1, "get": 2, "search": 3, "list": 4}
+_OPERATION_ORDER: Final = {"store": 0, "store_batch": 1, "get": 2, "search": 3, "search_common": 4, "list": 5}
 
 
 def _figure_order(figure: Figure) -> tuple[int, int, int, int]:
@@ -302,6 +302,18 @@ def evaluate_targets(report: Report) -> list[Target]:
                         f"memory_search over {transport} / no-op tool over {transport}",
                     )
                 )
+    for size, threshold in ((HUNDRED_K, 0.5), (ONE_M, 0.35)):  # issue 15: a search's cost bounded by k
+        figure = report.figure("search_common", "stdio", 1, size)
+        targets.append(
+            _target(
+                f"search for words every memory holds, via gateway stdio, 1 client, at {size}: ratio to the MCP"
+                " no-op floor",
+                figure.ratio if figure else None,
+                ">=",
+                threshold,
+                "memory_search 'project memo' over stdio / no-op tool over stdio, serial",
+            )
+        )
     for size in sizes:
         figure = report.figure("store", "grpc", 16, size)
         check = next((c for c in report.checks if c["size"] == size), None)

@@ -65,7 +65,7 @@ __all__ = ["AGENT", "log", "run_sizes"]
 
 AGENT: Final = "bench"
 #: Reads first (they see exactly the prefilled memories), then the writes.
-_MEASURE_ORDER: Final = ("get", "search", "list", "store", "store_batch")
+_MEASURE_ORDER: Final = ("get", "search", "search_common", "list", "store", "store_batch")
 
 
 def log(message: str) -> None:

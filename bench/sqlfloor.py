@@ -43,7 +43,14 @@ from guardian.store import search_index
 __all__ = ["FLOOR_OF", "SqlFloor"]
 
 #: Which floor operation stands beside which measured operation.
-FLOOR_OF: Final = {"store": "insert", "store_batch": "insert_batch", "get": "get", "search": "fts", "list": "list"}
+FLOOR_OF: Final = {
+    "store": "insert",
+    "store_batch": "insert_batch",
+    "get": "get",
+    "search": "fts",
+    "search_common": "fts",
+    "list": "list",
+}
 
 # guardian/store/schema.py after its migrations, less the audit, policy and idempotency tables.
 _SCHEMA: Final = (

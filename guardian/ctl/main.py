@@ -136,6 +136,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "vectors_indexed": status.vectors_indexed,
                     "memories_to_embed": status.memories_to_embed,
                     "embedding_model": status.embedding_model,
+                    "index_training": status.recall_index_training,
                 },
             }
         )
@@ -161,6 +162,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if status.memories_to_embed:
             print(f"  {status.memories_to_embed} memories still to embed (in the background)")
+        if status.recall_index_training:
+            print("  a large namespace's index is being reorganised (in the background)")
     return 0 if status.ready and not status.warnings else 1
 
 

@@ -333,6 +333,12 @@ class VectorIndex:
         return self._count
 
     @property
+    def training(self) -> bool:
+        """Whether a partition is due for training or being moved to new lists."""
+        with self._lock:
+            return any(p.next is not None or p.needs_training() for p in self._numbered)
+
+    @property
     def ready(self) -> bool:
         """Whether loading at start is done (until then a search may miss memories)."""
         return self._touched is None

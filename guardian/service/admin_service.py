@@ -126,6 +126,7 @@ def status(core: GuardianCore, call: Call, request: pb.StatusRequest) -> pb.Stat
         vectors_indexed=len(vectors.index) if vectors else 0,
         memories_to_embed=progress.active - progress.embedded if progress else 0,
         embedding_model=vectors.model.id if vectors else "",
+        recall_index_training=vectors.index.training if vectors else False,
     )
 
 

@@ -222,6 +222,7 @@ def test_vectors_live_in_the_encrypted_database_and_survive_a_restart(
         assert search(stub, sid, QUESTIONS["dentist"], pb.SEARCH_MODE_SEMANTIC).hits[0].memory.id == ids["dentist"]
     status = guardian.admin("Status", admin_pb2.StatusRequest())
     assert status.recall_index_ready and status.vectors_indexed >= len(ids) and status.memories_to_embed == 0
+    assert not status.recall_index_training
     assert status.embedding_model.startswith("static-256-")
     shown = json.loads(guardian.ctl("--json", "status").stdout)
     assert shown["recall"]["index_ready"] is True and shown["recall"]["memories_to_embed"] == 0

@@ -297,6 +297,7 @@ class StatusResponse(_message.Message):
     VECTORS_INDEXED_FIELD_NUMBER: _builtins.int
     MEMORIES_TO_EMBED_FIELD_NUMBER: _builtins.int
     EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
+    RECALL_INDEX_TRAINING_FIELD_NUMBER: _builtins.int
     ready: _builtins.bool
     """True when every check is "ok"."""
     policy_version: _builtins.str
@@ -314,6 +315,10 @@ class StatusResponse(_message.Message):
     memories_to_embed: _builtins.int
     embedding_model: _builtins.str
     """The embedding model in use (its id names the model and its weights' sha256)."""
+    recall_index_training: _builtins.bool
+    """True while a large namespace's part of the index is being (re)organised in the background
+    (searches are served meanwhile, a little slower).
+    """
     @_builtins.property
     def checks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Each readiness check: "ok" or what is wrong."""
@@ -337,10 +342,11 @@ class StatusResponse(_message.Message):
         vectors_indexed: _builtins.int = ...,
         memories_to_embed: _builtins.int = ...,
         embedding_model: _builtins.str = ...,
+        recall_index_training: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_chain_rows", b"audit_chain_rows", "checks", b"checks", "database_size_bytes", b"database_size_bytes", "embedding_model", b"embedding_model", "memories_to_embed", b"memories_to_embed", "policy_file_refusal", b"policy_file_refusal", "policy_version", b"policy_version", "ready", b"ready", "recall_index_ready", b"recall_index_ready", "sessions_open", b"sessions_open", "vectors_indexed", b"vectors_indexed", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_chain_rows", b"audit_chain_rows", "checks", b"checks", "database_size_bytes", b"database_size_bytes", "embedding_model", b"embedding_model", "memories_to_embed", b"memories_to_embed", "policy_file_refusal", b"policy_file_refusal", "policy_version", b"policy_version", "ready", b"ready", "recall_index_ready", b"recall_index_ready", "recall_index_training", b"recall_index_training", "sessions_open", b"sessions_open", "vectors_indexed", b"vectors_indexed", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
