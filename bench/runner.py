@@ -399,10 +399,10 @@ async def _run_size(size: int, temp_root: Path, options: Options, report: Report
             run.guardian.stop()
             prefill = prefill_direct(run.guardian, AGENT, size, run.corpus)
             run.guardian.start()
-            log(f"size {size}: vector index ready {run.guardian.wait_recall_ready():.1f} s after the start")
         else:
             prefill = await prefill_grpc(run.guardian, run.token, size, run.corpus)
             run.prefill_batches = prefill.batches
+        log(f"size {size}: vector index ready and organised {run.guardian.wait_recall_ready():.1f} s later")
         report.prefills.append({"size": size, **prefill.to_json()})
         log(f"size {size}: prefilled {size} in {prefill.seconds:.1f} s")
         with run.guardian.keyed_db() as db:

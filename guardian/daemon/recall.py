@@ -37,7 +37,7 @@ security_log = logging.getLogger("agent_guardian.security")
 _EMBED_BATCH: Final = 64
 _LOG_EVERY: Final = 10_000
 #: How often it looks for a partition that has grown enough to be trained (again).
-_TRAIN_CHECK_S: Final = 30.0
+_TRAIN_CHECK_S: Final = 5.0
 
 
 class RecallIndexer(Background):
@@ -92,7 +92,8 @@ class RecallIndexer(Background):
                 batch, after = memories.unembedded(reader, after, _EMBED_BATCH)
             if after < 0:
                 break
-            made = [(rowid, memory, vectors.embed(memory.content)) for rowid, memory in batch]
+            embedded_now = vectors.embed_many([memory.content for _, memory in batch])
+            made = [(rowid, memory, vector) for (rowid, memory), vector in zip(batch, embedded_now, strict=True)]
             with database.write() as connection:
                 embedded += memories.attach_vectors(connection, made)
             report(embedded)

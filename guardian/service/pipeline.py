@@ -229,17 +229,21 @@ class Pipeline:
                 redacted_by=outcome.redacted_by,
             )
             _check_stored_sizes(call, checked.changed, stored)
-            filtered.append(self._embedded(stored, checked.changed))
+            filtered.append(stored)
         if hits:
             noted.append("filter_hits")
-        return replace(checked, drafts=tuple(filtered)), hits
+        return replace(checked, drafts=self._embedded(filtered, checked.changed)), hits
 
-    def _embedded(self, draft: Draft, changed: frozenset[str] | None) -> Draft:
-        """draft with its content's vector, made here so the model's work never holds the writer."""
+    def _embedded(self, drafts: list[Draft], changed: frozenset[str] | None) -> tuple[Draft, ...]:
+        """drafts with the vectors of their contents, made here so the model's work never holds the writer."""
         vectors = self._core.memories.vectors
-        if vectors is None or draft.status != ACTIVE or (changed is not None and "content" not in changed):
-            return draft
-        return replace(draft, vector=vectors.embed(draft.content))
+        if vectors is None or (changed is not None and "content" not in changed):
+            return tuple(drafts)
+        active = [index for index, draft in enumerate(drafts) if draft.status == ACTIVE]
+        made = vectors.embed_many([drafts[index].content for index in active]) if active else []
+        for index, vector in zip(active, made, strict=True):
+            drafts[index] = replace(drafts[index], vector=vector)
+        return tuple(drafts)
 
     def _data_stage(
         self,

@@ -110,6 +110,10 @@ class MemoryVectors:
         """text's vector, by the model in use."""
         return self.model.embed(text)
 
+    def embed_many(self, texts: list[str]) -> list[Vector]:
+        """Each text's vector, by the model in use."""
+        return self.model.embed_many(texts)
+
     # -- in a memory's transaction -------------------------------------------------------------
 
     def put(self, connection: Connection, rowid: int, memory_id: str, namespace: str, vector: Vector) -> None:

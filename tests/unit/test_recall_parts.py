@@ -11,6 +11,7 @@ from typing import cast
 import numpy as np
 import pytest
 
+from bench.recall_eval.check_dataset import load
 from guardian.keys.ring import KeyRing
 from guardian.policy.compile import compile_policy
 from guardian.policy.default import render_default_policy
@@ -233,3 +234,15 @@ def test_a_large_partition_becomes_an_inverted_file_step_by_step_and_stays_exact
     assert 2500 not in found and 20 not in found
     hits = [index.search(["alice"], vectors[rowid], 1)[0][0] for rowid in range(2003, 3000, 41)]
     assert sum(hit == rowid for hit, rowid in zip(hits, range(2003, 3000, 41), strict=True)) >= 0.8 * len(hits)
+
+
+def test_the_tokenizer_without_its_word_cache_gives_the_same_tokens(model: EmbeddingModel) -> None:
+    from tokenizers import Tokenizer
+
+    as_shipped = Tokenizer.from_file(str(builtin_files().tokenizer))
+    texts = [row["content"] for row in load("notes.jsonl")]
+    assert all(
+        as_shipped.encode(text, add_special_tokens=False).ids
+        == model._tokenizer.encode(text, add_special_tokens=False).ids
+        for text in texts
+    )
