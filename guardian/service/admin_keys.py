@@ -91,16 +91,7 @@ def resign_memories(core: GuardianCore, call: Call, request: pb.ResignMemoriesRe
             with core.database.write() as connection:
                 count, bad, after = memories.resign_batch(connection, after, _RESIGN_BATCH)
                 if count:
-                    core.audit.record(
-                        connection,
-                        ts_ms=call.now_ms,
-                        agent=call.agent,
-                        operation="keys.resign.batch",
-                        object_id=f"memory:{key_id}",
-                        decision="allow",
-                        reason=f"ok: {count} memories re-signed",
-                        policy_version=call.policy.version,
-                    )
+                    _audit_batch(core, call, connection, key_id, f"ok: {count} memories re-signed")
             resigned += count
             failed += bad
         vectors_resigned = _resign_vectors(core, call, key_id)
@@ -115,6 +106,20 @@ def resign_memories(core: GuardianCore, call: Call, request: pb.ResignMemoriesRe
     )
 
 
+def _audit_batch(core: GuardianCore, call: Call, connection: Connection, key_id: str, reason: str) -> None:
+    """The audit row of one re-signed batch, in its transaction."""
+    core.audit.record(
+        connection,
+        ts_ms=call.now_ms,
+        agent=call.agent,
+        operation="keys.resign.batch",
+        object_id=f"memory:{key_id}",
+        decision="allow",
+        reason=reason,
+        policy_version=call.policy.version,
+    )
+
+
 def _resign_vectors(core: GuardianCore, call: Call, key_id: str) -> int:
     """MAC every stored vector with the primary memory key, a batch per transaction, each audited; how many."""
     vectors = core.memories.vectors
@@ -125,16 +130,8 @@ def _resign_vectors(core: GuardianCore, call: Call, key_id: str) -> int:
         with core.database.write() as connection:
             count, dropped, after = vectors.resign_batch(connection, after, _RESIGN_BATCH)
             if count or dropped:
-                core.audit.record(
-                    connection,
-                    ts_ms=call.now_ms,
-                    agent=call.agent,
-                    operation="keys.resign.batch",
-                    object_id=f"memory:{key_id}",
-                    decision="allow",
-                    reason=f"ok: {count} vectors re-signed, {dropped} failing dropped (embedded again at start)",
-                    policy_version=call.policy.version,
-                )
+                reason = f"ok: {count} vectors re-signed, {dropped} failing dropped (embedded again at start)"
+                _audit_batch(core, call, connection, key_id, reason)
         resigned += count
     return resigned
 
