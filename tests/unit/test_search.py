@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guardian.keys.ring import KeyRing
 from guardian.store import search_index
@@ -155,3 +157,9 @@ def test_a_term_most_memories_hold_is_left_out_so_the_cost_follows_the_rare_ones
     assert [memory.id for memory, _ in search(db, scope("alice"), "project zebra", 5)] == [rare]
     newest = [memory.id for memory, _ in search(db, scope("alice"), "project status", 3)]
     assert newest == [rare, common[-1], common[-2]]  # the newest matches, unscored
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_the_ascii_shortcut_finds_the_same_words_as_the_full_path(text: str) -> None:
+    assert search_index.words(text) == search_index.unicode_words(text)
