@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 
 __all__ = ["Background"]
 
 
-class Background:
+class Background(ABC):
     """Runs :meth:`run` on a daemon thread; :meth:`stop` asks it to end and waits for the step in progress."""
 
     def __init__(self, name: str) -> None:
@@ -24,6 +25,6 @@ class Background:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
+    @abstractmethod
     def run(self) -> None:
         """The work; it checks ``self._stop`` between steps."""
-        raise NotImplementedError

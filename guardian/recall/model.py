@@ -48,7 +48,6 @@ _BUILTIN_TOKENIZER: Final = (
 BUILTIN: Final = "builtin"
 #: Tokens of a text that count toward its vector (a longer text is cut here: its start decides).
 MAX_TOKENS: Final = 2048
-_READ_CHUNK: Final = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def builtin_files() -> ModelFiles:
     return ModelFiles(weights, _BUILTIN_WEIGHTS[1], tokenizer, _BUILTIN_TOKENIZER[1])
 
 
-def _without_word_cache(tokenizer: Any, path: Path) -> None:
+def _without_word_cache(tokenizer: Any, config: dict[str, Any]) -> None:
     """The same BPE model, without its cache of results by word.
 
     A Llama-style tokenizer splits no text into words: its cache keeps every whole text it
@@ -86,7 +85,7 @@ def _without_word_cache(tokenizer: Any, path: Path) -> None:
 
     if not isinstance(tokenizer.model, BPE):
         return
-    model = json.loads(path.read_text(encoding="utf-8"))["model"]
+    model = config["model"]
     pairs = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in model["merges"]]
     merges = [(str(left), str(right)) for left, right in pairs]
     options = {
@@ -104,15 +103,19 @@ def _without_word_cache(tokenizer: Any, path: Path) -> None:
     )
 
 
-def _sha256(path: Path, what: str) -> str:
-    digest = hashlib.sha256()
+def _verified_bytes(path: Path, expected: str, what: str) -> bytes:
+    """The file's bytes, read once: what is loaded is exactly what was checked against its sha256."""
     try:
-        with path.open("rb") as file:
-            while chunk := file.read(_READ_CHUNK):
-                digest.update(chunk)
+        data = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"embedding: cannot read the {what} file {path}: {error.strerror}") from None
-    return digest.hexdigest()
+    found = hashlib.sha256(data).hexdigest()
+    if found != expected.lower():
+        raise ConfigError(
+            f"embedding: the {what} file {path} has sha256 {found}, not the {expected} it must have;"
+            " the guardian does not start on a model it cannot vouch for"
+        )
+    return data
 
 
 class EmbeddingModel:
@@ -120,24 +123,16 @@ class EmbeddingModel:
 
     def __init__(self, files: ModelFiles) -> None:
         """Check both files' sha256, then load them; ConfigError saying which file and why, otherwise."""
-        for path, expected, what in (
-            (files.weights, files.weights_sha256, "weights"),
-            (files.tokenizer, files.tokenizer_sha256, "tokenizer"),
-        ):
-            found = _sha256(path, what)
-            if found != expected.lower():
-                raise ConfigError(
-                    f"embedding: the {what} file {path} has sha256 {found}, not the {expected} it must have;"
-                    " the guardian does not start on a model it cannot vouch for"
-                )
+        weights = _verified_bytes(files.weights, files.weights_sha256, "weights")
+        tokenizer_bytes = _verified_bytes(files.tokenizer, files.tokenizer_sha256, "tokenizer")
         # Imported here, not by whoever only needs the Vector type (guardianctl); the environment
         # first: encode() of one text never needs tokenizers' thread pool.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
-        from safetensors.numpy import load_file  # noqa: PLC0415
+        from safetensors.numpy import load  # noqa: PLC0415
         from tokenizers import Tokenizer  # noqa: PLC0415
 
-        tensors = load_file(str(files.weights))
+        tensors = load(weights)
         if len(tensors) != 1:
             raise ConfigError(f"embedding: the weights file {files.weights} must hold exactly one tensor")
         [table] = tensors.values()
@@ -145,10 +140,14 @@ class EmbeddingModel:
             raise ConfigError(f"embedding: the weights file {files.weights} must hold one matrix of token vectors")
         # Kept as stored (fp16: 16 MiB for the shipped model); a text's rows are summed in float32.
         self._table: npt.NDArray[np.floating[Any]] = np.ascontiguousarray(table)
-        tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        try:
+            config = tokenizer_bytes.decode("utf-8")
+            tokenizer = Tokenizer.from_str(config)
+        except Exception as error:  # tokenizers raises a bare Exception; a non-UTF-8 file a UnicodeDecodeError
+            raise ConfigError(f"embedding: the tokenizer {files.tokenizer} is not a tokenizer.json: {error}") from None
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        _without_word_cache(tokenizer, files.tokenizer)
+        _without_word_cache(tokenizer, json.loads(config))
         if tokenizer.get_vocab_size() > self._table.shape[0]:
             raise ConfigError(f"embedding: the tokenizer {files.tokenizer} has more tokens than the weights have rows")
         self._tokenizer: Any = tokenizer

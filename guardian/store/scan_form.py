@@ -32,7 +32,7 @@ from typing import Final
 
 import regex
 
-__all__ = ["MAX_GROWTH", "ScanForm"]
+__all__ = ["ASCII_INVISIBLE_RE", "MAX_GROWTH", "ScanForm"]
 
 #: A cluster's scan form is at most this many times its length (else the cluster is scanned as written).
 MAX_GROWTH: Final = 3
@@ -44,8 +44,9 @@ _INVISIBLE: Final = r"(?![\n\r\t])[\p{Cc}\p{Cf}\p{Cs}\u034f\u115f\u1160\u3164\uf
 _INVISIBLE_RE: Final = regex.compile(_INVISIBLE)
 #: A character that the scan form changes or drops, or that may compose with the one before it.
 _TROUBLE_RE: Final = regex.compile(r"[\p{NFKC_QC=N}\p{NFKC_QC=M}]|" + _INVISIBLE)
-#: The only troublesome characters in ASCII text (a quicker check for the common case).
-_ASCII_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: The only troublesome characters in ASCII text (a quicker check for the common case): the scan form
+#: drops them (search_index.words relies on it).
+ASCII_INVISIBLE_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CLUSTER_RE: Final = regex.compile(r"\X")
 
 
@@ -81,7 +82,7 @@ class ScanForm:
     @classmethod
     def of(cls, original: str) -> ScanForm:
         """The scan form of original (linear time; see the module docstring)."""
-        if original.isascii() and _ASCII_CONTROL_RE.search(original) is None:
+        if original.isascii() and ASCII_INVISIBLE_RE.search(original) is None:
             return cls(original, original, [_Segment(0, 0, len(original), identity=True)])
         trouble = _TROUBLE_RE.search(original)
         if trouble is None:

@@ -36,7 +36,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from guardian.store.scan_form import ScanForm
+from guardian.store.scan_form import ASCII_INVISIBLE_RE, ScanForm
 
 __all__ = [
     "COMMON_TERM_ROWS",
@@ -76,8 +76,6 @@ MAX_QUERY_WORDS: Final = 32
 _TAG_HEX: Final = 12
 _REBUILD_BATCH: Final = 2000
 _ASCII_WORD_RE: Final = re.compile(r"[a-z0-9]+")
-#: What the scan form drops from ASCII text (guardian/store/scan_form.py).
-_ASCII_INVISIBLE_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _namespace_tag(namespace: str) -> str:
@@ -96,7 +94,7 @@ def words(text: str) -> list[str]:
     if text.isascii():
         # The same words, by one regex: ASCII's scan form only drops its control characters (all but
         # tab, newline and return), casefolding is lowering, and NFD and the marks change nothing.
-        return _ASCII_WORD_RE.findall(_ASCII_INVISIBLE_RE.sub("", text).lower())
+        return _ASCII_WORD_RE.findall(ASCII_INVISIBLE_RE.sub("", text).lower())
     return unicode_words(text)
 
 

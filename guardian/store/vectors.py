@@ -46,11 +46,6 @@ class EmbeddingProgress:
     embedded: int
     active: int
 
-    @property
-    def done(self) -> bool:
-        """Whether every active memory has one."""
-        return self.embedded >= self.active
-
 
 def vector_keys(ring: KeyRing) -> dict[str, bytes]:
     """The vector MAC keys, by the id of the memory key each is derived from."""
