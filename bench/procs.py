@@ -28,6 +28,7 @@ import yaml
 
 from guardian.keys.rotated import load_all_keys
 from guardian.policy.default import render_default_policy
+from guardian.state.config import EmbedderService, load_config
 from guardian.state.statedir import StateDirFiles, init_state_dir
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
 
@@ -263,8 +264,12 @@ class BenchGuardian(StateDirFiles):
 
     state_dir: Path
     spawned: Spawned | None = None
+    #: agent-embedder, when the config names it (the shipped default), started before the guardian.
+    embedder: Spawned | None = None
     #: The highest VmHWM seen of the guardian process(es) on this state dir, in KiB.
     peak_kib: int = 0
+    #: The same of its embedder process(es).
+    embedder_peak_kib: int = 0
     tokens: dict[str, str] = field(default_factory=dict)
 
     def prepare(self) -> None:
@@ -275,25 +280,41 @@ class BenchGuardian(StateDirFiles):
         self.config.write_text(yaml.safe_dump(config))
         (self.state_dir / "policy.yaml").write_text(yaml.safe_dump(bench_policy(), sort_keys=False))
 
+    @property
+    def embedder_socket(self) -> Path | None:
+        """agent-embedder's socket, when the config names one."""
+        embedding = load_config(self.config).embedding
+        return embedding.socket if isinstance(embedding, EmbedderService) else None
+
     def start(self) -> None:
-        """Start the daemon and wait until the agent socket answers."""
+        """Start the embedder (if configured and not running) and the daemon; wait until both answer."""
+        socket_path = self.embedder_socket
+        if socket_path is not None and self.embedder is None:
+            socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            argv = [sys.executable, "-m", "embedder", "--socket", str(socket_path)]
+            self.embedder = spawn("embedder", argv, self.state_dir / "embedder.log")
+            wait_for_socket(self.embedder, socket_path, timeout_s=60.0)
         argv = [sys.executable, "-m", "guardian.daemon.main", "--config", str(self.config)]
         self.spawned = spawn("guardian", argv, self.state_dir / "guardian.log")
         wait_for_socket(self.spawned, self.agent_socket)
         wait_for_socket(self.spawned, self.admin_socket)
 
     def sample_rss(self) -> int:
-        """Read the running guardian's VmHWM into peak_kib; returns peak_kib."""
+        """Read the running guardian's (and embedder's) VmHWM into peak_kib (embedder_peak_kib); returns peak_kib."""
         if self.spawned is not None:
             self.peak_kib = max(self.peak_kib, self.spawned.peak_rss_kib() or 0)
+        if self.embedder is not None:
+            self.embedder_peak_kib = max(self.embedder_peak_kib, self.embedder.peak_rss_kib() or 0)
         return self.peak_kib
 
     def stop(self) -> None:
-        """Stop the daemon (after noting its peak RSS)."""
-        if self.spawned is not None:
-            self.sample_rss()
-            self.spawned.stop()
-            self.spawned = None
+        """Stop the daemon, then its embedder (after noting their peak RSS)."""
+        self.sample_rss()
+        for attribute in ("spawned", "embedder"):
+            spawned: Spawned | None = getattr(self, attribute)
+            if spawned is not None:
+                spawned.stop()
+                setattr(self, attribute, None)
 
     def wait_recall_ready(self, timeout_s: float = 1800.0) -> float:
         """Wait until the vector index is loaded and organised and no memory waits to be embedded; seconds waited."""

@@ -416,6 +416,8 @@ async def _run_size(size: int, temp_root: Path, options: Options, report: Report
             report.problems.append(f"size {size}: audit check failed: {report.checks[-1]}")
         run.guardian.sample_rss()
         kib = {"guardian": run.guardian.peak_kib, **(run.gateway_peak_kib or {})}
+        if run.guardian.embedder_peak_kib:
+            kib["embedder"] = run.guardian.embedder_peak_kib
         report.rss.append({"size": size, "kib": kib})
 
 

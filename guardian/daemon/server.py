@@ -42,7 +42,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import _async as health_aio  # the aio HealthServicer (health.aio re-exports it untyped)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guardian.daemon.sockets import prepare_socket_dir, remove_stale_socket, secure_socket
+from guardian.daemon.sockets import prepare_socket_dir, secure_socket
 from guardian.service.call import Malformed, Rule
 from guardian.service.pipeline import ADMIN_CALLER, Pipeline
 from guardian.service.rules import ADMIN_RULES, AGENT_RULES
@@ -51,6 +51,7 @@ from guardian.state.config import SocketConfig
 from guardian.state.core import GuardianCore
 from shared.errors import GuardianError, InternalError
 from shared.rpc.guardian.v1 import admin_pb2, agent_pb2
+from shared.unix_socket import remove_stale_socket
 
 __all__ = ["ARRIVAL_TIMEOUT_S", "MAX_REQUEST_BYTES", "TRANSPORT_LIMIT_BYTES", "GuardianServer"]
 
@@ -175,7 +176,7 @@ class GuardianServer:
         old_umask = os.umask(0o177)  # the socket is created 0600, then opened up to its configured mode
         try:
             for socket in self._sockets:
-                remove_stale_socket(socket.config.path)
+                remove_stale_socket(socket.config.path, "guardian")
                 server = grpc.aio.server(
                     options=[
                         ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES),

@@ -4,22 +4,20 @@ owner and group are the access control (grpcio cannot tell who the peer is).
 Before binding: the socket directory exists with the configured mode, owned
 by this user, and no one else can write to it; a stale socket file from a
 crash is removed, a live one means another guardian is running. After
-binding: mode and group are set explicitly and then checked.
+binding: mode and group are set explicitly and then checked. (The stale-socket
+removal is shared with the embedder: shared/unix_socket.py.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import socket
 import stat
 from pathlib import Path
 
 from guardian.state.config import SocketConfig
 from shared.errors import ConfigError
 
-__all__ = ["prepare_socket_dir", "remove_stale_socket", "secure_socket"]
+__all__ = ["prepare_socket_dir", "secure_socket"]
 
 
 def prepare_socket_dir(directory: Path, mode: int) -> None:
@@ -33,28 +31,6 @@ def prepare_socket_dir(directory: Path, mode: int) -> None:
     os.chmod(directory, mode)
     if stat.S_IMODE(directory.stat().st_mode) != mode:
         raise ConfigError(f"could not set mode {mode:04o} on the socket directory {directory}")
-
-
-def remove_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a guardian that died; refuse if one is still serving."""
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ConfigError(f"cannot tell whether {path} is in use: {exc.strerror}") from exc
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return
-    finally:
-        probe.close()
-    raise ConfigError(f"another guardian is already serving on {path}")
 
 
 def secure_socket(config: SocketConfig) -> None:

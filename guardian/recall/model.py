@@ -1,6 +1,12 @@
-"""The local embedding model: a text's meaning as a unit vector, computed in the guardian, never over a network.
+"""The static embedding model, run in the guardian itself: a text's meaning as a unit vector, never over a network.
 
-The shipped model is the static one bundled in the ``wordllama`` wheel from PyPI
+Two kinds of model make the guardian's vectors (:class:`Embedder`): the
+transformer that agent-embedder runs in its own sandboxed process (the shipped
+deployments' choice: guardian/recall/remote.py), or this static model in the
+guardian's own process (config ``embedding: {model: builtin}``, the default of a
+bare config: it needs no other process, and recalls less by meaning).
+
+The static model is the one bundled in the ``wordllama`` wheel from PyPI
 (code MIT; weights distilled from Llama 2's token embeddings, under the Llama 2
 Community License: see the README): a table of one vector per token of its
 tokenizer. A text's vector is the mean of its tokens' rows, L2-normalised. Nothing
@@ -11,28 +17,53 @@ tokenizer with Hugging Face ``tokenizers`` (Rust). An operator may name other
 files of the same kind, each with its sha256 (config ``embedding``); a file whose
 sha256 differs stops the guardian at start with the reason.
 
-Why here and not in a separate process: see the README's security section.
+Why the transformer runs in a separate process and this may run here: see the README's security section.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ConfigError
+from shared.pinned_file import read_pinned
 
-__all__ = ["BUILTIN", "EmbeddingModel", "ModelFiles", "Vector", "builtin_files"]
+__all__ = ["BUILTIN", "Embedder", "EmbeddingModel", "ModelFiles", "Vector", "builtin_files"]
 
 #: A unit vector of float32.
 Vector: TypeAlias = npt.NDArray[np.float32]
+
+
+class Embedder(Protocol):
+    """What makes vectors for the guardian: this static model, or agent-embedder (guardian/recall/remote.py)."""
+
+    #: Names the model in every stored vector: a vector of another model is embedded again.
+    id: str
+
+    @property
+    def dims(self) -> int:
+        """The length of a vector."""
+        ...
+
+    def embed(self, text: str) -> Vector:
+        """text's unit vector; Unavailable if it cannot be made now."""
+        ...
+
+    def embed_many(self, texts: list[str]) -> list[Vector]:
+        """Each text's unit vector; Unavailable if they cannot be made now."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what it holds (a channel); called once, when the guardian stops."""
+        ...
+
 
 #: The distribution whose files the shipped model is, and the files, pinned.
 _BUILTIN_DISTRIBUTION: Final = "wordllama"
@@ -103,28 +134,13 @@ def _without_word_cache(tokenizer: Any, config: dict[str, Any]) -> None:
     )
 
 
-def _verified_bytes(path: Path, expected: str, what: str) -> bytes:
-    """The file's bytes, read once: what is loaded is exactly what was checked against its sha256."""
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ConfigError(f"embedding: cannot read the {what} file {path}: {error.strerror}") from None
-    found = hashlib.sha256(data).hexdigest()
-    if found != expected.lower():
-        raise ConfigError(
-            f"embedding: the {what} file {path} has sha256 {found}, not the {expected} it must have;"
-            " the guardian does not start on a model it cannot vouch for"
-        )
-    return data
-
-
 class EmbeddingModel:
     """A static embedding model, loaded from files whose sha256 was checked."""
 
     def __init__(self, files: ModelFiles) -> None:
         """Check both files' sha256, then load them; ConfigError saying which file and why, otherwise."""
-        weights = _verified_bytes(files.weights, files.weights_sha256, "weights")
-        tokenizer_bytes = _verified_bytes(files.tokenizer, files.tokenizer_sha256, "tokenizer")
+        weights = read_pinned(files.weights, files.weights_sha256, "weights")
+        tokenizer_bytes = read_pinned(files.tokenizer, files.tokenizer_sha256, "tokenizer")
         # Imported here, not by whoever only needs the Vector type (guardianctl); the environment
         # first: encode() of one text never needs tokenizers' thread pool.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -162,6 +178,9 @@ class EmbeddingModel:
     def embed_many(self, texts: list[str]) -> list[Vector]:
         """Each text's unit vector."""
         return [self.embed(text) for text in texts]
+
+    def close(self) -> None:
+        """Nothing to let go of: the table is freed with the model."""
 
     def embed(self, text: str) -> Vector:
         """text's unit vector (the zero vector for a text with no token)."""

@@ -213,7 +213,8 @@ class Query:
 
     query: SearchQuery
     limit: int
-    #: Whether a hybrid search runs on words alone because the vector index is still loading.
+    #: Whether a hybrid search runs on words alone because recall by meaning is not available now
+    #: (the vector index is loading, or agent-embedder is not answering).
     semantic_pending: bool = False
 
 
@@ -249,7 +250,12 @@ def check_search(core: GuardianCore, call: Call, request: pb.SearchRequest) -> Q
                 "the vector index is still loading after a restart; retry in a few seconds, or search with mode lexical"
             )
         return Query(SearchQuery(terms, "lexical"), limit, semantic_pending=True)
-    vector = vectors.embed(text)
+    try:
+        vector = vectors.embed(text)
+    except Unavailable:
+        if mode == "semantic":
+            raise
+        return Query(SearchQuery(terms, "lexical"), limit, semantic_pending=True)
     nearest = core.memories.nearest(call.required_scope, vector, limit)
     return Query(SearchQuery(terms, mode, vector, nearest), limit)
 

@@ -240,7 +240,12 @@ class Pipeline:
         if vectors is None or (changed is not None and "content" not in changed):
             return tuple(drafts)
         active = [index for index, draft in enumerate(drafts) if draft.status == ACTIVE]
-        made = vectors.embed_many([drafts[index].content for index in active]) if active else []
+        try:
+            made = vectors.embed_many([drafts[index].content for index in active]) if active else []
+        except Unavailable:
+            # agent-embedder is not answering: stored now, embedded by the recall thread when it is back.
+            vectors.fell_behind()
+            return tuple(drafts)
         for index, vector in zip(active, made, strict=True):
             drafts[index] = replace(drafts[index], vector=vector)
         return tuple(drafts)

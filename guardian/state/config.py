@@ -38,6 +38,13 @@ class SocketConfig:
 
 
 @dataclass(frozen=True)
+class EmbedderService:
+    """agent-embedder, reached on its Unix socket (guardian/recall/remote.py)."""
+
+    socket: Path
+
+
+@dataclass(frozen=True)
 class GuardianConfig:
     """The validated configuration of one guardian."""
 
@@ -70,8 +77,9 @@ class GuardianConfig:
     backup_dir: Path
     #: How many backups the guardian keeps there (the oldest beyond this are deleted).
     backup_keep: int
-    #: The embedding model's files (guardian/recall/model.py); None: the shipped one.
-    embedding_model: ModelFiles | None = None
+    #: What embeds: agent-embedder's socket, a static model's files (guardian/recall/model.py), or
+    #: None: the static model shipped in the wordllama wheel.
+    embedding: EmbedderService | ModelFiles | None = None
 
 
 def load_config(path: Path) -> GuardianConfig:
@@ -129,7 +137,7 @@ def load_config(path: Path) -> GuardianConfig:
     backup_dir = _resolve(base, backup.text("dir", str(state_dir / "backups")))
     backup_keep = backup.integer("keep", 7, minimum=1, maximum=1000)
     backup.done()
-    embedding_model = _embedding_model(base, top.section("embedding"))
+    embedding = _embedding(base, top.section("embedding"))
     top.done()
     return GuardianConfig(
         config_path=path,
@@ -152,18 +160,23 @@ def load_config(path: Path) -> GuardianConfig:
         min_free_bytes=min_free_bytes,
         backup_dir=backup_dir,
         backup_keep=backup_keep,
-        embedding_model=embedding_model,
+        embedding=embedding,
     )
 
 
-def _embedding_model(base: Path, section: Section) -> ModelFiles | None:
-    """The ``embedding`` section: ``model: builtin``, or another model's two files, each with its sha256."""
+def _embedding(base: Path, section: Section) -> EmbedderService | ModelFiles | None:
+    """The ``embedding`` section: ``model: service`` and agent-embedder's socket, ``model: builtin``,
+    or ``model: static`` and another static model's two files, each with its sha256."""
     model = section.text("model", BUILTIN)
     if model == BUILTIN:
         section.done()
         return None
+    if model == "service":
+        service = EmbedderService(socket=_resolve(base, section.text("socket")))
+        section.done()
+        return service
     if model != "static":
-        raise ConfigError(f"embedding.model: expected builtin or static, got {model!r}")
+        raise ConfigError(f"embedding.model: expected service, builtin or static, got {model!r}")
     files = ModelFiles(
         weights=_resolve(base, section.text("weights")),
         weights_sha256=_sha256_text(section, "weights_sha256"),
@@ -227,11 +240,17 @@ backup:
   dir: backups                # `guardianctl backup create` writes verified, encrypted copies here
   keep: 7                     # and deletes the oldest beyond this many
 embedding:
-  # The local model that gives memory_search its meaning (no network, ever). builtin: the
-  # static model shipped with the guardian. To use another static model (a safetensors matrix of
-  # token vectors and its Hugging Face tokenizer.json), name both files with their sha256; the
-  # guardian refuses to start if either differs, and embeds every memory again in the background.
-  model: builtin
+  # The local model that gives memory_search its meaning (no network, ever).
+  # service: the transformer (all-MiniLM-L6-v2) run by agent-embedder, a separate process with
+  #   no keys and no database, on this socket (`make run` starts it; under systemd, its own unit).
+  #   While it is not answering, writes go on and are embedded when it is back; searches rank
+  #   by words and say so.
+  # builtin: a static model run inside the guardian: no other process, less recall by meaning.
+  # static: another static model (a safetensors matrix of token vectors and its Hugging Face
+  #   tokenizer.json), both named with their sha256; the guardian refuses to start if either differs.
+  # A change of model embeds every memory again, in the background.
+  model: service
+  socket: run/embedder.sock
   # model: static
   # weights: /path/to/model.safetensors
   # weights_sha256: <64 hex digits>

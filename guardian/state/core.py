@@ -23,8 +23,9 @@ from guardian.keys.rotated import KeyStore
 from guardian.policy import history as policy_history
 from guardian.policy.compile import Policy, compile_policy, load_policy
 from guardian.policy.in_force import PolicyInForce
-from guardian.recall.model import EmbeddingModel, builtin_files
-from guardian.state.config import GuardianConfig
+from guardian.recall.model import Embedder, EmbeddingModel, ModelFiles, builtin_files
+from guardian.recall.remote import RemoteEmbedder
+from guardian.state.config import EmbedderService, GuardianConfig
 from guardian.state.metrics import GuardianMetrics, StateReading
 from guardian.state.statedir import lock_state_dir
 from guardian.store import audit
@@ -33,6 +34,7 @@ from guardian.store.audit import AuditTrail, HeadFile
 from guardian.store.database import Connection, Database
 from guardian.store.memories import MemoryStore
 from guardian.store.vectors import MemoryVectors
+from shared.embedding import TRANSFORMER_DIMS, TRANSFORMER_ID
 from shared.errors import ConfigError
 from shared.ops_http import Readiness
 
@@ -59,6 +61,14 @@ def _loaded(policy: Policy, source: str) -> Policy:
     return policy
 
 
+def _embedder(config: GuardianConfig) -> Embedder:
+    """What embeds, as configured: agent-embedder's transformer, or a static model in this process."""
+    chosen = config.embedding
+    if isinstance(chosen, EmbedderService):
+        return RemoteEmbedder(chosen.socket, TRANSFORMER_ID, TRANSFORMER_DIMS)
+    return EmbeddingModel(chosen if isinstance(chosen, ModelFiles) else builtin_files())
+
+
 def now_ms() -> int:
     """Wall-clock time in Unix milliseconds."""
     return time.time_ns() // 1_000_000
@@ -83,7 +93,7 @@ class GuardianCore:
         self.audit = AuditTrail(keys.audit, on_failure=self.metrics.audit_failures.inc)
         self.audit_head_file = HeadFile(config.state_dir / "audit-head.json")
         self._open_audit_chain()
-        model = EmbeddingModel(config.embedding_model or builtin_files())
+        model = _embedder(config)
         self.memories = MemoryStore(keys.memory, MemoryVectors(model, keys.memory, database.after_commit))
         self.agents = AgentRegistry(keys.token)
         self.sessions = SessionTable()
@@ -342,6 +352,8 @@ class GuardianCore:
         """Stop the alerter, close the database and let go of the state dir."""
         if self._alerter is not None:
             self._alerter.close()
+        if self.memories.vectors is not None:
+            self.memories.vectors.model.close()
         self.database.close()
         if self._state_lock is not None:
             os.close(self._state_lock)

@@ -75,7 +75,7 @@ class Draft:
     filter_hits: tuple[str, ...] = ()
     #: Names of the rules that redacted part of this write (the reply says so; not stored).
     redacted_by: tuple[str, ...] = ()
-    #: The content's vector, when it was embedded before the transaction (else it is embedded there).
+    #: The content's vector, when it was embedded before the transaction (else the recall thread embeds it).
     vector: Vector | None = field(default=None, compare=False, repr=False)
 
 
@@ -509,10 +509,19 @@ class MemoryStore:
         *,
         terms_only: bool = False,
     ) -> None:
-        """Index an active memory: its terms, and its vector (embedded here unless given or unchanged)."""
+        """Index an active memory: its terms, and its vector when given (else the recall thread embeds it).
+
+        No model runs here, inside the writer: a write's vector is made before its transaction
+        (guardian/service/pipeline.py); one that could not be (the embedder not answering) or
+        that no write makes (a release from quarantine) is made in the background, after.
+        """
         search_index.index(connection, rowid, memory.namespace, memory.content, memory.tags)
-        if self.vectors is not None and not terms_only:
-            vector = self.vectors.embed(memory.content) if vector is None else vector
+        if self.vectors is None or terms_only:
+            return
+        if vector is None:
+            self.vectors.drop(connection, [rowid])
+            self.vectors.fell_behind()
+        else:
             self.vectors.put(connection, rowid, memory.id, memory.namespace, vector)
 
     def unembedded(

@@ -21,13 +21,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from guardian.keys.ring import KeyRing
 from guardian.recall.index import VectorIndex
-from guardian.recall.model import EmbeddingModel, Vector
+from guardian.recall.model import Embedder, Vector
 from guardian.recall.vectors import pack, unpack
 from guardian.store.database import Connection
 
@@ -88,11 +89,11 @@ def verify_stored(connection: Connection, ring: KeyRing) -> tuple[int, list[str]
 class MemoryVectors:
     """Writes, verifies and loads memories' vectors; keeps the index in step after each commit."""
 
-    def __init__(
-        self, model: EmbeddingModel, ring: KeyRing, after_commit: Callable[[Callable[[], None]], None]
-    ) -> None:
+    def __init__(self, model: Embedder, ring: KeyRing, after_commit: Callable[[Callable[[], None]], None]) -> None:
         self.model = model
         self.index = VectorIndex(model.dims)
+        #: Set when a memory was stored without its vector; the recall thread embeds what lacks one.
+        self.behind = threading.Event()
         self._after_commit = after_commit
         self.use_ring(ring)
 
@@ -100,6 +101,10 @@ class MemoryVectors:
         """MAC with ring's primary and verify with any of its keys from now on."""
         self._primary_id = ring.primary_id
         self._keys = vector_keys(ring)
+
+    def fell_behind(self) -> None:
+        """Say that an active memory was left without a vector (the recall thread looks for it)."""
+        self.behind.set()
 
     def embed(self, text: str) -> Vector:
         """text's vector, by the model in use."""

@@ -27,6 +27,7 @@ import yaml
 from guardian.keys.rotated import load_all_keys
 from guardian.service.rules import ADMIN_RULES, AGENT_RULES
 from guardian.state.statedir import StateDirFiles, init_state_dir
+from shared.rpc.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,11 +173,13 @@ class Guardian(StateDirFiles):
         return missing
 
     def set_config(self, **changes: Any) -> None:
-        """Merge top-level sections into config.yaml (before start)."""
-        policy = yaml.safe_load(self.config.read_text())
+        """Merge top-level sections into config.yaml (before start); ``embedding`` is replaced whole
+        (its keys depend on its model)."""
+        config = yaml.safe_load(self.config.read_text())
         for key, value in changes.items():
-            policy[key] = {**policy.get(key, {}), **value} if isinstance(value, dict) else value
-        self.config.write_text(yaml.safe_dump(policy))
+            merge = isinstance(value, dict) and key != "embedding"
+            config[key] = {**config.get(key, {}), **value} if merge else value
+        self.config.write_text(yaml.safe_dump(config))
 
     def set_policy(self, **changes: Any) -> None:
         """Rewrite top-level sections of the policy file (before start)."""
@@ -266,6 +269,63 @@ UNLIMITED_PROFILE: dict[str, Any] = {
 }
 
 
+@dataclass
+class Embedder:
+    """An agent-embedder process serving on socket."""
+
+    socket: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str, timeout_s: float = 60.0) -> None:
+        """Start it and wait until it answers an Embed (RuntimeError with its log if it exits)."""
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "embedder", "--socket", str(self.socket), *extra],
+            cwd=ROOT,
+            stderr=log,
+            stdout=log,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"embedder exited {self.process.returncode}: {self.log_path.read_text()}")
+            if self.socket.exists():
+                with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+                    try:
+                        embedder_pb2_grpc.EmbedderServiceStub(channel).Embed(
+                            embedder_pb2.EmbedRequest(texts=["ready?"]), timeout=2
+                        )
+                        return
+                    except grpc.RpcError:
+                        pass
+            time.sleep(0.1)
+        raise RuntimeError("embedder did not start in time")
+
+    def stop(self) -> int:
+        """SIGTERM it (by PID) and wait."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@contextmanager
+def running_embedder(directory: Path) -> Iterator[Embedder]:
+    """A started agent-embedder with its socket in directory; stopped after."""
+    embedder = Embedder(directory / "embedder.sock", directory / "embedder-test.log")
+    try:
+        embedder.start()
+        yield embedder
+    finally:
+        if embedder.process is not None:
+            embedder.stop()
+
+
 @contextmanager
 def running_guardian(config: dict[str, Any] | None = None, **policy_changes: Any) -> Iterator[Guardian]:
     """A started guardian on a fresh state dir under /tmp (socket paths must stay short).
@@ -276,7 +336,9 @@ def running_guardian(config: dict[str, Any] | None = None, **policy_changes: Any
     guardian = Guardian(state_dir)
     try:
         init_state_dir(state_dir)
-        guardian.set_config(ops={"listen": "127.0.0.1:0"}, **(config or {}))  # a free port each: no collisions
+        # A free ops port each: no collisions; the static model in the guardian unless a test names
+        # agent-embedder (tests/integration/test_embedder.py), so most tests need no second process.
+        guardian.set_config(**{"ops": {"listen": "127.0.0.1:0"}, "embedding": {"model": "builtin"}, **(config or {})})
         if policy_changes:
             guardian.set_policy(**policy_changes)
         guardian.start()
@@ -294,9 +356,11 @@ __all__ = [
     "LOG_ONLY_ANOMALIES",
     "ROOT",
     "UNLIMITED_PROFILE",
+    "Embedder",
     "Guardian",
     "HttpAnswer",
     "agent_pb2",
     "curl",
+    "running_embedder",
     "running_guardian",
 ]

@@ -13,9 +13,11 @@ import gateway
 from tests.support.harness import ROOT
 
 FORBIDDEN = {
-    "guardian": {"gateway", "mcp", "starlette", "uvicorn", "httpx"},
-    "gateway": {"guardian", "sqlcipher3", "yaml"},
-    "shared": {"guardian", "gateway", "mcp", "sqlcipher3"},
+    "guardian": {"gateway", "embedder", "mcp", "starlette", "uvicorn", "httpx", "onnx", "onnxruntime"},
+    "gateway": {"guardian", "embedder", "sqlcipher3", "yaml", "onnx", "onnxruntime"},
+    "shared": {"guardian", "gateway", "embedder", "mcp", "sqlcipher3", "onnx", "onnxruntime"},
+    # The embedder parses agent text with a model: it must hold no key and reach no data.
+    "embedder": {"guardian", "gateway", "sqlcipher3", "cryptography", "yaml", "mcp", "starlette", "uvicorn"},
 }
 
 
@@ -43,6 +45,17 @@ def test_package_imports_stay_on_its_side(package: str) -> None:
     assert files
     offenders = {str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package]) for path in files}
     assert not {path: names for path, names in offenders.items() if names}
+
+
+def test_only_the_guardians_embedder_client_and_the_embedder_speak_to_the_embedder() -> None:
+    speakers = {
+        str(path.relative_to(ROOT))
+        for package in ("guardian", "gateway", "shared")
+        for path in (ROOT / package).rglob("*.py")
+        if "rpc" not in path.relative_to(ROOT).parts
+        and any(name.startswith("shared.rpc.embedder") for name in imported_names(path))
+    }
+    assert speakers == {"guardian/recall/remote.py"}
 
 
 @pytest.mark.parametrize("path", GATEWAY_MODULES, ids=lambda p: p.name)

@@ -6,16 +6,19 @@ import filecmp
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.harness import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import gen_stubs
 
 
-def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", gen_stubs.SERVICES)
+def test_committed_stubs_match_the_protos(tmp_path: Path, service: str) -> None:
     gen_stubs.generate(tmp_path)
-    fresh = tmp_path / "shared" / "rpc" / "guardian"
-    committed = ROOT / "shared" / "rpc" / "guardian"
+    fresh = tmp_path / "shared" / "rpc" / service
+    committed = ROOT / "shared" / "rpc" / service
     names = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file())
     assert names == sorted(
         p.relative_to(committed).as_posix()

@@ -498,8 +498,9 @@ class SearchResponse(_message.Message):
     HITS_FIELD_NUMBER: _builtins.int
     SEMANTIC_PENDING_FIELD_NUMBER: _builtins.int
     semantic_pending: _builtins.bool
-    """True when the semantic leg did not run because the vector index is still being loaded
-    after a start (a hybrid search then ranks by words alone; retry for meaning).
+    """True when the semantic leg did not run because recall by meaning is unavailable for a
+    moment: the vector index is being loaded after a start, or the embedding service does
+    not answer (a hybrid search then ranks by words alone; retry for meaning).
     """
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]: ...

@@ -1,0 +1,203 @@
+"""agent-embedder: the transformer in its own process, the guardian's use of it, and what happens when it is away.
+
+Real processes throughout: an agent-embedder on a Unix socket running the pinned
+all-MiniLM-L6-v2, and a guardian configured with ``embedding: {model: service}``.
+The one stand-in is a hostile embedder at the socket (the seam), to show that the
+guardian checks what comes back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from embedder.model_files import shipped_files
+from shared.embedding import MAX_REQUEST_BYTES, MAX_TEXTS, TRANSFORMER_DIMS, TRANSFORMER_ID, to_wire
+from shared.rpc.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from shared.rpc.guardian.v1 import admin_pb2
+from tests.integration.test_recall import NOTES, POLICY, QUESTIONS, search, session, store
+from tests.support.harness import ROOT, Embedder, Guardian, agent_pb2, running_embedder, running_guardian
+
+pb = agent_pb2
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory under /tmp for sockets (a Unix socket's path must stay short)."""
+    path = Path(tempfile.mkdtemp(prefix="ag-emb-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def service_config(socket: Path) -> dict[str, Any]:
+    return {"embedding": {"model": "service", "socket": str(socket)}}
+
+
+def wait_for(predicate: Any, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def embedder_stub(socket: Path) -> tuple[grpc.Channel, Any]:
+    channel = grpc.insecure_channel(f"unix:{socket}")
+    return channel, embedder_pb2_grpc.EmbedderServiceStub(channel)
+
+
+def test_the_embedder_serves_unit_vectors_of_the_pinned_model_and_refuses_oversized_requests(short_dir: Path) -> None:
+    with running_embedder(short_dir) as embedder:
+        assert oct(embedder.socket.stat().st_mode & 0o777) == "0o660"
+        channel, stub = embedder_stub(embedder.socket)
+        with channel:
+            texts = ["the walrus hums at midnight", "a sea mammal singing late at night", "quarterly tax filing"]
+            answer = stub.Embed(embedder_pb2.EmbedRequest(texts=texts), timeout=10)
+            assert (answer.model, answer.dims, len(answer.vectors)) == (TRANSFORMER_ID, TRANSFORMER_DIMS, 3)
+            vectors = np.stack([np.frombuffer(data, dtype="<f4") for data in answer.vectors])
+            assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+            assert vectors[0] @ vectors[1] > 0.4 > vectors[0] @ vectors[2]
+            again = stub.Embed(embedder_pb2.EmbedRequest(texts=texts[:1]), timeout=10)
+            assert again.vectors[0] == answer.vectors[0]  # alone or beside others: the same vector
+            for request, limit in (
+                (embedder_pb2.EmbedRequest(texts=["x"] * (MAX_TEXTS + 1)), f"at most {MAX_TEXTS} a request"),
+                (embedder_pb2.EmbedRequest(texts=["y" * (MAX_REQUEST_BYTES // 2 + 1)] * 2), "bytes a request"),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Embed(request, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and limit in str(
+                    refused.value.details()
+                )
+    log = embedder.log_path.read_text()
+    assert '"event": "embedder_ready"' in log and "walrus" not in log and not embedder.socket.exists()
+
+
+def test_a_model_file_that_is_not_the_pinned_one_stops_the_embedder_with_the_reason(short_dir: Path) -> None:
+    shipped = shipped_files()
+    weights = short_dir / "model.safetensors"
+    weights.write_bytes(shipped.weights.read_bytes()[:-1] + b"\0")
+    result = subprocess.run(
+        [sys.executable, "-m", "embedder", "--socket", str(short_dir / "e.sock"), "--weights", str(weights),
+         "--weights-sha256", shipped.weights_sha256, "--tokenizer", str(shipped.tokenizer), "--tokenizer-sha256",
+         shipped.tokenizer_sha256, "--config", str(shipped.config), "--config-sha256", shipped.config_sha256],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"the weights file {weights} has sha256 " in result.stderr and f"not the {shipped.weights_sha256}" in (
+        result.stderr
+    )
+    assert not (short_dir / "e.sock").exists()
+    partial = subprocess.run(
+        [sys.executable, "-m", "embedder", "--socket", str(short_dir / "e.sock"), "--weights", str(weights)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert partial.returncode == 2 and "needs all of --weights" in partial.stderr
+
+
+def test_the_guardian_recalls_by_meaning_through_the_embedder(short_dir: Path) -> None:
+    with running_embedder(short_dir) as embedder, running_guardian(service_config(embedder.socket), **POLICY) as g:
+        token = g.add_agent("alice")
+        channel, stub, sid = session(g, token)
+        with channel:
+            ids = {name: store(stub, sid, text) for name, text in NOTES.items()}
+            for name, question in QUESTIONS.items():
+                found = search(stub, sid, question, pb.SEARCH_MODE_SEMANTIC)
+                assert found.hits[0].memory.id == ids[name] and not found.semantic_pending
+        status = g.admin("Status", admin_pb2.StatusRequest())
+        assert status.embedding_model == TRANSFORMER_ID and status.vectors_indexed == len(NOTES)
+        with g.keyed_db() as db:
+            sizes = {row[0] for row in db.execute("SELECT length(vector) FROM memory_vectors")}
+        assert sizes == {4 + TRANSFORMER_DIMS}
+
+
+def test_without_the_embedder_writes_go_on_searches_say_so_and_it_catches_up_when_back(short_dir: Path) -> None:
+    socket = short_dir / "embedder.sock"
+    with running_guardian(service_config(socket), **POLICY) as guardian:
+        token = guardian.add_agent("bob")
+        channel, stub, sid = session(guardian, token)
+        with channel:
+            stored = store(stub, sid, NOTES["dentist"])  # no embedder yet: stored, not embedded
+            by_words = search(stub, sid, "dentist appointment")
+            assert by_words.hits[0].memory.id == stored and by_words.semantic_pending
+            with pytest.raises(grpc.RpcError) as refused:
+                search(stub, sid, QUESTIONS["dentist"], pb.SEARCH_MODE_SEMANTIC)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            details = str(refused.value.details())
+            assert "search with mode lexical" in details and str(socket) not in details
+            status = guardian.admin("Status", admin_pb2.StatusRequest())
+            assert status.memories_to_embed == 1 and status.vectors_indexed == 0
+
+            embedder = Embedder(socket, short_dir / "embedder-test.log")
+            embedder.start()
+            try:
+                wait_for(
+                    lambda: guardian.admin("Status", admin_pb2.StatusRequest()).memories_to_embed == 0,
+                    "the memory stored while the embedder was away is embedded",
+                )
+                found = search(stub, sid, QUESTIONS["dentist"], pb.SEARCH_MODE_SEMANTIC)
+                assert found.hits[0].memory.id == stored
+            finally:
+                embedder.stop()
+        searches = [row for row in guardian.audit_rows() if row["operation"] == "memory.search"]
+        assert [row["decision"] for row in searches] == ["allow", "error", "allow"]  # unavailable: not a denial
+        log = guardian.log_path.read_text()
+        assert '"event": "embedder_unavailable"' in log and '"event": "embedder_available"' in log
+
+
+class _HostileEmbedder(embedder_pb2_grpc.EmbedderServiceServicer):
+    """Answers every Embed with what a compromised embedder might send."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+
+    def Embed(self, request: embedder_pb2.EmbedRequest, context: Any) -> embedder_pb2.EmbedResponse:
+        count = len(request.texts)
+        unit = np.zeros(TRANSFORMER_DIMS, dtype=np.float32)
+        unit[0] = 1.0
+        if self.answer == "another model":
+            return embedder_pb2.EmbedResponse(model="evil-384", dims=TRANSFORMER_DIMS, vectors=[to_wire(unit)] * count)
+        if self.answer == "not unit vectors":
+            return embedder_pb2.EmbedResponse(
+                model=TRANSFORMER_ID, dims=TRANSFORMER_DIMS, vectors=[to_wire(unit * 40)] * count
+            )
+        return embedder_pb2.EmbedResponse(model=TRANSFORMER_ID, dims=TRANSFORMER_DIMS, vectors=[])  # too few
+
+
+@pytest.mark.parametrize("answer", ["another model", "not unit vectors", "too few vectors"])
+def test_the_guardian_refuses_what_a_hostile_embedder_answers(short_dir: Path, answer: str) -> None:
+    socket = short_dir / "embedder.sock"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(_HostileEmbedder(answer), server)
+    server.add_insecure_port(f"unix:{socket}")
+    server.start()
+    try:
+        with running_guardian(service_config(socket), **POLICY) as guardian:
+            token = guardian.add_agent("carol")
+            channel, stub, sid = session(guardian, token)
+            with channel:
+                stored = store(stub, sid, NOTES["flight"])
+                assert search(stub, sid, "Lisbon trip").hits[0].memory.id == stored
+                with pytest.raises(grpc.RpcError) as refused:
+                    search(stub, sid, QUESTIONS["flight"], pb.SEARCH_MODE_SEMANTIC)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            with guardian.keyed_db() as db:
+                assert db.execute("SELECT count(*) FROM memory_vectors").fetchone()[0] == 0
+            check_security_log(guardian)
+    finally:
+        server.stop(0)
+
+
+def check_security_log(guardian: Guardian) -> None:
+    log = guardian.log_path.read_text()
+    assert '"event": "embedder_answer_refused"' in log
+    assert "Lisbon" not in log  # the texts sent are never logged
