@@ -61,8 +61,14 @@ def _local_token(state_dir: Path, admin_socket: Path) -> str:
     return token
 
 
+def _start_embedder(socket_path: Path) -> subprocess.Popen[bytes]:
+    """agent-embedder on socket_path (its directory made private first, as the guardian makes it)."""
+    socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "embedder", "--socket", str(socket_path)], cwd=ROOT)
+
+
 def main() -> None:
-    """Run both processes until Ctrl-C."""
+    """Run the processes until Ctrl-C."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", default="var", type=Path)
     parser.add_argument("--port", default=8765, type=int, help="gateway HTTP port on 127.0.0.1")
@@ -74,11 +80,8 @@ def main() -> None:
     report = init_state_dir(state_dir)
     config = load_config(report.config)
     python = sys.executable
-    embedder: subprocess.Popen[bytes] | None = None
     embedder_socket = config.embedding.socket if isinstance(config.embedding, EmbedderService) else None
-    if embedder_socket is not None:
-        embedder_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        embedder = subprocess.Popen([python, "-m", "embedder", "--socket", str(embedder_socket)], cwd=ROOT)
+    embedder = _start_embedder(embedder_socket) if embedder_socket is not None else None
     guardian = subprocess.Popen([python, "-m", "guardian.daemon.main", "--config", str(report.config)], cwd=ROOT)
     gateway: subprocess.Popen[bytes] | None = None
     stopping = False
