@@ -77,6 +77,14 @@ install_users_and_directories() {
 install_config_and_keys() {
     if [[ -e $ETC/config.yaml ]]; then
         say "keeping $ETC/config.yaml"
+        # An install from before agent-embedder has no embedding section: without one the guardian
+        # would keep the static model and leave the embedder unused. Add it (the memories are
+        # embedded again in the background); an operator's own embedding section is kept as it is.
+        if ! grep -q '^embedding:' "$ETC/config.yaml"; then
+            printf '%s\n' '' '# Added by install.sh: recall by meaning through agent-embedder (see the README).' \
+                'embedding:' '  model: service' '  socket: /run/agent-embedder/embedder.sock' >> "$ETC/config.yaml"
+            say "added the embedding section (agent-embedder) to $ETC/config.yaml"
+        fi
     else
         install -m 0640 -o root -g agent-guardian "$SRC/systemd/config.yaml" "$ETC/config.yaml"
     fi

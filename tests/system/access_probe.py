@@ -2,11 +2,15 @@
 
     connect PATH...   connect a Unix stream socket to each path
     read PATH...      open each path for reading and read a byte
+    tcp HOST:PORT...  open a TCP connection to each address (ETIMEDOUT: no answer within 1 s)
     health PATH       a gRPC health check of the agent service over the Unix socket PATH
+    embed PATH        one text embedded by agent-embedder over the Unix socket PATH
 
-Prints one JSON object: path -> "ok" or the errno name ("EACCES", ...), or for
-health {"status": "SERVING" | the gRPC status code name}. Uses only the
-standard library, and grpcio from the installed venv for health.
+Prints one JSON object: path (or address) -> "ok" or the errno name ("EACCES",
+...), or for health {"status": "SERVING" | the gRPC status code name}, for
+embed {"status": "OK" | the gRPC status code name, "model": ..., "dims": ...}.
+Uses only the standard library, and grpcio and the embedder's stubs from the
+installed venv for health and embed.
 """
 
 from __future__ import annotations
@@ -40,6 +44,19 @@ def read(path: str) -> str:
     return "ok"
 
 
+def tcp(address: str) -> str:
+    """On loopback a connection is taken or refused at once: a timeout means a filter dropped the packets."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            pass
+    except TimeoutError:
+        return "ETIMEDOUT"
+    except OSError as exc:
+        return _outcome(exc)
+    return "ok"
+
+
 def health(path: str) -> dict[str, str]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,12 +71,29 @@ def health(path: str) -> dict[str, str]:
     return {"status": health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}
 
 
+def embed(path: str) -> dict[str, object]:
+    import grpc
+
+    from shared.rpc.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        try:
+            response = embedder_pb2_grpc.EmbedderServiceStub(channel).Embed(
+                embedder_pb2.EmbedRequest(texts=["who may ask the embedder"]), timeout=10
+            )
+        except grpc.RpcError as exc:
+            return {"status": exc.code().name, "details": exc.details() or ""}
+    return {"status": "OK", "model": response.model, "dims": response.dims, "vectors": len(response.vectors)}
+
+
 def main() -> None:
     command, paths = sys.argv[1], sys.argv[2:]
     if command == "health":
         result: object = health(paths[0])
+    elif command == "embed":
+        result = embed(paths[0])
     else:
-        probe = {"connect": connect, "read": read}[command]
+        probe = {"connect": connect, "read": read, "tcp": tcp}[command]
         result = {path: probe(path) for path in paths}
     json.dump(result, sys.stdout)
 

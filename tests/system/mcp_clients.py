@@ -5,9 +5,12 @@ gateway at ``--url`` with the agent token read from a file (never from the
 command line, which any user can read in /proc). Every command prints one JSON
 document on stdout.
 
-    store  --token-file F --content TEXT      {"id": "mem_..."}
+    store  --token-file F --content TEXT [TEXT ...]     {"ids": ["mem_...", ...]}  (one session)
     get    --token-file F --id ID             {"content": "..."}
     list   --token-file F                     {"memories": [{"id": ..., "content": ...}, ...]}  (every page)
+    search --token-file F --query TEXT [TEXT ...] [--mode hybrid|lexical|semantic]
+           {"results": [{"query": ..., "hits": [{"id", "content", "score", "found_by"}, ...], "note": ...}, ...]}
+           (one memory_search a query, on one session)
     load   --token-file F [F ...] --out FILE --stop-file FILE
            one client per token file, each storing memories in a loop until
            the stop file appears; FILE gets every call: client, start and end
@@ -69,16 +72,34 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     return content
 
 
-async def store(url: str, token: str, content: str) -> dict[str, Any]:
+async def store(url: str, token: str, contents: list[str]) -> dict[str, Any]:
     async with connect(url, token) as client:
-        result = await call(client, "memory_store", content=content)
-    return {"id": result["memory"]["id"]}
+        ids = [(await call(client, "memory_store", content=content))["memory"]["id"] for content in contents]
+    return {"ids": ids}
 
 
 async def get(url: str, token: str, memory_id: str) -> dict[str, Any]:
     async with connect(url, token) as client:
         result = await call(client, "memory_get", id=memory_id)
     return {"content": result["memory"]["content"]}
+
+
+async def search(url: str, token: str, queries: list[str], mode: str) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    async with connect(url, token) as client:
+        for query in queries:
+            found = await call(client, "memory_search", query=query, mode=mode)
+            hits = [
+                {
+                    "id": h["memory"]["id"],
+                    "content": h["memory"]["content"],
+                    "score": h["score"],
+                    "found_by": h["found_by"],
+                }
+                for h in found["hits"]
+            ]
+            results.append({"query": query, "hits": hits, "note": found.get("note")})
+    return {"results": results}
 
 
 async def list_all(url: str, token: str) -> dict[str, Any]:
@@ -196,10 +217,12 @@ async def load(url: str, tokens: list[str], out: Path, stop: Path) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["store", "get", "list", "load"])
+    parser.add_argument("command", choices=["store", "get", "list", "search", "load"])
     parser.add_argument("--url", default="http://127.0.0.1:8765/mcp")
     parser.add_argument("--token-file", type=Path, nargs="+", required=True)
-    parser.add_argument("--content")
+    parser.add_argument("--content", nargs="+")
+    parser.add_argument("--query", nargs="+")
+    parser.add_argument("--mode", default="hybrid", choices=["hybrid", "lexical", "semantic"])
     parser.add_argument("--id")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--stop-file", type=Path)
@@ -211,6 +234,8 @@ def main() -> None:
         result = asyncio.run(get(args.url, tokens[0], args.id))
     elif args.command == "list":
         result = asyncio.run(list_all(args.url, tokens[0]))
+    elif args.command == "search":
+        result = asyncio.run(search(args.url, tokens[0], args.query, args.mode))
     else:
         result = asyncio.run(load(args.url, tokens, args.out, args.stop_file))
     json.dump(result, sys.stdout)

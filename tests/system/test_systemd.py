@@ -1,12 +1,15 @@
-"""Issue 6: deployed as two users under a real systemd, installed in one command, restarted unit by unit.
+"""Issues 6 and 15: deployed as three users under a real systemd, installed in one command, restarted unit by unit.
 
 systemd boots as PID 1 in a throwaway Debian 12 root (tests/system/throwaway_root.py
 says how, and why it never touches the host's own root); the working tree is
 copied to /usr/src/agent-guardian there and ``systemd/install.sh`` runs twice.
 Then, as real users of that system: who may reach which socket and read which
-file; the exposure scores of the units; four MCP clients writing through the
-gateway while the guardian is restarted, the gateway is restarted and the
-policy is reloaded; and uninstall (keeping data, then purging).
+file; what agent-embedder can do from inside its own unit's sandbox (run again
+with ``systemd-run`` and the installed unit's settings); the exposure scores of
+the units; recall by meaning through the gateway; four MCP clients writing
+through the gateway while the guardian is restarted, the gateway is restarted,
+the policy is reloaded and the embedder is restarted; and uninstall (keeping
+data, then purging).
 
 It needs root, namespaces, a cgroup2 hierarchy and debootstrap (installed with
 apt-get when missing); otherwise it skips and says why.
@@ -33,6 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.system.test_unit_exposure import LIMITS as MAX_EXPOSURE
 from tests.system.throwaway_root import (
     BootedSystem,
     Unavailable,
@@ -56,16 +60,21 @@ WORK = "/var/tmp/agent-guardian-systest"
 ETC = "/etc/agent-guardian"
 AGENT_SOCKET = "/run/agent-guardian/agent.sock"
 ADMIN_SOCKET = "/run/agent-guardian/admin.sock"
+EMBEDDER_SOCKET = "/run/agent-embedder/embedder.sock"
+#: The long-running units install.sh enables and starts, in its order.
+SERVICES = ("agent-embedder.service", "agent-guardian.service", "agent-gateway.service")
 DATABASE = "/var/lib/agent-guardian/data/memory.db"
 KEY_FILES = ("db.key", "memory.keys", "audit.keys", "token.keys")
 GUARDIAN_LOG = "/var/log/agent-guardian/guardian.log"
 SECURITY_LOG = "/var/log/agent-guardian/security.log"
 
-GUARDIAN_MAX_EXPOSURE = 1.5
-GATEWAY_MAX_EXPOSURE = 2.5
 LOAD_CLIENTS = 4
 MAX_CALL_LATENCY_S = 15.0
 MAX_RECOVERY_S = 2.0
+#: After the embedder is back, every memory written while it was away is embedded within this.
+MAX_EMBED_CATCH_UP_S = 30.0
+#: The shipped sentence encoder's id begins so (guardian/recall: BERT, int8 weights, 384 dimensions).
+EMBEDDING_MODEL_PREFIX = "bert-int8-384-"
 #: Install runs under this umask the first time: the venv must still be readable by the gateway's user.
 STRICT_UMASK = "077"
 #: Environment for install.sh: pip verifies PyPI against the (host's) CA bundle copied into the root.
@@ -236,7 +245,7 @@ def _install_twice(d: Deployment) -> None:
 
     token = d.add_agent("keeper")
     d.kept_memory_content = "kept across a reinstall: the walrus hums at midnight"
-    d.kept_memory_id = d.mcp("store", "--token-file", token, "--content", d.kept_memory_content)["id"]
+    d.kept_memory_id = d.mcp("store", "--token-file", token, "--content", d.kept_memory_content)["ids"][0]
     d.edited_policy = _edit_yaml(d.host_path(f"{ETC}/policy.yaml"), _open_rate_limits)
     d.edited_config = _edit_yaml(d.host_path(f"{ETC}/config.yaml"), _file_logs)
     d.keys_before = {name: _sha256(d.host_path(f"{ETC}/credentials/{name}")) for name in KEY_FILES}
@@ -271,7 +280,7 @@ def test_install_twice_keeps_keys_data_and_edited_policy(
     assert in_force["text"] == d.edited_policy, "the guardian does not run the edited policy"
     token = f"{WORK}/root/keeper.token"
     assert d.mcp("get", "--token-file", token, "--id", d.kept_memory_id)["content"] == d.kept_memory_content
-    for unit in ("agent-guardian.service", "agent-gateway.service"):
+    for unit in SERVICES:
         assert d.system.show(unit, "ActiveState") == "active"
         assert d.system.show(unit, "UnitFileState") == "enabled"
     source = d.host_path(SRC)
@@ -282,7 +291,7 @@ def test_install_twice_keeps_keys_data_and_edited_policy(
 def test_exposure_scores(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
     """systemd-analyze security --offline=yes: inside on the installed units, and on the host on the shipped ones."""
     scores: dict[str, dict[str, float]] = {}
-    for unit in ("agent-guardian.service", "agent-gateway.service"):
+    for unit in SERVICES:
         inside = deployed.system.run(
             ["systemd-analyze", "security", "--offline=yes", "--no-pager", f"/etc/systemd/system/{unit}"]
         )
@@ -301,8 +310,8 @@ def test_exposure_scores(deployed: Deployment, capsys: pytest.CaptureFixture[str
         capsys,
         *(f"exposure {unit}: " + ", ".join(f"{v:.1f} {k}" for k, v in found.items()) for unit, found in scores.items()),
     )
-    assert max(scores["agent-guardian.service"].values()) <= GUARDIAN_MAX_EXPOSURE
-    assert max(scores["agent-gateway.service"].values()) <= GATEWAY_MAX_EXPOSURE
+    for unit, found in scores.items():
+        assert max(found.values()) <= MAX_EXPOSURE[unit], f"{unit}: {found} (limit {MAX_EXPOSURE[unit]})"
 
 
 def _exposure(output: str, unit: str) -> float:
@@ -325,6 +334,8 @@ EXPECTED_MODES = {
     "/run/agent-guardian": ("711", "agent-guardian:agent-guardian"),
     AGENT_SOCKET: ("660", "agent-guardian:agent-gateway"),
     ADMIN_SOCKET: ("660", "agent-guardian:agent-security"),
+    "/run/agent-embedder": ("750", "agent-embedder:agent-embedder"),
+    EMBEDDER_SOCKET: ("660", "agent-embedder:agent-embedder"),
     "/var/log/agent-guardian": ("2750", "agent-guardian:agent-security"),
     GUARDIAN_LOG: ("640", "agent-guardian:agent-security"),
     SECURITY_LOG: ("640", "agent-guardian:agent-security"),
@@ -382,7 +393,7 @@ def test_the_gateway_user_reaches_the_agent_socket_only(
     deployed: Deployment, capsys: pytest.CaptureFixture[str]
 ) -> None:
     system = deployed.system
-    connect = _probe(system, "agent-gateway", "connect", AGENT_SOCKET, ADMIN_SOCKET)
+    connect = _probe(system, "agent-gateway", "connect", AGENT_SOCKET, ADMIN_SOCKET, EMBEDDER_SOCKET)
     health = _probe(system, "agent-gateway", "health", AGENT_SOCKET)
     health_admin = _probe(system, "agent-gateway", "health", ADMIN_SOCKET)
     reads = _probe(system, "agent-gateway", "read", *PRIVATE_FILES)
@@ -395,7 +406,7 @@ def test_the_gateway_user_reaches_the_agent_socket_only(
         f" on admin.sock {health_admin['status']}",
         f"agent-gateway: read {reads}",
     )
-    assert connect == {AGENT_SOCKET: "ok", ADMIN_SOCKET: "EACCES"}
+    assert connect == {AGENT_SOCKET: "ok", ADMIN_SOCKET: "EACCES", EMBEDDER_SOCKET: "EACCES"}
     assert health == {"status": "SERVING"}
     assert health_admin["status"] == "UNAVAILABLE"
     assert reads == dict.fromkeys(PRIVATE_FILES, "EACCES")
@@ -408,24 +419,212 @@ def test_the_security_team_uses_guardianctl_and_nothing_else(
     system = deployed.system
     listing = deployed.ctl("--json", "agents", "list", user="sec")
     verify = deployed.ctl("audit", "verify", user="sec", check=False)
-    connect = _probe(system, "sec", "connect", AGENT_SOCKET, ADMIN_SOCKET)
+    connect = _probe(system, "sec", "connect", AGENT_SOCKET, ADMIN_SOCKET, EMBEDDER_SOCKET)
     reads = _probe(system, "sec", "read", DATABASE, f"{ETC}/credentials/db.key", SECURITY_LOG)
     report(capsys, f"sec (in agent-security): guardianctl agents list ok; connect {connect}; read {reads}")
     assert "keeper" in {agent["name"] for agent in json.loads(listing.stdout)}
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert connect == {AGENT_SOCKET: "EACCES", ADMIN_SOCKET: "ok"}
+    assert connect == {AGENT_SOCKET: "EACCES", ADMIN_SOCKET: "ok", EMBEDDER_SOCKET: "EACCES"}
     assert reads == {DATABASE: "EACCES", f"{ETC}/credentials/db.key": "EACCES", SECURITY_LOG: "ok"}
 
 
 def test_an_ordinary_user_reaches_neither_socket(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
     system = deployed.system
-    connect = _probe(system, "mallory", "connect", AGENT_SOCKET, ADMIN_SOCKET)
+    connect = _probe(system, "mallory", "connect", AGENT_SOCKET, ADMIN_SOCKET, EMBEDDER_SOCKET)
     reads = _probe(system, "mallory", "read", *PRIVATE_FILES)
     ctl = deployed.ctl("agents", "list", user="mallory", check=False)
     report(capsys, f"mallory: connect {connect}; guardianctl exit {ctl.returncode}")
-    assert connect == {AGENT_SOCKET: "EACCES", ADMIN_SOCKET: "EACCES"}
+    assert connect == {AGENT_SOCKET: "EACCES", ADMIN_SOCKET: "EACCES", EMBEDDER_SOCKET: "EACCES"}
     assert reads == dict.fromkeys(PRIVATE_FILES, "EACCES")
     assert ctl.returncode == 3 and "may this user connect" in ctl.stderr
+
+
+# -- agent-embedder: its sandbox, who reaches it, recall by meaning ------------------------------------
+
+#: [Service] settings that make a unit's service what it is, not its sandbox: a probe run "as the unit"
+#: leaves them out. RuntimeDirectory= above all: the probe's own transient unit would remove the real
+#: service's socket directory when it ends; StateDirectory= would chown the guardian's state again.
+NOT_SANDBOX = frozenset(
+    {
+        "Type", "NotifyAccess", "ExecStart", "ExecReload", "Restart", "RestartSec", "WatchdogSec",
+        "TimeoutStartSec", "TimeoutStopSec", "RuntimeDirectory", "RuntimeDirectoryMode", "StateDirectory",
+        "StateDirectoryMode", "LoadCredential",
+    }
+)  # fmt: skip
+#: Addresses that listen inside the root (the gateway's MCP endpoint, the guardian's /metrics).
+LISTENING = ("127.0.0.1:8765", "127.0.0.1:9464")
+
+
+def _sandbox(system: BootedSystem, unit: str, without: frozenset[str] = frozenset()) -> list[str]:
+    """The installed unit's [Service] sandbox (user, groups, hardening, limits) as systemd-run -p options."""
+    section, options = "", []
+    for raw in (system.root / "etc/systemd/system" / unit).read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            section = line
+        elif line and not line.startswith("#") and section == "[Service]":
+            key = line.split("=", 1)[0]
+            if key not in NOT_SANDBOX | without:
+                options += ["-p", line]
+    return options
+
+
+def _probe_in_unit(
+    system: BootedSystem, unit: str, command: str, *paths: str, without: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """access_probe.py run by systemd in a transient service with unit's own sandbox (less the settings without)."""
+    run = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", *_sandbox(system, unit, without)]
+    return dict(json.loads(system.run([*run, VENV_PYTHON, PROBE, command, *paths]).stdout))
+
+
+def test_only_the_guardians_unit_reaches_the_embedder(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    """The embedder's socket is for the guardian's service (SupplementaryGroups=), not its user nor anyone else."""
+    system = deployed.system
+    guardian = _probe_in_unit(system, "agent-guardian.service", "embed", EMBEDDER_SOCKET)
+    guardian_user = _probe(system, "agent-guardian", "connect", EMBEDDER_SOCKET)
+    gateway = _probe(system, "agent-gateway", "embed", EMBEDDER_SOCKET)
+    report(
+        capsys,
+        f"the guardian's unit (systemd-run with its sandbox): Embed over {EMBEDDER_SOCKET} {guardian}",
+        f"agent-guardian as a login user (no SupplementaryGroups=): connect {guardian_user[EMBEDDER_SOCKET]};"
+        f" agent-gateway: Embed {gateway['status']}",
+    )
+    assert guardian["status"] == "OK", guardian
+    assert guardian["model"].startswith(EMBEDDING_MODEL_PREFIX) and guardian["dims"] == 384, guardian
+    assert guardian_user == {EMBEDDER_SOCKET: "EACCES"}
+    assert gateway["status"] == "UNAVAILABLE", gateway
+
+
+def test_the_embedder_reads_nothing_of_the_guardian_and_reaches_no_network(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As its user, as its unit (each layer of its sandbox alone where one can be taken away), and its process."""
+    system, unit = deployed.system, "agent-embedder.service"
+    # Its user outside the sandbox: the files' modes alone; TCP as the control (the addresses do listen).
+    user_reads = _probe(system, "agent-embedder", "read", *PRIVATE_FILES)
+    user_connect = _probe(system, "agent-embedder", "connect", AGENT_SOCKET, ADMIN_SOCKET, EMBEDDER_SOCKET)
+    user_tcp = _probe(system, "agent-embedder", "tcp", *LISTENING)
+    # Its unit's whole sandbox.
+    unit_reads = _probe_in_unit(system, unit, "read", *PRIVATE_FILES)
+    unit_connect = _probe_in_unit(system, unit, "connect", AGENT_SOCKET, ADMIN_SOCKET, EMBEDDER_SOCKET)
+    unit_tcp = _probe_in_unit(system, unit, "tcp", *LISTENING)
+    # One layer at a time: InaccessiblePaths= without the user's modes (root, but no capabilities: root
+    # owns the keys); IPAddressDeny= and PrivateNetwork= without RestrictAddressFamilies=; PrivateNetwork= alone.
+    root_reads = _probe_in_unit(system, unit, "read", *PRIVATE_FILES, without=frozenset({"User", "Group"}))
+    gateway = LISTENING[0]
+    ip_deny_tcp = _probe_in_unit(system, unit, "tcp", gateway, without=frozenset({"RestrictAddressFamilies"}))
+    private_net_tcp = _probe_in_unit(
+        system, unit, "tcp", gateway, without=frozenset({"RestrictAddressFamilies", "IPAddressDeny"})
+    )
+    # The running service itself: its own network namespace, with a loopback and nothing else.
+    pid = system.show(unit, "MainPID")
+    interfaces = [
+        line.split(":")[0].strip() for line in system.run(["cat", f"/proc/{pid}/net/dev"]).stdout.splitlines()[2:]
+    ]
+    namespaces = system.run(["readlink", f"/proc/{pid}/ns/net", "/proc/1/ns/net"]).stdout.split()
+    report(
+        capsys,
+        f"agent-embedder (user, modes alone): read {_by_outcome(user_reads)}; connect {user_connect}; tcp {user_tcp}",
+        f"agent-embedder (its unit's sandbox, systemd-run): read {_by_outcome(unit_reads)}; connect {unit_connect};"
+        f" tcp {unit_tcp}",
+        f"its sandbox as root without capabilities (InaccessiblePaths= alone): read {_by_outcome(root_reads)}",
+        f"its sandbox less RestrictAddressFamilies=: tcp {ip_deny_tcp}; less IPAddressDeny= too (PrivateNetwork="
+        f" alone): tcp {private_net_tcp}",
+        f"the running agent-embedder (PID {pid}): interfaces {interfaces}; network namespace {namespaces[0]}"
+        f" (systemd's: {namespaces[1]})",
+    )
+    denied = dict.fromkeys(PRIVATE_FILES, "EACCES")
+    assert user_reads == denied
+    assert unit_reads == denied
+    assert root_reads == denied, "InaccessiblePaths= does not hide the guardian's files on its own"
+    own_socket_only = {AGENT_SOCKET: "EACCES", ADMIN_SOCKET: "EACCES", EMBEDDER_SOCKET: "ok"}
+    assert user_connect == own_socket_only
+    assert unit_connect == own_socket_only
+    assert user_tcp == dict.fromkeys(LISTENING, "ok"), "the control failed: nothing listens at these addresses"
+    assert unit_tcp == dict.fromkeys(LISTENING, "EAFNOSUPPORT")
+    # IPAddressDeny= drops the packets (a SYN is retried until the timeout); refused would mean they passed.
+    assert ip_deny_tcp[gateway] in ("ETIMEDOUT", "EPERM"), ip_deny_tcp
+    # Its own loopback, where nothing listens: the gateway, listening on the system's, is out of reach.
+    assert private_net_tcp == {gateway: "ECONNREFUSED"}, "PrivateNetwork= does not hold on its own"
+    assert interfaces == ["lo"]
+    assert namespaces[0] != namespaces[1]
+
+
+def _by_outcome(outcomes: dict[str, str]) -> dict[str, list[str]]:
+    """path -> outcome, turned round (outcome -> the paths' names), to print on one line."""
+    grouped: dict[str, list[str]] = {}
+    for path, outcome in outcomes.items():
+        grouped.setdefault(outcome, []).append(Path(path).name)
+    return grouped
+
+
+#: From tests/integration/test_recall.py: each question shares no content word with its note, so only
+#: recall by meaning finds it (the shipped model, pinned by sha256, ranks them so deterministically).
+NOTES = {
+    "allergy": "Priya is allergic to peanuts; birthday party snacks must be nut free.",
+    "flight": "Booked the Lisbon trip: departure Thursday 7:40 from terminal 2, aisle seat.",
+    "deploy": "The billing service goes out with blue-green releases behind the load balancer.",
+    "dentist": "Dentist appointment moved to the 14th at half past three.",
+}
+QUESTIONS = {
+    "allergy": "what can my daughter not eat at celebrations",
+    "flight": "when does my plane leave for portugal",
+    "deploy": "how do we roll out new versions of the payment system",
+    "dentist": "dental checkup time",
+}
+#: Stored first; the last note is stored while the embedder restarts (test_independent_restarts_under_load).
+FIRST_NOTES = ("allergy", "flight", "deploy")
+LATE_NOTE = "dentist"
+RECALL_AGENT = "recall"
+
+
+def _recall_status(d: Deployment) -> dict[str, Any]:
+    """The recall fields of `guardianctl --json status` (which exits 1 while anything warns: not checked)."""
+    return dict(json.loads(d.ctl("--json", "status", check=False).stdout)["recall"])
+
+
+def _wait_until_embedded(d: Deployment, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while not ((recall := _recall_status(d))["index_ready"] and recall["memories_to_embed"] == 0):
+        assert time.monotonic() < deadline, f"recall by meaning not caught up in {timeout_s} s: {recall}"
+        time.sleep(0.2)
+    return recall
+
+
+def _search(d: Deployment, mode: str, *queries: str) -> list[dict[str, Any]]:
+    token = f"{WORK}/root/{RECALL_AGENT}.token"
+    return list(d.mcp("search", "--token-file", token, "--mode", mode, "--query", *queries)["results"])
+
+
+def test_recall_by_meaning_through_the_gateway(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    """An MCP client stores notes and finds each by a question in other words; the embedder's model is in use."""
+    d = deployed
+    token = d.add_agent(RECALL_AGENT)
+    started = time.monotonic()
+    stored = d.mcp("store", "--token-file", token, "--content", *(NOTES[name] for name in FIRST_NOTES))
+    ids = dict(zip(FIRST_NOTES, stored["ids"], strict=True))
+    recall = _wait_until_embedded(d, timeout_s=30)
+    questions = [QUESTIONS[name] for name in FIRST_NOTES]
+    by_meaning = _search(d, "semantic", *questions)
+    by_words = _search(d, "lexical", *questions)
+    took = time.monotonic() - started
+    top = {
+        name: result["hits"][0] if result["hits"] else {} for name, result in zip(FIRST_NOTES, by_meaning, strict=True)
+    }
+    report(
+        capsys,
+        f"recall by meaning through the gateway: model {recall['embedding_model']}, {recall['vectors_indexed']}"
+        f" vectors; stored {len(ids)} notes, searched in other words ({took:.1f} s in all)",
+        *(f"  {QUESTIONS[n]!r}: top hit {n if hit.get('id') == ids[n] else hit.get('content')!r}, score"
+          f" {hit.get('score', 0):.3f}, found by {hit.get('found_by')}" for n, hit in top.items()),
+    )  # fmt: skip
+    assert recall["embedding_model"].startswith(EMBEDDING_MODEL_PREFIX), recall
+    assert recall["index_ready"] and recall["vectors_indexed"] >= len(FIRST_NOTES)
+    for name, hit in top.items():
+        assert hit.get("id") == ids[name], (name, by_meaning)
+        assert hit["found_by"] == ["meaning"] and 0 < hit["score"] <= 1.0, hit
+    for name, result in zip(FIRST_NOTES, by_words, strict=True):
+        assert ids[name] not in [h["id"] for h in result["hits"]], f"{name}: found by words, so not by meaning alone"
 
 
 # -- restarts under load ---------------------------------------------------------------------------
@@ -568,8 +767,21 @@ def test_independent_restarts_under_load(
         assert f'guardian_policy_info{{version="{in_force["version"]}"}} 1.0' in metrics
         assert system.show(guardian, "MainPID") == guardian_pid
         _settle(load, windows)
+
+        # 4. systemctl restart agent-embedder, mid-load: no write fails; a note stored meanwhile (and every
+        # load write) is embedded once it is back.
+        embedder = _restart_the_embedder(d)
+        windows.append(Window("embedder restart", embedder.start, embedder.caught_up, frozenset()))
+        assert system.show(guardian, "MainPID") == guardian_pid
+        assert system.show(guardian, "NRestarts") == "0"
+        _settle(load, windows)
     finally:
         records = load.finish()
+
+    # After the load: nothing left to embed, and the note stored while the embedder restarted is found by meaning.
+    recall = _wait_until_embedded(d, timeout_s=10)
+    late = _search(d, "semantic", QUESTIONS[LATE_NOTE])[0]["hits"]
+    assert late and late[0]["id"] == embedder.late_note, late
 
     evidence = tmp_path / "load-records.json"  # kept by pytest after the root is gone
     evidence.write_text(
@@ -588,6 +800,10 @@ def test_independent_restarts_under_load(
         *figures["lines"],
         f"policy reload: the new version in force {reloaded - reload_started:.3f} s after `systemctl reload` began",
         f"guardian restart: gRPC errors the gateway got from the guardian (since it started): {gateway_saw}",
+        *embedder.lines(),
+        f"embedder restart: after the load, memories_to_embed {recall['memories_to_embed']},"
+        f" {recall['vectors_indexed']} vectors; the note stored meanwhile found by meaning"
+        f" (score {late[0]['score']:.3f})",
         f"every call: {evidence}",
     )
     assert figures["unexpected"] == [], (
@@ -601,6 +817,8 @@ def test_independent_restarts_under_load(
     assert figures["not_retryable"] == [], figures["not_retryable"][:10]
     assert figures["guardian_recovery"] < MAX_RECOVERY_S
     assert guardian_errors == [], guardian_errors
+    assert embedder.guardian_errors == [], embedder.guardian_errors
+    assert embedder.went_away, "no write found the embedder away: the restart did not test writing without it"
 
     # Every acknowledged write is there, once, with its content.
     stored: dict[str, str] = {}
@@ -614,6 +832,84 @@ def test_independent_restarts_under_load(
     assert missing == [], f"{len(missing)} acknowledged writes are missing: {missing[:5]}"
     verify = d.ctl("audit", "verify", user="sec", check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@dataclass
+class EmbedderRestart:
+    """What was seen while agent-embedder restarted under the load (times: time.monotonic())."""
+
+    start: float
+    #: When `systemctl restart` returned, and when systemd had the new embedder's READY=1.
+    returned: float
+    ready: float
+    #: The note stored meanwhile (LATE_NOTE) and when its store returned.
+    late_note: str
+    stored_at: float
+    #: When memories_to_embed was 0 again, and the most it was seen at before.
+    caught_up: float
+    peak: int
+    #: Whether the guardian said the embedder went away and came back; its errors meanwhile (none expected).
+    went_away: bool
+    came_back: bool
+    guardian_errors: list[str]
+
+    def lines(self) -> list[str]:
+        """The figures, to report."""
+        return [
+            f"embedder restart: `systemctl restart` returned after {self.returned - self.start:.2f} s (ready"
+            f" {self.ready - self.start:.2f} s after it began); a note stored by"
+            f" {self.stored_at - self.start:.2f} s in (before the embedder was ready: {self.stored_at < self.ready})",
+            f"embedder restart: memories_to_embed peaked at {self.peak} (seen), back to 0"
+            f" {self.caught_up - self.ready:.2f} s after the embedder was ready (limit {MAX_EMBED_CATCH_UP_S} s);"
+            f" the guardian logged the embedder unavailable: {self.went_away}, available again: {self.came_back}",
+        ]
+
+
+def _restart_the_embedder(d: Deployment) -> EmbedderRestart:
+    """`systemctl restart agent-embedder` while the load writes and a note is stored; until all is embedded again."""
+    system, unit = d.system, "agent-embedder.service"
+    pid_before = system.show(unit, "MainPID")
+    cursor = _journal_cursor(system, "agent-guardian")
+    log_offset = len(d.host_path(GUARDIAN_LOG).read_text())
+    start = time.monotonic()
+    restart = system.popen(["systemctl", "restart", unit], log=d.run / "embedder-restart.log")
+    try:
+        token = f"{WORK}/root/{RECALL_AGENT}.token"
+        late_note: str = d.mcp("store", "--token-file", token, "--content", NOTES[LATE_NOTE])["ids"][0]
+        stored_at = time.monotonic()  # (most of it is the MCP client's start)
+        peak = 0
+        while restart.poll() is None:
+            peak = max(peak, _recall_status(d)["memories_to_embed"])
+            assert time.monotonic() < start + 120, "systemctl restart agent-embedder did not return"
+    finally:
+        if restart.poll() is None:
+            restart.kill()
+            restart.wait()
+    assert restart.returncode == 0, (d.run / "embedder-restart.log").read_text()
+    returned = time.monotonic()
+    ready = _monotonic(system, unit)
+    assert system.show(unit, "MainPID") != pid_before
+    while (behind := _recall_status(d)["memories_to_embed"]) > 0:
+        peak = max(peak, behind)
+        assert time.monotonic() < ready + MAX_EMBED_CATCH_UP_S, f"{behind} memories still to embed"
+        time.sleep(0.1)
+    caught_up = time.monotonic()
+    journal = system.run(
+        ["journalctl", "-u", "agent-guardian", "--after-cursor", cursor, "--no-pager", "-o", "cat"]
+    ).stdout
+    said = journal + d.host_path(GUARDIAN_LOG).read_text()[log_offset:]
+    return EmbedderRestart(
+        start=start,
+        returned=returned,
+        ready=ready,
+        late_note=late_note,
+        stored_at=stored_at,
+        caught_up=caught_up,
+        peak=peak,
+        went_away='"event": "embedder_unavailable"' in said,
+        came_back='"event": "embedder_available"' in said,
+        guardian_errors=_guardian_errors_since(d, cursor, log_offset),
+    )
 
 
 def _restart_figures(
@@ -699,7 +995,7 @@ def test_the_backup_timer_keeps_verified_generations(deployed: Deployment, capsy
         f" newest verified: {check['memories_checked']} memory HMACs, {check['audit_rows_checked']} audit rows"
         f" (after rotating the memory and database keys); exposure {score:.1f}",
     )
-    assert score <= GUARDIAN_MAX_EXPOSURE
+    assert score <= MAX_EXPOSURE["agent-guardian-backup.service"]
 
 
 def _wait_for_admin_socket(d: Deployment) -> None:
@@ -717,7 +1013,7 @@ def test_uninstall_keeps_data_and_a_reinstall_finds_it_then_purge_removes_everyt
 ) -> None:
     d, system = deployed, deployed.system
     output = _install(system, "--uninstall")
-    for unit in ("agent-guardian.service", "agent-gateway.service", "agent-guardian-backup.timer"):
+    for unit in (*SERVICES, "agent-guardian-backup.timer"):
         assert system.show(unit, "LoadState") == "not-found"
     assert not d.host_path("/opt/agent-guardian").exists()
     assert not d.host_path("/usr/local/bin/guardianctl").is_symlink()
@@ -733,9 +1029,11 @@ def test_uninstall_keeps_data_and_a_reinstall_finds_it_then_purge_removes_everyt
     _install(system, "--uninstall", "--purge")
     for gone in ("/opt/agent-guardian", "/var/lib/agent-guardian", ETC, "/var/log/agent-guardian"):
         assert not d.host_path(gone).exists(), f"--purge left {gone}"
-    for name in ("agent-guardian", "agent-gateway"):
+    for gone in ("/run/agent-guardian", "/run/agent-embedder"):  # tmpfs inside: looked at from inside
+        assert system.run(["test", "-e", gone], check=False).returncode != 0, f"--purge left {gone}"
+    for name in ("agent-guardian", "agent-gateway", "agent-embedder"):
         assert system.run(["id", name], check=False).returncode != 0, f"--purge left the user {name}"
-    for name in ("agent-gateway", "agent-security", "agent-guardian"):
+    for name in ("agent-gateway", "agent-security", "agent-guardian", "agent-embedder"):
         assert system.run(["getent", "group", name], check=False).returncode != 0, f"--purge left the group {name}"
     report(
         capsys, f"uninstall kept the data; reinstall ({reinstall:.1f} s) served the kept memory; --purge removed it all"
