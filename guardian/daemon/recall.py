@@ -130,7 +130,9 @@ class RecallIndexer(Background):
         while not self._stop.is_set():
             if vectors.behind.is_set():
                 self.embed_missing()
-            if time.monotonic() >= next_training and not vectors.index.train_step():
+            if time.monotonic() >= next_training:
+                if vectors.index.train_step():
+                    continue  # more of it at once: each step holds the index's lock only briefly
                 next_training = time.monotonic() + _TRAIN_CHECK_S
             self._stop.wait(_BEHIND_CHECK_S)
 

@@ -8,15 +8,18 @@ vectors, up to quantisation: guardian/recall/vectors.py). Only committed, active
 memories are here: the store adds and removes entries once their transaction has
 committed (Database.after_commit).
 
-A partition keeps its int8 vectors in *lists*. A small one (under IVF_MIN vectors)
-is one list, scanned whole: exact. A large one is an inverted file: about
-sqrt(n) lists, each around a centroid (spherical k-means on a sample), and a
-search scans the NPROBE lists whose centroids are nearest the query, so its cost
-grows with sqrt(n), not n. Training runs in the background (guardian/daemon/recall.py),
-never under the index's lock but for short steps: the partition then has a next
-set of lists beside the current one, every put goes to the next, a search scans
-both, and the background moves the current lists' vectors over a chunk at a
-time until none is left. A partition is trained again when it has doubled.
+A partition keeps its vectors, 4 bits a dimension (guardian/recall/vectors.py),
+in *lists*. A small one (under IVF_MIN vectors) is one list, scanned whole:
+exact. A large one is an inverted file: about sqrt(n) lists, each around a
+centroid (spherical k-means on a sample), and a search scans the NPROBE lists
+whose centroids are nearest the query, so its cost grows with sqrt(n), not n.
+Training runs in the background (guardian/daemon/recall.py), never under the
+index's lock but for short steps: the partition then has a next set of lists
+beside the current one, every put goes to the next, a search scans both, and
+the background moves the current lists' vectors over a chunk at a time until
+none is left (the current lists let go of their chunks as they empty, so the
+move never holds a partition twice). A partition is trained again when it has
+doubled.
 
 At start the index is loaded from the stored vectors while requests are served;
 until that is done (:attr:`VectorIndex.ready`) a search may miss memories, and a
@@ -29,12 +32,12 @@ import heapq
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from guardian.recall.vectors import Quantized
+from guardian.recall.vectors import Nibbles, Quantized, nibble_scores, nibble_values, to_nibbles
 
 __all__ = ["IVF_MIN", "MIN_COSINE", "NPROBE", "VectorIndex"]
 
@@ -47,8 +50,12 @@ MIN_COSINE: Final = 0.10
 IVF_MIN: Final = 20_000
 #: How many lists of an inverted file a search scans.
 NPROBE: Final = 24
-#: Rows scored per step (bounds the float32 copy a step makes).
-_CHUNK: Final = 8192
+#: Points k-means assigns at once (bounds the points x centroids matrix).
+_CHUNK: Final = 4096
+#: Rows a list holds in one chunk (guardian/recall/index.py _Block): 768 KiB of 384-dimension vectors.
+_CHUNK_ROWS: Final = 4096
+#: At most this many vectors are sampled to learn the centroids (28 MiB of float32 at 384 dimensions).
+_MAX_SAMPLE: Final = 20_000
 #: Vectors moved to the next lists per step of training (the lock is held for one step).
 _MOVE_STEP: Final = 1024
 #: Vectors k-means learns the centroids from, per list, and rounds of it.
@@ -57,6 +64,7 @@ _KMEANS_ROUNDS: Final = 8
 _INITIAL_ROWS: Final = 16
 
 Floats = npt.NDArray[np.float32]
+_Item = TypeVar("_Item", bound=np.generic)
 _NONE: Final = -1
 
 
@@ -103,27 +111,28 @@ def _grown(array: npt.NDArray[np.signedinteger[Any]], size: int) -> npt.NDArray[
 
 @dataclass
 class _Block:
-    """One list's vectors: int8 values, scales and rowids in growing arrays (their rows kept in the slots)."""
+    """One list's vectors (4-bit, guardian/recall/vectors.py), their steps and rowids, in chunks of rows.
+
+    Row r is in chunk r // _CHUNK_ROWS. The first chunk grows by a quarter at a time up to
+    _CHUNK_ROWS, then whole chunks are added; a chunk left empty by removals is let go. So a
+    list holds at most a quarter (or one chunk) more than it needs, and never copies more
+    than a chunk to grow: a million vectors in one list do not briefly take twice their room.
+    """
 
     dims: int
     slots: _Slots
-    values: npt.NDArray[np.int8] = field(init=False)
-    scales: Floats = field(init=False)
-    rowids: npt.NDArray[np.int64] = field(init=False)
+    packed: list[npt.NDArray[np.int8]] = field(default_factory=list)
+    steps: list[Floats] = field(default_factory=list)
+    rowids: list[npt.NDArray[np.int64]] = field(default_factory=list)
     size: int = 0
 
-    def __post_init__(self) -> None:
-        self.values = np.zeros((_INITIAL_ROWS, self.dims), dtype=np.int8)
-        self.scales = np.zeros(_INITIAL_ROWS, dtype=np.float32)
-        self.rowids = np.zeros(_INITIAL_ROWS, dtype=np.int64)
-
-    def append(self, rowid: int, vector: Quantized) -> int:
+    def append(self, rowid: int, vector: Nibbles) -> int:
         """Add rowid's vector (none of it is here); its row."""
-        values, scale = vector
-        if self.size == len(self.rowids):
+        if self.size == self._capacity():
             self._grow()
         row = self.size
-        self.values[row], self.scales[row], self.rowids[row] = values, scale, rowid
+        chunk, offset = divmod(row, _CHUNK_ROWS)
+        self.packed[chunk][offset], self.steps[chunk][offset], self.rowids[chunk][offset] = *vector, rowid
         self.size += 1
         return row
 
@@ -131,34 +140,79 @@ class _Block:
         """Remove the vector at row (the last one takes its place, and its slot says so)."""
         last = self.size - 1
         if row != last:
-            moved = int(self.rowids[last])
-            self.values[row] = self.values[last]
-            self.scales[row] = self.scales[last]
-            self.rowids[row] = moved
+            (to, at), (src, off) = divmod(row, _CHUNK_ROWS), divmod(last, _CHUNK_ROWS)
+            moved = int(self.rowids[src][off])
+            self.packed[to][at] = self.packed[src][off]
+            self.steps[to][at] = self.steps[src][off]
+            self.rowids[to][at] = moved
             self.slots.row[moved] = row
         self.size = last
+        if len(self.packed) > 1 and self.size <= (len(self.packed) - 1) * _CHUNK_ROWS:
+            for parts in (self.packed, self.steps, self.rowids):
+                parts.pop()
+
+    def rowid(self, row: int) -> int:
+        """The rowid at row."""
+        chunk, offset = divmod(row, _CHUNK_ROWS)
+        return int(self.rowids[chunk][offset])
+
+    def vector(self, row: int) -> Nibbles:
+        """The vector at row (a copy)."""
+        chunk, offset = divmod(row, _CHUNK_ROWS)
+        return self.packed[chunk][offset].copy(), float(self.steps[chunk][offset])
+
+    def floats(self, rows: npt.NDArray[np.int64]) -> Floats:
+        """The vectors at rows, as float32 rows."""
+        chunks, offsets = np.divmod(rows, _CHUNK_ROWS)
+        out = np.empty((len(rows), self.dims), dtype=np.float32)
+        for chunk in np.unique(chunks):
+            at = chunks == chunk
+            picked = offsets[at]
+            out[at] = nibble_values(self.packed[chunk][picked]) * self.steps[chunk][picked, None]
+        return out
 
     def scores(self, query: Floats) -> Floats:
+        """Every row's score with query, in row order."""
         out = np.empty(self.size, dtype=np.float32)
-        for start in range(0, self.size, _CHUNK):
-            stop = min(start + _CHUNK, self.size)
-            out[start:stop] = (self.values[start:stop].astype(np.float32) @ query) * self.scales[start:stop]
+        for chunk, packed in enumerate(self.packed):
+            start = chunk * _CHUNK_ROWS
+            stop = min(start + len(packed), self.size)
+            if stop > start:
+                out[start:stop] = nibble_scores(packed[: stop - start], self.steps[chunk][: stop - start], query)
         return out
 
     def trim(self) -> None:
-        """Give back the room grown ahead (after a partition's vectors all moved in)."""
-        rows = max(self.size, _INITIAL_ROWS)
-        self.values = self.values[:rows].copy()
-        self.scales = self.scales[:rows].copy()
-        self.rowids = self.rowids[:rows].copy()
+        """Give back the room grown ahead in a list of one chunk (after a partition's vectors all moved in)."""
+        if len(self.packed) == 1:
+            rows = max(self.size, min(_INITIAL_ROWS, _CHUNK_ROWS))
+            self.packed[0], self.steps[0], self.rowids[0] = (
+                self.packed[0][:rows].copy(),
+                self.steps[0][:rows].copy(),
+                self.rowids[0][:rows].copy(),
+            )
+
+    def _capacity(self) -> int:
+        return (len(self.packed) - 1) * _CHUNK_ROWS + len(self.packed[-1]) if self.packed else 0
 
     def _grow(self) -> None:
-        rows = max(_INITIAL_ROWS, len(self.rowids) + len(self.rowids) // 2)
-        values = np.zeros((rows, self.dims), dtype=np.int8)
-        values[: self.size] = self.values[: self.size]
-        self.values = values
-        self.scales = np.resize(self.scales, rows)
-        self.rowids = np.resize(self.rowids, rows)
+        if len(self.packed) == 1 and len(self.packed[0]) < _CHUNK_ROWS:
+            rows = min(_CHUNK_ROWS, max(len(self.packed[0]) + _INITIAL_ROWS, len(self.packed[0]) * 5 // 4))
+            self.packed[0] = _resized(self.packed[0], rows)
+            self.steps[0] = _resized(self.steps[0], rows)
+            self.rowids[0] = _resized(self.rowids[0], rows)
+            return
+        rows = min(_INITIAL_ROWS, _CHUNK_ROWS) if not self.packed else _CHUNK_ROWS
+        self.packed.append(np.zeros((rows, self.dims // 2), dtype=np.int8))
+        self.steps.append(np.zeros(rows, dtype=np.float32))
+        self.rowids.append(np.zeros(rows, dtype=np.int64))
+
+
+def _resized(array: npt.NDArray[_Item], rows: int) -> npt.NDArray[_Item]:
+    """array with rows rows: its first rows kept, the rest zero."""
+    resized = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
+    kept = min(rows, len(array))
+    resized[:kept] = array[:kept]
+    return resized
 
 
 @dataclass
@@ -186,21 +240,18 @@ class _Lists:
         """Whether the list numbered index in the slots is one of these."""
         return self.offset <= index < self.offset + len(self.blocks)
 
-    def put(self, rowid: int, vector: Quantized) -> None:
+    def put(self, rowid: int, vector: Nibbles) -> None:
         """Add rowid's vector (none of it is here) to the list of the nearest centroid."""
-        index = 0
-        if self.centroids is not None:
-            values, scale = vector
-            index = int(np.argmax(self.centroids @ (values.astype(np.float32) * scale)))
-        self._append(rowid, vector, index)
+        self.put_many([(rowid, vector)])
 
-    def put_many(self, items: Sequence[tuple[int, Quantized]]) -> None:
-        """put() for many vectors, their lists found in one product with the centroids."""
+    def put_many(self, items: Sequence[tuple[int, Nibbles]]) -> None:
+        """Add these vectors, their lists found in one product with the centroids."""
         if self.centroids is None or not items:
             for rowid, vector in items:
-                self.put(rowid, vector)
+                self._append(rowid, vector, 0)
             return
-        floats = np.stack([values.astype(np.float32) * scale for _, (values, scale) in items])
+        packed = np.stack([values for _, (values, _) in items])
+        floats = nibble_values(packed) * np.array([step for _, (_, step) in items], dtype=np.float32)[:, None]
         for (rowid, vector), index in zip(items, np.argmax(floats @ self.centroids.T, axis=1), strict=True):
             self._append(rowid, vector, int(index))
 
@@ -217,26 +268,30 @@ class _Lists:
             near = self.centroids @ query
             probe = min(NPROBE, len(near))
             chosen = [self.blocks[i] for i in np.argpartition(-near, probe - 1)[:probe]]
-        found: list[tuple[float, int]] = []
-        for block in chosen:
-            if block.size == 0:
-                continue
-            scores = block.scores(query)
-            take = min(k, block.size)
-            top = np.argpartition(-scores, take - 1)[:take] if take < block.size else np.arange(take)
-            found.extend((float(scores[i]), int(block.rowids[i])) for i in top if scores[i] >= MIN_COSINE)
-        return found
+        scanned = [(block, block.scores(query)) for block in chosen if block.size]
+        if not scanned:
+            return []
+        scores = np.concatenate([block_scores for _, block_scores in scanned])
+        take = min(k, len(scores))
+        top = np.argpartition(-scores, take - 1)[:take] if take < len(scores) else np.arange(take)
+        top = top[scores[top] >= MIN_COSINE]
+        starts = np.cumsum([0] + [len(block_scores) for _, block_scores in scanned])
+        owners = np.searchsorted(starts, top, side="right") - 1
+        return [
+            (float(scores[at]), scanned[owner][0].rowid(int(at - starts[owner])))
+            for at, owner in zip(top, owners, strict=True)
+        ]
 
-    def take_some(self, count: int) -> list[tuple[int, Quantized]]:
-        """Remove and return up to count vectors (from the fullest lists' ends)."""
-        taken: list[tuple[int, Quantized]] = []
+    def take_some(self, count: int) -> list[tuple[int, Nibbles]]:
+        """Remove and return up to count vectors (from the fullest lists' ends, whose chunks are let go)."""
+        taken: list[tuple[int, Nibbles]] = []
         while len(taken) < count and self.count:
             position = max(range(len(self.blocks)), key=lambda i: self.blocks[i].size)
             block = self.blocks[position]
             while block.size and len(taken) < count:
                 row = block.size - 1
-                rowid = int(block.rowids[row])
-                taken.append((rowid, (block.values[row].copy(), float(block.scales[row]))))
+                rowid = block.rowid(row)
+                taken.append((rowid, block.vector(row)))
                 self.remove(rowid, self.offset + position, row)
         return taken
 
@@ -249,10 +304,10 @@ class _Lists:
         for block, start, size in zip(self.blocks, starts, sizes, strict=True):
             positions = picks[(picks >= start) & (picks < start + size)] - start
             if len(positions):
-                rows.append(block.values[positions].astype(np.float32) * block.scales[positions, None])
+                rows.append(block.floats(positions))
         return np.concatenate(rows) if rows else np.zeros((0, self.dims), dtype=np.float32)
 
-    def _append(self, rowid: int, vector: Quantized, index: int) -> None:
+    def _append(self, rowid: int, vector: Nibbles, index: int) -> None:
         self.slots.reserve(rowid)
         row = self.blocks[index].append(rowid, vector)
         self.slots.place(rowid, self.partition, self.offset + index, row)
@@ -278,7 +333,7 @@ class _Partition:
     def __len__(self) -> int:
         return len(self.current) + (len(self.next) if self.next is not None else 0)
 
-    def put(self, rowid: int, vector: Quantized) -> None:
+    def put(self, rowid: int, vector: Nibbles) -> None:
         (self.next if self.next is not None else self.current).put(rowid, vector)
 
     def remove(self, rowid: int, index: int, row: int) -> None:
@@ -397,14 +452,15 @@ class VectorIndex:
                 return False
             size = len(due)
             lists = max(64, int(np.sqrt(size)))
-            sample = due.current.sample(lists * _SAMPLE_PER_LIST, self._rng)
+            sample = due.current.sample(min(lists * _SAMPLE_PER_LIST, _MAX_SAMPLE), self._rng)
         centroids = _kmeans(sample, lists, self._rng)
         with self._lock:
             if due.next is None and len(due):
                 due.begin_training(centroids, size)
         return True
 
-    def _put(self, namespace: str, rowid: int, vector: Quantized) -> None:
+    def _put(self, namespace: str, rowid: int, stored: Quantized) -> None:
+        vector = to_nibbles(stored)
         self._remove(rowid)
         partition = self._partitions.get(namespace)
         if partition is None:
@@ -427,7 +483,10 @@ def _kmeans(sample: Floats, lists: int, rng: np.random.Generator) -> Floats:
     points: Floats = sample / np.maximum(norms, np.float32(1e-12))
     centroids: Floats = points[rng.choice(len(points), size=min(lists, len(points)), replace=False)].copy()
     for _ in range(_KMEANS_ROUNDS):
-        nearest = np.argmax(points @ centroids.T, axis=1)
+        # By chunks of points: the whole points x centroids matrix would be 128 MB at a million vectors.
+        nearest = np.concatenate(
+            [np.argmax(points[at : at + _CHUNK] @ centroids.T, axis=1) for at in range(0, len(points), _CHUNK)]
+        )
         sums = np.zeros_like(centroids)
         np.add.at(sums, nearest, points)
         counts = np.bincount(nearest, minlength=len(centroids))

@@ -19,7 +19,7 @@ from guardian.recall import index as index_module
 from guardian.recall.fusion import fuse
 from guardian.recall.index import MIN_COSINE, VectorIndex
 from guardian.recall.model import EmbeddingModel, ModelFiles, builtin_files
-from guardian.recall.vectors import pack, quantize, unpack
+from guardian.recall.vectors import nibble_scores, nibble_values, pack, quantize, to_nibbles, unpack
 from guardian.service.agent_service import check_search
 from guardian.service.call import Call
 from guardian.state.core import GuardianCore
@@ -246,3 +246,37 @@ def test_the_tokenizer_without_its_word_cache_gives_the_same_tokens(model: Embed
         == model._tokenizer.encode(text, add_special_tokens=False).ids
         for text in texts
     )
+
+
+def test_the_index_keeps_vectors_in_four_bits_that_score_as_the_stored_ones() -> None:
+    stored = [quantize(_unit(seed, 384)) for seed in range(200)]
+    for values, scale in stored[:20]:
+        packed, step = to_nibbles((values, scale))
+        assert packed.shape == (192,) and packed.dtype == np.int8
+        rebuilt = nibble_values(packed[None, :])[0] * step
+        original = values.astype(np.float32) * scale
+        assert float(rebuilt @ original) / float(np.linalg.norm(rebuilt) * np.linalg.norm(original)) > 0.98
+    query = _unit(7, 384)
+    packed = np.stack([to_nibbles(vector)[0] for vector in stored])
+    steps = np.array([to_nibbles(vector)[1] for vector in stored], dtype=np.float32)
+    exact = np.array([values.astype(np.float32) @ query * scale for values, scale in stored])
+    assert np.abs(nibble_scores(packed, steps, query) - exact).max() < 0.05
+    assert int(np.argmax(nibble_scores(packed, steps, query))) == 7
+    assert to_nibbles((np.zeros(8, dtype=np.int8), 0.0))[1] == 0.0
+
+
+def test_a_list_grows_and_shrinks_by_chunks_and_finds_every_vector_it_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "_CHUNK_ROWS", 8)
+    index = VectorIndex(16)
+    index.loaded()
+    vectors = {rowid: _unit(rowid) for rowid in range(1, 101)}
+    for rowid, vector in vectors.items():
+        index.put("alice", rowid, quantize(vector))
+    block = index._partitions["alice"].current.blocks[0]
+    assert len(block.packed) == 13 and block.size == 100  # 8-row chunks, the last one partly used
+    removed = set(range(1, 101, 3))
+    index.remove(removed)
+    assert block.size == 66 and len(block.packed) == 9  # chunks left empty are let go
+    for rowid, vector in vectors.items():
+        found = index.search(["alice"], vector, 1)
+        assert (found[0][0] != rowid) if rowid in removed else (found[0][0] == rowid), rowid
