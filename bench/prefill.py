@@ -150,7 +150,11 @@ def prefill_direct(guardian: BenchGuardian, agent: str, count: int, corpus: Corp
     try:
         for start in range(0, count, _DIRECT_CHUNK):
             texts = [corpus.memory(start + offset) for offset in range(min(_DIRECT_CHUNK, count - start))]
-            drafts = [Draft(text.content, text.tags, canonical_json(text.metadata)) for text in texts]
+            made = model.embed_many([text.content for text in texts])  # before the write, as the pipeline does
+            drafts = [
+                Draft(text.content, text.tags, canonical_json(text.metadata), vector=vector)
+                for text, vector in zip(texts, made, strict=True)
+            ]
             with database.write() as connection:
                 stored = store.insert(connection, scope, drafts, time.time_ns() // 1_000_000)
             ids.extend(memory.id for memory in stored)
