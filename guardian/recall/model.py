@@ -152,8 +152,11 @@ class EmbeddingModel:
         if len(tensors) != 1:
             raise ConfigError(f"embedding: the weights file {files.weights} must hold exactly one tensor")
         [table] = tensors.values()
-        if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 8:
-            raise ConfigError(f"embedding: the weights file {files.weights} must hold one matrix of token vectors")
+        if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 8 or table.shape[1] % 2:
+            raise ConfigError(
+                f"embedding: the weights file {files.weights} must hold one matrix of token vectors"
+                " (an even number of dimensions)"
+            )
         # Kept as stored (fp16: 16 MiB for the shipped model); a text's rows are summed in float32.
         self._table: npt.NDArray[np.floating[Any]] = np.ascontiguousarray(table)
         try:

@@ -16,6 +16,7 @@ from typing import Final
 from guardian.files.strict_yaml import Section, load_yaml_mapping
 from guardian.recall.model import BUILTIN, ModelFiles
 from guardian.store.database import DEFAULT_MIN_FREE_BYTES, Durability
+from shared.embedding import TRANSFORMER_DIMS, TRANSFORMER_ID
 from shared.errors import ConfigError
 from shared.ops_http import parse_listen
 
@@ -25,6 +26,8 @@ __all__ = ["GuardianConfig", "SocketConfig", "load_config", "render_default_conf
 _MAX_SOCKET_PATH = 107
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _SIZE_RE: Final = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?")
+#: A model id as agent-embedder makes them (embedder/encoder.py), e.g. bert-int8-384-53aa51172d142c89.
+_MODEL_ID_RE: Final = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
 _SIZE_UNITS: Final = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
@@ -39,9 +42,12 @@ class SocketConfig:
 
 @dataclass(frozen=True)
 class EmbedderService:
-    """agent-embedder, reached on its Unix socket (guardian/recall/remote.py)."""
+    """agent-embedder, reached on its Unix socket (guardian/recall/remote.py), and the model it must serve."""
 
     socket: Path
+    #: The id and dimensions of the model the guardian accepts vectors of (the shipped one unless set).
+    model_id: str = TRANSFORMER_ID
+    dims: int = TRANSFORMER_DIMS
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,13 @@ def _embedding(base: Path, section: Section) -> EmbedderService | ModelFiles | N
         section.done()
         return None
     if model == "service":
-        service = EmbedderService(socket=_resolve(base, section.text("socket")))
+        model_id = str(section.text("model_id", TRANSFORMER_ID))
+        if not _MODEL_ID_RE.fullmatch(model_id):
+            raise ConfigError(f"embedding.model_id: expected the id agent-embedder logs at start, got {model_id!r}")
+        dims = section.integer("dims", TRANSFORMER_DIMS, minimum=8, maximum=4096)
+        if dims % 2:
+            raise ConfigError(f"embedding.dims: the index keeps two dimensions a byte, so it must be even, got {dims}")
+        service = EmbedderService(socket=_resolve(base, section.text("socket")), model_id=model_id, dims=dims)
         section.done()
         return service
     if model != "static":
@@ -251,6 +263,9 @@ embedding:
   # A change of model embeds every memory again, in the background.
   model: service
   socket: run/embedder.sock
+  # Serving another model (agent-embedder --weights ...)? Name the id it logs at start, and its size:
+  # model_id: bert-int8-384-53aa51172d142c89
+  # dims: 384
   # model: static
   # weights: /path/to/model.safetensors
   # weights_sha256: <64 hex digits>

@@ -34,7 +34,6 @@ from guardian.store.audit import AuditTrail, HeadFile
 from guardian.store.database import Connection, Database
 from guardian.store.memories import MemoryStore
 from guardian.store.vectors import MemoryVectors
-from shared.embedding import TRANSFORMER_DIMS, TRANSFORMER_ID
 from shared.errors import ConfigError
 from shared.ops_http import Readiness
 
@@ -65,7 +64,7 @@ def _embedder(config: GuardianConfig) -> Embedder:
     """What embeds, as configured: agent-embedder's transformer, or a static model in this process."""
     chosen = config.embedding
     if isinstance(chosen, EmbedderService):
-        return RemoteEmbedder(chosen.socket, TRANSFORMER_ID, TRANSFORMER_DIMS)
+        return RemoteEmbedder(chosen.socket, chosen.model_id, chosen.dims)
     return EmbeddingModel(chosen if isinstance(chosen, ModelFiles) else builtin_files())
 
 

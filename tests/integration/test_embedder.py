@@ -8,6 +8,7 @@ guardian checks what comes back.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import yaml
 
 from embedder.model_files import shipped_files
+from guardian.state.config import load_config
+from guardian.state.statedir import init_state_dir
 from shared.embedding import MAX_REQUEST_BYTES, MAX_TEXTS, TRANSFORMER_DIMS, TRANSFORMER_ID, to_wire
+from shared.errors import ConfigError
 from shared.rpc.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from shared.rpc.guardian.v1 import admin_pb2
 from tests.integration.test_recall import NOTES, POLICY, QUESTIONS, search, session, store
@@ -201,3 +206,53 @@ def check_security_log(guardian: Guardian) -> None:
     log = guardian.log_path.read_text()
     assert '"event": "embedder_answer_refused"' in log
     assert "Lisbon" not in log  # the texts sent are never logged
+
+
+def test_moving_from_the_static_model_to_the_embedder_embeds_every_memory_again(short_dir: Path) -> None:
+    with running_guardian(**POLICY) as guardian:  # the static model in the guardian
+        token = guardian.add_agent("dave")
+        channel, stub, sid = session(guardian, token)
+        with channel:
+            ids = {name: store(stub, sid, text) for name, text in NOTES.items()}
+        assert guardian.admin("Status", admin_pb2.StatusRequest()).embedding_model.startswith("static-256-")
+        assert guardian.stop() == 0
+        with running_embedder(short_dir) as embedder:
+            guardian.set_config(**service_config(embedder.socket))
+            guardian.start()
+
+            def caught_up() -> bool:
+                status = guardian.admin("Status", admin_pb2.StatusRequest())
+                return bool(status.recall_index_ready and status.memories_to_embed == 0 and status.vectors_indexed == 4)
+
+            wait_for(caught_up, "every memory embedded again by the new model")
+            assert guardian.admin("Status", admin_pb2.StatusRequest()).embedding_model == TRANSFORMER_ID
+            channel, stub, sid = session(guardian, token)
+            with channel:
+                for name, question in QUESTIONS.items():
+                    assert search(stub, sid, question, pb.SEARCH_MODE_SEMANTIC).hits[0].memory.id == ids[name]
+            with guardian.keyed_db() as db:
+                rows = db.execute("SELECT DISTINCT model, length(vector) FROM memory_vectors").fetchall()
+            assert rows == [(TRANSFORMER_ID, 4 + TRANSFORMER_DIMS)]
+            assert '"event": "embedding_done"' in guardian.log_path.read_text()
+            assert guardian.stop() == 0
+            guardian.process = None
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"model": "service"}, "embedding.socket"),
+        ({"model": "service", "socket": "run/e.sock", "dims": 385}, "must be even, got 385"),
+        ({"model": "service", "socket": "run/e.sock", "model_id": "Bad Id!"}, "embedding.model_id"),
+        ({"model": "onnx"}, "expected service, builtin or static, got 'onnx'"),
+    ],
+)
+def test_a_bad_embedding_section_is_refused_naming_the_key(
+    tmp_path: Path, section: dict[str, Any], problem: str
+) -> None:
+    config_path = init_state_dir(tmp_path / "state").config
+    config = yaml.safe_load(config_path.read_text())
+    config["embedding"] = section
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_config(config_path)
