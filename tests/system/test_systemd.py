@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.integration.test_recall import NOTES, QUESTIONS
 from tests.system.test_unit_exposure import LIMITS as MAX_EXPOSURE
 from tests.system.throwaway_root import (
     BootedSystem,
@@ -558,20 +559,6 @@ def _by_outcome(outcomes: dict[str, str]) -> dict[str, list[str]]:
     return grouped
 
 
-#: From tests/integration/test_recall.py: each question shares no content word with its note, so only
-#: recall by meaning finds it (the shipped model, pinned by sha256, ranks them so deterministically).
-NOTES = {
-    "allergy": "Priya is allergic to peanuts; birthday party snacks must be nut free.",
-    "flight": "Booked the Lisbon trip: departure Thursday 7:40 from terminal 2, aisle seat.",
-    "deploy": "The billing service goes out with blue-green releases behind the load balancer.",
-    "dentist": "Dentist appointment moved to the 14th at half past three.",
-}
-QUESTIONS = {
-    "allergy": "what can my daughter not eat at celebrations",
-    "flight": "when does my plane leave for portugal",
-    "deploy": "how do we roll out new versions of the payment system",
-    "dentist": "dental checkup time",
-}
 #: Stored first; the last note is stored while the embedder restarts (test_independent_restarts_under_load).
 FIRST_NOTES = ("allergy", "flight", "deploy")
 LATE_NOTE = "dentist"
