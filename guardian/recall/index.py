@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from guardian.recall.vectors import Nibbles, Quantized, nibble_scores, nibble_values, to_nibbles
 
-__all__ = ["IVF_MIN", "MIN_COSINE", "NPROBE", "VectorIndex"]
+__all__ = ["IVF_MIN", "MIN_COSINE", "NPROBE", "TRAINING_SAMPLE", "VectorIndex"]
 
 #: The least cosine that counts as a match by meaning: below it a memory is not found by the semantic
 #: leg at all (so a query about nothing stored finds nothing). On bench/recall_eval with the shipped
@@ -55,7 +55,7 @@ _CHUNK: Final = 4096
 #: Rows a list holds in one chunk (guardian/recall/index.py _Block): 768 KiB of 384-dimension vectors.
 _CHUNK_ROWS: Final = 4096
 #: At most this many vectors are sampled to learn the centroids (28 MiB of float32 at 384 dimensions).
-_MAX_SAMPLE: Final = 20_000
+TRAINING_SAMPLE: Final = 20_000
 #: Vectors moved to the next lists per step of training (the lock is held for one step).
 _MOVE_STEP: Final = 1024
 #: Vectors k-means learns the centroids from, per list, and rounds of it.
@@ -190,6 +190,14 @@ class _Block:
                 self.steps[0][:rows].copy(),
                 self.rowids[0][:rows].copy(),
             )
+
+    def reserve(self, rows: int) -> None:
+        """Make room for rows rows before they come (an empty list that knows about how many it will hold)."""
+        if not self.packed and rows > 0:
+            first = min(rows, _CHUNK_ROWS)
+            self.packed.append(np.zeros((first, self.dims // 2), dtype=np.int8))
+            self.steps.append(np.zeros(first, dtype=np.float32))
+            self.rowids.append(np.zeros(first, dtype=np.int64))
 
     def _capacity(self) -> int:
         return (len(self.packed) - 1) * _CHUNK_ROWS + len(self.packed[-1]) if self.packed else 0
@@ -347,8 +355,16 @@ class _Partition:
             found += self.next.search(query, k)
         return found
 
+    def put_many(self, items: Sequence[tuple[int, Nibbles]]) -> None:
+        (self.next if self.next is not None else self.current).put_many(items)
+
     def begin_training(self, centroids: Floats, trained_at: int) -> None:
-        """Start moving to lists around centroids (numbered after the current ones in the slots)."""
+        """Start moving to lists around centroids (numbered after the current ones in the slots); an empty
+        partition takes them as its current lists at once."""
+        if not len(self) and self.current.offset == 0:
+            self.current = _Lists(self.dims, self.slots, self.number, centroids)
+            self.trained_at = trained_at
+            return
         offset = self.current.offset + len(self.current.blocks)  # numbers no current list has
         self.next = _Lists(self.dims, self.slots, self.number, centroids, offset)
         self.trained_at = trained_at
@@ -398,11 +414,33 @@ class VectorIndex:
         """Whether loading at start is done (until then a search may miss memories)."""
         return self._touched is None
 
-    def load(self, namespace: str, rowid: int, vector: Quantized) -> None:
-        """Add a stored vector while loading at start, unless a commit has changed that memory since."""
+    def train_for_load(self, namespace: str, sample: Floats, count: int) -> None:
+        """Before loading a large namespace at start: learn its lists from a sample of its count stored
+        vectors, so they go straight into an inverted file (never first into one list, then moved), each
+        list sized ahead for its share of the sample (and a tenth more), so loading copies nothing."""
+        centroids = _kmeans(sample, max(64, int(np.sqrt(count))), self._rng)
+        shares = np.bincount(_nearest(sample, centroids), minlength=len(centroids)) / max(1, len(sample))
         with self._lock:
-            if self._touched is None or rowid not in self._touched:
-                self._put(namespace, rowid, vector)
+            partition = self._partition(namespace)
+            partition.begin_training(centroids, count)
+            if partition.next is None:  # it was empty: these are its lists now
+                for block, share in zip(partition.current.blocks, shares, strict=True):
+                    block.reserve(int(share * count * 1.1) + _INITIAL_ROWS)
+
+    def load_many(self, vectors: Sequence[tuple[str, int, Quantized]]) -> None:
+        """Add stored vectors while loading at start, except those of memories a commit has changed since."""
+        by_namespace: dict[str, list[tuple[int, Nibbles]]] = {}
+        for namespace, rowid, stored in vectors:
+            by_namespace.setdefault(namespace, []).append((rowid, to_nibbles(stored)))
+        with self._lock:
+            for namespace, items in by_namespace.items():
+                fresh = [
+                    (rowid, vector) for rowid, vector in items if self._touched is None or rowid not in self._touched
+                ]
+                for rowid, _ in fresh:
+                    self._remove(rowid)
+                self._partition(namespace).put_many(fresh)
+                self._count += len(fresh)
 
     def loaded(self) -> None:
         """Loading at start is done."""
@@ -452,7 +490,7 @@ class VectorIndex:
                 return False
             size = len(due)
             lists = max(64, int(np.sqrt(size)))
-            sample = due.current.sample(min(lists * _SAMPLE_PER_LIST, _MAX_SAMPLE), self._rng)
+            sample = due.current.sample(min(lists * _SAMPLE_PER_LIST, TRAINING_SAMPLE), self._rng)
         centroids = _kmeans(sample, lists, self._rng)
         with self._lock:
             if due.next is None and len(due):
@@ -462,13 +500,17 @@ class VectorIndex:
     def _put(self, namespace: str, rowid: int, stored: Quantized) -> None:
         vector = to_nibbles(stored)
         self._remove(rowid)
+        self._partition(namespace).put(rowid, vector)
+        self._count += 1
+
+    def _partition(self, namespace: str) -> _Partition:
+        """namespace's partition, made if it has none."""
         partition = self._partitions.get(namespace)
         if partition is None:
             partition = _Partition(self.dims, self._slots, len(self._numbered))
             self._partitions[namespace] = partition
             self._numbered.append(partition)
-        partition.put(rowid, vector)
-        self._count += 1
+        return partition
 
     def _remove(self, rowid: int) -> None:
         number, index, row = self._slots.where(rowid)
@@ -483,10 +525,7 @@ def _kmeans(sample: Floats, lists: int, rng: np.random.Generator) -> Floats:
     points: Floats = sample / np.maximum(norms, np.float32(1e-12))
     centroids: Floats = points[rng.choice(len(points), size=min(lists, len(points)), replace=False)].copy()
     for _ in range(_KMEANS_ROUNDS):
-        # By chunks of points: the whole points x centroids matrix would be 128 MB at a million vectors.
-        nearest = np.concatenate(
-            [np.argmax(points[at : at + _CHUNK] @ centroids.T, axis=1) for at in range(0, len(points), _CHUNK)]
-        )
+        nearest = _nearest(points, centroids)
         sums = np.zeros_like(centroids)
         np.add.at(sums, nearest, points)
         counts = np.bincount(nearest, minlength=len(centroids))
@@ -494,3 +533,11 @@ def _kmeans(sample: Floats, lists: int, rng: np.random.Generator) -> Floats:
         sums[empty] = points[rng.choice(len(points), size=int(empty.sum()))]
         centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), np.float32(1e-12))
     return centroids.astype(np.float32)
+
+
+def _nearest(points: Floats, centroids: Floats) -> npt.NDArray[np.intp]:
+    """Each point's nearest centroid, by chunks of points (the whole points x centroids matrix would be
+    128 MB at a million vectors)."""
+    return np.concatenate(
+        [np.argmax(points[at : at + _CHUNK] @ centroids.T, axis=1) for at in range(0, len(points), _CHUNK)]
+    )

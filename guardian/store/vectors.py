@@ -26,10 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import numpy as np
+
 from guardian.keys.ring import KeyRing
-from guardian.recall.index import VectorIndex
+from guardian.recall.index import IVF_MIN, TRAINING_SAMPLE, VectorIndex
 from guardian.recall.model import Embedder, Vector
-from guardian.recall.vectors import pack, unpack
+from guardian.recall.vectors import Quantized, pack, unpack
 from guardian.store.database import Connection
 
 __all__ = ["EmbeddingProgress", "MemoryVectors", "vector_keys", "vector_mac", "verify_stored"]
@@ -141,6 +143,7 @@ class MemoryVectors:
 
         progress: told how many are loaded so far, after each batch.
         """
+        self._train_large_namespaces(connection)
         loaded, after = 0, -1
         failed: list[int] = []
         while True:
@@ -152,14 +155,41 @@ class MemoryVectors:
             ).fetchall()
             if not rows:
                 return loaded, failed
+            batch: list[tuple[str, int, Quantized]] = []
             for rowid, memory_id, namespace, blob, key_id, mac in rows:
                 if self._verifies(memory_id, blob, key_id, mac):
-                    self.index.load(namespace, int(rowid), unpack(blob, self.model.dims))
-                    loaded += 1
+                    batch.append((namespace, int(rowid), unpack(blob, self.model.dims)))
                 else:
                     failed.append(int(rowid))
+            self.index.load_many(batch)
+            loaded += len(batch)
             after = int(rows[-1][0])
             progress(loaded)
+
+    def _train_large_namespaces(self, connection: Connection) -> None:
+        """Learn the lists of each namespace large enough to be an inverted file from a sample of its
+        (verified) stored vectors, before any is loaded: loaded straight into those lists, a million
+        vectors never sit in one list first and are moved after (the memory that took twice)."""
+        large = connection.execute(
+            "SELECT m.namespace, count(*) FROM memory_vectors AS v JOIN memories AS m ON m.rowid = v.rowid"
+            " WHERE v.model = ? AND m.status = 'active' GROUP BY m.namespace HAVING count(*) >= ?",
+            (self.model.id, IVF_MIN),
+        ).fetchall()
+        for namespace, count in large:
+            rows = connection.execute(
+                "SELECT m.id, v.vector, v.key_id, v.mac FROM memory_vectors AS v JOIN memories AS m"
+                " ON m.rowid = v.rowid WHERE m.namespace = ? AND v.model = ? AND m.status = 'active'"
+                " ORDER BY random() LIMIT ?",
+                (namespace, self.model.id, TRAINING_SAMPLE),
+            ).fetchall()
+            sample = [
+                unpack(blob, self.model.dims)
+                for memory_id, blob, key_id, mac in rows
+                if self._verifies(memory_id, blob, key_id, mac)
+            ]
+            if sample:
+                floats = np.stack([values.astype(np.float32) * np.float32(scale) for values, scale in sample])
+                self.index.train_for_load(namespace, floats, int(count))
 
     def resign_batch(self, connection: Connection, after_rowid: int, limit: int) -> tuple[int, int, int]:
         """MAC again with the primary key up to limit vectors after after_rowid that another key MACed.

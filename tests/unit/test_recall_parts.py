@@ -24,8 +24,9 @@ from guardian.service.agent_service import check_search
 from guardian.service.call import Call
 from guardian.state.core import GuardianCore
 from guardian.store import search_index
+from guardian.store import vectors as vectors_module
 from guardian.store.database import Database
-from guardian.store.memories import MemoryStore, Scope
+from guardian.store.memories import Draft, MemoryStore, Scope
 from guardian.store.vectors import MemoryVectors
 from shared.errors import ConfigError, InternalError, Unavailable
 from shared.rpc.guardian.v1 import agent_pb2 as pb
@@ -104,9 +105,10 @@ def test_while_loading_a_commit_wins_over_the_older_stored_vector() -> None:
     assert not index.ready
     index.put("alice", 1, quantize(_unit(1)))  # committed while the loader runs
     index.remove([2])
-    index.load("alice", 1, quantize(_unit(7)))  # the loader's (older) copies
-    index.load("alice", 2, quantize(_unit(8)))
-    index.load("alice", 3, quantize(_unit(9)))
+    # the loader's (older) copies
+    index.load_many(
+        [("alice", 1, quantize(_unit(7))), ("alice", 2, quantize(_unit(8))), ("alice", 3, quantize(_unit(9)))]
+    )
     index.loaded()
     assert index.ready
     assert index.search(["alice"], _unit(1), 1)[0][0] == 1
@@ -280,3 +282,37 @@ def test_a_list_grows_and_shrinks_by_chunks_and_finds_every_vector_it_holds(monk
     for rowid, vector in vectors.items():
         found = index.search(["alice"], vector, 1)
         assert (found[0][0] != rowid) if rowid in removed else (found[0][0] == rowid), rowid
+
+
+def test_a_large_namespace_is_loaded_straight_into_the_lists_learnt_from_a_sample(
+    database: Database, model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vectors_module, "IVF_MIN", 400)
+    ring = KeyRing("k1", {"k1": b"k" * 32})
+    writer = MemoryStore(ring, MemoryVectors(model, ring, after_commit=lambda action: None))
+    scope = Scope(agent="alice", namespaces=("alice",), writable=frozenset({"alice"}))
+    texts = [f"note {n}: the {('red', 'green', 'blue')[n % 3]} project of week {n // 7}" for n in range(600)]
+    with database.write() as connection:
+        connection.execute(
+            "INSERT INTO agents (name, token_key_id, token_hash, created_at_ms) VALUES ('alice', 'k1', 'h', 0)"
+        )
+        stored = writer.insert(
+            connection, scope, [Draft(text, (), "{}", vector=model.embed(text)) for text in texts], 0
+        )
+        connection.execute("UPDATE memory_vectors SET vector = zeroblob(260) WHERE rowid = 3")  # tampered
+    loader = MemoryVectors(model, ring, after_commit=lambda action: None)
+    with database.read() as reader:
+        loaded, failed = loader.load(reader)
+    loader.index.loaded()
+    assert (loaded, failed) == (599, [3])
+    partition = loader.index._partitions["alice"]
+    assert partition.next is None and partition.current.centroids is not None  # no list to move out of
+    assert len(partition.current.blocks) >= 64 and not loader.index.training
+    rowids = {memory.id: rowid for rowid, memory in enumerate(stored, start=1)}
+    hits = [loader.index.search(["alice"], model.embed(texts[n]), 3) for n in range(10, 600, 59)]
+    assert (
+        sum(
+            rowids[stored[n].id] in {rowid for rowid, _ in hit} for n, hit in zip(range(10, 600, 59), hits, strict=True)
+        )
+        >= 8
+    )
