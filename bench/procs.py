@@ -30,6 +30,8 @@ from guardian.keys.rotated import load_all_keys
 from guardian.policy.default import render_default_policy
 from guardian.state.config import EmbedderService, load_config
 from guardian.state.statedir import StateDirFiles, init_state_dir
+from shared.embedding import MAX_RESPONSE_FRAME_BYTES, read_frame, write_frame
+from shared.rpc.embedder.v1 import embedder_pb2
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "peak_rss_kib",
     "run_id",
     "spawn",
+    "wait_for_embedder",
     "wait_for_port",
     "wait_for_socket",
     "wait_idle",
@@ -220,6 +223,25 @@ def wait_for_socket(spawned: Spawned, path: Path, timeout_s: float = 30.0) -> No
     raise RuntimeError(f"{spawned.name} did not serve {path} within {timeout_s} s")
 
 
+def wait_for_embedder(spawned: Spawned, path: Path, timeout_s: float = 60.0) -> None:
+    """Wait until spawned (agent-embedder) answers a request on the Unix socket at path (its frames, not gRPC)."""
+    request = embedder_pb2.EmbedRequest(texts=["ready?"]).SerializeToString()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not spawned.alive():
+            raise RuntimeError(f"{spawned.name} exited early: {_tail(spawned.log_path)}")
+        if path.exists():
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.settimeout(2)
+                connection.connect(str(path))
+                write_frame(connection, request)
+                frame = read_frame(connection, MAX_RESPONSE_FRAME_BYTES)
+                if frame is not None and embedder_pb2.EmbedResponse.FromString(frame).vectors:
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"{spawned.name} did not answer on {path} within {timeout_s} s")
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -293,7 +315,7 @@ class BenchGuardian(StateDirFiles):
             socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             argv = [sys.executable, "-m", "embedder", "--socket", str(socket_path)]
             self.embedder = spawn("embedder", argv, self.state_dir / "embedder.log")
-            wait_for_socket(self.embedder, socket_path, timeout_s=60.0)
+            wait_for_embedder(self.embedder, socket_path, timeout_s=60.0)
         argv = [sys.executable, "-m", "guardian.daemon.main", "--config", str(self.config)]
         self.spawned = spawn("guardian", argv, self.state_dir / "guardian.log")
         wait_for_socket(self.spawned, self.agent_socket)

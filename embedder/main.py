@@ -17,19 +17,15 @@ import signal
 import stat
 import sys
 import threading
-from concurrent import futures
 from pathlib import Path
 from typing import Final
 
-import grpc
-
 from embedder.encoder import SentenceEncoder
 from embedder.model_files import ModelFiles, shipped_files
-from embedder.server import EmbedderServicer
-from shared.embedding import MAX_REQUEST_BYTES
+from embedder.server import EmbedderServer
+from shared.embedding import MAX_DIMS
 from shared.errors import ConfigError
 from shared.jsonlog import configure_logging
-from shared.rpc.embedder.v1 import embedder_pb2_grpc
 from shared.sdnotify import Watchdog, notify
 from shared.unix_socket import remove_stale_socket
 
@@ -37,9 +33,8 @@ __all__ = ["main"]
 
 log = logging.getLogger("agent_embedder")
 
+#: How long a stop waits for the answers under way.
 _STOP_GRACE_S: Final = 5.0
-#: Room for the request's framing around MAX_REQUEST_BYTES of text.
-_MAX_MESSAGE_BYTES: Final = MAX_REQUEST_BYTES + 1024 * 1024
 
 
 def _mode(text: str) -> int:
@@ -78,20 +73,20 @@ def _model_files(args: argparse.Namespace) -> ModelFiles:
 
 def _serve(args: argparse.Namespace) -> None:
     encoder = SentenceEncoder(_model_files(args))
+    if encoder.dims > MAX_DIMS:  # the guardian would refuse every answer as over its frame limit
+        raise ConfigError(f"the model's vectors have {encoder.dims} dimensions; at most {MAX_DIMS} are served")
     path: Path = args.socket
     remove_stale_socket(path, "embedder")
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(1, args.workers), thread_name_prefix="embed"),
-        options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)],
-    )
-    embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(EmbedderServicer(encoder), server)
-    if server.add_insecure_port(f"unix:{path}") == 0:
-        raise ConfigError(f"cannot listen on {path}")
-    server.start()
+    try:
+        server = EmbedderServer(path, encoder, args.workers)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {path}: {error.strerror or error}") from None
     os.chmod(path, args.socket_mode)
     if stat.S_IMODE(path.stat().st_mode) != args.socket_mode:
-        server.stop(0)
+        server.server_close()
+        path.unlink(missing_ok=True)
         raise ConfigError(f"could not set mode {args.socket_mode:04o} on {path}")
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -104,7 +99,7 @@ def _serve(args: argparse.Namespace) -> None:
     while not stop.wait(min(watchdog.interval_s or 1.0, 1.0)):
         watchdog.ping_if_due()
     notify("STOPPING=1")
-    server.stop(_STOP_GRACE_S).wait()
+    server.stop(_STOP_GRACE_S)
     path.unlink(missing_ok=True)
     log.info("embedder stopped", extra={"event": "embedder_stopped"})
 

@@ -60,7 +60,7 @@ class Embedder(Protocol):
         ...
 
     def close(self) -> None:
-        """Let go of what it holds (a channel); called once, when the guardian stops."""
+        """Let go of what it holds (connections); called once, when the guardian stops."""
         ...
 
 

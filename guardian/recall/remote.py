@@ -7,6 +7,11 @@ vector must be of the model the guardian's config expects, of its dimensions,
 finite and of unit length. A vector from a compromised embedder can at worst
 misrank, never reach data.
 
+The messages travel as length-prefixed frames (shared/embedding.py), not gRPC,
+on one connection a calling thread: a blocking read costs the guardian no CPU
+while the embedder works. The whole answer has a deadline, so an embedder that
+trickles bytes holds a thread no longer than one that says nothing.
+
 When the embedder does not answer (not started yet, restarting, overloaded),
 :class:`RemoteEmbedder` raises :class:`~shared.errors.Unavailable` at once for
 a few seconds before it tries again, so writes do not each wait out a timeout:
@@ -17,20 +22,30 @@ semantic search is refused as retryable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket as sockets
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-import grpc
+from google.protobuf.message import DecodeError
 
 from guardian.recall.model import Vector
-from shared.embedding import MAX_REQUEST_BYTES, MAX_TEXTS, from_wire
+from shared.embedding import (
+    MAX_REQUEST_BYTES,
+    MAX_RESPONSE_FRAME_BYTES,
+    MAX_TEXTS,
+    FrameError,
+    from_wire,
+    read_frame,
+    write_frame,
+)
 from shared.errors import Unavailable
 from shared.rpc.embedder.v1 import embedder_pb2 as pb
-from shared.rpc.embedder.v1 import embedder_pb2_grpc
 
 __all__ = ["RemoteEmbedder"]
 
@@ -67,17 +82,22 @@ def _chunks(texts: list[str]) -> Iterator[list[str]]:
 
 
 class RemoteEmbedder:
-    """Embeds through agent-embedder on socket; id and dims are the model the guardian expects of it."""
+    """Embeds through agent-embedder on socket; id and dims are the model the guardian expects of it.
+
+    Each calling thread has its own connection (made at its first call, or
+    its first after a failure), on which it sends a request frame and reads
+    the answer's: a blocking read, so waiting costs no CPU, and no lock is
+    held while it waits.
+    """
 
     def __init__(self, socket: Path, model_id: str, dims: int) -> None:
         self.id = model_id
         self.dims = dims
         self._socket = socket
-        self._channel = grpc.insecure_channel(
-            f"unix:{socket}", options=[("grpc.max_send_message_length", MAX_REQUEST_BYTES + 1024 * 1024)]
-        )
-        self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
+        self._local = threading.local()
         self._lock = threading.Lock()
+        #: Every thread's open connection, so close() can reach them all (weak: a thread's ends with it).
+        self._connections: weakref.WeakSet[sockets.socket] = weakref.WeakSet()
         self._down_until = 0.0
         self._down_logged = False
 
@@ -100,14 +120,28 @@ class RemoteEmbedder:
 
     def _embed_chunk(self, texts: list[str]) -> list[Vector]:
         timeout = _TIMEOUT_FLOOR_S + _TIMEOUT_PER_TEXT_S * len(texts)
+        deadline = time.monotonic() + timeout
         try:
-            response = self._stub.Embed(pb.EmbedRequest(texts=texts), timeout=timeout)
-        except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else None
-            self._went_down(
-                f"{code.name if code else 'error'}: {error.details() if isinstance(error, grpc.Call) else ''}"
-            )
+            connection = self._connection(timeout)
+            connection.settimeout(timeout)
+            write_frame(connection, pb.EmbedRequest(texts=texts).SerializeToString())
+            frame = read_frame(connection, MAX_RESPONSE_FRAME_BYTES, deadline=deadline)
+            if frame is None:
+                raise FrameError("the embedding service closed the connection")
+            response = pb.EmbedResponse.FromString(frame)
+        except (OSError, DecodeError) as error:  # FrameError and timeouts are OSErrors
+            self._disconnect()
+            self._went_down(f"{type(error).__name__}: {error}")
             raise Unavailable(_UNAVAILABLE) from None
+        if response.refused:
+            # Never for a request of the guardian's (_chunks keeps to the limits): an embedder of another
+            # version, or one that failed. Not a security event: it sends nothing the guardian would use.
+            log.error(
+                "the embedding service refused a request",
+                extra={"event": "embedder_request_refused", "reason": response.refused[:200]},
+            )
+            self._went_down(f"refused: {response.refused}")
+            raise Unavailable(_UNAVAILABLE)
         problem = self._refusal(response, len(texts))
         if problem is None:
             try:
@@ -120,6 +154,32 @@ class RemoteEmbedder:
         )
         self._went_down(problem)
         raise Unavailable(_UNAVAILABLE)
+
+    def _connection(self, timeout: float) -> sockets.socket:
+        """This thread's connection to the embedder, connected now if it has none."""
+        connection: sockets.socket | None = getattr(self._local, "connection", None)
+        if connection is not None:
+            return connection
+        connection = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+        try:
+            connection.settimeout(timeout)
+            connection.connect(str(self._socket))
+        except OSError:
+            connection.close()
+            raise
+        with self._lock:
+            self._connections.add(connection)
+        self._local.connection = connection
+        return connection
+
+    def _disconnect(self) -> None:
+        """Close this thread's connection (after a failure the stream may be out of step); the next call connects."""
+        connection: sockets.socket | None = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            with self._lock:
+                self._connections.discard(connection)
+            connection.close()
 
     def _refusal(self, response: pb.EmbedResponse, count: int) -> str | None:
         """Why response is not what was asked of the expected model, or None."""
@@ -143,5 +203,10 @@ class RemoteEmbedder:
             )
 
     def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
+        """Close every thread's connection (a call waiting on one ends Unavailable); once, when the guardian stops."""
+        with self._lock:
+            connections, self._connections = list(self._connections), weakref.WeakSet()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(sockets.SHUT_RDWR)  # wakes a read under way, which close() alone would not
+            connection.close()

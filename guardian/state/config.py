@@ -16,7 +16,7 @@ from typing import Final
 from guardian.files.strict_yaml import Section, load_yaml_mapping
 from guardian.recall.model import BUILTIN, ModelFiles
 from guardian.store.database import DEFAULT_MIN_FREE_BYTES, Durability
-from shared.embedding import TRANSFORMER_DIMS, TRANSFORMER_ID
+from shared.embedding import MAX_DIMS, TRANSFORMER_DIMS, TRANSFORMER_ID
 from shared.errors import ConfigError
 from shared.ops_http import parse_listen
 
@@ -181,7 +181,7 @@ def _embedding(base: Path, section: Section) -> EmbedderService | ModelFiles | N
         model_id = str(section.text("model_id", TRANSFORMER_ID))
         if not _MODEL_ID_RE.fullmatch(model_id):
             raise ConfigError(f"embedding.model_id: expected the id agent-embedder logs at start, got {model_id!r}")
-        dims = section.integer("dims", TRANSFORMER_DIMS, minimum=8, maximum=4096)
+        dims = section.integer("dims", TRANSFORMER_DIMS, minimum=8, maximum=MAX_DIMS)
         if dims % 2:
             raise ConfigError(f"embedding.dims: the index keeps two dimensions a byte, so it must be even, got {dims}")
         service = EmbedderService(socket=_resolve(base, section.text("socket")), model_id=model_id, dims=dims)

@@ -2,20 +2,23 @@
 
 Real processes throughout: an agent-embedder on a Unix socket running the pinned
 all-MiniLM-L6-v2, and a guardian configured with ``embedding: {model: service}``.
-The one stand-in is a hostile embedder at the socket (the seam), to show that the
-guardian checks what comes back.
+The one stand-in is a hostile embedder at the socket (the seam: the same frames,
+shared/embedding.py), to show that the guardian checks what comes back.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
+import socketserver
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +30,30 @@ import yaml
 from embedder.model_files import shipped_files
 from guardian.state.config import load_config
 from guardian.state.statedir import init_state_dir
-from shared.embedding import MAX_REQUEST_BYTES, MAX_TEXTS, TRANSFORMER_DIMS, TRANSFORMER_ID, to_wire
+from shared.embedding import (
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_FRAME_BYTES,
+    MAX_TEXTS,
+    TRANSFORMER_DIMS,
+    TRANSFORMER_ID,
+    read_frame,
+    to_wire,
+    write_frame,
+)
 from shared.errors import ConfigError
-from shared.rpc.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from shared.rpc.embedder.v1 import embedder_pb2
 from shared.rpc.guardian.v1 import admin_pb2
 from tests.integration.test_recall import NOTES, POLICY, QUESTIONS, search, session, store
-from tests.support.harness import ROOT, Embedder, Guardian, agent_pb2, running_embedder, running_guardian
+from tests.support.harness import (
+    ROOT,
+    Embedder,
+    Guardian,
+    agent_pb2,
+    embed,
+    embed_request,
+    running_embedder,
+    running_guardian,
+)
 
 pb = agent_pb2
 
@@ -45,8 +66,8 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def service_config(socket: Path) -> dict[str, Any]:
-    return {"embedding": {"model": "service", "socket": str(socket)}}
+def service_config(socket_path: Path) -> dict[str, Any]:
+    return {"embedding": {"model": "service", "socket": str(socket_path)}}
 
 
 def wait_for(predicate: Any, what: str, timeout_s: float = 20.0) -> None:
@@ -56,35 +77,73 @@ def wait_for(predicate: Any, what: str, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def embedder_stub(socket: Path) -> tuple[grpc.Channel, Any]:
-    channel = grpc.insecure_channel(f"unix:{socket}")
-    return channel, embedder_pb2_grpc.EmbedderServiceStub(channel)
+def request_on(connection: socket.socket, texts: list[str]) -> embedder_pb2.EmbedResponse:
+    """One request and its answer on an open connection (which stays open)."""
+    write_frame(connection, embedder_pb2.EmbedRequest(texts=texts).SerializeToString())
+    frame = read_frame(connection, MAX_REQUEST_FRAME_BYTES)
+    assert frame is not None, "the embedder closed the connection without an answer"
+    return embedder_pb2.EmbedResponse.FromString(frame)
 
 
 def test_the_embedder_serves_unit_vectors_of_the_pinned_model_and_refuses_oversized_requests(short_dir: Path) -> None:
     with running_embedder(short_dir) as embedder:
         assert oct(embedder.socket.stat().st_mode & 0o777) == "0o660"
-        channel, stub = embedder_stub(embedder.socket)
-        with channel:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(10)
+            connection.connect(str(embedder.socket))
             texts = ["the walrus hums at midnight", "a sea mammal singing late at night", "quarterly tax filing"]
-            answer = stub.Embed(embedder_pb2.EmbedRequest(texts=texts), timeout=10)
-            assert (answer.model, answer.dims, len(answer.vectors)) == (TRANSFORMER_ID, TRANSFORMER_DIMS, 3)
+            answer = request_on(connection, texts)
+            assert (answer.model, answer.dims, len(answer.vectors), answer.refused) == (
+                TRANSFORMER_ID,
+                TRANSFORMER_DIMS,
+                3,
+                "",
+            )
             vectors = np.stack([np.frombuffer(data, dtype="<f4") for data in answer.vectors])
             assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
             assert vectors[0] @ vectors[1] > 0.4 > vectors[0] @ vectors[2]
-            again = stub.Embed(embedder_pb2.EmbedRequest(texts=texts[:1]), timeout=10)
+            again = request_on(connection, texts[:1])
             assert again.vectors[0] == answer.vectors[0]  # alone or beside others: the same vector
             for request, limit in (
-                (embedder_pb2.EmbedRequest(texts=["x"] * (MAX_TEXTS + 1)), f"at most {MAX_TEXTS} a request"),
-                (embedder_pb2.EmbedRequest(texts=["y" * (MAX_REQUEST_BYTES // 2 + 1)] * 2), "bytes a request"),
+                (["x"] * (MAX_TEXTS + 1), f"texts: at most {MAX_TEXTS} a request, got {MAX_TEXTS + 1}"),
+                (
+                    ["y" * (MAX_REQUEST_BYTES // 2 + 1)] * 2,
+                    f"texts: at most {MAX_REQUEST_BYTES} bytes a request, got {MAX_REQUEST_BYTES + 2}",
+                ),
             ):
-                with pytest.raises(grpc.RpcError) as refused:
-                    stub.Embed(request, timeout=10)
-                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and limit in str(
-                    refused.value.details()
-                )
+                refused = request_on(connection, request)
+                assert (refused.refused, refused.model, list(refused.vectors)) == (limit, "", [])
+            # Refused whole, and the connection still serves.
+            assert request_on(connection, texts[:1]).vectors[0] == answer.vectors[0]
     log = embedder.log_path.read_text()
     assert '"event": "embedder_ready"' in log and "walrus" not in log and not embedder.socket.exists()
+    assert log.count('"event": "embed_request_refused"') == 2
+
+
+def test_a_frame_that_is_not_a_request_is_refused_and_the_embedder_serves_on(short_dir: Path) -> None:
+    # A connection open meanwhile, which the refusals on the others leave serving.
+    with running_embedder(short_dir) as embedder, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.settimeout(10)
+        other.connect(str(embedder.socket))
+        assert len(request_on(other, ["a narwhal, before"]).vectors) == 1
+        garbage = embed_request(embedder.socket, b"\xff\xff\xff\xff not protobuf")
+        assert garbage is not None and garbage.refused.startswith("not an EmbedRequest: ") and not garbage.vectors
+        unknown = embed_request(embedder.socket, b"\x12\x03abc")  # field 2: parses, but is not ours
+        assert unknown is not None and "fields this embedder does not know" in unknown.refused
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as huge:  # over the limit: refused unread
+            huge.settimeout(10)
+            huge.connect(str(embedder.socket))
+            huge.sendall(struct.pack(">I", MAX_REQUEST_FRAME_BYTES + 1))
+            frame = read_frame(huge, MAX_REQUEST_FRAME_BYTES)
+            assert frame is not None and "over the limit" in embedder_pb2.EmbedResponse.FromString(frame).refused
+            assert read_frame(huge, MAX_REQUEST_FRAME_BYTES) is None  # then closed
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as cut:  # a frame cut short: no harm done
+            cut.connect(str(embedder.socket))
+            cut.sendall(struct.pack(">I", 100) + b"\x0a\x05")
+        assert len(request_on(other, ["after"]).vectors) == 1
+        assert len(embed(embedder.socket, ["and on a new connection"]).vectors) == 1
+    log = embedder.log_path.read_text()
+    assert log.count('"event": "embed_request_refused"') == 4 and "narwhal" not in log
 
 
 def test_a_model_file_that_is_not_the_pinned_one_stops_the_embedder_with_the_reason(short_dir: Path) -> None:
@@ -126,8 +185,8 @@ def test_the_guardian_recalls_by_meaning_through_the_embedder(short_dir: Path) -
 
 
 def test_without_the_embedder_writes_go_on_searches_say_so_and_it_catches_up_when_back(short_dir: Path) -> None:
-    socket = short_dir / "embedder.sock"
-    with running_guardian(service_config(socket), **POLICY) as guardian:
+    socket_path = short_dir / "embedder.sock"
+    with running_guardian(service_config(socket_path), **POLICY) as guardian:
         token = guardian.add_agent("bob")
         channel, stub, sid = session(guardian, token)
         with channel:
@@ -138,11 +197,11 @@ def test_without_the_embedder_writes_go_on_searches_say_so_and_it_catches_up_whe
                 search(stub, sid, QUESTIONS["dentist"], pb.SEARCH_MODE_SEMANTIC)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             details = str(refused.value.details())
-            assert "search with mode lexical" in details and str(socket) not in details
+            assert "search with mode lexical" in details and str(socket_path) not in details
             status = guardian.admin("Status", admin_pb2.StatusRequest())
             assert status.memories_to_embed == 1 and status.vectors_indexed == 0
 
-            embedder = Embedder(socket, short_dir / "embedder-test.log")
+            embedder = Embedder(socket_path, short_dir / "embedder-test.log")
             embedder.start()
             try:
                 wait_for(
@@ -159,34 +218,48 @@ def test_without_the_embedder_writes_go_on_searches_say_so_and_it_catches_up_whe
         assert '"event": "embedder_unavailable"' in log and '"event": "embedder_available"' in log
 
 
-class _HostileEmbedder(embedder_pb2_grpc.EmbedderServiceServicer):
-    """Answers every Embed with what a compromised embedder might send."""
+def hostile_answer(answer: str, count: int) -> embedder_pb2.EmbedResponse:
+    """What a compromised embedder might send for a request of count texts."""
+    unit = np.zeros(TRANSFORMER_DIMS, dtype=np.float32)
+    unit[0] = 1.0
+    if answer == "another model":
+        return embedder_pb2.EmbedResponse(model="evil-384", dims=TRANSFORMER_DIMS, vectors=[to_wire(unit)] * count)
+    if answer == "not unit vectors":
+        return embedder_pb2.EmbedResponse(
+            model=TRANSFORMER_ID, dims=TRANSFORMER_DIMS, vectors=[to_wire(unit * 40)] * count
+        )
+    return embedder_pb2.EmbedResponse(model=TRANSFORMER_ID, dims=TRANSFORMER_DIMS, vectors=[])  # too few
 
-    def __init__(self, answer: str) -> None:
+
+class _HostileConnection(socketserver.BaseRequestHandler):
+    """Answers every request on a connection with the server's hostile answer."""
+
+    server: _HostileEmbedder
+
+    def handle(self) -> None:
+        while (frame := read_frame(self.request, MAX_REQUEST_FRAME_BYTES)) is not None:
+            count = len(embedder_pb2.EmbedRequest.FromString(frame).texts)
+            write_frame(self.request, hostile_answer(self.server.answer, count).SerializeToString())
+
+
+class _HostileEmbedder(socketserver.ThreadingUnixStreamServer):
+    """A stand-in for agent-embedder, on the same frames, that answers as a compromised one might."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, path: Path, answer: str) -> None:
         self.answer = answer
-
-    def Embed(self, request: embedder_pb2.EmbedRequest, context: Any) -> embedder_pb2.EmbedResponse:
-        count = len(request.texts)
-        unit = np.zeros(TRANSFORMER_DIMS, dtype=np.float32)
-        unit[0] = 1.0
-        if self.answer == "another model":
-            return embedder_pb2.EmbedResponse(model="evil-384", dims=TRANSFORMER_DIMS, vectors=[to_wire(unit)] * count)
-        if self.answer == "not unit vectors":
-            return embedder_pb2.EmbedResponse(
-                model=TRANSFORMER_ID, dims=TRANSFORMER_DIMS, vectors=[to_wire(unit * 40)] * count
-            )
-        return embedder_pb2.EmbedResponse(model=TRANSFORMER_ID, dims=TRANSFORMER_DIMS, vectors=[])  # too few
+        super().__init__(str(path), _HostileConnection)
 
 
 @pytest.mark.parametrize("answer", ["another model", "not unit vectors", "too few vectors"])
 def test_the_guardian_refuses_what_a_hostile_embedder_answers(short_dir: Path, answer: str) -> None:
-    socket = short_dir / "embedder.sock"
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(_HostileEmbedder(answer), server)
-    server.add_insecure_port(f"unix:{socket}")
-    server.start()
+    socket_path = short_dir / "embedder.sock"
+    server = _HostileEmbedder(socket_path, answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with running_guardian(service_config(socket), **POLICY) as guardian:
+        with running_guardian(service_config(socket_path), **POLICY) as guardian:
             token = guardian.add_agent("carol")
             channel, stub, sid = session(guardian, token)
             with channel:
@@ -199,7 +272,8 @@ def test_the_guardian_refuses_what_a_hostile_embedder_answers(short_dir: Path, a
                 assert db.execute("SELECT count(*) FROM memory_vectors").fetchone()[0] == 0
             check_security_log(guardian)
     finally:
-        server.stop(0)
+        server.shutdown()
+        server.server_close()
 
 
 def check_security_log(guardian: Guardian) -> None:

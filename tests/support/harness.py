@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ import yaml
 from guardian.keys.rotated import load_all_keys
 from guardian.service.rules import ADMIN_RULES, AGENT_RULES
 from guardian.state.statedir import StateDirFiles, init_state_dir
-from shared.rpc.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from shared.embedding import MAX_RESPONSE_FRAME_BYTES, read_frame, write_frame
+from shared.rpc.embedder.v1 import embedder_pb2
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,6 +271,26 @@ UNLIMITED_PROFILE: dict[str, Any] = {
 }
 
 
+def embed_request(path: Path, request: bytes, timeout_s: float = 10.0) -> embedder_pb2.EmbedResponse | None:
+    """Send one request frame (an EmbedRequest's bytes, or anything) to the embedder at path; its answer.
+
+    None when the embedder closed the connection without one; OSError when it cannot be reached.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout_s)
+        connection.connect(str(path))
+        write_frame(connection, request)
+        frame = read_frame(connection, MAX_RESPONSE_FRAME_BYTES)
+    return None if frame is None else embedder_pb2.EmbedResponse.FromString(frame)
+
+
+def embed(path: Path, texts: list[str], timeout_s: float = 10.0) -> embedder_pb2.EmbedResponse:
+    """The embedder's answer at path to an EmbedRequest of texts (AssertionError if it closed without one)."""
+    answer = embed_request(path, embedder_pb2.EmbedRequest(texts=texts).SerializeToString(), timeout_s)
+    assert answer is not None, "the embedder closed the connection without an answer"
+    return answer
+
+
 @dataclass
 class Embedder:
     """An agent-embedder process serving on socket."""
@@ -291,14 +313,11 @@ class Embedder:
             if self.process.poll() is not None:
                 raise RuntimeError(f"embedder exited {self.process.returncode}: {self.log_path.read_text()}")
             if self.socket.exists():
-                with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-                    try:
-                        embedder_pb2_grpc.EmbedderServiceStub(channel).Embed(
-                            embedder_pb2.EmbedRequest(texts=["ready?"]), timeout=2
-                        )
+                try:
+                    if embed(self.socket, ["ready?"], timeout_s=2).vectors:
                         return
-                    except grpc.RpcError:
-                        pass
+                except OSError:  # not listening yet (a stale file), or not answering yet
+                    pass
             time.sleep(0.1)
         raise RuntimeError("embedder did not start in time")
 
@@ -361,6 +380,8 @@ __all__ = [
     "HttpAnswer",
     "agent_pb2",
     "curl",
+    "embed",
+    "embed_request",
     "running_embedder",
     "running_guardian",
 ]

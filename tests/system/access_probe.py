@@ -4,13 +4,14 @@
     read PATH...      open each path for reading and read a byte
     tcp HOST:PORT...  open a TCP connection to each address (ETIMEDOUT: no answer within 1 s)
     health PATH       a gRPC health check of the agent service over the Unix socket PATH
-    embed PATH        one text embedded by agent-embedder over the Unix socket PATH
+    embed PATH        one text embedded by agent-embedder over the Unix socket PATH (its frames)
 
 Prints one JSON object: path (or address) -> "ok" or the errno name ("EACCES",
 ...), or for health {"status": "SERVING" | the gRPC status code name}, for
-embed {"status": "OK" | the gRPC status code name, "model": ..., "dims": ...}.
-Uses only the standard library, and grpcio and the embedder's stubs from the
-installed venv for health and embed.
+embed {"status": "OK", "model": ..., "dims": ..., "vectors": ...} or {"status":
+the errno name | "refused" | "closed", "details": ...}. Uses only the standard
+library, and grpcio, the embedder's messages and frames from the installed venv
+for health and embed.
 """
 
 from __future__ import annotations
@@ -72,17 +73,22 @@ def health(path: str) -> dict[str, str]:
 
 
 def embed(path: str) -> dict[str, object]:
-    import grpc
+    from shared.embedding import MAX_RESPONSE_FRAME_BYTES, read_frame, write_frame
+    from shared.rpc.embedder.v1 import embedder_pb2
 
-    from shared.rpc.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-
-    with grpc.insecure_channel(f"unix:{path}") as channel:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(10)
         try:
-            response = embedder_pb2_grpc.EmbedderServiceStub(channel).Embed(
-                embedder_pb2.EmbedRequest(texts=["who may ask the embedder"]), timeout=10
-            )
-        except grpc.RpcError as exc:
-            return {"status": exc.code().name, "details": exc.details() or ""}
+            connection.connect(path)
+            write_frame(connection, embedder_pb2.EmbedRequest(texts=["who may ask the embedder"]).SerializeToString())
+            frame = read_frame(connection, MAX_RESPONSE_FRAME_BYTES)
+        except OSError as exc:
+            return {"status": _outcome(exc), "details": str(exc)}
+    if frame is None:
+        return {"status": "closed", "details": "the embedder closed the connection without an answer"}
+    response = embedder_pb2.EmbedResponse.FromString(frame)
+    if response.refused:
+        return {"status": "refused", "details": response.refused}
     return {"status": "OK", "model": response.model, "dims": response.dims, "vectors": len(response.vectors)}
 
 

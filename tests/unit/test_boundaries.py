@@ -16,8 +16,9 @@ FORBIDDEN = {
     "guardian": {"gateway", "embedder", "mcp", "starlette", "uvicorn", "httpx", "onnx", "onnxruntime"},
     "gateway": {"guardian", "embedder", "sqlcipher3", "yaml", "onnx", "onnxruntime"},
     "shared": {"guardian", "gateway", "embedder", "mcp", "sqlcipher3", "onnx", "onnxruntime"},
-    # The embedder parses agent text with a model: it must hold no key and reach no data.
-    "embedder": {"guardian", "gateway", "sqlcipher3", "cryptography", "yaml", "mcp", "starlette", "uvicorn"},
+    # The embedder parses agent text with a model: it must hold no key and reach no data. It speaks
+    # frames on a plain socket (shared/embedding.py), so no gRPC core is loaded in its sandbox either.
+    "embedder": {"guardian", "gateway", "sqlcipher3", "cryptography", "yaml", "mcp", "starlette", "uvicorn", "grpc"},
 }
 
 
@@ -47,15 +48,37 @@ def test_package_imports_stay_on_its_side(package: str) -> None:
     assert not {path: names for path, names in offenders.items() if names}
 
 
-def test_only_the_guardians_embedder_client_and_the_embedder_speak_to_the_embedder() -> None:
-    speakers = {
-        str(path.relative_to(ROOT))
-        for package in ("guardian", "gateway", "shared")
-        for path in (ROOT / package).rglob("*.py")
-        if "rpc" not in path.relative_to(ROOT).parts
-        and any(name.startswith("shared.rpc.embedder") for name in imported_names(path))
+def names_imported_from(path: Path, module: str) -> set[str]:
+    """The names a file imports from module (``from module import name``)."""
+    return {
+        alias.name
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.ImportFrom) and node.module == module and node.level == 0
+        for alias in node.names
     }
-    assert speakers == {"guardian/recall/remote.py"}
+
+
+def test_only_the_guardians_embedder_client_and_the_embedder_speak_to_the_embedder() -> None:
+    """Speaking to it takes its messages (shared.rpc.embedder) or its frames (shared.embedding's reader and writer)."""
+    frames = {"read_frame", "write_frame"}
+    speakers = {
+        package: {
+            str(path.relative_to(ROOT))
+            for path in (ROOT / package).rglob("*.py")
+            if "rpc" not in path.relative_to(ROOT).parts
+            and (
+                any(name.startswith("shared.rpc.embedder") for name in imported_names(path))
+                or names_imported_from(path, "shared.embedding") & frames
+            )
+        }
+        for package in ("guardian", "gateway", "shared", "embedder")
+    }
+    assert speakers == {
+        "guardian": {"guardian/recall/remote.py"},
+        "gateway": set(),
+        "shared": set(),
+        "embedder": {"embedder/server.py"},
+    }
 
 
 @pytest.mark.parametrize("path", GATEWAY_MODULES, ids=lambda p: p.name)

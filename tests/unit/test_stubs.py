@@ -1,4 +1,4 @@
-"""The committed gRPC stubs are exactly what `make stubs` generates from proto/."""
+"""The committed protobuf and gRPC stubs are exactly what `make stubs` generates from proto/."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shared/rpc/embedder/v1/embedder.proto\x12\x0b\x65mbedder.v1\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"=\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x0f\n\x07vectors\x18\x03 \x03(\x0c\x32Q\n\x0f\x45mbedderService\x12>\n\x05\x45mbed\x12\x19.embedder.v1.EmbedRequest\x1a\x1a.embedder.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shared/rpc/embedder/v1/embedder.proto\x12\x0b\x65mbedder.v1\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"N\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12\x0f\n\x07vectors\x18\x03 \x03(\x0c\x12\x0f\n\x07refused\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDREQUEST']._serialized_start=54
   _globals['_EMBEDREQUEST']._serialized_end=83
   _globals['_EMBEDRESPONSE']._serialized_start=85
-  _globals['_EMBEDRESPONSE']._serialized_end=146
-  _globals['_EMBEDDERSERVICE']._serialized_start=148
-  _globals['_EMBEDDERSERVICE']._serialized_end=229
+  _globals['_EMBEDRESPONSE']._serialized_end=163
 # @@protoc_insertion_point(module_scope)
