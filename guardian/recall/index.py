@@ -52,6 +52,8 @@ IVF_MIN: Final = 20_000
 NPROBE: Final = 24
 #: Points k-means assigns at once (bounds the points x centroids matrix).
 _CHUNK: Final = 4096
+#: Vectors whose lists are found in one product with the centroids (256 x 1,000 lists: 1 MiB).
+_ASSIGN_ROWS: Final = 256
 #: Rows a list holds in one chunk (guardian/recall/index.py _Block): 768 KiB of 384-dimension vectors.
 _CHUNK_ROWS: Final = 4096
 #: At most this many vectors are sampled to learn the centroids (28 MiB of float32 at 384 dimensions).
@@ -258,10 +260,12 @@ class _Lists:
             for rowid, vector in items:
                 self._append(rowid, vector, 0)
             return
-        packed = np.stack([values for _, (values, _) in items])
-        floats = nibble_values(packed) * np.array([step for _, (_, step) in items], dtype=np.float32)[:, None]
-        for (rowid, vector), index in zip(items, np.argmax(floats @ self.centroids.T, axis=1), strict=True):
-            self._append(rowid, vector, int(index))
+        for at in range(0, len(items), _ASSIGN_ROWS):  # small products: no large temporary to fragment the heap
+            some = items[at : at + _ASSIGN_ROWS]
+            packed = np.stack([values for _, (values, _) in some])
+            floats = nibble_values(packed) * np.array([step for _, (_, step) in some], dtype=np.float32)[:, None]
+            for (rowid, vector), index in zip(some, np.argmax(floats @ self.centroids.T, axis=1), strict=True):
+                self._append(rowid, vector, int(index))
 
     def remove(self, rowid: int, index: int, row: int) -> None:
         """Remove rowid, at row of the list numbered index (as the slots say)."""
@@ -417,7 +421,7 @@ class VectorIndex:
     def train_for_load(self, namespace: str, sample: Floats, count: int) -> None:
         """Before loading a large namespace at start: learn its lists from a sample of its count stored
         vectors, so they go straight into an inverted file (never first into one list, then moved), each
-        list sized ahead for its share of the sample (and a tenth more), so loading copies nothing."""
+        list sized ahead for its share of the sample (and a twentieth more), so loading seldom copies."""
         centroids = _kmeans(sample, max(64, int(np.sqrt(count))), self._rng)
         shares = np.bincount(_nearest(sample, centroids), minlength=len(centroids)) / max(1, len(sample))
         with self._lock:
@@ -425,7 +429,7 @@ class VectorIndex:
             partition.begin_training(centroids, count)
             if partition.next is None:  # it was empty: these are its lists now
                 for block, share in zip(partition.current.blocks, shares, strict=True):
-                    block.reserve(int(share * count * 1.1) + _INITIAL_ROWS)
+                    block.reserve(int(share * count * 1.05) + _INITIAL_ROWS)
 
     def load_many(self, vectors: Sequence[tuple[str, int, Quantized]]) -> None:
         """Add stored vectors while loading at start, except those of memories a commit has changed since."""
