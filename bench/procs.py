@@ -30,7 +30,7 @@ from guardian.keys.rotated import load_all_keys
 from guardian.policy.default import render_default_policy
 from guardian.state.config import EmbedderService, load_config
 from guardian.state.statedir import StateDirFiles, init_state_dir
-from shared.embedding import MAX_RESPONSE_FRAME_BYTES, read_frame, write_frame
+from shared.embedding import ask_once
 from shared.rpc.embedder.v1 import embedder_pb2
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
 
@@ -231,11 +231,8 @@ def wait_for_embedder(spawned: Spawned, path: Path, timeout_s: float = 60.0) -> 
         if not spawned.alive():
             raise RuntimeError(f"{spawned.name} exited early: {_tail(spawned.log_path)}")
         if path.exists():
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                connection.settimeout(2)
-                connection.connect(str(path))
-                write_frame(connection, request)
-                frame = read_frame(connection, MAX_RESPONSE_FRAME_BYTES)
+            with contextlib.suppress(OSError):
+                frame = ask_once(str(path), request, timeout_s=2)
                 if frame is not None and embedder_pb2.EmbedResponse.FromString(frame).vectors:
                     return
         time.sleep(0.05)

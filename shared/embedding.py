@@ -33,6 +33,7 @@ __all__ = [
     "TRANSFORMER_DIMS",
     "TRANSFORMER_ID",
     "FrameError",
+    "ask_once",
     "from_wire",
     "read_frame",
     "to_wire",
@@ -130,3 +131,16 @@ def _fill(sock: socket.socket, view: memoryview, deadline: float | None) -> int:
             break
         got += count
     return got
+
+
+def ask_once(path: str, request: bytes, timeout_s: float) -> bytes | None:
+    """One request frame to the embedder at path on a fresh connection, and its answer's payload (None: it
+    closed the connection without one); OSError (FrameError included) as the socket raises it.
+
+    For the tools that look at an embedder from outside (readiness, probes); the guardian keeps its
+    connections (guardian/recall/remote.py)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout_s)
+        connection.connect(path)
+        write_frame(connection, request)
+        return read_frame(connection, MAX_RESPONSE_FRAME_BYTES)

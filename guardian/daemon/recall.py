@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Final
 
 from guardian.daemon.background import Background
+from guardian.recall.remote import RETRY_AFTER_S
 from guardian.state.core import GuardianCore
 from shared.errors import Unavailable
 
@@ -111,7 +112,10 @@ class RecallIndexer(Background):
             try:
                 embedded_now = vectors.embed_many([memory.content for _, memory in batch])
             except Unavailable:
-                vectors.fell_behind()  # agent-embedder is not answering: the next look resumes
+                # agent-embedder is not answering: look again once its client would try it again, not at
+                # every turn of keep_trained (each look scans for what lacks a vector and reads a batch).
+                vectors.fell_behind()
+                self._stop.wait(RETRY_AFTER_S)
                 break
             made = [(rowid, memory, vector) for (rowid, memory), vector in zip(batch, embedded_now, strict=True)]
             with database.write() as connection:

@@ -47,7 +47,7 @@ from shared.embedding import (
 from shared.errors import Unavailable
 from shared.rpc.embedder.v1 import embedder_pb2 as pb
 
-__all__ = ["RemoteEmbedder"]
+__all__ = ["RETRY_AFTER_S", "RemoteEmbedder"]
 
 log = logging.getLogger("agent_guardian")
 security_log = logging.getLogger("agent_guardian.security")
@@ -58,7 +58,7 @@ MAX_TEXT_CHARS: Final = 16_384
 _TIMEOUT_FLOOR_S: Final = 2.0
 _TIMEOUT_PER_TEXT_S: Final = 0.05
 #: After a failure, how long calls fail at once before the embedder is tried again.
-_RETRY_AFTER_S: Final = 3.0
+RETRY_AFTER_S: Final = 3.0
 _UNAVAILABLE: Final = (
     "recall by meaning is unavailable for a moment (the embedding service is not answering);"
     " retry in a few seconds, or search with mode lexical"
@@ -192,7 +192,7 @@ class RemoteEmbedder:
     def _went_down(self, reason: str) -> None:
         """Fail at once for a while, and say so once per outage."""
         with self._lock:
-            self._down_until = time.monotonic() + _RETRY_AFTER_S
+            self._down_until = time.monotonic() + RETRY_AFTER_S
             first = not self._down_logged
             self._down_logged = True
         if first:

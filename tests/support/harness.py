@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import yaml
 from guardian.keys.rotated import load_all_keys
 from guardian.service.rules import ADMIN_RULES, AGENT_RULES
 from guardian.state.statedir import StateDirFiles, init_state_dir
-from shared.embedding import MAX_RESPONSE_FRAME_BYTES, read_frame, write_frame
+from shared.embedding import ask_once
 from shared.rpc.embedder.v1 import embedder_pb2
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
@@ -276,11 +275,7 @@ def embed_request(path: Path, request: bytes, timeout_s: float = 10.0) -> embedd
 
     None when the embedder closed the connection without one; OSError when it cannot be reached.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(timeout_s)
-        connection.connect(str(path))
-        write_frame(connection, request)
-        frame = read_frame(connection, MAX_RESPONSE_FRAME_BYTES)
+    frame = ask_once(str(path), request, timeout_s)
     return None if frame is None else embedder_pb2.EmbedResponse.FromString(frame)
 
 

@@ -73,17 +73,13 @@ def health(path: str) -> dict[str, str]:
 
 
 def embed(path: str) -> dict[str, object]:
-    from shared.embedding import MAX_RESPONSE_FRAME_BYTES, read_frame, write_frame
+    from shared.embedding import ask_once
     from shared.rpc.embedder.v1 import embedder_pb2
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(10)
-        try:
-            connection.connect(path)
-            write_frame(connection, embedder_pb2.EmbedRequest(texts=["who may ask the embedder"]).SerializeToString())
-            frame = read_frame(connection, MAX_RESPONSE_FRAME_BYTES)
-        except OSError as exc:
-            return {"status": _outcome(exc), "details": str(exc)}
+    try:
+        frame = ask_once(path, embedder_pb2.EmbedRequest(texts=["who may ask the embedder"]).SerializeToString(), 10)
+    except OSError as exc:
+        return {"status": _outcome(exc), "details": str(exc)}
     if frame is None:
         return {"status": "closed", "details": "the embedder closed the connection without an answer"}
     response = embedder_pb2.EmbedResponse.FromString(frame)
