@@ -76,9 +76,20 @@ def to_nibbles(vector: Quantized) -> Nibbles:
 
 def nibble_values(packed: npt.NDArray[np.int8]) -> npt.NDArray[np.float32]:
     """Rows of packed 4-bit values as float32 rows of the dims values (before their steps)."""
-    high = packed >> 4  # arithmetic: the high nibble, signed
-    low = (packed << 4) >> 4  # the low nibble, sign-extended
-    return np.concatenate([high, low], axis=-1).astype(np.float32)
+    return np.concatenate([_high(packed), _low(packed)], axis=-1).astype(np.float32)
+
+
+def _high(packed: npt.NDArray[np.int8]) -> npt.NDArray[np.int8]:
+    """The high nibbles, signed (an arithmetic shift)."""
+    return packed >> 4
+
+
+def _low(packed: npt.NDArray[np.int8]) -> npt.NDArray[np.int8]:
+    """The low nibbles, sign-extended: ``(b & 15) ^ 8) - 8`` maps 0..7 to itself and 8..15 to -8..-1.
+
+    (numpy's left shift of int8 rows, the other way to write it, took three times as long.)
+    """
+    return ((packed & 0x0F) ^ 8) - 8
 
 
 def nibble_scores(
@@ -86,7 +97,7 @@ def nibble_scores(
 ) -> npt.NDArray[np.float32]:
     """Each packed row's dot product with query."""
     half = packed.shape[1]
-    high = (packed >> 4).astype(np.float32) @ query[:half]
-    low = ((packed << 4) >> 4).astype(np.float32) @ query[half:]
+    high = _high(packed).astype(np.float32) @ query[:half]
+    low = _low(packed).astype(np.float32) @ query[half:]
     scores: npt.NDArray[np.float32] = (high + low) * steps
     return scores
