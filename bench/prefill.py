@@ -37,6 +37,8 @@ from bench.clients import CHANNEL_OPTIONS
 from bench.corpus import Corpus, MemoryText
 from bench.procs import BenchGuardian
 from guardian.keys.rotated import load_all_keys
+from guardian.policy.compile import compile_policy
+from guardian.policy.default import render_default_policy
 from guardian.recall.model import Embedder, EmbeddingModel, Vector, builtin_files
 from guardian.store.database import Database
 from guardian.store.integrity import canonical_json
@@ -145,7 +147,9 @@ def prefill_direct(guardian: BenchGuardian, agent: str, count: int, corpus: Corp
     model: Embedder = _SeededVectors() if guardian.embedder_socket is not None else EmbeddingModel(builtin_files())
     vectors = MemoryVectors(model, keys.memory, after_commit=lambda action: None)
     store = MemoryStore(keys.memory, vectors)
-    scope = Scope(agent=agent, namespaces=(agent,), writable=frozenset({agent}))
+    # The shipped policy's trust rules (a direct prefill writes as the agent's default source).
+    trust = compile_policy(render_default_policy()).trust_view(agent)
+    scope = Scope(agent=agent, namespaces=(agent,), writable=frozenset({agent}), trust=trust)
     ids: list[str] = []
     try:
         for start in range(0, count, _DIRECT_CHUNK):

@@ -17,7 +17,10 @@ gRPC type leaks out of here.
   from the guardian's record of it instead of being applied twice.
 - An answer that does not fit its request is an ``InternalError``, never passed
   on: e.g. a quarantined memory is only ever the answer to a write (reads never
-  show one), and a memory stored into a named namespace comes back from it.
+  show one), a memory stored into a named namespace comes back from it, and one
+  stored with a declared source or derived_from comes back with them. A trust
+  level the gateway does not know (or none, from a guardian that does not say)
+  is taken as ``untrusted``: never more trust than the guardian gave.
 - ``guardian_errors()`` also counts each failed call by status code
   (``agent_gateway_guardian_errors_total``), and ``check_health()`` is the
   readiness probe: the gRPC health service on the same channel, with a short
@@ -42,15 +45,18 @@ from gateway.metrics import GatewayMetrics
 from gateway.models import (
     ACTIVE,
     QUARANTINED,
+    TRUST_LEVELS,
     Limits,
     Memory,
     MemoryDraft,
     MemoryStatus,
     Page,
+    Provenance,
     SearchHit,
     SearchHits,
     SearchMode,
     SessionInfo,
+    TrustLevel,
 )
 from shared.error_table import error_row, received_row
 from shared.errors import (
@@ -163,6 +169,23 @@ def _status(value: str, *, written: bool) -> MemoryStatus:
     return QUARANTINED
 
 
+def _trust(value: str) -> TrustLevel:
+    """A memory's trust level; one the gateway does not know, or none, is the lowest (fail closed)."""
+    for level in TRUST_LEVELS:
+        if value == level:
+            return level
+    return "untrusted"
+
+
+def _provenance(msg: pb.Provenance) -> Provenance:
+    return Provenance(
+        source=msg.source,
+        session=msg.session,
+        derived_from=tuple(msg.derived_from),
+        filter_hits=tuple(msg.filter_hits),
+    )
+
+
 def _memory(msg: pb.Memory, *, written: bool = False) -> Memory:
     """The plain value of a memory; ``written`` when it answers a write (only then may it be quarantined)."""
     return Memory(
@@ -176,13 +199,21 @@ def _memory(msg: pb.Memory, *, written: bool = False) -> Memory:
         namespace=msg.namespace,
         author=msg.author,
         status=_status(msg.status, written=written),
+        provenance=_provenance(msg.provenance),
+        trust=_trust(msg.trust),
+        labelled=msg.labelled,
         redacted_by=tuple(msg.redacted_by),
     )
 
 
 def _draft(draft: MemoryDraft) -> pb.MemoryDraft:
     return pb.MemoryDraft(
-        content=draft.content, tags=draft.tags, metadata_json=draft.metadata_json, namespace=draft.namespace
+        content=draft.content,
+        tags=draft.tags,
+        metadata_json=draft.metadata_json,
+        namespace=draft.namespace,
+        source=draft.source,
+        derived_from=draft.derived_from,
     )
 
 
@@ -200,8 +231,18 @@ def _limits(msg: pb.Limits) -> Limits:
 
 
 def _stored_where_asked(draft: MemoryDraft, msg: pb.Memory) -> bool:
-    """A memory stored into a named namespace comes back from that namespace."""
-    return not draft.namespace or msg.namespace == draft.namespace
+    """A memory stored into a named namespace comes back from that namespace, with what the draft declared."""
+    return (not draft.namespace or msg.namespace == draft.namespace) and _written_as_asked(
+        msg, draft.source or None, draft.derived_from or None
+    )
+
+
+def _written_as_asked(msg: pb.Memory, source: str | None, derived_from: Sequence[str] | None) -> bool:
+    """A write that declared a source or derived_from comes back with them (the guardian drops repeated ids)."""
+    provenance = msg.provenance
+    return (source is None or provenance.source == source) and (
+        derived_from is None or tuple(provenance.derived_from) == tuple(dict.fromkeys(derived_from))
+    )
 
 
 def new_idempotency_key() -> str:
@@ -386,7 +427,7 @@ class GuardianClient:
             )
             for h in response.hits
         )
-        return SearchHits(hits, semantic_pending=response.semantic_pending)
+        return SearchHits(hits, semantic_pending=response.semantic_pending, withheld=response.withheld)
 
     async def list(self, session_id: str, page_size: int | None = None, cursor: str | None = None) -> Page:
         """One page of memories, newest first; pass the returned ``next_cursor`` for the next."""
@@ -397,6 +438,7 @@ class GuardianClient:
         return Page(
             memories=tuple(_memory(m) for m in response.memories),
             next_cursor=response.next_cursor or None,
+            withheld=response.withheld,
         )
 
     async def update(
@@ -407,9 +449,15 @@ class GuardianClient:
         content: str | None = None,
         tags: Sequence[str] | None = None,
         metadata_json: str | None = None,
+        source: str | None = None,
+        derived_from: Sequence[str] | None = None,
         idempotency_key: str | None = None,
     ) -> Memory:
-        """Replace each given field of a memory; fields left as None keep their value."""
+        """Replace each given field of a memory; fields left as None keep their value.
+
+        source: where what this update writes came from (None: the memory's own);
+        derived_from: the memories it was built from, replacing the recorded ones (None: kept; empty: none).
+        """
         key = idempotency_key or new_idempotency_key()
         with _request_shape():
             request = pb.UpdateRequest(
@@ -418,10 +466,16 @@ class GuardianClient:
                 content=content,
                 tags=None if tags is None else pb.TagList(tags=tags),
                 metadata_json=metadata_json,
+                source=source,
+                derived_from=None if derived_from is None else pb.IdList(ids=derived_from),
                 idempotency_key=key,
             )
         response = await self._retrying(lambda t: self._stub.Update(request, timeout=t, wait_for_ready=False))
-        _check(response.HasField("memory") and response.memory.id == memory_id)
+        _check(
+            response.HasField("memory")
+            and response.memory.id == memory_id
+            and _written_as_asked(response.memory, source, derived_from)
+        )
         return _memory(response.memory, written=True)
 
     async def delete(self, session_id: str, memory_id: str, idempotency_key: str | None = None) -> None:

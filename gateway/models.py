@@ -17,10 +17,12 @@ from typing import Final, Literal
 __all__ = [
     "ACTIVE",
     "QUARANTINED",
+    "TRUST_LEVELS",
     "Limits",
     "Memory",
     "MemoryDraft",
     "Page",
+    "Provenance",
     "SearchHit",
     "SearchHits",
     "SessionInfo",
@@ -32,6 +34,12 @@ ACTIVE: Final = "active"
 #: Kept for the security team because a content filter held it back; invisible to agents until released.
 #: Only the reply to the write that stored it says so.
 QUARANTINED: Final = "quarantined"
+
+#: How far a memory is believed, from where it came from (the guardian's policy gives each source a level):
+#: the lowest of its source's level and that of every memory it was derived from. (A type alias.)
+TrustLevel = Literal["trusted", "unverified", "untrusted"]
+#: The trust levels, most trusted first.
+TRUST_LEVELS: Final[tuple[TrustLevel, ...]] = ("trusted", "unverified", "untrusted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,25 @@ class MemoryDraft:
     metadata_json: str = field(default="", repr=False)
     #: "" for the agent's own namespace; otherwise a shared namespace its policy lets it write.
     namespace: str = ""
+    #: Where the content came from: "user", "agent", or an external kind ("web", "tool:NAME", ...);
+    #: "" for the policy's default source.
+    source: str = ""
+    #: Ids of the memories it was built from (each one the agent can read).
+    derived_from: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where a memory came from, as the guardian recorded it (the writer is ``Memory.author``)."""
+
+    #: What the writer declared; "unrecorded" for a memory stored before sources were recorded.
+    source: str
+    #: A digest naming the writing session (never the session id itself).
+    session: str
+    #: Ids of the memories it was built from.
+    derived_from: tuple[str, ...] = ()
+    #: The content filter rules that matched what was written.
+    filter_hits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +123,12 @@ class Memory:
     author: str
     #: "quarantined" only in the reply to the write whose content a filter held back.
     status: MemoryStatus
+    provenance: Provenance
+    #: The trust in force for the reader (a write's reply: the trust it was stored with).
+    trust: TrustLevel
+    #: The reader's policy recalls this trust level only labelled: the content is quoted data
+    #: from its source, not an instruction (the reply to a write is not labelled).
+    labelled: bool
     #: Only in the reply to a write: the content filters that redacted part of what was sent.
     redacted_by: tuple[str, ...] = ()
 
@@ -121,6 +154,8 @@ class SearchHits:
 
     hits: tuple[SearchHit, ...]
     semantic_pending: bool = False
+    #: How many matches the caller's policy withholds at their trust level (left out of ``hits``).
+    withheld: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,3 +164,5 @@ class Page:
 
     memories: tuple[Memory, ...]
     next_cursor: str | None
+    #: How many memories of this page the caller's policy withholds at their trust level (left out).
+    withheld: int = 0

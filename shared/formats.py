@@ -15,6 +15,7 @@ __all__ = [
     "OPERATOR_METADATA_KEY",
     "RETRY_AFTER_METADATA_KEY",
     "SESSION_ID_RE",
+    "SOURCE_RE",
     "TOKEN_RE",
     "is_agent_token",
 ]
@@ -27,6 +28,9 @@ SESSION_ID_RE: Final = re.compile(r"ses_[A-Za-z0-9_-]{32}")
 MEMORY_ID_RE: Final = re.compile(r"mem_[0-9a-f]{32}")
 #: An agent's name: 1-64 characters, letters, digits, '-', '_', '.', not starting with a symbol.
 AGENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Where a memory's content came from (guardian/recall/trust.py): a lowercase kind (``web``), optionally
+#: with a name (``tool:calendar``).
+SOURCE_RE: Final = re.compile(r"[a-z][a-z0-9_-]{0,31}(?::[A-Za-z0-9_.-]{1,64})?")
 
 #: gRPC metadata key in which guardianctl names the operator running it (claimed, not proven).
 OPERATOR_METADATA_KEY: Final = "x-guardian-operator"

@@ -6,6 +6,8 @@
 - ``verify [--security-log FILE]``: walk the whole chain and check it still
   holds every head published to the security log; exit 1 naming the first
   row that does not hold.
+- ``who-read ID``: every read that returned the memory (or withheld it for its
+  trust level): when, which agent and session, which operation.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from guardian.ctl.connection import call
+from guardian.ctl.output import print_json, when
 from shared.errors import ConfigError
 from shared.rpc.guardian.v1 import admin_pb2
 
@@ -221,6 +224,35 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if response.intact else 1
 
 
+def cmd_audit_who_read(args: argparse.Namespace) -> int:
+    """guardianctl audit who-read ID [--limit N]."""
+    response = call(args, "WhoRead", admin_pb2.WhoReadRequest(id=args.id, limit=args.limit))
+    for read in response.reads:
+        if args.json:
+            print_json(
+                {
+                    "memory_id": read.memory_id,
+                    "seq": read.seq,
+                    "ts_ms": read.ts_ms,
+                    "agent": read.agent,
+                    "session": read.session,
+                    "operation": read.operation,
+                    "withheld": read.withheld,
+                }
+            )
+        else:
+            outcome = "withheld" if read.withheld else "returned"
+            print(
+                f"{when(read.ts_ms)}  row {read.seq:<8} {read.agent:<24} session {read.session or '-':<16}"
+                f"  {read.operation:<14} {outcome}"
+            )
+    if not args.json and not response.reads:
+        print(f"no read returned or withheld {args.id}")
+    if response.truncated:
+        print(f"(first {args.limit} reads; use --limit)", file=sys.stderr)
+    return 0
+
+
 def add_audit_commands(commands: Any) -> None:
     """Register ``audit tail|query|export|verify`` under the top-level subcommands."""
     audit = commands.add_parser("audit", help="read, follow, export and verify the audit trail")
@@ -261,3 +293,10 @@ def add_audit_commands(commands: Any) -> None:
         "--security-log", action="append", default=[], metavar="FILE", help="security log to take heads from"
     )
     verify.set_defaults(func=cmd_audit_verify)
+
+    who_read = audit_commands.add_parser(
+        "who-read", help="every read that returned a memory, or withheld it for its trust: who, when, how"
+    )
+    who_read.add_argument("id", help="the memory's id (mem_...)")
+    who_read.add_argument("--limit", type=int, default=1000, help="at most this many reads (1-10000; 1000)")
+    who_read.set_defaults(func=cmd_audit_who_read)

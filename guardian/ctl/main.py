@@ -274,6 +274,10 @@ def _held_row(memory: Any) -> dict[str, Any]:
         "created": when(memory.created_at_ms),
         "bytes": memory.content_bytes,
         "rules": list(memory.rules),
+        "source": memory.source,
+        "session": memory.session,
+        "derived_from": list(memory.derived_from),
+        "trust": memory.trust or "-",
     }
 
 
@@ -288,8 +292,10 @@ def cmd_quarantine_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(row)
         return 0
-    for key in ("id", "namespace", "author", "created", "bytes", "rules", "tags", "metadata"):
-        print(f"{key + ':':<11}{row[key]}")
+    for key in ("id", "namespace", "author", "created", "bytes", "rules", "source", "session", "trust", "tags"):
+        print(f"{key + ':':<13}{row[key]}")
+    print(f"{'derived from:':<13}{', '.join(row['derived_from']) or '-'}")
+    print(f"{'metadata:':<13}{row['metadata']}")
     print("content:")
     print(response.content)
     return 0

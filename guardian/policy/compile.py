@@ -22,6 +22,7 @@ import hashlib
 import json
 import urllib.parse
 import zoneinfo
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -45,8 +46,18 @@ from guardian.checks.filters import (
 )
 from guardian.checks.ratelimit import BucketSpec, RateSpec
 from guardian.files.strict_yaml import Section, parse_yaml
+from guardian.recall.trust import (
+    RECALL_ACTIONS,
+    TRUST_LEVELS,
+    UNRECORDED,
+    RecallAction,
+    SourceRules,
+    TrustLevel,
+    TrustView,
+    frozen_levels,
+)
 from shared.errors import ConfigError
-from shared.formats import AGENT_NAME_RE
+from shared.formats import AGENT_NAME_RE, SOURCE_RE
 
 __all__ = [
     "OPERATIONS",
@@ -131,6 +142,8 @@ class Profile:
     #: Namespaces besides the agent's own that it may read, and write.
     read_namespaces: frozenset[str]
     write_namespaces: frozenset[str]
+    #: The sources its agents may declare, at what trust, and what its recall does per trust level.
+    sources: SourceRules
 
     def readable_namespaces(self, agent: str) -> tuple[str, ...]:
         """The agent's own namespace first, then the shared ones it may read (or write)."""
@@ -162,10 +175,27 @@ class Policy:
     retention: Retention
     webhook_url: str | None
     webhook_timeout_ms: int
+    #: The source of a write that declares none, and the trust of memories stored before sources were.
+    default_source: str
+    unrecorded: TrustLevel
+    #: Agent -> its profile's source rules, for the agents the policy names.
+    writer_sources: MappingProxyType[str, SourceRules]
 
     def profile_for(self, agent: str) -> Profile:
         """The profile that governs agent (the default profile unless the policy names another)."""
         return self.profiles[self.agent_profiles.get(agent, self.default_profile)]
+
+    def trust_view(self, agent: str) -> TrustView:
+        """Trust as agent's requests see it (guardian/recall/trust.py)."""
+        return TrustView(
+            own=self.profile_for(agent).sources,
+            writers=MappingProxyType(
+                {name: self.profiles[profile].sources for name, profile in self.agent_profiles.items()}
+            ),
+            default_writer=self.profiles[self.default_profile].sources,
+            unrecorded=self.unrecorded,
+            default_source=self.default_source,
+        )
 
 
 def load_policy(path: Path) -> Policy:
@@ -210,11 +240,23 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
     default_limits = _limits(top.section("limits"), _DEFAULT_LIMITS)
     default_rates = _rates(top.section("rate_limits"), _DEFAULT_RATES)
     default_read_window = _optional_duration(top, "read_window")
+    provenance = top.section("provenance")
+    source_levels = _source_levels(provenance, "sources", _DEFAULT_SOURCES)
+    default_source = provenance.text("default_source", "agent")
+    if default_source not in source_levels:
+        raise ConfigError(f"{provenance.child_path('default_source')}: {default_source!r} is not under sources")
+    unrecorded = _level(provenance, UNRECORDED, "unverified")
+    provenance.done()
     profiles_section = top.section("profiles", required=True)
     profiles: dict[str, Profile] = {}
     for name in profiles_section.keys():  # noqa: SIM118 - Section is not a dict
         profiles[name] = _profile(
-            name, profiles_section.section(name), default_limits, default_rates, default_read_window
+            name,
+            profiles_section.section(name),
+            default_limits=default_limits,
+            default_rates=default_rates,
+            default_read_window=default_read_window,
+            source_levels=source_levels,
         )
     if not profiles:
         raise ConfigError("profiles: name at least one profile")
@@ -259,11 +301,20 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
         retention=retention,
         webhook_url=webhook_url,
         webhook_timeout_ms=webhook_timeout_ms,
+        default_source=default_source,
+        unrecorded=unrecorded,
+        writer_sources=MappingProxyType({agent: profiles[name].sources for agent, name in agent_profiles.items()}),
     )
 
 
 def _profile(
-    name: str, section: Section, default_limits: Limits, default_rates: RateSpec, default_read_window: int | None
+    name: str,
+    section: Section,
+    *,
+    default_limits: Limits,
+    default_rates: RateSpec,
+    default_read_window: int | None,
+    source_levels: dict[str, TrustLevel],
 ) -> Profile:
     operations = section.list_of_str("operations")
     for index, operation in enumerate(operations):
@@ -285,6 +336,7 @@ def _profile(
     write_namespaces = _namespaces(namespaces, "write")
     namespaces.done()
     allowed_hours = _allowed_hours(section)
+    sources = SourceRules(levels=_profile_sources(section, source_levels), actions=_recall_actions(section))
     section.done()
     return Profile(
         name=name,
@@ -295,7 +347,83 @@ def _profile(
         allowed_hours=allowed_hours,
         read_namespaces=read_namespaces,
         write_namespaces=write_namespaces,
+        sources=sources,
     )
+
+
+#: The sources a policy that names none knows, and their trust.
+_DEFAULT_SOURCES: Final[dict[str, TrustLevel]] = {
+    "user": "trusted",
+    "agent": "unverified",
+    "document": "unverified",
+    "tool": "untrusted",
+    "web": "untrusted",
+    "email": "untrusted",
+}
+#: What a profile's recall does per level when the policy does not say.
+_DEFAULT_RECALL: Final[dict[TrustLevel, RecallAction]] = {
+    "trusted": "recall",
+    "unverified": "recall",
+    "untrusted": "label",
+}
+
+
+def _level(section: Section, key: str, default: str) -> TrustLevel:
+    value = section.text(key, default)
+    for level in TRUST_LEVELS:
+        if value == level:
+            return level
+    raise ConfigError(f"{section.child_path(key)}: expected one of {', '.join(TRUST_LEVELS)}, got {value!r}")
+
+
+def _source_levels(parent: Section, key: str, default: dict[str, TrustLevel]) -> dict[str, TrustLevel]:
+    """A mapping of source -> trust level (absent: default)."""
+    if parent.optional(key, (dict,)) is None:
+        return dict(default)
+    section = parent.section(key)
+    levels: dict[str, TrustLevel] = {}
+    for source in section.keys():  # noqa: SIM118 - Section is not a dict
+        if SOURCE_RE.fullmatch(source) is None or source == UNRECORDED:
+            raise ConfigError(
+                f"{section.child_path(source)}: not a source name (a lowercase kind such as web, or kind:name such"
+                f" as tool:calendar; {UNRECORDED!r} is reserved)"
+            )
+        levels[source] = _level(section, source, "untrusted")
+    section.done()
+    if not levels:
+        raise ConfigError(f"{parent.child_path(key)}: name at least one source")
+    return levels
+
+
+def _profile_sources(profile: Section, levels: dict[str, TrustLevel]) -> Mapping[str, TrustLevel]:
+    """The sources a profile may declare: a list (at the policy's levels), a mapping (its own levels), or all."""
+    value = profile.optional("sources", (list, dict))
+    if value is None:
+        return frozen_levels(levels)
+    if isinstance(value, dict):
+        return frozen_levels(_source_levels(profile, "sources", levels))
+    names = profile.list_of_str("sources")
+    for index, source in enumerate(names):
+        if source not in levels:
+            raise ConfigError(
+                f"{profile.child_path('sources')}[{index}]: {source!r} is not under provenance.sources"
+                " (list it there with its trust level, or give this profile a mapping of source: level)"
+            )
+    return frozen_levels({source: levels[source] for source in names})
+
+
+def _recall_actions(profile: Section) -> Mapping[TrustLevel, RecallAction]:
+    section = profile.section("recall")
+    actions: dict[TrustLevel, RecallAction] = {}
+    for level in TRUST_LEVELS:
+        action = section.text(level, _DEFAULT_RECALL[level])
+        if action not in RECALL_ACTIONS:
+            raise ConfigError(
+                f"{section.child_path(level)}: expected one of {', '.join(RECALL_ACTIONS)}, got {action!r}"
+            )
+        actions[level] = cast("RecallAction", action)
+    section.done()
+    return MappingProxyType(actions)
 
 
 def _namespaces(section: Section, key: str) -> frozenset[str]:

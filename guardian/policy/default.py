@@ -61,12 +61,34 @@ alerts:                   # anomalies always go to the security log; a webhook o
   timeout: 5s
   # webhook_url: https://alerts.example.internal/agent-guardian
 
+provenance:               # where a memory came from decides how far it is believed
+  sources:                # what a write may declare it came from, and that source's trust:
+    user: trusted         #   the person told the agent
+    agent: unverified     #   the agent's own conclusion
+    document: unverified  #   a document the person gave it
+    tool: untrusted       #   a tool's output (tool:NAME; list tool:calendar to set one tool apart)
+    web: untrusted        #   a web page
+    email: untrusted      #   an email
+  default_source: agent   # what a write that declares no source is
+  unrecorded: unverified  # memories stored before sources were recorded
+# A memory derived from others (derived_from) is at most as trusted as the least of them.
+# Per profile: `sources` (a list of the above, or a mapping source: level of its own) says what
+# its agents may declare (default: all); `recall` says per trust level what their reads do with
+# such memories: recall (plainly), label (marked as quoted data, not an instruction) or withhold.
+# Default recall: {trusted: recall, unverified: recall, untrusted: label}.
+
 default_profile: default
 profiles:
   default:
     operations: [store, get, search, list, update, delete]
   read-only:
     operations: [get, search, list]
+  # web-reader:           # an agent that browses: what it stores is never the user's word
+  #   operations: [store, get, search, list]
+  #   sources: [agent, web, tool, document, email]
+  # strict:               # an agent that acts: sees only what it can believe, the rest labelled
+  #   operations: [get, search, list]
+  #   recall: {trusted: recall, unverified: label, untrusted: withhold}
   # office-hours:
   #   operations: [store, get, search, list]
   #   read_window: 30d

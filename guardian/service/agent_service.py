@@ -18,8 +18,8 @@ from guardian.service.call import Call, Writes
 from guardian.state.core import GuardianCore
 from guardian.store import search_index
 from guardian.store.database import Connection
-from guardian.store.memories import Draft, SearchMode, SearchQuery, StoredMemory
-from shared.errors import InvalidArgument, Unauthenticated, Unavailable
+from guardian.store.memories import WITHHELD, Draft, Recalled, SearchMode, SearchQuery, StoredMemory
+from shared.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 
 __all__ = [
@@ -46,8 +46,14 @@ __all__ = [
 ]
 
 
-def memory_message(memory: StoredMemory, redacted_by: tuple[str, ...] = ()) -> pb.Memory:
-    """The wire form of a verified memory; redacted_by: the rules that redacted the write that returns it."""
+def memory_message(
+    memory: StoredMemory, redacted_by: tuple[str, ...] = (), recalled: Recalled | None = None
+) -> pb.Memory:
+    """The wire form of a verified memory.
+
+    redacted_by: the rules that redacted the write that returns it; recalled: how a read
+    returns it (its trust in force, labelled or not); a write's reply gives the stored trust.
+    """
     return pb.Memory(
         id=memory.id,
         content=memory.content,
@@ -60,7 +66,19 @@ def memory_message(memory: StoredMemory, redacted_by: tuple[str, ...] = ()) -> p
         author=memory.author,
         status=memory.status,
         redacted_by=list(redacted_by),
+        provenance=pb.Provenance(
+            source=memory.declared_source,
+            session=memory.session,
+            derived_from=list(memory.derived_from),
+            filter_hits=list(memory.filter_hits),
+        ),
+        trust=recalled.trust if recalled is not None else memory.trust,
+        labelled=recalled.labelled if recalled is not None else False,
     )
+
+
+def _recalled_message(recalled: Recalled) -> pb.Memory:
+    return memory_message(recalled.memory, recalled=recalled)
 
 
 def limits_message(limits: Limits) -> pb.Limits:
@@ -163,7 +181,15 @@ def check_update(core: GuardianCore, call: Call, request: pb.UpdateRequest) -> W
         changed.add("metadata")
     if not changed:
         raise InvalidArgument("update: set at least one of content, tags or metadata")
-    draft = Draft(content=content, tags=tags, metadata_json=metadata)
+    source = ""
+    derived_from: tuple[str, ...] = ()
+    if request.HasField("source"):
+        source = shape.source(request.source)
+        changed.add("source")
+    if request.HasField("derived_from"):
+        derived_from = shape.derived_from(request.derived_from.ids)
+        changed.add("derived_from")
+    draft = Draft(content=content, tags=tags, metadata_json=metadata, source=source, derived_from=derived_from)
     return Writes((draft,), changed=frozenset(changed), memory_id=memory_id)
 
 
@@ -203,8 +229,13 @@ def check_get(core: GuardianCore, call: Call, request: pb.GetRequest) -> str:
 
 
 def get(core: GuardianCore, call: Call, memory_id: str, connection: Connection) -> pb.GetResponse:
-    """One memory the caller may read, verified."""
-    return pb.GetResponse(memory=memory_message(core.memories.get(connection, call.required_scope, memory_id)))
+    """One memory the caller may recall, verified; PermissionDenied if its profile withholds its trust level."""
+    recalled = core.memories.recall(connection, call.required_scope, memory_id)
+    if recalled is None:
+        call.withheld = (memory_id,)
+        raise PermissionDenied(WITHHELD)
+    call.recalled = (memory_id,)
+    return pb.GetResponse(memory=_recalled_message(recalled))
 
 
 @dataclass(frozen=True)
@@ -262,19 +293,22 @@ def check_search(core: GuardianCore, call: Call, request: pb.SearchRequest) -> Q
 
 def search(core: GuardianCore, call: Call, query: Query, connection: Connection) -> pb.SearchResponse:
     """The memories the caller may read that best match the query, each with its score and its legs' ranks."""
-    hits = core.memories.search(connection, call.required_scope, query.query, query.limit)
-    call.object_id = ",".join(hit.memory.id for hit in hits)
+    found = core.memories.search(connection, call.required_scope, query.query, query.limit)
+    call.recalled = tuple(hit.memory.id for hit in found.hits)
+    call.withheld = tuple(found.withheld)
+    call.object_id = ",".join(call.recalled)
     return pb.SearchResponse(
         hits=[
             pb.SearchHit(
-                memory=memory_message(hit.memory),
+                memory=_recalled_message(hit.recalled),
                 score=hit.score,
                 lexical_rank=hit.lexical_rank,
                 semantic_rank=hit.semantic_rank,
             )
-            for hit in hits
+            for hit in found.hits
         ],
         semantic_pending=query.semantic_pending,
+        withheld=len(found.withheld),
     )
 
 
@@ -293,11 +327,20 @@ def check_list(core: GuardianCore, call: Call, request: pb.ListRequest) -> Page:
 
 def list_page(core: GuardianCore, call: Call, page: Page, connection: Connection) -> pb.ListResponse:
     """One page of the memories the caller may read, newest first."""
-    memories, next_cursor = core.memories.list_page(connection, call.required_scope, page.size, page.cursor)
-    call.object_id = ",".join(memory.id for memory in memories)
-    return pb.ListResponse(memories=[memory_message(memory) for memory in memories], next_cursor=next_cursor)
+    recalled, withheld, next_cursor = core.memories.list_page(connection, call.required_scope, page.size, page.cursor)
+    call.recalled = tuple(item.memory.id for item in recalled)
+    call.withheld = tuple(withheld)
+    call.object_id = ",".join(call.recalled)
+    return pb.ListResponse(
+        memories=[_recalled_message(item) for item in recalled], next_cursor=next_cursor, withheld=len(withheld)
+    )
 
 
 def _draft(message: pb.MemoryDraft, limits: Limits, field: str) -> Draft:
     draft = shape.draft(message.content, message.tags, message.metadata_json, limits, field)
-    return replace(draft, namespace=shape.namespace(message.namespace, f"{field}.namespace"))
+    return replace(
+        draft,
+        namespace=shape.namespace(message.namespace, f"{field}.namespace"),
+        source=shape.source(message.source, f"{field}.source") if message.source else "",
+        derived_from=shape.derived_from(message.derived_from, f"{field}.derived_from"),
+    )

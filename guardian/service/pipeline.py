@@ -39,7 +39,7 @@ from guardian.service.call import Call, Malformed, Rule, Writes
 from guardian.service.rules import KNOWN_METHODS
 from guardian.service.shape import check_known_fields
 from guardian.state.core import GuardianCore, now_ms, session_ref
-from guardian.store import audit, idempotency
+from guardian.store import audit, idempotency, provenance
 from guardian.store.database import Connection
 from guardian.store.memories import ACTIVE, QUARANTINED, Draft, Scope
 from shared.errors import (
@@ -181,7 +181,9 @@ class Pipeline:
             agent=call.agent,
             namespaces=profile.readable_namespaces(call.agent),
             writable=frozenset({call.agent}) | profile.write_namespaces,
+            trust=call.policy.trust_view(call.agent),
             not_before_ms=max(0, call.now_ms - window) if window else 0,
+            session=session_ref(call.session.id) if call.session else "",
         )
 
     def _policy_stage(self, call: Call, rule: Rule, noted: list[AnomalyKind]) -> None:
@@ -277,7 +279,8 @@ class Pipeline:
                 response.SerializeToString(deterministic=True),
             )
             idempotency.record(connection, call.agent, keyed.key, first, call.now_ms)
-        self._audit(connection, call, rule, "allow", _allow_reason(checked, hits))
+        seq = self._audit(connection, call, rule, "allow", _allow_reason(checked, hits))
+        provenance.record_reads(connection, seq, returned=call.recalled, withheld=call.withheld)
         return response
 
     def _anomaly_stage(self, call: Call, error: GuardianError | None, noted: list[AnomalyKind]) -> None:
@@ -381,8 +384,17 @@ class Pipeline:
         return error
 
     def _append_audit(self, call: Call, rule: Rule, decision: audit.Decision, reason: str) -> None:
-        """Append the call's audit row on its own (group-committed with concurrent requests)."""
-        self._core.database.submit(lambda connection: self._audit(connection, call, rule, decision, reason))
+        """Append the call's audit row on its own (group-committed with concurrent requests).
+
+        A refused read records what it withheld (a failed transaction returned nothing).
+        """
+
+        def append(connection: Connection) -> None:
+            seq = self._audit(connection, call, rule, decision, reason)
+            returned = call.recalled if decision == "allow" else ()
+            provenance.record_reads(connection, seq, returned=returned, withheld=call.withheld)
+
+        self._core.database.submit(append)
 
     def _observe(self, call: Call, rule: Rule, decision: audit.Decision, started: float) -> None:
         """Count the outcome; an admin action also goes to the security log."""
@@ -403,9 +415,10 @@ class Pipeline:
 
     def _audit(
         self, connection: Connection, call: Call, rule: Rule | str, decision: audit.Decision, reason: str
-    ) -> None:
-        """Write call's audit row inside connection's transaction, under the rule's operation (or the one given)."""
-        self._core.audit.record(
+    ) -> int:
+        """Write call's audit row inside connection's transaction, under the rule's operation (or the one given);
+        its seq."""
+        return self._core.audit.record(
             connection,
             ts_ms=call.now_ms,
             agent=call.agent,
@@ -416,7 +429,7 @@ class Pipeline:
             reason=reason,
             policy_version=call.policy.version,
             args_digest=call.args_digest,
-        )
+        ).seq
 
 
 #: The audit operation of a call to a method the socket does not serve.

@@ -115,6 +115,7 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     # Alone: a long read (or a wait for new rows) never holds the writer.
     "QueryAudit": Rule("admin.audit.query", check=admin.check_audit_query, handle_alone=admin.query_audit),
     "VerifyAudit": Rule("admin.audit.verify", check=admin.check_published_heads, handle_alone=admin.verify_audit),
+    "WhoRead": Rule("admin.audit.who_read", check=admin.check_who_read, handle=admin.who_read),
     "ListKeys": Rule("admin.keys.list", handle=keys.list_keys),
     "RotateKey": Rule("admin.keys.rotate", check=keys.check_ring, handle_alone=keys.rotate_key),
     "ResignMemories": Rule("admin.keys.resign", handle_alone=keys.resign_memories),

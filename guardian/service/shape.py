@@ -16,21 +16,24 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from guardian.policy.compile import Limits
+from guardian.recall.trust import UNRECORDED
 from guardian.store.integrity import canonical_json
-from guardian.store.memories import Draft
+from guardian.store.memories import MAX_DERIVED_FROM, Draft
 from shared.errors import InvalidArgument
-from shared.formats import AGENT_NAME_RE, MEMORY_ID_RE
+from shared.formats import AGENT_NAME_RE, MEMORY_ID_RE, SOURCE_RE
 
 __all__ = [
     "agent_name",
     "check_known_fields",
     "content",
+    "derived_from",
     "draft",
     "memory_id",
     "metadata_json",
     "namespace",
     "page_size",
     "query",
+    "source",
     "tags",
 ]
 
@@ -135,13 +138,31 @@ def agent_name(value: str, field: str = "name") -> str:
     return value
 
 
-def memory_id(value: str) -> str:
+def memory_id(value: str, field: str = "id") -> str:
     """An id of the form the guardian issues."""
     if not value:
-        raise InvalidArgument("id: is required")
+        raise InvalidArgument(f"{field}: is required")
     if MEMORY_ID_RE.fullmatch(value) is None:
-        raise InvalidArgument("id: not a memory id this guardian issues (expected mem_ and 32 hex digits)")
+        raise InvalidArgument(f"{field}: not a memory id this guardian issues (expected mem_ and 32 hex digits)")
     return value
+
+
+def source(value: str, field: str = "source") -> str:
+    """A source name (``web``, ``tool:calendar``); whether the agent may declare it is the data stage's."""
+    if SOURCE_RE.fullmatch(value) is None or value == UNRECORDED:
+        raise InvalidArgument(
+            f"{field}: not a source (a lowercase kind such as user, agent, web, email or document, or kind:name"
+            " such as tool:calendar)"
+        )
+    return value
+
+
+def derived_from(values: Sequence[str], field: str = "derived_from") -> tuple[str, ...]:
+    """Distinct memory ids, at most MAX_DERIVED_FROM of them."""
+    unique = tuple(dict.fromkeys(values))
+    if len(unique) > MAX_DERIVED_FROM:
+        raise InvalidArgument(f"{field}: {len(unique)} memories is over the limit of {MAX_DERIVED_FROM}")
+    return tuple(memory_id(value, f"{field}[{index}]") for index, value in enumerate(unique))
 
 
 def query(value: str, limits: Limits) -> str:

@@ -1,2 +1,2 @@
-"""Everything in the SQLCipher database: the connection and schema, memories, their integrity,
-the search index (and the scan form it reads), agents, the audit chain, idempotency records, backups."""
+"""Everything in the SQLCipher database: the connection and schema, memories, their integrity and
+provenance, the search index (and its scan form), agents, the audit chain, idempotency, backups."""

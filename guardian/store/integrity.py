@@ -15,6 +15,11 @@ and the same encoding of: id, namespace, author, created_at_ms, updated_at_ms,
 sha256, tags, metadata, status. Rows keep the format they were signed with
 (``sig_format``); v1 rows verify as v1 with namespace = author = ``agent``
 and status ``active``, and are re-signed as v2 when next written.
+
+Version 3 (schema 7, provenance) is ``b"agent-guardian/memory/v3\n"`` and the v2 fields
+followed by: filter_hits (comma-joined rule names), source, session (the writing
+session's audit reference), derived_from (comma-joined memory ids) and trust. v2 rows
+verify as v2 only with all of those empty, and are re-signed as v3 when next written.
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ from guardian.keys.ring import KeyRing
 
 __all__ = ["CURRENT_FORMAT", "SignedFields", "canonical_json", "content_sha256", "memory_message"]
 
-_PREFIXES: Final = {1: b"agent-guardian/memory/v1\n", 2: b"agent-guardian/memory/v2\n"}
+_PREFIXES: Final = {
+    1: b"agent-guardian/memory/v1\n",
+    2: b"agent-guardian/memory/v2\n",
+    3: b"agent-guardian/memory/v3\n",
+}
 #: The format every new signature uses.
-CURRENT_FORMAT: Final = 2
+CURRENT_FORMAT: Final = 3
 
 
 def canonical_json(value: Any) -> str:
@@ -57,6 +66,11 @@ class SignedFields:
     tags_json: str
     metadata_json: str
     status: str
+    filter_hits: str = ""
+    source: str = ""
+    session: str = ""
+    derived_from: str = ""
+    trust: str = ""
 
     def sign(self, ring: KeyRing) -> tuple[str, str]:
         """(key id, hex HMAC) in the current format, with the ring's primary key."""
@@ -66,6 +80,8 @@ class SignedFields:
         """Whether the stored HMAC, made in sig_format, matches these fields."""
         if sig_format == 1 and (self.namespace != self.author or self.status != "active"):
             return False  # a v1 row predates namespaces and quarantine
+        if sig_format in (1, 2) and (self.source or self.session or self.derived_from or self.trust):
+            return False  # v1 and v2 rows predate provenance
         if sig_format not in _PREFIXES:
             return False
         return ring.verify(key_id, memory_message(self, sig_format), digest_hex)
@@ -86,6 +102,8 @@ def memory_message(fields: SignedFields, sig_format: int) -> bytes:
     )
     if sig_format != 1:
         parts += (fields.status,)
+    if sig_format >= 3:
+        parts += (fields.filter_hits, fields.source, fields.session, fields.derived_from, fields.trust)
     out = bytearray(_PREFIXES[sig_format])
     for part in parts:
         data = part.encode("utf-8")

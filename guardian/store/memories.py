@@ -23,7 +23,8 @@ from typing import Any, Final, Literal
 from guardian.keys.ring import KeyRing
 from guardian.recall.fusion import fuse
 from guardian.recall.model import Vector
-from guardian.store import search_index
+from guardian.recall.trust import UNRECORDED, TrustLevel, TrustView, lowest
+from guardian.store import provenance, search_index
 from guardian.store.database import Connection
 from guardian.store.integrity import CURRENT_FORMAT, SignedFields, canonical_json, content_sha256
 from guardian.store.vectors import MemoryVectors
@@ -31,10 +32,14 @@ from shared.errors import DataLoss, InvalidArgument, NotFound, PermissionDenied
 
 __all__ = [
     "ACTIVE",
+    "MAX_DERIVED_FROM",
     "QUARANTINED",
+    "WITHHELD",
     "Draft",
+    "Found",
     "Hit",
     "MemoryStore",
+    "Recalled",
     "Scope",
     "SearchMode",
     "SearchQuery",
@@ -50,7 +55,7 @@ QUARANTINED: Final = "quarantined"
 # Interpolated into SQL: a constant of this module, never input.
 _COLUMNS: Final = (
     "rowid, id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata, sha256,"
-    " key_id, hmac, sig_format, status, filter_hits"
+    " key_id, hmac, sig_format, status, filter_hits, source, session, derived_from, trust"
 )
 _M_COLUMNS: Final = ", ".join("m." + column for column in _COLUMNS.split(", "))
 #: Where a column is in a row of _COLUMNS.
@@ -59,6 +64,10 @@ _CURSOR_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}\.[0-9a-f]{32}")
 _MAX_NAMESPACES: Final = 64
 #: Candidates a search asks each leg for, at least.
 _MIN_DEPTH: Final = 20
+#: The most memories one memory may name as derived from.
+MAX_DERIVED_FROM: Final = 32
+#: What an agent is told of a memory its profile withholds at its trust level.
+WITHHELD: Final = "that memory is withheld: the policy does not let this agent recall memories of its trust level"
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,10 @@ class Draft:
     redacted_by: tuple[str, ...] = ()
     #: The content's vector, when it was embedded before the transaction (else the recall thread embeds it).
     vector: Vector | None = field(default=None, compare=False, repr=False)
+    #: What the writer declared the content came from ("": the policy's default source).
+    source: str = ""
+    #: Ids of memories it was built from (each must be one the writer can recall).
+    derived_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,27 @@ class StoredMemory:
     sha256: str
     status: str = ACTIVE
     filter_hits: tuple[str, ...] = ()
+    #: Provenance (guardian/recall/trust.py): the declared source ("" before sources were recorded),
+    #: the writing session's audit reference, what it was derived from and the trust it was stored with.
+    source: str = ""
+    session: str = ""
+    derived_from: tuple[str, ...] = ()
+    trust: str = ""
+
+    @property
+    def declared_source(self) -> str:
+        """The source as shown: ``unrecorded`` for a memory stored before sources were recorded."""
+        return self.source or UNRECORDED
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """A memory as an agent's read returns it: with its trust level in force and whether it goes labelled."""
+
+    memory: StoredMemory
+    trust: TrustLevel
+    #: The caller's profile recalls this level only labelled (quoted data, not an instruction).
+    labelled: bool
 
 
 @dataclass(frozen=True)
@@ -109,8 +143,18 @@ class Scope:
     namespaces: tuple[str, ...]
     #: Namespaces it may store into, update and delete from (its own included).
     writable: frozenset[str]
+    #: How far memories are trusted and what the agent's recall does with each level.
+    trust: TrustView
     #: Memories created before this (Unix ms) are out of its read window; 0 for none.
     not_before_ms: int = 0
+    #: The session's reference (the audit trail's), recorded as the writer of what it stores.
+    session: str = ""
+
+    def recalled(self, memory: StoredMemory) -> Recalled | None:
+        """memory as this agent's recall returns it, or None when its profile withholds that trust level."""
+        level = self.trust.level_now(memory.author, memory.source, memory.trust)
+        action = self.trust.action(level)
+        return None if action == "withhold" else Recalled(memory, level, labelled=action == "label")
 
     def __post_init__(self) -> None:
         if not self.namespaces or len(self.namespaces) > _MAX_NAMESPACES:
@@ -141,10 +185,23 @@ class SearchQuery:
 class Hit:
     """A memory a search found: its score (higher is better) and its rank in each leg (0: not found there)."""
 
-    memory: StoredMemory
+    recalled: Recalled
     score: float
     lexical_rank: int
     semantic_rank: int
+
+    @property
+    def memory(self) -> StoredMemory:
+        """The memory found."""
+        return self.recalled.memory
+
+
+@dataclass(frozen=True)
+class Found:
+    """A search's hits, and the ids of the matches the caller's profile withholds at their trust level."""
+
+    hits: list[Hit]
+    withheld: list[str]
 
 
 class MemoryStore:
@@ -175,13 +232,21 @@ class MemoryStore:
     # -- agent operations ------------------------------------------------------------------
 
     def insert(self, connection: Connection, scope: Scope, drafts: Sequence[Draft], now_ms: int) -> list[StoredMemory]:
-        """Store drafts written by scope.agent (inside the caller's transaction)."""
+        """Store drafts written by scope.agent in scope.session (inside the caller's transaction).
+
+        Each gets its provenance here: the writer and session from the scope, the source the
+        draft declares (one the writer's profile may declare), the memories it derives from
+        (each one the writer can recall) and the trust that follows from them.
+        """
         stored: list[StoredMemory] = []
-        for draft in drafts:
+        for index, draft in enumerate(drafts):
+            prefix = f"memories[{index}]." if len(drafts) > 1 else "memory."
             namespace = draft.namespace or scope.agent
             if namespace not in scope.writable:
                 # Not echoed: the name is the agent's own text (a content filter never saw it).
                 raise PermissionDenied("the policy does not let this agent write to that namespace")
+            source = draft.source or scope.trust.default_source
+            trust = self._trust_of(connection, scope, source, draft.derived_from, prefix)
             memory = StoredMemory(
                 id="mem_" + secrets.token_hex(16),
                 namespace=namespace,
@@ -194,12 +259,16 @@ class MemoryStore:
                 sha256=content_sha256(draft.content),
                 status=draft.status,
                 filter_hits=draft.filter_hits,
+                source=source,
+                session=scope.session,
+                derived_from=draft.derived_from,
+                trust=trust,
             )
             key_id, digest = _signed_fields(memory).sign(self._ring)
             cursor = connection.execute(
                 "INSERT INTO memories (id, namespace, agent, created_at_ms, updated_at_ms, content, tags, metadata,"
-                " sha256, key_id, hmac, sig_format, status, filter_hits)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " sha256, key_id, hmac, sig_format, status, filter_hits, source, session, derived_from, trust)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     memory.id,
                     memory.namespace,
@@ -215,15 +284,58 @@ class MemoryStore:
                     CURRENT_FORMAT,
                     memory.status,
                     ",".join(memory.filter_hits),
+                    memory.source,
+                    memory.session,
+                    ",".join(memory.derived_from),
+                    memory.trust,
                 ),
             )
+            provenance.record_derivations(connection, memory.id, memory.derived_from)
             if memory.status == ACTIVE:
                 self._index(connection, int(cursor.lastrowid), memory, draft.vector)
             stored.append(memory)
         return stored
 
-    def get(self, connection: Connection, scope: Scope, memory_id: str) -> StoredMemory:
-        """The memory with this id if scope may see it; NotFound otherwise, DataLoss if it fails verification."""
+    def _trust_of(
+        self, connection: Connection, scope: Scope, source: str, derived_from: Sequence[str], prefix: str
+    ) -> TrustLevel:
+        """The trust of a write by scope.agent declaring source, built from derived_from.
+
+        PermissionDenied if the writer's profile may not declare source; NotFound naming the
+        first id of derived_from that is not a memory the writer can recall. prefix: where the
+        fields are in the request, for the error (``memory.``, ``memories[2].``, or ``""``).
+        """
+        level = scope.trust.own.level_of(source)
+        if level is None:
+            raise PermissionDenied(f"{prefix}source: the policy does not let this agent declare the source {source!r}")
+        levels: list[TrustLevel] = [level]
+        for at, parent_id in enumerate(derived_from):
+            try:
+                levels.append(self.get(connection, scope, parent_id).trust)
+            except (NotFound, PermissionDenied):
+                raise NotFound(f"{prefix}derived_from[{at}]: no memory {parent_id} that this agent can read") from None
+        return lowest(levels)
+
+    def get(self, connection: Connection, scope: Scope, memory_id: str) -> Recalled:
+        """The memory with this id as scope's recall returns it.
+
+        NotFound if scope may not see it, PermissionDenied if its profile withholds the memory's
+        trust level, DataLoss if it fails verification.
+        """
+        recalled = self.recall(connection, scope, memory_id)
+        if recalled is None:
+            raise PermissionDenied(WITHHELD)
+        return recalled
+
+    def recall(self, connection: Connection, scope: Scope, memory_id: str) -> Recalled | None:
+        """The memory with this id as scope's recall returns it; None if its profile withholds its trust level.
+
+        NotFound if scope may not see it, DataLoss if it fails verification.
+        """
+        return scope.recalled(self._visible(connection, scope, memory_id))
+
+    def _visible(self, connection: Connection, scope: Scope, memory_id: str) -> StoredMemory:
+        """The memory with this id if scope may see it (whatever its trust); NotFound otherwise."""
         row = connection.execute(
             f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND namespace IN ({scope.placeholders})"  # noqa: S608
             " AND status = 'active' AND created_at_ms >= ?",
@@ -233,7 +345,7 @@ class MemoryStore:
             raise NotFound("no memory with that id")
         return self._verified(row)
 
-    def search(self, connection: Connection, scope: Scope, query: SearchQuery, limit: int) -> list[Hit]:
+    def search(self, connection: Connection, scope: Scope, query: SearchQuery, limit: int) -> Found:
         """The limit memories in scope that best match query, best first.
 
         Each leg asks its index for the best candidates of the caller's namespaces only:
@@ -250,8 +362,8 @@ class MemoryStore:
             lexical = self._lexical(connection, scope, query.terms, depth) if query.mode != "semantic" else []
             semantic: Sequence[tuple[int, float]] = []
             if query.mode != "lexical":
-                found = query.nearest if depth == first else None
-                semantic = found if found is not None else self._semantic(scope, query.vector, depth)
+                nearest = query.nearest if depth == first else None
+                semantic = nearest if nearest is not None else self._semantic(scope, query.vector, depth)
             rows = self._rows(connection, [rowid for rowid, _ in lexical] + [rowid for rowid, _ in semantic])
             if query.mode == "hybrid":
                 shares = [
@@ -264,9 +376,9 @@ class MemoryStore:
                 ranked = [(rowid, -bm25, rank, 0) for rank, (rowid, bm25) in enumerate(lexical, 1)]
             else:
                 ranked = [(rowid, cosine, 0, rank) for rank, (rowid, cosine) in enumerate(semantic, 1)]
-            hits = self._visible_hits(scope, rows, ranked, limit)
-            if len(hits) >= limit or (len(lexical) < depth and len(semantic) < depth):
-                return hits
+            visible = self._visible_hits(scope, rows, ranked, limit)
+            if len(visible.hits) >= limit or (len(lexical) < depth and len(semantic) < depth):
+                return visible
             depth *= 4
 
     def _lexical(
@@ -328,9 +440,14 @@ class MemoryStore:
         rows: dict[int, tuple[Any, ...]],
         ranked: list[tuple[int, float, int, int]],
         limit: int,
-    ) -> list[Hit]:
-        """The first limit of ranked (rowid, score, lexical rank, semantic rank) that scope may read, verified."""
+    ) -> Found:
+        """The first limit of ranked (rowid, score, lexical rank, semantic rank) that scope may recall, verified.
+
+        Those passed over because the caller's profile withholds their trust level are named in
+        :attr:`Found.withheld`.
+        """
         hits: list[Hit] = []
+        withheld: list[str] = []
         for rowid, score, lexical_rank, semantic_rank in ranked:
             row = rows.get(rowid)
             if (
@@ -339,15 +456,24 @@ class MemoryStore:
                 and row[_AT["status"]] == ACTIVE
                 and row[_AT["created_at_ms"]] >= scope.not_before_ms
             ):
-                hits.append(Hit(self._verified(row), score, lexical_rank, semantic_rank))
+                memory = self._verified(row)
+                recalled = scope.recalled(memory)
+                if recalled is None:
+                    withheld.append(memory.id)
+                    continue
+                hits.append(Hit(recalled, score, lexical_rank, semantic_rank))
                 if len(hits) == limit:
                     break
-        return hits
+        return Found(hits, withheld)
 
     def list_page(
         self, connection: Connection, scope: Scope, page_size: int, cursor: str
-    ) -> tuple[list[StoredMemory], str]:
-        """One page of memories in scope, newest first, and the cursor of the next page ('' at the end)."""
+    ) -> tuple[list[Recalled], list[str], str]:
+        """One page of memories in scope, newest first: those its recall returns, the ids of those its
+        profile withholds at their trust level, and the cursor of the next page ('' at the end).
+
+        Withheld memories take their place in the page (so a page may hold fewer than page_size).
+        """
         before_ms, before_rowid = self._open_cursor(scope.agent, cursor) if cursor else (2**62, 2**62)
         rows = connection.execute(
             f"SELECT {_COLUMNS} FROM memories WHERE namespace IN ({scope.placeholders})"  # noqa: S608
@@ -357,9 +483,17 @@ class MemoryStore:
             (*scope.namespaces, scope.not_before_ms, before_ms, before_ms, before_rowid, page_size + 1),
         ).fetchall()
         page = rows[:page_size]
-        memories = [self._verified(row) for row in page]
+        recalled: list[Recalled] = []
+        withheld: list[str] = []
+        for row in page:
+            memory = self._verified(row)
+            shown = scope.recalled(memory)
+            if shown is None:
+                withheld.append(memory.id)
+            else:
+                recalled.append(shown)
         next_cursor = self._make_cursor(scope.agent, page[-1][4], page[-1][0]) if len(rows) > page_size else ""
-        return memories, next_cursor
+        return recalled, withheld, next_cursor
 
     def update(
         self,
@@ -371,18 +505,28 @@ class MemoryStore:
         changed: frozenset[str],
         now_ms: int,
     ) -> StoredMemory:
-        """Apply the changed fields (content, tags, metadata) of changes to a visible memory and re-sign it.
+        """Apply the changed fields of changes to a memory scope can recall, and re-sign it.
 
+        changed names what the update sets: content, tags, metadata, source, derived_from. The
+        memory's provenance becomes this write's (its writer and session; the source it declares,
+        else the memory's own, which the writer's profile must be able to declare), and its trust
+        the lowest of what it was and what this write brings: an update never raises trust.
         A quarantine hit in the changes moves the memory to quarantine; filter hits accumulate.
         """
-        current = self.get(connection, scope, memory_id)
+        recalled = self.get(connection, scope, memory_id)
+        current = recalled.memory
         if current.namespace not in scope.writable:
             raise PermissionDenied("that memory is in a namespace this agent may only read")
+        source = changes.source if "source" in changed else current.source or scope.trust.default_source
+        derived_from = changes.derived_from if "derived_from" in changed else current.derived_from
+        brought = self._trust_of(
+            connection, scope, source, changes.derived_from if "derived_from" in changed else (), ""
+        )
         content = changes.content if "content" in changed else current.content
         updated = StoredMemory(
             id=current.id,
             namespace=current.namespace,
-            author=current.author,
+            author=scope.agent,
             content=content,
             tags=changes.tags if "tags" in changed else current.tags,
             metadata_json=changes.metadata_json if "metadata" in changed else current.metadata_json,
@@ -391,13 +535,19 @@ class MemoryStore:
             sha256=content_sha256(content),
             status=changes.status,
             filter_hits=tuple(dict.fromkeys(current.filter_hits + changes.filter_hits)),
+            source=source,
+            session=scope.session,
+            derived_from=derived_from,
+            trust=lowest([brought, recalled.trust]),
         )
         self._rewrite(connection, updated, changes.vector if "content" in changed else None)
+        if "derived_from" in changed:
+            provenance.record_derivations(connection, updated.id, updated.derived_from, replace=True)
         return updated
 
     def delete(self, connection: Connection, scope: Scope, memory_id: str) -> None:
-        """Delete a visible memory in a namespace scope may write; NotFound if it sees none with this id."""
-        current = self.get(connection, scope, memory_id)
+        """Delete a memory scope can recall, in a namespace it may write; NotFound if it sees none with this id."""
+        current = self.get(connection, scope, memory_id).memory
         if current.namespace not in scope.writable:
             raise PermissionDenied("that memory is in a namespace this agent may only read")
         self._delete(connection, [memory_id])
@@ -465,6 +615,7 @@ class MemoryStore:
         if self.vectors is not None:
             self.vectors.drop(connection, rowids)
         connection.executemany("DELETE FROM memories WHERE rowid = ?", [(rowid,) for rowid in rowids])
+        provenance.forget_children(connection, ids)
 
     def _rewrite(self, connection: Connection, memory: StoredMemory, vector: Vector | None = None) -> None:
         """Store memory's new fields and signature, and index it again (only an active memory is indexed).
@@ -483,9 +634,11 @@ class MemoryStore:
             self.vectors.drop(connection, [rowid])
         key_id, digest = _signed_fields(memory).sign(self._ring)
         connection.execute(
-            "UPDATE memories SET content = ?, tags = ?, metadata = ?, updated_at_ms = ?, sha256 = ?,"
-            " key_id = ?, hmac = ?, sig_format = ?, status = ?, filter_hits = ? WHERE id = ?",
+            "UPDATE memories SET agent = ?, content = ?, tags = ?, metadata = ?, updated_at_ms = ?, sha256 = ?,"
+            " key_id = ?, hmac = ?, sig_format = ?, status = ?, filter_hits = ?, source = ?, session = ?,"
+            " derived_from = ?, trust = ? WHERE id = ?",
             (
+                memory.author,
                 memory.content,
                 canonical_json(list(memory.tags)),
                 memory.metadata_json,
@@ -496,6 +649,10 @@ class MemoryStore:
                 CURRENT_FORMAT,
                 memory.status,
                 ",".join(memory.filter_hits),
+                memory.source,
+                memory.session,
+                ",".join(memory.derived_from),
+                memory.trust,
                 memory.id,
             ),
         )
@@ -622,7 +779,7 @@ class MemoryStore:
     def _check(self, row: tuple[Any, ...]) -> StoredMemory | None:
         """The memory of row if its digest and HMAC verify, else None."""
         (_, memory_id, namespace, author, created, updated, content, tags_json, metadata, digest, key_id, mac,
-         sig_format, status, hits) = row  # fmt: skip
+         sig_format, status, hits, source, session, derived_from, trust) = row  # fmt: skip
         memory = StoredMemory(
             id=memory_id,
             namespace=namespace,
@@ -634,7 +791,11 @@ class MemoryStore:
             updated_at_ms=updated,
             sha256=digest,
             status=status,
-            filter_hits=tuple(hit for hit in hits.split(",") if hit),
+            filter_hits=_split(hits),
+            source=source,
+            session=session,
+            derived_from=_split(derived_from),
+            trust=trust,
         )
         if content_sha256(content) != digest or not _fields_of(row).verify(self._ring, key_id, mac, sig_format):
             return None
@@ -671,6 +832,11 @@ def _fields_of(row: tuple[Any, ...]) -> SignedFields:
         row[at["tags"]],
         row[at["metadata"]],
         row[at["status"]],
+        row[at["filter_hits"]],
+        row[at["source"]],
+        row[at["session"]],
+        row[at["derived_from"]],
+        row[at["trust"]],
     )
 
 
@@ -685,7 +851,17 @@ def _signed_fields(memory: StoredMemory) -> SignedFields:
         canonical_json(list(memory.tags)),
         memory.metadata_json,
         memory.status,
+        ",".join(memory.filter_hits),
+        memory.source,
+        memory.session,
+        ",".join(memory.derived_from),
+        memory.trust,
     )
+
+
+def _split(joined: str) -> tuple[str, ...]:
+    """A comma-joined column (rule names, memory ids) as a tuple."""
+    return tuple(part for part in joined.split(",") if part)
 
 
 def _depth(limit: int) -> int:

@@ -190,6 +190,35 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         mac TEXT NOT NULL
     );
     """,
+    # 7: provenance (guardian/recall/trust.py): the source the writer declared, the writing session
+    # (its audit reference), the memories it was derived from and the trust it was stored with; all
+    # covered by the HMAC from signature format 3. Rows written before keep '' (unrecorded). The
+    # derivations, parent to child, so that an incident finds everything built on a memory. And who
+    # read what: each memory a read returned (or withheld for its trust), by its audit row's seq.
+    """
+    ALTER TABLE memories ADD COLUMN source TEXT NOT NULL DEFAULT '';
+    ALTER TABLE memories ADD COLUMN session TEXT NOT NULL DEFAULT '';
+    ALTER TABLE memories ADD COLUMN derived_from TEXT NOT NULL DEFAULT '';
+    ALTER TABLE memories ADD COLUMN trust TEXT NOT NULL DEFAULT '';
+    CREATE TABLE memory_derivations (
+        parent TEXT NOT NULL,
+        child TEXT NOT NULL,
+        PRIMARY KEY (parent, child)
+    ) WITHOUT ROWID;
+    CREATE INDEX memory_derivations_by_child ON memory_derivations(child);
+    CREATE TABLE recalls (
+        memory TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        withheld INTEGER NOT NULL,
+        PRIMARY KEY (memory, seq)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER recalls_no_update BEFORE UPDATE ON recalls BEGIN
+        SELECT RAISE(ABORT, 'recall rows are append-only');
+    END;
+    CREATE TRIGGER recalls_no_delete BEFORE DELETE ON recalls BEGIN
+        SELECT RAISE(ABORT, 'recall rows are append-only');
+    END;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -92,6 +92,7 @@ ALLOWED: Final[dict[str, dict[str, frozenset[grpc.StatusCode]]]] = {
         "PurgeQuarantined": _ADMIN_BASE | {_C.NOT_FOUND},
         "QueryAudit": _ADMIN_BASE,
         "VerifyAudit": _ADMIN_BASE,
+        "WhoRead": _ADMIN_BASE,
         "RotateAgentToken": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # revoked
         "ListSessions": _ADMIN_BASE,
         "RevokeSession": _ADMIN_BASE | {_C.NOT_FOUND},

@@ -88,8 +88,17 @@ async def full_flow(client: Client) -> None:
     memory_id = stored["memory"]["id"]
     hits = (await call(client, "memory_search", query="walrus midnight"))["hits"]
     assert memory_id in [hit["memory"]["id"] for hit in hits]
-    got = (await call(client, "memory_get", id=memory_id))["memory"]
+    got_result = await call(client, "memory_get", id=memory_id)
+    got = got_result["memory"]
     assert got["content"] == MARKER and got["metadata"] == {"source": "test"}
+    # No source declared: the policy's default (agent), unverified, which the default profile recalls plainly.
+    assert (got["provenance"]["source"], got["trust"], got["labelled"], got["notice"]) == (
+        "agent",
+        "unverified",
+        False,
+        None,
+    )
+    assert got["provenance"] == stored["memory"]["provenance"] and got_result["note"] is None
     updated = (await call(client, "memory_update", id=memory_id, tags=["e2e", "updated"]))["memory"]
     assert updated["tags"] == ["e2e", "updated"] and updated["content"] == MARKER
     await call(client, "memory_store_batch", memories=[{"content": f"filler {i}"} for i in range(5)])

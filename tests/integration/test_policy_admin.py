@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -309,6 +310,10 @@ def test_guardianctl_quarantine_list_show_release_purge() -> None:
         assert [row["id"] for row in listed] == ids and listed[0]["rules"] == ["script-injection"]
         shown = guardian.ctl("quarantine", "show", ids[0])
         assert shown.returncode == 0 and "<script>first</script>" in shown.stdout and "writer" in shown.stdout
+        assert "source:      agent" in shown.stdout and "trust:       unverified" in shown.stdout
+        session_line = next(line for line in shown.stdout.splitlines() if line.startswith("session:"))
+        assert session_line.split()[1] == hashlib.sha256(session.encode()).hexdigest()[:16]
+        assert listed[0]["source"] == "agent" and listed[0]["derived_from"] == []
         assert guardian.ctl("quarantine", "release", ids[0]).returncode == 0
         assert guardian.ctl("quarantine", "purge", ids[1]).returncode == 0
         assert json.loads(guardian.ctl("--json", "quarantine", "list").stdout) == []

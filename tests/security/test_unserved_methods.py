@@ -53,6 +53,7 @@ ADMIN_METHODS: Final = (
     "PurgeQuarantined",
     "QueryAudit",
     "VerifyAudit",
+    "WhoRead",
     "RotateAgentToken",
     "ListSessions",
     "RevokeSession",

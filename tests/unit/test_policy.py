@@ -94,6 +94,14 @@ BAD = [
     ("unknown filter key", "filters", [{"name": "x", "pattern": "a", "action": "flag", "when": 1}],
      "filters[0].when: unknown key"),
     ("version 2", "version", 2, "version"),
+    ("bad trust level", "provenance.sources.web", "sketchy", "provenance.sources.web: expected one of trusted"),
+    ("bad source name", "provenance.sources", {"Web Pages": "untrusted"}, "provenance.sources.Web Pages"),
+    ("reserved source name", "provenance.sources", {"unrecorded": "trusted"}, "'unrecorded' is reserved"),
+    ("default source not a source", "provenance.default_source", "rumour", "provenance.default_source"),
+    ("unknown provenance key", "provenance.trust", "all", "provenance.trust: unknown key"),
+    ("profile source not a source", "profiles.default.sources", ["user", "rumour"], "profiles.default.sources[1]"),
+    ("bad recall action", "profiles.default.recall", {"untrusted": "hide"}, "profiles.default.recall.untrusted"),
+    ("unknown trust level in recall", "profiles.default.recall", {"shady": "label"}, "recall.shady: unknown key"),
 ]  # fmt: skip
 
 

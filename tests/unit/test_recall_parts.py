@@ -176,7 +176,7 @@ class _Core:
 
 def test_until_the_index_is_loaded_hybrid_runs_on_words_and_semantic_is_retryable(model: EmbeddingModel) -> None:
     policy = compile_policy(render_default_policy())
-    scope = Scope(agent="alice", namespaces=("alice",), writable=frozenset({"alice"}))
+    scope = Scope(agent="alice", namespaces=("alice",), writable=frozenset({"alice"}), trust=policy.trust_view("alice"))
     call = Call(method="Search", policy=policy, now_ms=0, agent="alice", profile=policy.profile_for("alice"))
     call.scope = scope
     ring = KeyRing("k1", {"k1": b"k" * 32})
@@ -290,7 +290,8 @@ def test_a_large_namespace_is_loaded_straight_into_the_lists_learnt_from_a_sampl
     monkeypatch.setattr(vectors_module, "IVF_MIN", 400)
     ring = KeyRing("k1", {"k1": b"k" * 32})
     writer = MemoryStore(ring, MemoryVectors(model, ring, after_commit=lambda action: None))
-    scope = Scope(agent="alice", namespaces=("alice",), writable=frozenset({"alice"}))
+    trust = compile_policy(render_default_policy()).trust_view("alice")
+    scope = Scope(agent="alice", namespaces=("alice",), writable=frozenset({"alice"}), trust=trust)
     texts = [f"note {n}: the {('red', 'green', 'blue')[n % 3]} project of week {n // 7}" for n in range(600)]
     with database.write() as connection:
         connection.execute(

@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardian.keys.ring import KeyRing
+from guardian.policy.compile import compile_policy
+from guardian.policy.default import render_default_policy
 from guardian.store import search_index
 from guardian.store.database import Connection, Database
 from guardian.store.memories import QUARANTINED, Draft, MemoryStore, Scope, SearchQuery, StoredMemory
@@ -36,17 +38,25 @@ def db(tmp_path: Path) -> Iterator[Database]:
 
 
 STORE = MemoryStore(KeyRing("k1", {"k1": b"k" * 32}))
+POLICY = compile_policy(render_default_policy())
 
 
 def scope(agent: str, not_before_ms: int = 0) -> Scope:
-    return Scope(agent=agent, namespaces=(agent,), writable=frozenset({agent}), not_before_ms=not_before_ms)
+    return Scope(
+        agent=agent,
+        namespaces=(agent,),
+        writable=frozenset({agent}),
+        trust=POLICY.trust_view(agent),
+        not_before_ms=not_before_ms,
+    )
 
 
 def search(db: Database, caller: Scope, query: str, limit: int) -> list[tuple[StoredMemory, float]]:
     """The lexical leg alone (this store keeps no vectors)."""
     words = tuple(search_index.query_terms(query))
     with db.read() as reader:
-        return [(hit.memory, hit.score) for hit in STORE.search(reader, caller, SearchQuery(words, "lexical"), limit)]
+        found = STORE.search(reader, caller, SearchQuery(words, "lexical"), limit)
+    return [(hit.memory, hit.score) for hit in found.hits]
 
 
 def put(connection: Connection, agent: str, content: str, at_ms: int = NOW, status: str = "active") -> str:

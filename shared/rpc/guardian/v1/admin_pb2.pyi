@@ -608,15 +608,27 @@ class QuarantinedMemory(_message.Message):
     CREATED_AT_MS_FIELD_NUMBER: _builtins.int
     CONTENT_BYTES_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
+    TRUST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     namespace: _builtins.str
     author: _builtins.str
     created_at_ms: _builtins.int
     content_bytes: _builtins.int
+    source: _builtins.str
+    """Provenance: the source its writer declared ("unrecorded" before sources were recorded), the
+    writing session's audit reference, the memories it was derived from, the trust it was stored with.
+    """
+    session: _builtins.str
+    trust: _builtins.str
     @_builtins.property
     def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The filter rules that matched."""
 
+    @_builtins.property
+    def derived_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -626,10 +638,14 @@ class QuarantinedMemory(_message.Message):
         created_at_ms: _builtins.int = ...,
         content_bytes: _builtins.int = ...,
         rules: _abc.Iterable[_builtins.str] | None = ...,
+        source: _builtins.str = ...,
+        session: _builtins.str = ...,
+        derived_from: _abc.Iterable[_builtins.str] | None = ...,
+        trust: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "content_bytes", b"content_bytes", "created_at_ms", b"created_at_ms", "id", b"id", "namespace", b"namespace", "rules", b"rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "content_bytes", b"content_bytes", "created_at_ms", b"created_at_ms", "derived_from", b"derived_from", "id", b"id", "namespace", b"namespace", "rules", b"rules", "session", b"session", "source", b"source", "trust", b"trust"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -858,6 +874,97 @@ class AuditRows(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditRows: _TypeAlias = AuditRows  # noqa: Y015
+
+@_typing.final
+class WhoReadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The memory (any status; it may since have been deleted)."""
+    limit: _builtins.int
+    """At most this many reads (0: 1000)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoReadRequest: _TypeAlias = WhoReadRequest  # noqa: Y015
+
+@_typing.final
+class MemoryRead(_message.Message):
+    """One read of a memory, as its audit row records it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    TS_MS_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
+    memory_id: _builtins.str
+    seq: _builtins.int
+    """The read's audit row."""
+    ts_ms: _builtins.int
+    agent: _builtins.str
+    session: _builtins.str
+    """The session's audit reference."""
+    operation: _builtins.str
+    """memory.get, memory.search or memory.list."""
+    withheld: _builtins.bool
+    """True: the memory matched but the reader's profile withheld it for its trust level."""
+    def __init__(
+        self,
+        *,
+        memory_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        ts_ms: _builtins.int = ...,
+        agent: _builtins.str = ...,
+        session: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        withheld: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "memory_id", b"memory_id", "operation", b"operation", "seq", b"seq", "session", b"session", "ts_ms", b"ts_ms", "withheld", b"withheld"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryRead: _TypeAlias = MemoryRead  # noqa: Y015
+
+@_typing.final
+class WhoReadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """True when there are more reads than the limit."""
+    @_builtins.property
+    def reads(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRead]: ...
+    def __init__(
+        self,
+        *,
+        reads: _abc.Iterable[Global___MemoryRead] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reads", b"reads", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoReadResponse: _TypeAlias = WhoReadResponse  # noqa: Y015
 
 @_typing.final
 class ChainHead(_message.Message):

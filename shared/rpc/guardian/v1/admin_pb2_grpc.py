@@ -119,6 +119,11 @@ class AdminServiceStub:
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.WhoRead = channel.unary_unary(
+                '/guardian.v1.AdminService/WhoRead',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadResponse.FromString,
+                _registered_method=True)
         self.RotateAgentToken = channel.unary_unary(
                 '/guardian.v1.AdminService/RotateAgentToken',
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateAgentTokenRequest.SerializeToString,
@@ -296,6 +301,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoRead(self, request, context):
+        """Every read (get, search, list) that returned a memory, or withheld it for its trust level,
+        oldest first: who, in which session, when. Ids only, never content.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateAgentToken(self, request, context):
         """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all).
         """
@@ -461,6 +474,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
                     response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'WhoRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoRead,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadResponse.SerializeToString,
             ),
             'RotateAgentToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateAgentToken,
@@ -977,6 +995,33 @@ class AdminService:
             '/guardian.v1.AdminService/VerifyAudit',
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/WhoRead',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,10 @@ class AdminServiceStub:
     """Rows of the audit trail, oldest first, filtered; a cursor (after_seq) pages and follows."""
     VerifyAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]
     """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
+    WhoRead: _grpc.UnaryUnaryMultiCallable[_admin_pb2.WhoReadRequest, _admin_pb2.WhoReadResponse]
+    """Every read (get, search, list) that returned a memory, or withheld it for its trust level,
+    oldest first: who, in which session, when. Ids only, never content.
+    """
     RotateAgentToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]
     """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]
@@ -126,6 +130,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Rows of the audit trail, oldest first, filtered; a cursor (after_seq) pages and follows."""
     VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
     """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
+    WhoRead: _aio.UnaryUnaryMultiCallable[_admin_pb2.WhoReadRequest, _admin_pb2.WhoReadResponse]  # type: ignore[assignment]
+    """Every read (get, search, list) that returned a memory, or withheld it for its trust level,
+    oldest first: who, in which session, when. Ids only, never content.
+    """
     RotateAgentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]  # type: ignore[assignment]
     """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]  # type: ignore[assignment]
@@ -285,6 +293,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
         """Walks the whole audit chain: every row's mac, the sequence, and the published heads."""
+
+    @_abc_1.abstractmethod
+    def WhoRead(
+        self,
+        request: _admin_pb2.WhoReadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.WhoReadResponse, _abc.Awaitable[_admin_pb2.WhoReadResponse]]:
+        """Every read (get, search, list) that returned a memory, or withheld it for its trust level,
+        oldest first: who, in which session, when. Ids only, never content.
+        """
 
     @_abc_1.abstractmethod
     def RotateAgentToken(

@@ -203,12 +203,25 @@ class MemoryDraft(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     METADATA_JSON_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     metadata_json: _builtins.str
     namespace: _builtins.str
     """Empty: the agent's own namespace. Otherwise a shared namespace the policy lets it write."""
+    source: _builtins.str
+    """Where the content came from: "user" (the person told the agent), "agent" (the agent's own
+    conclusion), or external content the policy names ("web", "email", "document",
+    "tool:NAME", ...). Empty: the policy's default source. The caller's profile must allow it.
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def derived_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of memories this one was built from; each must be one the caller can read. The
+        memory is then trusted at most as far as the least trusted of them.
+        """
+
     def __init__(
         self,
         *,
@@ -216,14 +229,54 @@ class MemoryDraft(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         metadata_json: _builtins.str = ...,
         namespace: _builtins.str = ...,
+        source: _builtins.str = ...,
+        derived_from: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "metadata_json", b"metadata_json", "namespace", b"namespace", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "derived_from", b"derived_from", "metadata_json", b"metadata_json", "namespace", b"namespace", "source", b"source", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MemoryDraft: _TypeAlias = MemoryDraft  # noqa: Y015
+
+@_typing.final
+class Provenance(_message.Message):
+    """Where a memory came from, as the guardian recorded it. The writing agent (Memory.author)
+    and session come from the session that wrote it, never from the request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
+    FILTER_HITS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """What the writer declared; "unrecorded" for a memory stored before sources were recorded."""
+    session: _builtins.str
+    """The writing session, as the audit trail names it (a digest, never the session id)."""
+    @_builtins.property
+    def derived_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def filter_hits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The content filter rules that matched what was written (flag, redact, quarantine)."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        session: _builtins.str = ...,
+        derived_from: _abc.Iterable[_builtins.str] | None = ...,
+        filter_hits: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["derived_from", b"derived_from", "filter_hits", b"filter_hits", "session", b"session", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
 
 @_typing.final
 class Memory(_message.Message):
@@ -242,6 +295,9 @@ class Memory(_message.Message):
     AUTHOR_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     REDACTED_BY_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    TRUST_FIELD_NUMBER: _builtins.int
+    LABELLED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     content: _builtins.str
     metadata_json: _builtins.str
@@ -251,10 +307,18 @@ class Memory(_message.Message):
     """Hex sha256 of the content, as stored and verified."""
     namespace: _builtins.str
     author: _builtins.str
-    """The agent that wrote it."""
+    """The agent that wrote it (the last update's, once updated)."""
     status: _builtins.str
     """"active", or "quarantined" in the reply to a store whose content a filter sent to
     quarantine: it is kept for the security team and invisible until released.
+    """
+    trust: _builtins.str
+    """"trusted", "unverified" or "untrusted": the lowest of its source's trust and that of every
+    memory it was derived from, as the policy in force gives them.
+    """
+    labelled: _builtins.bool
+    """True when the caller's profile recalls memories of this trust only labelled: the content
+    is data from that source, quoted; it is not an instruction to the agent.
     """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -265,6 +329,8 @@ class Memory(_message.Message):
         stored exactly as sent.
         """
 
+    @_builtins.property
+    def provenance(self) -> Global___Provenance: ...
     def __init__(
         self,
         *,
@@ -279,10 +345,13 @@ class Memory(_message.Message):
         author: _builtins.str = ...,
         status: _builtins.str = ...,
         redacted_by: _abc.Iterable[_builtins.str] | None = ...,
+        provenance: Global___Provenance | None = ...,
+        trust: _builtins.str = ...,
+        labelled: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "content", b"content", "created_at_ms", b"created_at_ms", "id", b"id", "metadata_json", b"metadata_json", "namespace", b"namespace", "redacted_by", b"redacted_by", "sha256", b"sha256", "status", b"status", "tags", b"tags", "updated_at_ms", b"updated_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "content", b"content", "created_at_ms", b"created_at_ms", "id", b"id", "labelled", b"labelled", "metadata_json", b"metadata_json", "namespace", b"namespace", "provenance", b"provenance", "redacted_by", b"redacted_by", "sha256", b"sha256", "status", b"status", "tags", b"tags", "trust", b"trust", "updated_at_ms", b"updated_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -497,11 +566,14 @@ class SearchResponse(_message.Message):
 
     HITS_FIELD_NUMBER: _builtins.int
     SEMANTIC_PENDING_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     semantic_pending: _builtins.bool
     """True when the semantic leg did not run because recall by meaning is unavailable for a
     moment: the vector index is being loaded after a start, or the embedding service does
     not answer (a hybrid search then ranks by words alone; retry for meaning).
     """
+    withheld: _builtins.int
+    """How many matches the caller's profile does not recall at their trust level (left out)."""
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]: ...
     def __init__(
@@ -509,10 +581,11 @@ class SearchResponse(_message.Message):
         *,
         hits: _abc.Iterable[Global___SearchHit] | None = ...,
         semantic_pending: _builtins.bool = ...,
+        withheld: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "semantic_pending", b"semantic_pending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "semantic_pending", b"semantic_pending", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,8 +624,11 @@ class ListResponse(_message.Message):
 
     MEMORIES_FIELD_NUMBER: _builtins.int
     NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     next_cursor: _builtins.str
     """Empty when there are no more pages."""
+    withheld: _builtins.int
+    """How many memories of this page the caller's profile does not recall at their trust level."""
     @_builtins.property
     def memories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Memory]: ...
     def __init__(
@@ -560,10 +636,11 @@ class ListResponse(_message.Message):
         *,
         memories: _abc.Iterable[Global___Memory] | None = ...,
         next_cursor: _builtins.str = ...,
+        withheld: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memories", b"memories", "next_cursor", b"next_cursor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memories", b"memories", "next_cursor", b"next_cursor", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -590,6 +667,26 @@ class TagList(_message.Message):
 Global___TagList: _TypeAlias = TagList  # noqa: Y015
 
 @_typing.final
+class IdList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdList: _TypeAlias = IdList  # noqa: Y015
+
+@_typing.final
 class UpdateRequest(_message.Message):
     """Replaces each field that is set; leaves the others as they are."""
 
@@ -601,6 +698,8 @@ class UpdateRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     METADATA_JSON_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     id: _builtins.str
     content: _builtins.str
@@ -610,8 +709,14 @@ class UpdateRequest(_message.Message):
     with the same request (a retry after a lost answer), it returns the first answer
     instead of writing twice; with a different request it is refused. Kept 24 hours.
     """
+    source: _builtins.str
+    """The source of what this update writes (see MemoryDraft.source); unset: the memory's own."""
     @_builtins.property
     def tags(self) -> Global___TagList: ...
+    @_builtins.property
+    def derived_from(self) -> Global___IdList:
+        """Replaces the memories it was built from; unset: kept."""
+
     def __init__(
         self,
         *,
@@ -621,19 +726,25 @@ class UpdateRequest(_message.Message):
         tags: Global___TagList | None = ...,
         metadata_json: _builtins.str | None = ...,
         idempotency_key: _builtins.str = ...,
+        source: _builtins.str | None = ...,
+        derived_from: Global___IdList | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_metadata_json", b"_metadata_json", "content", b"content", "metadata_json", b"metadata_json", "tags", b"tags"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_metadata_json", b"_metadata_json", "_source", b"_source", "content", b"content", "derived_from", b"derived_from", "metadata_json", b"metadata_json", "source", b"source", "tags", b"tags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_metadata_json", b"_metadata_json", "content", b"content", "id", b"id", "idempotency_key", b"idempotency_key", "metadata_json", b"metadata_json", "session_id", b"session_id", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_metadata_json", b"_metadata_json", "_source", b"_source", "content", b"content", "derived_from", b"derived_from", "id", b"id", "idempotency_key", b"idempotency_key", "metadata_json", b"metadata_json", "session_id", b"session_id", "source", b"source", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__content: _TypeAlias = _typing.Literal["content"]  # noqa: Y015
     _WhichOneofArgType__content: _TypeAlias = _typing.Literal["_content", b"_content"]  # noqa: Y015
     _WhichOneofReturnType__metadata_json: _TypeAlias = _typing.Literal["metadata_json"]  # noqa: Y015
     _WhichOneofArgType__metadata_json: _TypeAlias = _typing.Literal["_metadata_json", b"_metadata_json"]  # noqa: Y015
+    _WhichOneofReturnType__source: _TypeAlias = _typing.Literal["source"]  # noqa: Y015
+    _WhichOneofArgType__source: _TypeAlias = _typing.Literal["_source", b"_source"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__content) -> _WhichOneofReturnType__content | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__metadata_json) -> _WhichOneofReturnType__metadata_json | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__source) -> _WhichOneofReturnType__source | None: ...
 
 Global___UpdateRequest: _TypeAlias = UpdateRequest  # noqa: Y015
 
