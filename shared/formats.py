@@ -11,6 +11,7 @@ from typing import Final
 
 __all__ = [
     "AGENT_NAME_RE",
+    "INCIDENT_ID_RE",
     "MEMORY_ID_RE",
     "OPERATOR_METADATA_KEY",
     "RETRY_AFTER_METADATA_KEY",
@@ -26,6 +27,8 @@ TOKEN_RE: Final = re.compile(r"agt_[A-Za-z0-9_-]{43}")
 SESSION_ID_RE: Final = re.compile(r"ses_[A-Za-z0-9_-]{32}")
 #: ``mem_`` and 32 lowercase hex characters (16 random bytes).
 MEMORY_ID_RE: Final = re.compile(r"mem_[0-9a-f]{32}")
+#: ``inc_`` and 16 lowercase hex characters (8 random bytes).
+INCIDENT_ID_RE: Final = re.compile(r"inc_[0-9a-f]{16}")
 #: An agent's name: 1-64 characters, letters, digits, '-', '_', '.', not starting with a symbol.
 AGENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Where a memory's content came from (guardian/recall/trust.py): a lowercase kind (``web``), optionally

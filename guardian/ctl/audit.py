@@ -237,14 +237,13 @@ def cmd_audit_who_read(args: argparse.Namespace) -> int:
                     "agent": read.agent,
                     "session": read.session,
                     "operation": read.operation,
-                    "withheld": read.withheld,
+                    "outcome": read.outcome,
                 }
             )
         else:
-            outcome = "withheld" if read.withheld else "returned"
             print(
                 f"{when(read.ts_ms)}  row {read.seq:<8} {read.agent:<24} session {read.session or '-':<16}"
-                f"  {read.operation:<14} {outcome}"
+                f"  {read.operation:<14} {read.outcome}"
             )
     if not args.json and not response.reads:
         print(f"no read returned or withheld {args.id}")

@@ -20,6 +20,7 @@ import grpc
 from guardian.ctl.audit import add_audit_commands, parse_duration_ms
 from guardian.ctl.backup import add_backup_commands
 from guardian.ctl.connection import DEFAULT_ADMIN_SOCKET, call
+from guardian.ctl.incidents import add_incident_commands
 from guardian.ctl.keys import add_key_commands, add_session_commands
 from guardian.ctl.output import print_json, when
 from guardian.state.statedir import init_state_dir
@@ -411,6 +412,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("id", help="a memory id from `quarantine list`")
         sub.set_defaults(func=func)
     add_audit_commands(commands)
+    add_incident_commands(commands)
     add_session_commands(commands)
     add_key_commands(commands)
     add_backup_commands(commands)

@@ -395,7 +395,7 @@ def _read_message(read: provenance.Read) -> pb.MemoryRead:
         agent=read.agent,
         session=read.session,
         operation=read.operation,
-        withheld=read.withheld,
+        outcome=read.outcome,
     )
 
 

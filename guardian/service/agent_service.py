@@ -235,6 +235,7 @@ def get(core: GuardianCore, call: Call, memory_id: str, connection: Connection) 
         call.withheld = (memory_id,)
         raise PermissionDenied(WITHHELD)
     call.recalled = (memory_id,)
+    call.labelled = (memory_id,) if recalled.labelled else ()
     return pb.GetResponse(memory=_recalled_message(recalled))
 
 
@@ -295,6 +296,7 @@ def search(core: GuardianCore, call: Call, query: Query, connection: Connection)
     """The memories the caller may read that best match the query, each with its score and its legs' ranks."""
     found = core.memories.search(connection, call.required_scope, query.query, query.limit)
     call.recalled = tuple(hit.memory.id for hit in found.hits)
+    call.labelled = tuple(hit.memory.id for hit in found.hits if hit.recalled.labelled)
     call.withheld = tuple(found.withheld)
     call.object_id = ",".join(call.recalled)
     return pb.SearchResponse(
@@ -329,6 +331,7 @@ def list_page(core: GuardianCore, call: Call, page: Page, connection: Connection
     """One page of the memories the caller may read, newest first."""
     recalled, withheld, next_cursor = core.memories.list_page(connection, call.required_scope, page.size, page.cursor)
     call.recalled = tuple(item.memory.id for item in recalled)
+    call.labelled = tuple(item.memory.id for item in recalled if item.labelled)
     call.withheld = tuple(withheld)
     call.object_id = ",".join(call.recalled)
     return pb.ListResponse(

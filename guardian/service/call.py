@@ -138,8 +138,10 @@ class Call:
     object_id: str = ""
     #: The audit row's keyed digest of the request bytes.
     args_digest: str = ""
-    #: A read's memories: those it returned, and those the caller's profile withheld at their trust level.
+    #: A read's memories: those it returned (and of them, those labelled), and those the caller's profile
+    #: withheld at their trust level.
     recalled: tuple[str, ...] = ()
+    labelled: tuple[str, ...] = ()
     withheld: tuple[str, ...] = ()
 
     @property

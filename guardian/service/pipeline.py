@@ -280,7 +280,7 @@ class Pipeline:
             )
             idempotency.record(connection, call.agent, keyed.key, first, call.now_ms)
         seq = self._audit(connection, call, rule, "allow", _allow_reason(checked, hits))
-        provenance.record_reads(connection, seq, returned=call.recalled, withheld=call.withheld)
+        provenance.record_reads(connection, seq, returned=call.recalled, labelled=call.labelled, withheld=call.withheld)
         return response
 
     def _anomaly_stage(self, call: Call, error: GuardianError | None, noted: list[AnomalyKind]) -> None:
@@ -392,7 +392,7 @@ class Pipeline:
         def append(connection: Connection) -> None:
             seq = self._audit(connection, call, rule, decision, reason)
             returned = call.recalled if decision == "allow" else ()
-            provenance.record_reads(connection, seq, returned=returned, withheld=call.withheld)
+            provenance.record_reads(connection, seq, returned=returned, labelled=call.labelled, withheld=call.withheld)
 
         self._core.database.submit(append)
 

@@ -15,6 +15,7 @@ from guardian.service import admin_backups as backups
 from guardian.service import admin_keys as keys
 from guardian.service import admin_service as admin
 from guardian.service import agent_service as agent
+from guardian.service import incidents
 from guardian.service.call import Rule
 
 __all__ = ["ADMIN_RULES", "AGENT_RULES", "KNOWN_METHODS"]
@@ -116,6 +117,12 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     "QueryAudit": Rule("admin.audit.query", check=admin.check_audit_query, handle_alone=admin.query_audit),
     "VerifyAudit": Rule("admin.audit.verify", check=admin.check_published_heads, handle_alone=admin.verify_audit),
     "WhoRead": Rule("admin.audit.who_read", check=admin.check_who_read, handle=admin.who_read),
+    "OpenIncident": Rule("admin.incident.open", check=incidents.check_open, handle=incidents.open_incident),
+    "ListIncidents": Rule("admin.incident.list", check=incidents.check_list, handle=incidents.list_incidents),
+    "ReportIncident": Rule(
+        "admin.incident.report", check=incidents.check_incident_id, handle=incidents.report_incident
+    ),
+    "CloseIncident": Rule("admin.incident.close", check=incidents.check_close, handle=incidents.close_incident),
     "ListKeys": Rule("admin.keys.list", handle=keys.list_keys),
     "RotateKey": Rule("admin.keys.rotate", check=keys.check_ring, handle_alone=keys.rotate_key),
     "ResignMemories": Rule("admin.keys.resign", handle_alone=keys.resign_memories),

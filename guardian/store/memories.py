@@ -591,6 +591,43 @@ class MemoryStore:
         self._delete(connection, [memory_id])
         return held
 
+    def hold(self, connection: Connection, memory_id: str, now_ms: int) -> str | None:
+        """Quarantine a memory whatever its namespace (an incident); the status it had, or None if it is gone.
+
+        An active memory leaves the search and vector indexes and is re-signed with its new
+        status; one already quarantined stays as it is.
+        """
+        row = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE id = ?",  # noqa: S608 - constant columns
+            (memory_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        memory = self._verified(row)
+        if memory.status == ACTIVE:
+            held = dataclasses.replace(memory, status=QUARANTINED, updated_at_ms=max(now_ms, memory.updated_at_ms))
+            self._rewrite(connection, held)
+        return memory.status
+
+    def by_ids(self, connection: Connection, memory_ids: Sequence[str]) -> dict[str, StoredMemory]:
+        """The memories with these ids, any status, verified (for the security team's reports)."""
+        found: dict[str, StoredMemory] = {}
+        unique = list(dict.fromkeys(memory_ids))
+        for start in range(0, len(unique), 500):
+            batch = unique[start : start + 500]
+            placeholders = ", ".join("?" for _ in batch)
+            for row in connection.execute(
+                f"SELECT {_COLUMNS} FROM memories WHERE id IN ({placeholders})",  # noqa: S608 - placeholders
+                batch,
+            ).fetchall():
+                memory = self._verified(row)
+                found[memory.id] = memory
+        return found
+
+    def purge(self, connection: Connection, memory_ids: Sequence[str]) -> None:
+        """Delete memories by id for good, whatever their status (an incident closed by deletion)."""
+        self._delete(connection, list(memory_ids))
+
     def purge_older_than(self, connection: Connection, cutoff_ms: int, limit: int) -> list[str]:
         """Delete up to limit memories created before cutoff_ms (retention); their ids."""
         ids = [

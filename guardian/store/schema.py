@@ -194,7 +194,10 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     # (its audit reference), the memories it was derived from and the trust it was stored with; all
     # covered by the HMAC from signature format 3. Rows written before keep '' (unrecorded). The
     # derivations, parent to child, so that an incident finds everything built on a memory. And who
-    # read what: each memory a read returned (or withheld for its trust), by its audit row's seq.
+    # read what: each memory a read returned (plainly or labelled) or withheld for its trust, by its audit
+    # row's seq. And
+    # incidents: the memories the security team held by author, session, source and time, with what was
+    # derived from them (guardian/service/incidents.py).
     """
     ALTER TABLE memories ADD COLUMN source TEXT NOT NULL DEFAULT '';
     ALTER TABLE memories ADD COLUMN session TEXT NOT NULL DEFAULT '';
@@ -209,7 +212,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     CREATE TABLE recalls (
         memory TEXT NOT NULL,
         seq INTEGER NOT NULL,
-        withheld INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
         PRIMARY KEY (memory, seq)
     ) WITHOUT ROWID;
     CREATE TRIGGER recalls_no_update BEFORE UPDATE ON recalls BEGIN
@@ -218,6 +221,24 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     CREATE TRIGGER recalls_no_delete BEFORE DELETE ON recalls BEGIN
         SELECT RAISE(ABORT, 'recall rows are append-only');
     END;
+    CREATE INDEX memories_by_author ON memories(agent, created_at_ms);
+    CREATE TABLE incidents (
+        id TEXT PRIMARY KEY,
+        opened_at_ms INTEGER NOT NULL,
+        opened_by TEXT NOT NULL,
+        selector TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        closed_at_ms INTEGER NOT NULL DEFAULT 0,
+        closed_by TEXT NOT NULL DEFAULT '',
+        resolution TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE incident_memories (
+        incident TEXT NOT NULL REFERENCES incidents(id),
+        memory TEXT NOT NULL,
+        found TEXT NOT NULL,
+        was_status TEXT NOT NULL,
+        PRIMARY KEY (incident, memory)
+    ) WITHOUT ROWID;
     """,
 )
 

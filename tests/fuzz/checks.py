@@ -93,6 +93,10 @@ ALLOWED: Final[dict[str, dict[str, frozenset[grpc.StatusCode]]]] = {
         "QueryAudit": _ADMIN_BASE,
         "VerifyAudit": _ADMIN_BASE,
         "WhoRead": _ADMIN_BASE,
+        "OpenIncident": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # nothing matches; too many
+        "ListIncidents": _ADMIN_BASE,
+        "ReportIncident": _ADMIN_BASE | {_C.NOT_FOUND},
+        "CloseIncident": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # already closed
         "RotateAgentToken": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # revoked
         "ListSessions": _ADMIN_BASE,
         "RevokeSession": _ADMIN_BASE | {_C.NOT_FOUND},

@@ -252,13 +252,13 @@ def test_who_read_names_every_read_that_returned_or_withheld_a_memory(
     agents["judge"].list()
 
     answer = guardian.admin("WhoRead", admin_pb2.WhoReadRequest(id=planted.id))
-    seen = [(read.agent, read.operation, read.withheld) for read in answer.reads]
+    seen = [(read.agent, read.operation, read.outcome) for read in answer.reads]
     assert seen == [
-        ("helper", "memory.search", False),
-        ("helper", "memory.get", False),
-        ("judge", "memory.search", True),
-        ("judge", "memory.get", True),
-        ("judge", "memory.list", True),
+        ("helper", "memory.search", "labelled"),
+        ("helper", "memory.get", "labelled"),
+        ("judge", "memory.search", "withheld"),
+        ("judge", "memory.get", "withheld"),
+        ("judge", "memory.list", "withheld"),
     ]
     helper_session = hashlib.sha256(agents["helper"].session.encode()).hexdigest()[:16]
     assert answer.reads[0].session == helper_session
@@ -271,7 +271,7 @@ def test_who_read_names_every_read_that_returned_or_withheld_a_memory(
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.splitlines()
     assert len(lines) == 5
-    assert "helper" in lines[0] and "memory.search" in lines[0] and "returned" in lines[0]
+    assert "helper" in lines[0] and "memory.search" in lines[0] and "labelled" in lines[0]
     assert "judge" in lines[3] and "withheld" in lines[3]
     assert planted.content not in printed.stdout
 

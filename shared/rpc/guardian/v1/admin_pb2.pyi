@@ -911,7 +911,7 @@ class MemoryRead(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
-    WITHHELD_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     memory_id: _builtins.str
     seq: _builtins.int
     """The read's audit row."""
@@ -921,8 +921,10 @@ class MemoryRead(_message.Message):
     """The session's audit reference."""
     operation: _builtins.str
     """memory.get, memory.search or memory.list."""
-    withheld: _builtins.bool
-    """True: the memory matched but the reader's profile withheld it for its trust level."""
+    outcome: _builtins.str
+    """"returned" (plainly), "labelled" (as quoted data, not an instruction) or "withheld" (the
+    memory matched but the reader's profile does not recall its trust level).
+    """
     def __init__(
         self,
         *,
@@ -932,15 +934,383 @@ class MemoryRead(_message.Message):
         agent: _builtins.str = ...,
         session: _builtins.str = ...,
         operation: _builtins.str = ...,
-        withheld: _builtins.bool = ...,
+        outcome: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "memory_id", b"memory_id", "operation", b"operation", "seq", b"seq", "session", b"session", "ts_ms", b"ts_ms", "withheld", b"withheld"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "memory_id", b"memory_id", "operation", b"operation", "outcome", b"outcome", "seq", b"seq", "session", b"session", "ts_ms", b"ts_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MemoryRead: _TypeAlias = MemoryRead  # noqa: Y015
+
+@_typing.final
+class IncidentSelector(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    """The memories this agent wrote (or last changed)."""
+    session: _builtins.str
+    """... in this session (its audit reference, 16 hex digits)."""
+    source: _builtins.str
+    """... declared from this source; a kind ("tool") also matches each "tool:NAME"."""
+    since_ms: _builtins.int
+    """... created at or after since_ms and before until_ms (Unix ms; 0: no bound)."""
+    until_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        session: _builtins.str = ...,
+        source: _builtins.str = ...,
+        since_ms: _builtins.int = ...,
+        until_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "session", b"session", "since_ms", b"since_ms", "source", b"source", "until_ms", b"until_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentSelector: _TypeAlias = IncidentSelector  # noqa: Y015
+
+@_typing.final
+class OpenIncidentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for the record (at most 500 characters)."""
+    @_builtins.property
+    def selector(self) -> Global___IncidentSelector:
+        """At least one field set."""
+
+    def __init__(
+        self,
+        *,
+        selector: Global___IncidentSelector | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenIncidentRequest: _TypeAlias = OpenIncidentRequest  # noqa: Y015
+
+@_typing.final
+class Incident(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OPENED_AT_MS_FIELD_NUMBER: _builtins.int
+    OPENED_BY_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CLOSED_AT_MS_FIELD_NUMBER: _builtins.int
+    CLOSED_BY_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    DERIVED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    opened_at_ms: _builtins.int
+    opened_by: _builtins.str
+    reason: _builtins.str
+    state: _builtins.str
+    """"open" or "closed"."""
+    closed_at_ms: _builtins.int
+    closed_by: _builtins.str
+    resolution: _builtins.str
+    """"released" or "deleted" once closed."""
+    matched: _builtins.int
+    """How many memories the selector matched, and how many more were derived from them."""
+    derived: _builtins.int
+    @_builtins.property
+    def selector(self) -> Global___IncidentSelector: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        opened_at_ms: _builtins.int = ...,
+        opened_by: _builtins.str = ...,
+        selector: Global___IncidentSelector | None = ...,
+        reason: _builtins.str = ...,
+        state: _builtins.str = ...,
+        closed_at_ms: _builtins.int = ...,
+        closed_by: _builtins.str = ...,
+        resolution: _builtins.str = ...,
+        matched: _builtins.int = ...,
+        derived: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_at_ms", b"closed_at_ms", "closed_by", b"closed_by", "derived", b"derived", "id", b"id", "matched", b"matched", "opened_at_ms", b"opened_at_ms", "opened_by", b"opened_by", "reason", b"reason", "resolution", b"resolution", "selector", b"selector", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Incident: _TypeAlias = Incident  # noqa: Y015
+
+@_typing.final
+class IncidentMemory(_message.Message):
+    """A memory an incident holds (no content)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TRUST_FIELD_NUMBER: _builtins.int
+    FOUND_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    namespace: _builtins.str
+    author: _builtins.str
+    source: _builtins.str
+    trust: _builtins.str
+    found: _builtins.str
+    """"matched" (by the selector) or "derived" (from a memory the incident holds)."""
+    status: _builtins.str
+    """Now: "quarantined", "active" (released) or "deleted"."""
+    created_at_ms: _builtins.int
+    session: _builtins.str
+    """The writing session's audit reference."""
+    @_builtins.property
+    def derived_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        author: _builtins.str = ...,
+        source: _builtins.str = ...,
+        trust: _builtins.str = ...,
+        found: _builtins.str = ...,
+        status: _builtins.str = ...,
+        created_at_ms: _builtins.int = ...,
+        derived_from: _abc.Iterable[_builtins.str] | None = ...,
+        session: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "created_at_ms", b"created_at_ms", "derived_from", b"derived_from", "found", b"found", "id", b"id", "namespace", b"namespace", "session", b"session", "source", b"source", "status", b"status", "trust", b"trust"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentMemory: _TypeAlias = IncidentMemory  # noqa: Y015
+
+@_typing.final
+class IncidentSession(_message.Message):
+    """A session that read any of an incident's memories."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    FIRST_READ_MS_FIELD_NUMBER: _builtins.int
+    LAST_READ_MS_FIELD_NUMBER: _builtins.int
+    RETURNED_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
+    LABELLED_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    session: _builtins.str
+    first_read_ms: _builtins.int
+    last_read_ms: _builtins.int
+    @_builtins.property
+    def returned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Memories of the incident its reads returned plainly, returned labelled, and withheld for their trust."""
+
+    @_builtins.property
+    def withheld(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def labelled(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        session: _builtins.str = ...,
+        first_read_ms: _builtins.int = ...,
+        last_read_ms: _builtins.int = ...,
+        returned: _abc.Iterable[_builtins.str] | None = ...,
+        withheld: _abc.Iterable[_builtins.str] | None = ...,
+        labelled: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "first_read_ms", b"first_read_ms", "labelled", b"labelled", "last_read_ms", b"last_read_ms", "returned", b"returned", "session", b"session", "withheld", b"withheld"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentSession: _TypeAlias = IncidentSession  # noqa: Y015
+
+@_typing.final
+class WrittenAfter(_message.Message):
+    """A memory written in a session that had read an incident memory, after that read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    IN_INCIDENT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    agent: _builtins.str
+    session: _builtins.str
+    created_at_ms: _builtins.int
+    in_incident: _builtins.bool
+    """Whether the incident holds it (it was derived from one of its memories)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        session: _builtins.str = ...,
+        created_at_ms: _builtins.int = ...,
+        in_incident: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "created_at_ms", b"created_at_ms", "id", b"id", "in_incident", b"in_incident", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WrittenAfter: _TypeAlias = WrittenAfter  # noqa: Y015
+
+@_typing.final
+class IncidentReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCIDENT_FIELD_NUMBER: _builtins.int
+    MEMORIES_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    WRITTEN_AFTER_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """True when there were more reads (or later writes) than a report lists (10,000)."""
+    @_builtins.property
+    def incident(self) -> Global___Incident: ...
+    @_builtins.property
+    def memories(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncidentMemory]: ...
+    @_builtins.property
+    def reads(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRead]:
+        """Every read of any of its memories, oldest first."""
+
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncidentSession]: ...
+    @_builtins.property
+    def written_after(self) -> _containers.RepeatedCompositeFieldContainer[Global___WrittenAfter]: ...
+    def __init__(
+        self,
+        *,
+        incident: Global___Incident | None = ...,
+        memories: _abc.Iterable[Global___IncidentMemory] | None = ...,
+        reads: _abc.Iterable[Global___MemoryRead] | None = ...,
+        sessions: _abc.Iterable[Global___IncidentSession] | None = ...,
+        written_after: _abc.Iterable[Global___WrittenAfter] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incident", b"incident", "memories", b"memories", "reads", b"reads", "sessions", b"sessions", "truncated", b"truncated", "written_after", b"written_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentReport: _TypeAlias = IncidentReport  # noqa: Y015
+
+@_typing.final
+class ListIncidentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many (0: 100)."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListIncidentsRequest: _TypeAlias = ListIncidentsRequest  # noqa: Y015
+
+@_typing.final
+class ListIncidentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCIDENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def incidents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Incident]: ...
+    def __init__(
+        self,
+        *,
+        incidents: _abc.Iterable[Global___Incident] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incidents", b"incidents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListIncidentsResponse: _TypeAlias = ListIncidentsResponse  # noqa: Y015
+
+@_typing.final
+class IncidentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentRequest: _TypeAlias = IncidentRequest  # noqa: Y015
+
+@_typing.final
+class CloseIncidentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    resolution: _builtins.str
+    """"release": its memories go back to agents (those it quarantined); "delete": deleted for good."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        resolution: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "resolution", b"resolution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseIncidentRequest: _TypeAlias = CloseIncidentRequest  # noqa: Y015
 
 @_typing.final
 class WhoReadResponse(_message.Message):

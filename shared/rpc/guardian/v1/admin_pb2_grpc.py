@@ -124,6 +124,26 @@ class AdminServiceStub:
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadRequest.SerializeToString,
                 response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadResponse.FromString,
                 _registered_method=True)
+        self.OpenIncident = channel.unary_unary(
+                '/guardian.v1.AdminService/OpenIncident',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.OpenIncidentRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.FromString,
+                _registered_method=True)
+        self.ListIncidents = channel.unary_unary(
+                '/guardian.v1.AdminService/ListIncidents',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListIncidentsRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListIncidentsResponse.FromString,
+                _registered_method=True)
+        self.ReportIncident = channel.unary_unary(
+                '/guardian.v1.AdminService/ReportIncident',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.FromString,
+                _registered_method=True)
+        self.CloseIncident = channel.unary_unary(
+                '/guardian.v1.AdminService/CloseIncident',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CloseIncidentRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.FromString,
+                _registered_method=True)
         self.RotateAgentToken = channel.unary_unary(
                 '/guardian.v1.AdminService/RotateAgentToken',
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateAgentTokenRequest.SerializeToString,
@@ -309,6 +329,36 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenIncident(self, request, context):
+        """Opens an incident: quarantines every memory the selector matches (by author, session, source,
+        time) and everything derived from them, through any chain; answers with its report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListIncidents(self, request, context):
+        """Incidents, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportIncident(self, request, context):
+        """An incident's memories, every read of any of them (who, which session, when, returned or
+        withheld), and what the sessions that read them wrote afterwards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseIncident(self, request, context):
+        """Closes an incident: its memories released to agents again, or deleted for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateAgentToken(self, request, context):
         """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all).
         """
@@ -479,6 +529,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.WhoRead,
                     request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadRequest.FromString,
                     response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadResponse.SerializeToString,
+            ),
+            'OpenIncident': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenIncident,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.OpenIncidentRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.SerializeToString,
+            ),
+            'ListIncidents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIncidents,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListIncidentsRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListIncidentsResponse.SerializeToString,
+            ),
+            'ReportIncident': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportIncident,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.SerializeToString,
+            ),
+            'CloseIncident': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseIncident,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CloseIncidentRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.SerializeToString,
             ),
             'RotateAgentToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateAgentToken,
@@ -1022,6 +1092,114 @@ class AdminService:
             '/guardian.v1.AdminService/WhoRead',
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadRequest.SerializeToString,
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenIncident(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/OpenIncident',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.OpenIncidentRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIncidents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ListIncidents',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListIncidentsRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListIncidentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportIncident(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ReportIncident',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseIncident(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/CloseIncident',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CloseIncidentRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,18 @@ class AdminServiceStub:
     """Every read (get, search, list) that returned a memory, or withheld it for its trust level,
     oldest first: who, in which session, when. Ids only, never content.
     """
+    OpenIncident: _grpc.UnaryUnaryMultiCallable[_admin_pb2.OpenIncidentRequest, _admin_pb2.IncidentReport]
+    """Opens an incident: quarantines every memory the selector matches (by author, session, source,
+    time) and everything derived from them, through any chain; answers with its report.
+    """
+    ListIncidents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListIncidentsRequest, _admin_pb2.ListIncidentsResponse]
+    """Incidents, newest first."""
+    ReportIncident: _grpc.UnaryUnaryMultiCallable[_admin_pb2.IncidentRequest, _admin_pb2.IncidentReport]
+    """An incident's memories, every read of any of them (who, which session, when, returned or
+    withheld), and what the sessions that read them wrote afterwards.
+    """
+    CloseIncident: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloseIncidentRequest, _admin_pb2.IncidentReport]
+    """Closes an incident: its memories released to agents again, or deleted for good."""
     RotateAgentToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]
     """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]
@@ -134,6 +146,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Every read (get, search, list) that returned a memory, or withheld it for its trust level,
     oldest first: who, in which session, when. Ids only, never content.
     """
+    OpenIncident: _aio.UnaryUnaryMultiCallable[_admin_pb2.OpenIncidentRequest, _admin_pb2.IncidentReport]  # type: ignore[assignment]
+    """Opens an incident: quarantines every memory the selector matches (by author, session, source,
+    time) and everything derived from them, through any chain; answers with its report.
+    """
+    ListIncidents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListIncidentsRequest, _admin_pb2.ListIncidentsResponse]  # type: ignore[assignment]
+    """Incidents, newest first."""
+    ReportIncident: _aio.UnaryUnaryMultiCallable[_admin_pb2.IncidentRequest, _admin_pb2.IncidentReport]  # type: ignore[assignment]
+    """An incident's memories, every read of any of them (who, which session, when, returned or
+    withheld), and what the sessions that read them wrote afterwards.
+    """
+    CloseIncident: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloseIncidentRequest, _admin_pb2.IncidentReport]  # type: ignore[assignment]
+    """Closes an incident: its memories released to agents again, or deleted for good."""
     RotateAgentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]  # type: ignore[assignment]
     """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]  # type: ignore[assignment]
@@ -303,6 +327,42 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Every read (get, search, list) that returned a memory, or withheld it for its trust level,
         oldest first: who, in which session, when. Ids only, never content.
         """
+
+    @_abc_1.abstractmethod
+    def OpenIncident(
+        self,
+        request: _admin_pb2.OpenIncidentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.IncidentReport, _abc.Awaitable[_admin_pb2.IncidentReport]]:
+        """Opens an incident: quarantines every memory the selector matches (by author, session, source,
+        time) and everything derived from them, through any chain; answers with its report.
+        """
+
+    @_abc_1.abstractmethod
+    def ListIncidents(
+        self,
+        request: _admin_pb2.ListIncidentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListIncidentsResponse, _abc.Awaitable[_admin_pb2.ListIncidentsResponse]]:
+        """Incidents, newest first."""
+
+    @_abc_1.abstractmethod
+    def ReportIncident(
+        self,
+        request: _admin_pb2.IncidentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.IncidentReport, _abc.Awaitable[_admin_pb2.IncidentReport]]:
+        """An incident's memories, every read of any of them (who, which session, when, returned or
+        withheld), and what the sessions that read them wrote afterwards.
+        """
+
+    @_abc_1.abstractmethod
+    def CloseIncident(
+        self,
+        request: _admin_pb2.CloseIncidentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.IncidentReport, _abc.Awaitable[_admin_pb2.IncidentReport]]:
+        """Closes an incident: its memories released to agents again, or deleted for good."""
 
     @_abc_1.abstractmethod
     def RotateAgentToken(
