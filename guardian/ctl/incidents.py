@@ -1,4 +1,4 @@
-"""``guardianctl incident``: open, list, report and close incidents over the admin socket.
+"""``guardianctl incident`` and ``memories rescan``: the security team's incident response over the admin socket.
 
 - ``open --agent A [--session REF] [--source S] [--since T] [--until T] --reason TEXT``:
   quarantine what the selector matches and everything derived from it; prints the report.
@@ -6,6 +6,10 @@
 - ``report ID``: its memories, every session that read any of them (returned or
   withheld, when) and what those sessions wrote afterwards. ``--json`` for machines.
 - ``close ID --release | --delete``: memories back to agents, or deleted for good.
+
+``memories rescan [--batch N]`` runs the policy's current filters and the
+instruction review signal over every active memory, a batch at a time, and
+quarantines what they catch (printing each id and what caught it).
 
 Reports hold ids and provenance, never content.
 """
@@ -23,7 +27,7 @@ from guardian.ctl.connection import call
 from guardian.ctl.output import when
 from shared.rpc.guardian.v1 import admin_pb2
 
-__all__ = ["add_incident_commands"]
+__all__ = ["add_incident_commands", "add_memory_commands"]
 
 
 def cmd_incident_open(args: argparse.Namespace) -> int:
@@ -69,6 +73,26 @@ def cmd_incident_close(args: argparse.Namespace) -> int:
     resolution = "release" if args.release else "delete"
     report = call(args, "CloseIncident", admin_pb2.CloseIncidentRequest(id=args.id, resolution=resolution))
     _print_report(report, args.json)
+    return 0
+
+
+def cmd_memories_rescan(args: argparse.Namespace) -> int:
+    """guardianctl memories rescan [--batch N]."""
+    after, scanned, held = 0, 0, 0
+    while True:
+        response = call(args, "RescanMemories", admin_pb2.RescanRequest(after_rowid=after, limit=args.batch))
+        scanned += response.scanned
+        for caught in response.held:
+            held += 1
+            if args.json:
+                print(json.dumps({"id": caught.id, "caught_by": list(caught.caught_by)}))
+            else:
+                print(f"held {caught.id}: {', '.join(caught.caught_by)}")
+        after = response.next_rowid
+        if response.done:
+            break
+    if not args.json:
+        print(f"rescanned {scanned} active memories; {held} quarantined (guardianctl quarantine list)")
     return 0
 
 
@@ -161,3 +185,17 @@ def add_incident_commands(commands: Any) -> None:
     how.add_argument("--release", action="store_true", help="back to agents (those the incident quarantined)")
     how.add_argument("--delete", action="store_true", help="deleted for good")
     closing.set_defaults(func=cmd_incident_close)
+
+
+def add_memory_commands(commands: Any) -> None:
+    """Register ``memories rescan`` under the top-level subcommands."""
+    memories = commands.add_parser("memories", help="re-screen stored memories with the policy in force")
+    actions = memories.add_subparsers(dest="memories_command", required=True, metavar="ACTION")
+    rescan = actions.add_parser(
+        "rescan",
+        help="run the current filters and the instruction review over every active memory; hold what they catch",
+        description="So a rule written after an attack finds what got in before it. Each memory held is"
+        " quarantined with an audit row naming the rules that caught it.",
+    )
+    rescan.add_argument("--batch", type=int, default=200, help="memories per request (1-2000; 200)")
+    rescan.set_defaults(func=cmd_memories_rescan)

@@ -20,7 +20,7 @@ import grpc
 from guardian.ctl.audit import add_audit_commands, parse_duration_ms
 from guardian.ctl.backup import add_backup_commands
 from guardian.ctl.connection import DEFAULT_ADMIN_SOCKET, call
-from guardian.ctl.incidents import add_incident_commands
+from guardian.ctl.incidents import add_incident_commands, add_memory_commands
 from guardian.ctl.keys import add_key_commands, add_session_commands
 from guardian.ctl.output import print_json, when
 from guardian.state.statedir import init_state_dir
@@ -413,6 +413,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
     add_audit_commands(commands)
     add_incident_commands(commands)
+    add_memory_commands(commands)
     add_session_commands(commands)
     add_key_commands(commands)
     add_backup_commands(commands)

@@ -45,6 +45,7 @@ from guardian.checks.filters import (
     default_filter_specs,
 )
 from guardian.checks.ratelimit import BucketSpec, RateSpec
+from guardian.checks.review import ReviewRules
 from guardian.files.strict_yaml import Section, parse_yaml
 from guardian.recall.trust import (
     RECALL_ACTIONS,
@@ -180,6 +181,8 @@ class Policy:
     unrecorded: TrustLevel
     #: Agent -> its profile's source rules, for the agents the policy names.
     writer_sources: MappingProxyType[str, SourceRules]
+    #: Which writes are held for review, and on which signals (guardian/checks/review.py).
+    review: ReviewRules
 
     def profile_for(self, agent: str) -> Profile:
         """The profile that governs agent (the default profile unless the policy names another)."""
@@ -247,6 +250,7 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
         raise ConfigError(f"{provenance.child_path('default_source')}: {default_source!r} is not under sources")
     unrecorded = _level(provenance, UNRECORDED, "unverified")
     provenance.done()
+    review = _review(top.section("review"))
     profiles_section = top.section("profiles", required=True)
     profiles: dict[str, Profile] = {}
     for name in profiles_section.keys():  # noqa: SIM118 - Section is not a dict
@@ -304,6 +308,7 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
         default_source=default_source,
         unrecorded=unrecorded,
         writer_sources=MappingProxyType({agent: profiles[name].sources for agent, name in agent_profiles.items()}),
+        review=review,
     )
 
 
@@ -366,6 +371,23 @@ _DEFAULT_RECALL: Final[dict[TrustLevel, RecallAction]] = {
     "unverified": "recall",
     "untrusted": "label",
 }
+
+
+def _review(section: Section) -> ReviewRules:
+    names = section.list_of_str("levels", ["untrusted"])
+    levels: set[TrustLevel] = set()
+    for index, name in enumerate(names):
+        level = next((level for level in TRUST_LEVELS if level == name), None)
+        if level is None:
+            raise ConfigError(f"{section.child_path('levels')}[{index}]: expected one of {', '.join(TRUST_LEVELS)}")
+        levels.add(level)
+    instructions = section.flag("instructions", default=True)
+    value = section.optional("similar_to_trusted", (int, float))
+    similar = ReviewRules().similar_to_trusted if value is None else value
+    if isinstance(similar, bool) or not isinstance(similar, (int, float)) or not 0 <= similar <= 1:
+        raise ConfigError(f"{section.child_path('similar_to_trusted')}: a cosine between 0 (off) and 1")
+    section.done()
+    return ReviewRules(frozenset(levels), instructions, float(similar))
 
 
 def _level(section: Section, key: str, default: str) -> TrustLevel:

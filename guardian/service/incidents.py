@@ -1,4 +1,4 @@
-"""Incident response: the security team's handlers for OpenIncident, ListIncidents, ReportIncident, CloseIncident.
+"""Incident response: the security team's handlers for incidents and for re-screening what is stored.
 
 Opening an incident quarantines, in one transaction, every memory its selector
 matches (by author, session, source and creation time) and everything derived
@@ -10,6 +10,13 @@ sessions wrote after their first read. Closing releases what the incident
 quarantined (a memory already held before stays held) or deletes all of it,
 again with an audit row per memory. Reports carry ids and provenance, never
 content (``guardianctl quarantine show`` shows a held memory's content).
+
+RescanMemories re-screens stored memories with the policy in force, a batch at a
+time: a rule written after an attack finds what got in before it. A memory a
+reject, redact or quarantine rule matches, or (if its trust is one the policy
+reviews) that reads as an instruction to future turns, is quarantined, with an
+audit row naming what caught it. The similarity signal is not re-run: it judges
+a write against what was stored when it was written.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from guardian.checks import review
 from guardian.service.call import Call
 from guardian.service.shape import agent_name, source
 from guardian.state.core import GuardianCore
 from guardian.store import provenance
 from guardian.store.database import Connection
-from guardian.store.memories import ACTIVE, QUARANTINED
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from guardian.store.memories import ACTIVE, QUARANTINED, Draft, StoredMemory
+from guardian.store.scan_form import ScanForm
+from shared.errors import ContentRefused, FailedPrecondition, InvalidArgument, NotFound
 from shared.formats import INCIDENT_ID_RE
 from shared.rpc.guardian.v1 import admin_pb2 as pb
 
@@ -35,10 +44,12 @@ __all__ = [
     "check_incident_id",
     "check_list",
     "check_open",
+    "check_rescan",
     "close_incident",
     "list_incidents",
     "open_incident",
     "report_incident",
+    "rescan_memories",
 ]
 
 #: The most memories one incident holds (a selector matching more is refused: narrow it).
@@ -46,6 +57,7 @@ MAX_INCIDENT_MEMORIES: Final = 50_000
 #: The most reads, and later writes, one report lists.
 _REPORT_LIMIT: Final = 10_000
 _MAX_REASON: Final = 500
+_MAX_RESCAN: Final = 2_000
 _SESSION_REF_LEN: Final = 16
 
 
@@ -102,7 +114,12 @@ def open_incident(core: GuardianCore, call: Call, opening: Opening, connection: 
                 continue
             held.append(provenance.IncidentMemory(memory_id, "derived" if found == "derived" else "matched", was))
             _audit_memory(
-                core, call, connection, "hold", memory_id, reason=f"incident {incident_id}: {found}, was {was}"
+                core,
+                call,
+                connection,
+                "admin.incident.hold",
+                memory_id,
+                reason=f"incident {incident_id}: {found}, was {was}",
             )
     record = provenance.Incident(
         id=incident_id,
@@ -176,15 +193,67 @@ def close_incident(core: GuardianCore, call: Call, closing: Closing, connection:
             memory = present.get(item.memory_id)
             if item.was_status == ACTIVE and memory is not None and memory.status == QUARANTINED:
                 core.memories.release(connection, item.memory_id, call.now_ms)
-                _audit_memory(core, call, connection, "release", item.memory_id, reason=reason)
+                _audit_memory(core, call, connection, "admin.incident.release", item.memory_id, reason=reason)
     else:
         core.memories.purge(connection, list(present))
         for memory_id in present:
-            _audit_memory(core, call, connection, "delete", memory_id, reason=reason)
+            _audit_memory(core, call, connection, "admin.incident.delete", memory_id, reason=reason)
     resolution = "released" if closing.resolution == "release" else "deleted"
     provenance.close_incident(connection, record.id, call.now_ms, call.agent, resolution)
     closed = _existing(connection, record.id)
     return _report(core, connection, closed)
+
+
+# -- re-screening ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RescanBatch:
+    """A RescanMemories request, checked."""
+
+    after_rowid: int
+    limit: int
+
+
+def check_rescan(core: GuardianCore, call: Call, request: pb.RescanRequest) -> RescanBatch:
+    """Where to start and how many (1-2000; 0: 200)."""
+    if request.limit > _MAX_RESCAN:
+        raise InvalidArgument(f"limit: at most {_MAX_RESCAN} memories a batch")
+    return RescanBatch(request.after_rowid, request.limit or 200)
+
+
+def rescan_memories(core: GuardianCore, call: Call, batch: RescanBatch, connection: Connection) -> pb.RescanResponse:
+    """Screen a batch of active memories with the policy in force; quarantine what it catches."""
+    memories = core.memories.active_after(connection, batch.after_rowid, batch.limit)
+    held: list[pb.RescanHeld] = []
+    for _, memory in memories:
+        caught = _caught_by(call, memory)
+        if caught:
+            core.memories.hold(connection, memory.id, call.now_ms, tuple(caught))
+            _audit_memory(core, call, connection, "admin.memories.rescan.hold", memory.id, reason=",".join(caught))
+            held.append(pb.RescanHeld(id=memory.id, caught_by=caught))
+    last = memories[-1][0] if memories else batch.after_rowid
+    call.object_id = f"rowids {batch.after_rowid + 1}..{last}: {len(memories)} scanned, {len(held)} held"
+    return pb.RescanResponse(scanned=len(memories), held=held, next_rowid=last, done=len(memories) < batch.limit)
+
+
+def _caught_by(call: Call, memory: StoredMemory) -> list[str]:
+    """What catches a stored memory now: filter rules that would not let it be stored as is, the review signal."""
+    caught: list[str] = []
+    draft = Draft(content=memory.content, tags=memory.tags, metadata_json=memory.metadata_json)
+    try:
+        outcome = call.policy.filters.scan(draft)
+        caught += [f"{hit.action}:{hit.rule}" for hit in outcome.hits if hit.action != "flag"]
+    except ContentRefused as refused:  # a reject rule matched (or a rule failed): fail closed
+        caught.append(f"reject:{refused.rule}")
+    except InvalidArgument:
+        pass  # stored before a shape rule it now breaks; not a filter's catch
+    rules = call.policy.review
+    level = call.policy.trust_view(memory.author).level_now(memory.author, memory.source, memory.trust)
+    text = ScanForm.of(memory.content).text + "\n" + ScanForm.of(memory.metadata_json).text
+    if rules.instructions and rules.reviews(level) and review.reads_as_instruction(text):
+        caught.append(f"quarantine:{review.INSTRUCTION}")
+    return list(dict.fromkeys(caught))
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -308,14 +377,14 @@ def _existing(connection: Connection, incident_id: str) -> provenance.Incident:
 
 
 def _audit_memory(
-    core: GuardianCore, call: Call, connection: Connection, action: str, memory_id: str, *, reason: str
+    core: GuardianCore, call: Call, connection: Connection, operation: str, memory_id: str, *, reason: str
 ) -> None:
-    """An audit row for one memory an incident held, released or deleted (in the incident's transaction)."""
+    """An audit row for one memory an incident (or a rescan) held, released or deleted, in its transaction."""
     core.audit.record(
         connection,
         ts_ms=call.now_ms,
         agent=call.agent,
-        operation=f"admin.incident.{action}",
+        operation=operation,
         object_id=memory_id,
         decision="allow",
         reason=reason,

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from google.protobuf.message import Message
 
+from guardian.checks import review
 from guardian.checks.anomaly import AnomalyKind
 from guardian.service import shape
 from guardian.service.call import Call, Malformed, Rule, Writes
@@ -41,7 +42,8 @@ from guardian.service.shape import check_known_fields
 from guardian.state.core import GuardianCore, now_ms, session_ref
 from guardian.store import audit, idempotency, provenance
 from guardian.store.database import Connection
-from guardian.store.memories import ACTIVE, QUARANTINED, Draft, Scope
+from guardian.store.memories import ACTIVE, QUARANTINED, Draft, Scope, draft_field
+from guardian.store.scan_form import ScanForm
 from shared.errors import (
     ContentRefused,
     GuardianError,
@@ -234,7 +236,78 @@ class Pipeline:
             filtered.append(stored)
         if hits:
             noted.append("filter_hits")
-        return replace(checked, drafts=self._embedded(filtered, checked.changed)), hits
+        drafts = self._reviewed(call, checked, self._embedded(filtered, checked.changed), hits)
+        return replace(checked, drafts=drafts), hits
+
+    def _reviewed(self, call: Call, checked: Writes, drafts: tuple[Draft, ...], hits: list[str]) -> tuple[Draft, ...]:
+        """drafts, each held for review (quarantined) when its trust is one the policy reviews and a signal fires.
+
+        The signals (guardian/checks/review.py): it reads as an instruction to future turns; it
+        is close by meaning to a trusted memory the writer can read, and changes it. Its trust
+        is found as the write will store it, on a reader, before the transaction; so is the
+        vector scan. A signal that holds a write is in its filter hits and the audit reason.
+        """
+        rules = call.policy.review
+        scope = call.required_scope
+        reviewed: list[Draft] = []
+        for index, draft in enumerate(drafts):
+            if draft.status != ACTIVE:
+                reviewed.append(draft)
+                continue
+            with self._core.database.read() as reader:
+                level = self._core.memories.write_trust(
+                    reader,
+                    scope,
+                    draft,
+                    prefix="" if checked.memory_id else draft_field(index, len(drafts)),
+                    memory_id=checked.memory_id,
+                    changed=checked.changed or frozenset(),
+                )
+            if not rules.reviews(level):
+                reviewed.append(draft)
+                continue
+            signals = self._review_signals(call, checked, draft)
+            if not signals:
+                reviewed.append(draft)
+                continue
+            self._core.metrics.filter_hits.labels(signals[0], "quarantine").inc()
+            hits += [f"quarantine:{signal}" for signal in signals]
+            held = tuple(dict.fromkeys(draft.filter_hits + signals))
+            reviewed.append(replace(draft, status=QUARANTINED, filter_hits=held))
+        return tuple(reviewed)
+
+    def _review_signals(self, call: Call, checked: Writes, draft: Draft) -> tuple[str, ...]:
+        rules = call.policy.review
+        changed = checked.changed
+        signals: list[str] = []
+        writes_text = changed is None or bool({"content", "metadata"} & changed)
+        text = ScanForm.of(draft.content).text + "\n" + ScanForm.of(draft.metadata_json).text
+        if rules.instructions and writes_text and review.reads_as_instruction(text):
+            signals.append(review.INSTRUCTION)
+        if rules.similar_to_trusted and draft.vector is not None and self._changes_trusted(call, draft):
+            signals.append(review.CHANGES_TRUSTED)
+        return tuple(signals)
+
+    def _changes_trusted(self, call: Call, draft: Draft) -> bool:
+        """Whether draft is close by meaning to a trusted memory the writer can read, and changes it."""
+        if draft.vector is None:
+            return False
+        scope = call.required_scope
+        close = [
+            rowid
+            for rowid, cosine in self._core.memories.nearest(scope, draft.vector, _REVIEW_NEIGHBOURS)
+            if cosine >= call.policy.review.similar_to_trusted
+        ]
+        if not close:
+            return False
+        with self._core.database.read() as reader:
+            neighbours = self._core.memories.by_rowids(reader, close)
+        return any(
+            memory.status == ACTIVE
+            and scope.trust.level_now(memory.author, memory.source, memory.trust) == "trusted"
+            and review.changes(memory.content, draft.content)
+            for memory in neighbours
+        )
 
     def _embedded(self, drafts: list[Draft], changed: frozenset[str] | None) -> tuple[Draft, ...]:
         """drafts with the vectors of their contents, made here so the model's work never holds the writer."""
@@ -432,6 +505,8 @@ class Pipeline:
         ).seq
 
 
+#: How many of the memories nearest a reviewed write are compared with it.
+_REVIEW_NEIGHBOURS: Final = 5
 #: The audit operation of a call to a method the socket does not serve.
 _UNKNOWN_METHOD: Final = "rpc.unknown"
 #: The allow row's reason for a retry answered from its idempotency record.

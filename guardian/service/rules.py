@@ -123,6 +123,7 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
         "admin.incident.report", check=incidents.check_incident_id, handle=incidents.report_incident
     ),
     "CloseIncident": Rule("admin.incident.close", check=incidents.check_close, handle=incidents.close_incident),
+    "RescanMemories": Rule("admin.memories.rescan", check=incidents.check_rescan, handle=incidents.rescan_memories),
     "ListKeys": Rule("admin.keys.list", handle=keys.list_keys),
     "RotateKey": Rule("admin.keys.rotate", check=keys.check_ring, handle_alone=keys.rotate_key),
     "ResignMemories": Rule("admin.keys.resign", handle_alone=keys.resign_memories),

@@ -44,6 +44,7 @@ __all__ = [
     "SearchMode",
     "SearchQuery",
     "StoredMemory",
+    "draft_field",
 ]
 
 security_log = logging.getLogger("agent_guardian.security")
@@ -240,7 +241,7 @@ class MemoryStore:
         """
         stored: list[StoredMemory] = []
         for index, draft in enumerate(drafts):
-            prefix = f"memories[{index}]." if len(drafts) > 1 else "memory."
+            prefix = draft_field(index, len(drafts))
             namespace = draft.namespace or scope.agent
             if namespace not in scope.writable:
                 # Not echoed: the name is the agent's own text (a content filter never saw it).
@@ -315,6 +316,41 @@ class MemoryStore:
             except (NotFound, PermissionDenied):
                 raise NotFound(f"{prefix}derived_from[{at}]: no memory {parent_id} that this agent can read") from None
         return lowest(levels)
+
+    def write_trust(
+        self,
+        connection: Connection,
+        scope: Scope,
+        draft: Draft,
+        *,
+        prefix: str,
+        memory_id: str = "",
+        changed: frozenset[str] = frozenset(),
+    ) -> TrustLevel:
+        """The trust a write will be stored with: a new memory's (memory_id ""), or an update's of memory_id.
+
+        Raises what the write itself would (a source the writer may not declare, a derived_from it
+        cannot read, a memory it cannot recall); prefix: the draft's place in the request
+        (:func:`draft_field`; "" for an update).
+        """
+        if not memory_id:
+            source = draft.source or scope.trust.default_source
+            return self._trust_of(connection, scope, source, draft.derived_from, prefix)
+        return self._updated_trust(connection, scope, self.get(connection, scope, memory_id), draft, changed)
+
+    def _updated_trust(
+        self, connection: Connection, scope: Scope, recalled: Recalled, changes: Draft, changed: frozenset[str]
+    ) -> TrustLevel:
+        """An update's trust: the lowest of the memory's and what the update brings (its source, derived_from)."""
+        source = _updated_source(scope, recalled.memory, changes, changed)
+        brought = self._trust_of(
+            connection, scope, source, changes.derived_from if "derived_from" in changed else (), ""
+        )
+        return lowest([brought, recalled.trust])
+
+    def by_rowids(self, connection: Connection, rowids: Sequence[int]) -> list[StoredMemory]:
+        """The memories at these rowids that exist, verified, in rowid order."""
+        return [self._verified(row) for _, row in sorted(self._rows(connection, rowids).items())]
 
     def get(self, connection: Connection, scope: Scope, memory_id: str) -> Recalled:
         """The memory with this id as scope's recall returns it.
@@ -517,11 +553,9 @@ class MemoryStore:
         current = recalled.memory
         if current.namespace not in scope.writable:
             raise PermissionDenied("that memory is in a namespace this agent may only read")
-        source = changes.source if "source" in changed else current.source or scope.trust.default_source
+        source = _updated_source(scope, current, changes, changed)
         derived_from = changes.derived_from if "derived_from" in changed else current.derived_from
-        brought = self._trust_of(
-            connection, scope, source, changes.derived_from if "derived_from" in changed else (), ""
-        )
+        trust = self._updated_trust(connection, scope, recalled, changes, changed)
         content = changes.content if "content" in changed else current.content
         updated = StoredMemory(
             id=current.id,
@@ -538,7 +572,7 @@ class MemoryStore:
             source=source,
             session=scope.session,
             derived_from=derived_from,
-            trust=lowest([brought, recalled.trust]),
+            trust=trust,
         )
         self._rewrite(connection, updated, changes.vector if "content" in changed else None)
         if "derived_from" in changed:
@@ -591,11 +625,11 @@ class MemoryStore:
         self._delete(connection, [memory_id])
         return held
 
-    def hold(self, connection: Connection, memory_id: str, now_ms: int) -> str | None:
-        """Quarantine a memory whatever its namespace (an incident); the status it had, or None if it is gone.
+    def hold(self, connection: Connection, memory_id: str, now_ms: int, caught_by: tuple[str, ...] = ()) -> str | None:
+        """Quarantine a memory whatever its namespace (an incident, a rescan); the status it had, or None if gone.
 
         An active memory leaves the search and vector indexes and is re-signed with its new
-        status; one already quarantined stays as it is.
+        status (and caught_by added to its filter hits); one already quarantined stays as it is.
         """
         row = connection.execute(
             f"SELECT {_COLUMNS} FROM memories WHERE id = ?",  # noqa: S608 - constant columns
@@ -605,9 +639,22 @@ class MemoryStore:
             return None
         memory = self._verified(row)
         if memory.status == ACTIVE:
-            held = dataclasses.replace(memory, status=QUARANTINED, updated_at_ms=max(now_ms, memory.updated_at_ms))
+            held = dataclasses.replace(
+                memory,
+                status=QUARANTINED,
+                updated_at_ms=max(now_ms, memory.updated_at_ms),
+                filter_hits=tuple(dict.fromkeys(memory.filter_hits + caught_by)),
+            )
             self._rewrite(connection, held)
         return memory.status
+
+    def active_after(self, connection: Connection, after_rowid: int, limit: int) -> list[tuple[int, StoredMemory]]:
+        """Up to limit active memories after after_rowid, in rowid order, verified (a rescan)."""
+        rows = connection.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE rowid > ? AND status = ? ORDER BY rowid LIMIT ?",  # noqa: S608
+            (after_rowid, ACTIVE, limit),
+        ).fetchall()
+        return [(int(row[0]), self._verified(row)) for row in rows]
 
     def by_ids(self, connection: Connection, memory_ids: Sequence[str]) -> dict[str, StoredMemory]:
         """The memories with these ids, any status, verified (for the security team's reports)."""
@@ -894,6 +941,16 @@ def _signed_fields(memory: StoredMemory) -> SignedFields:
         ",".join(memory.derived_from),
         memory.trust,
     )
+
+
+def draft_field(index: int, count: int) -> str:
+    """Where a draft's fields are in a write of count drafts, for errors: ``memory.`` or ``memories[2].``."""
+    return f"memories[{index}]." if count > 1 else "memory."
+
+
+def _updated_source(scope: Scope, current: StoredMemory, changes: Draft, changed: frozenset[str]) -> str:
+    """The source of a memory once updated: the one the update declares, else its own (else the default)."""
+    return changes.source if "source" in changed else current.source or scope.trust.default_source
 
 
 def _split(joined: str) -> tuple[str, ...]:

@@ -58,6 +58,7 @@ ADMIN_METHODS: Final = (
     "ListIncidents",
     "ReportIncident",
     "CloseIncident",
+    "RescanMemories",
     "RotateAgentToken",
     "ListSessions",
     "RevokeSession",

@@ -1313,6 +1313,86 @@ class CloseIncidentRequest(_message.Message):
 Global___CloseIncidentRequest: _TypeAlias = CloseIncidentRequest  # noqa: Y015
 
 @_typing.final
+class RescanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_ROWID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    after_rowid: _builtins.int
+    """Memories after this one (0: from the first); the previous answer's next_rowid."""
+    limit: _builtins.int
+    """At most this many memories (0: 200; at most 2000)."""
+    def __init__(
+        self,
+        *,
+        after_rowid: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_rowid", b"after_rowid", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RescanRequest: _TypeAlias = RescanRequest  # noqa: Y015
+
+@_typing.final
+class RescanHeld(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CAUGHT_BY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    @_builtins.property
+    def caught_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What caught it: "ACTION:RULE" for a filter (reject, redact, quarantine), "quarantine:review:instruction"."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        caught_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_by", b"caught_by", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RescanHeld: _TypeAlias = RescanHeld  # noqa: Y015
+
+@_typing.final
+class RescanResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCANNED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    NEXT_ROWID_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    scanned: _builtins.int
+    next_rowid: _builtins.int
+    """Pass as after_rowid for the next batch."""
+    done: _builtins.bool
+    """True when no memory is left after this batch."""
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___RescanHeld]: ...
+    def __init__(
+        self,
+        *,
+        scanned: _builtins.int = ...,
+        held: _abc.Iterable[Global___RescanHeld] | None = ...,
+        next_rowid: _builtins.int = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "held", b"held", "next_rowid", b"next_rowid", "scanned", b"scanned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RescanResponse: _TypeAlias = RescanResponse  # noqa: Y015
+
+@_typing.final
 class WhoReadResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -144,6 +144,11 @@ class AdminServiceStub:
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CloseIncidentRequest.SerializeToString,
                 response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.FromString,
                 _registered_method=True)
+        self.RescanMemories = channel.unary_unary(
+                '/guardian.v1.AdminService/RescanMemories',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanResponse.FromString,
+                _registered_method=True)
         self.RotateAgentToken = channel.unary_unary(
                 '/guardian.v1.AdminService/RotateAgentToken',
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateAgentTokenRequest.SerializeToString,
@@ -359,6 +364,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RescanMemories(self, request, context):
+        """Runs the policy's current content filters and the instruction review signal over a batch of
+        active memories (in rowid order, after after_rowid) and quarantines those they catch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateAgentToken(self, request, context):
         """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all).
         """
@@ -549,6 +562,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CloseIncident,
                     request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CloseIncidentRequest.FromString,
                     response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.SerializeToString,
+            ),
+            'RescanMemories': grpc.unary_unary_rpc_method_handler(
+                    servicer.RescanMemories,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanResponse.SerializeToString,
             ),
             'RotateAgentToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateAgentToken,
@@ -1200,6 +1218,33 @@ class AdminService:
             '/guardian.v1.AdminService/CloseIncident',
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CloseIncidentRequest.SerializeToString,
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.IncidentReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RescanMemories(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/RescanMemories',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanResponse.FromString,
             options,
             channel_credentials,
             insecure,

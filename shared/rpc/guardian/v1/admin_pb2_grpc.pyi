@@ -82,6 +82,10 @@ class AdminServiceStub:
     """
     CloseIncident: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloseIncidentRequest, _admin_pb2.IncidentReport]
     """Closes an incident: its memories released to agents again, or deleted for good."""
+    RescanMemories: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RescanRequest, _admin_pb2.RescanResponse]
+    """Runs the policy's current content filters and the instruction review signal over a batch of
+    active memories (in rowid order, after after_rowid) and quarantines those they catch.
+    """
     RotateAgentToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]
     """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]
@@ -158,6 +162,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     CloseIncident: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloseIncidentRequest, _admin_pb2.IncidentReport]  # type: ignore[assignment]
     """Closes an incident: its memories released to agents again, or deleted for good."""
+    RescanMemories: _aio.UnaryUnaryMultiCallable[_admin_pb2.RescanRequest, _admin_pb2.RescanResponse]  # type: ignore[assignment]
+    """Runs the policy's current content filters and the instruction review signal over a batch of
+    active memories (in rowid order, after after_rowid) and quarantines those they catch.
+    """
     RotateAgentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]  # type: ignore[assignment]
     """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]  # type: ignore[assignment]
@@ -363,6 +371,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.IncidentReport, _abc.Awaitable[_admin_pb2.IncidentReport]]:
         """Closes an incident: its memories released to agents again, or deleted for good."""
+
+    @_abc_1.abstractmethod
+    def RescanMemories(
+        self,
+        request: _admin_pb2.RescanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RescanResponse, _abc.Awaitable[_admin_pb2.RescanResponse]]:
+        """Runs the policy's current content filters and the instruction review signal over a batch of
+        active memories (in rowid order, after after_rowid) and quarantines those they catch.
+        """
 
     @_abc_1.abstractmethod
     def RotateAgentToken(
