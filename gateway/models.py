@@ -85,7 +85,7 @@ class MemoryDraft:
     #: "" for the agent's own namespace; otherwise a shared namespace its policy lets it write.
     namespace: str = ""
     #: Where the content came from: "user", "agent", or an external kind ("web", "tool:NAME", ...);
-    #: "" for the policy's default source.
+    #: "" for the default source of the writer's profile.
     source: str = ""
     #: Ids of the memories it was built from (each one the agent can read).
     derived_from: tuple[str, ...] = ()

@@ -197,7 +197,6 @@ class Policy:
             ),
             default_writer=self.profiles[self.default_profile].sources,
             unrecorded=self.unrecorded,
-            default_source=self.default_source,
         )
 
 
@@ -261,6 +260,7 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
             default_rates=default_rates,
             default_read_window=default_read_window,
             source_levels=source_levels,
+            default_source=default_source,
         )
     if not profiles:
         raise ConfigError("profiles: name at least one profile")
@@ -320,6 +320,7 @@ def _profile(
     default_rates: RateSpec,
     default_read_window: int | None,
     source_levels: dict[str, TrustLevel],
+    default_source: str,
 ) -> Profile:
     operations = section.list_of_str("operations")
     for index, operation in enumerate(operations):
@@ -341,7 +342,10 @@ def _profile(
     write_namespaces = _namespaces(namespaces, "write")
     namespaces.done()
     allowed_hours = _allowed_hours(section)
-    sources = SourceRules(levels=_profile_sources(section, source_levels), actions=_recall_actions(section))
+    levels = _profile_sources(section, source_levels)
+    sources = SourceRules(
+        levels=levels, actions=_recall_actions(section), default_source=_default_source(section, levels, default_source)
+    )
     section.done()
     return Profile(
         name=name,
@@ -432,6 +436,19 @@ def _profile_sources(profile: Section, levels: dict[str, TrustLevel]) -> Mapping
                 " (list it there with its trust level, or give this profile a mapping of source: level)"
             )
     return frozen_levels({source: levels[source] for source in names})
+
+
+def _default_source(profile: Section, levels: Mapping[str, TrustLevel], policy_default: str) -> str:
+    """A profile's default source: its own ``default_source``; else the policy's, if the profile may declare
+    it; else the least trusted source it may declare (a browsing agent's notes default to what it reads)."""
+    own = profile.optional("default_source", (str,))
+    if own is not None:
+        if own not in levels:
+            raise ConfigError(f"{profile.child_path('default_source')}: {own!r} is not one of this profile's sources")
+        return str(own)
+    if policy_default in levels:
+        return policy_default
+    return max(levels, key=lambda source: TRUST_LEVELS.index(levels[source]))
 
 
 def _recall_actions(profile: Section) -> Mapping[TrustLevel, RecallAction]:

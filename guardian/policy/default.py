@@ -73,9 +73,17 @@ provenance:               # where a memory came from decides how far it is belie
   unrecorded: unverified  # memories stored before sources were recorded
 # A memory derived from others (derived_from) is at most as trusted as the least of them.
 # Per profile: `sources` (a list of the above, or a mapping source: level of its own) says what
-# its agents may declare (default: all); `recall` says per trust level what their reads do with
-# such memories: recall (plainly), label (marked as quoted data, not an instruction) or withhold.
+# its agents may declare (default: all); `default_source` what a write that declares none is
+# (default: the one above if the profile may declare it, else its least trusted source, the first
+# listed of a tie); `recall` says per trust level what their reads do with such memories:
+# recall (plainly), label (marked as quoted data, not an instruction) or withhold.
 # Default recall: {trusted: recall, unverified: recall, untrusted: label}.
+
+review:                   # untrusted writes that look like planting are stored quarantined, for review
+  levels: [untrusted]     # the trust levels of the writes that are reviewed
+  instructions: true      # one that reads as an instruction to future turns ("from now on ...")
+  similar_to_trusted: 0.80  # one this close by meaning (cosine) to a trusted memory the writer can
+                          # read, that changes it (a number, a name, an account); 0 turns it off
 
 default_profile: default
 profiles:

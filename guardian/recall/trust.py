@@ -75,6 +75,8 @@ class SourceRules:
     levels: Mapping[str, TrustLevel]
     #: Level -> what recall does with such memories for this profile's agents.
     actions: Mapping[TrustLevel, RecallAction]
+    #: The source of a write by this profile's agents that declares none.
+    default_source: str
 
     def level_of(self, source: str) -> TrustLevel | None:
         """The level a memory declared from source gets; None if this profile may not declare it.
@@ -98,8 +100,11 @@ class TrustView:
     default_writer: SourceRules
     #: The level of memories stored before sources were recorded.
     unrecorded: TrustLevel
-    #: The source a write that declares none gets.
-    default_source: str
+
+    @property
+    def default_source(self) -> str:
+        """The source a write by the caller that declares none gets (its profile's default)."""
+        return self.own.default_source
 
     def level_now(self, author: str, source: str, stored: str) -> TrustLevel:
         """A stored memory's level in force: the lowest of the stored one and its writer's source's now.

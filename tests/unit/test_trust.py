@@ -10,6 +10,7 @@ import yaml
 from guardian.policy.compile import Policy, compile_policy
 from guardian.policy.default import render_default_policy
 from guardian.recall.trust import lowest
+from shared.errors import ConfigError
 
 
 def policy_with(**changes: Any) -> Policy:
@@ -91,3 +92,24 @@ def test_recall_actions_per_profile() -> None:
         "withhold",
     ]
     assert policy.trust_view("crawler").action("untrusted") == "label"
+
+
+def test_a_write_that_declares_no_source_gets_its_profiles_default() -> None:
+    profiles = {
+        **PROFILES,
+        "reader": {"operations": ["store"], "sources": ["web", "tool"]},
+        "mailer": {"operations": ["store"], "sources": ["agent", "email"], "default_source": "email"},
+    }
+    policy = policy_with(profiles=profiles, agents={**AGENTS, "r": "reader", "m": "mailer"})
+    assert policy.trust_view("someone").default_source == "agent"  # the policy's
+    assert policy.trust_view("crawler").default_source == "agent"  # it may declare agent
+    assert policy.trust_view("r").default_source == "web"  # its least trusted (web and tool tie: first)
+    assert policy.trust_view("m").default_source == "email"  # its own
+    assert policy.trust_view("helper").default_source == "tool:calendar"  # both trusted: the first listed
+
+
+def test_a_profile_default_source_it_may_not_declare_is_refused() -> None:
+    profiles = {**PROFILES, "reader": {"operations": ["store"], "sources": ["web"], "default_source": "user"}}
+    with pytest.raises(ConfigError) as caught:
+        policy_with(profiles=profiles)
+    assert "profiles.reader.default_source: 'user' is not one of this profile's sources" in caught.value.message
