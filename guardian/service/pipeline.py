@@ -254,15 +254,21 @@ class Pipeline:
             if draft.status != ACTIVE:
                 reviewed.append(draft)
                 continue
-            with self._core.database.read() as reader:
-                level = self._core.memories.write_trust(
-                    reader,
-                    scope,
-                    draft,
-                    prefix="" if checked.memory_id else draft_field(index, len(drafts)),
-                    memory_id=checked.memory_id,
-                    changed=checked.changed or frozenset(),
-                )
+            try:
+                with self._core.database.read() as reader:
+                    level = self._core.memories.write_trust(
+                        reader,
+                        scope,
+                        draft,
+                        prefix="" if checked.memory_id else draft_field(index, len(drafts)),
+                        memory_id=checked.memory_id,
+                        changed=checked.changed or frozenset(),
+                    )
+            except (NotFound, PermissionDenied):
+                # The write cannot go through as asked (or is a retry the data stage answers from its
+                # record): the data stage, which checks it all again in its transaction, says why.
+                reviewed.append(draft)
+                continue
             if not rules.reviews(level):
                 reviewed.append(draft)
                 continue
