@@ -15,11 +15,15 @@ beyond its floor.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -28,7 +32,7 @@ from typing import Any, Final
 
 from bench.load import Measurement
 
-__all__ = ["Figure", "Floor", "Report", "Target", "evaluate_targets"]
+__all__ = ["Figure", "Floor", "Report", "Target", "evaluate_targets", "measure_and_print"]
 
 ONE_K: Final = 1_000
 HUNDRED_K: Final = 100_000
@@ -389,3 +393,27 @@ def machine_info() -> dict[str, Any]:
         "load_average_at_end": load,
         "packages": packages,
     }
+
+
+def measure_and_print(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str | None,
+    measure: Callable[[Path], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+) -> int:
+    """The command line of a one-off measurement (recall quality, review signals): run it under a temporary
+    directory, print its table, write its JSON when asked (``--json PATH``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    temp_root = Path(tempfile.mkdtemp(prefix="agm-", dir="/tmp"))
+    try:
+        figures = measure(temp_root)
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
+    print(render(figures))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0

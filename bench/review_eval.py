@@ -21,11 +21,8 @@ reviewed: guardian/checks/review.py). Over gRPC, as agents would:
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -35,6 +32,7 @@ import yaml
 
 from bench.procs import BenchGuardian
 from bench.recall_eval.check_dataset import load
+from bench.report import measure_and_print
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
 
@@ -181,18 +179,9 @@ def render_review(review: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and print; write the JSON when asked."""
-    parser = argparse.ArgumentParser(prog="python -m bench.review_eval", description=__doc__)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args(argv)
-    temp_root = Path(tempfile.mkdtemp(prefix="agv-", dir="/tmp"))
-    try:
-        review = measure_review(temp_root)
-    finally:
-        shutil.rmtree(temp_root, ignore_errors=True)
-    print(render_review(review))
-    if args.json:
-        args.json.write_text(json.dumps(review, indent=2) + "\n")
-    return 0
+    return measure_and_print(
+        argv, prog="python -m bench.review_eval", description=__doc__, measure=measure_review, render=render_review
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ prints this table beside the latency figures.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -24,6 +21,7 @@ import grpc
 
 from bench.procs import BenchGuardian
 from bench.recall_eval.check_dataset import load
+from bench.report import measure_and_print
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
 
@@ -104,18 +102,13 @@ def render_recall(recall: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and print; write the JSON when asked."""
-    parser = argparse.ArgumentParser(prog="python -m bench.recall_eval.quality", description=__doc__)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args(argv)
-    temp_root = Path(tempfile.mkdtemp(prefix="agr-", dir="/tmp"))
-    try:
-        recall = measure_recall(temp_root)
-    finally:
-        shutil.rmtree(temp_root, ignore_errors=True)
-    print(render_recall(recall))
-    if args.json:
-        args.json.write_text(json.dumps(recall, indent=2) + "\n")
-    return 0
+    return measure_and_print(
+        argv,
+        prog="python -m bench.recall_eval.quality",
+        description=__doc__,
+        measure=measure_recall,
+        render=render_recall,
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from guardian.policy.in_force import PolicyInForce
 from guardian.service.call import Call
 from guardian.service.shape import agent_name, memory_id
 from guardian.state.core import GuardianCore, session_ref
-from guardian.store import audit, provenance
+from guardian.store import audit
 from guardian.store.database import Connection
 from guardian.store.memories import StoredMemory
 from shared.errors import ConfigError, InvalidArgument, NotFound
@@ -29,8 +29,6 @@ from shared.rpc.guardian.v1 import admin_pb2 as pb
 security_log = logging.getLogger("agent_guardian.security")
 
 _MAX_AUDIT_WAIT_MS = 10_000
-#: The most reads one who-read answer lists.
-_MAX_READS = 10_000
 _AUDIT_POLL_S = 0.1
 _MAX_TOKEN_GRACE_MS = 7 * 24 * 3600 * 1000
 _MAC_RE = re.compile(r"[0-9a-f]{64}")
@@ -361,42 +359,6 @@ def query_audit(core: GuardianCore, call: Call, request: AuditWait) -> pb.AuditR
         head = audit.read_head(reader)
     call.object_id = f"{len(rows)} rows"
     return pb.AuditRows(rows=[pb.AuditRow(**row.to_json()) for row in rows], head_seq=head.seq if head else 0)
-
-
-@dataclass(frozen=True)
-class WhoReadQuery:
-    """A who-read question, checked: the memory and how many reads at most."""
-
-    memory_id: str
-    limit: int
-
-
-def check_who_read(core: GuardianCore, call: Call, request: pb.WhoReadRequest) -> WhoReadQuery:
-    """A memory id and a limit of 1 to 10,000 reads (0: 1,000)."""
-    target = call.object_id = memory_id(request.id)
-    if request.limit > _MAX_READS:
-        raise InvalidArgument(f"limit: at most {_MAX_READS}")
-    return WhoReadQuery(target, request.limit or 1_000)
-
-
-def who_read(core: GuardianCore, call: Call, query: WhoReadQuery, connection: Connection) -> pb.WhoReadResponse:
-    """Every read that returned or withheld the memory, oldest first (one index lookup, not a scan of the trail)."""
-    reads = provenance.reads_of(connection, [query.memory_id], query.limit + 1)
-    return pb.WhoReadResponse(
-        reads=[_read_message(read) for read in reads[: query.limit]], truncated=len(reads) > query.limit
-    )
-
-
-def _read_message(read: provenance.Read) -> pb.MemoryRead:
-    return pb.MemoryRead(
-        memory_id=read.memory_id,
-        seq=read.seq,
-        ts_ms=read.ts_ms,
-        agent=read.agent,
-        session=read.session,
-        operation=read.operation,
-        outcome=read.outcome,
-    )
 
 
 def check_published_heads(core: GuardianCore, call: Call, request: pb.VerifyAuditRequest) -> list[audit.ChainHead]:

@@ -1,4 +1,4 @@
-"""Incident response: the security team's handlers for incidents and for re-screening what is stored.
+"""Incident response: the security team's handlers for who read a memory, incidents, and re-screening.
 
 Opening an incident quarantines, in one transaction, every memory its selector
 matches (by author, session, source and creation time) and everything derived
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from guardian.checks import review
+from guardian.service import shape
 from guardian.service.call import Call
 from guardian.service.shape import agent_name, source
 from guardian.state.core import GuardianCore
@@ -45,11 +46,13 @@ __all__ = [
     "check_list",
     "check_open",
     "check_rescan",
+    "check_who_read",
     "close_incident",
     "list_incidents",
     "open_incident",
     "report_incident",
     "rescan_memories",
+    "who_read",
 ]
 
 #: The most memories one incident holds (a selector matching more is refused: narrow it).
@@ -58,6 +61,8 @@ MAX_INCIDENT_MEMORIES: Final = 50_000
 _REPORT_LIMIT: Final = 10_000
 _MAX_REASON: Final = 500
 _MAX_RESCAN: Final = 2_000
+#: The most reads one who-read answer lists.
+_MAX_READS: Final = 10_000
 _SESSION_REF_LEN: Final = 16
 
 
@@ -204,6 +209,45 @@ def close_incident(core: GuardianCore, call: Call, closing: Closing, connection:
     return _report(core, connection, closed)
 
 
+# -- who read a memory ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WhoReadQuery:
+    """A who-read question, checked: the memory and how many reads at most."""
+
+    memory_id: str
+    limit: int
+
+
+def check_who_read(core: GuardianCore, call: Call, request: pb.WhoReadRequest) -> WhoReadQuery:
+    """A memory id and a limit of 1 to 10,000 reads (0: 1,000)."""
+    target = call.object_id = shape.memory_id(request.id)
+    if request.limit > _MAX_READS:
+        raise InvalidArgument(f"limit: at most {_MAX_READS}")
+    return WhoReadQuery(target, request.limit or 1_000)
+
+
+def who_read(core: GuardianCore, call: Call, query: WhoReadQuery, connection: Connection) -> pb.WhoReadResponse:
+    """Every read that returned or withheld the memory, oldest first (one index lookup, not a scan of the trail)."""
+    reads = provenance.reads_of(connection, [query.memory_id], query.limit + 1)
+    return pb.WhoReadResponse(
+        reads=[_read_message(read) for read in reads[: query.limit]], truncated=len(reads) > query.limit
+    )
+
+
+def _read_message(read: provenance.Read) -> pb.MemoryRead:
+    return pb.MemoryRead(
+        memory_id=read.memory_id,
+        seq=read.seq,
+        ts_ms=read.ts_ms,
+        agent=read.agent,
+        session=read.session,
+        operation=read.operation,
+        outcome=read.outcome,
+    )
+
+
 # -- re-screening ---------------------------------------------------------------------------------
 
 
@@ -298,18 +342,7 @@ def _report(core: GuardianCore, connection: Connection, record: provenance.Incid
     return pb.IncidentReport(
         incident=_incident_message(connection, record),
         memories=memories,
-        reads=[
-            pb.MemoryRead(
-                memory_id=read.memory_id,
-                seq=read.seq,
-                ts_ms=read.ts_ms,
-                agent=read.agent,
-                session=read.session,
-                operation=read.operation,
-                outcome=read.outcome,
-            )
-            for read in reads
-        ],
+        reads=[_read_message(read) for read in reads],
         sessions=sessions,
         written_after=[
             pb.WrittenAfter(

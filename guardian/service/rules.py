@@ -116,7 +116,7 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     # Alone: a long read (or a wait for new rows) never holds the writer.
     "QueryAudit": Rule("admin.audit.query", check=admin.check_audit_query, handle_alone=admin.query_audit),
     "VerifyAudit": Rule("admin.audit.verify", check=admin.check_published_heads, handle_alone=admin.verify_audit),
-    "WhoRead": Rule("admin.audit.who_read", check=admin.check_who_read, handle=admin.who_read),
+    "WhoRead": Rule("admin.audit.who_read", check=incidents.check_who_read, handle=incidents.who_read),
     "OpenIncident": Rule("admin.incident.open", check=incidents.check_open, handle=incidents.open_incident),
     "ListIncidents": Rule("admin.incident.list", check=incidents.check_list, handle=incidents.list_incidents),
     "ReportIncident": Rule(
