@@ -105,10 +105,27 @@ DerivedFrom = Annotated[
 ]
 
 _HELD: Final = (
-    "held for security review: a content filter flagged part of the content, so it is kept but will not "
-    "appear in memory_search, memory_get or memory_list until the security team releases it; "
-    "storing it again will not help"
+    "held for security review: {why}, so it is kept but will not appear in memory_search, memory_get or "
+    "memory_list until the security team releases it; storing it again will not help"
 )
+#: Why a write was held, by the guardian's filter hit (a review signal), else a content filter's.
+_HELD_BECAUSE: Final = {
+    "review:instruction": "it comes from a source your policy does not trust and reads as an instruction to "
+    "future conversations",
+    "review:changes-trusted": "it comes from a source your policy does not trust and changes a trusted memory",
+}
+_FILTERED: Final = "a content filter flagged part of the content"
+
+
+def _held_because(memories: Sequence[Memory]) -> str:
+    reasons = [
+        _HELD_BECAUSE[hit]
+        for memory in memories
+        if memory.status == QUARANTINED
+        for hit in memory.provenance.filter_hits
+        if hit in _HELD_BECAUSE
+    ]
+    return " and ".join(dict.fromkeys(reasons)) or _FILTERED
 
 
 def metadata_to_json(metadata: dict[str, Any] | None) -> str:
@@ -189,10 +206,11 @@ def write_note(memories: Sequence[Memory]) -> str | None:
     """What to tell the agent when a write's reply holds quarantined or redacted memories; None otherwise."""
     notes: list[str] = []
     held = [m.id for m in memories if m.status == QUARANTINED]
+    because = _HELD.format(why=_held_because(memories))
     if held and len(memories) == 1:
-        notes.append(f"The memory was saved but is {_HELD}.")
+        notes.append(f"The memory was saved but is {because}.")
     elif held:
-        notes.append(f"{len(held)} of {len(memories)} memories ({', '.join(held)}) were saved but are {_HELD}.")
+        notes.append(f"{len(held)} of {len(memories)} memories ({', '.join(held)}) were saved but are {because}.")
     redacted = [m for m in memories if m.redacted_by]
     if redacted:
         rules = ", ".join(dict.fromkeys(rule for m in redacted for rule in m.redacted_by))

@@ -91,9 +91,9 @@ profiles:
     operations: [store, get, search, list, update, delete]
   read-only:
     operations: [get, search, list]
-  # web-reader:           # an agent that browses: what it stores is never the user's word
-  #   operations: [store, get, search, list]
-  #   sources: [agent, web, tool, document, email]
+  # web-reader:           # an agent that browses: what it stores is never the user's word, nor its own
+  #   operations: [store, get, search, list]   # conclusion (agent), so every write of it is reviewed
+  #   sources: [web, tool, document, email]
   # strict:               # an agent that acts: sees only what it can believe, the rest labelled
   #   operations: [get, search, list]
   #   recall: {trusted: recall, unverified: label, untrusted: withhold}

@@ -245,7 +245,9 @@ class Pipeline:
         The signals (guardian/checks/review.py): it reads as an instruction to future turns; it
         is close by meaning to a trusted memory the writer can read, and changes it. Its trust
         is found as the write will store it, on a reader, before the transaction; so is the
-        vector scan. A signal that holds a write is in its filter hits and the audit reason.
+        vector scan. A signal that holds a write is in its filter hits and the audit reason. An
+        update a signal catches is refused instead (PermissionDenied): holding it would hide the
+        memory it changes from every agent until someone reviews it.
         """
         rules = call.policy.review
         scope = call.required_scope
@@ -269,51 +271,75 @@ class Pipeline:
                 # record): the data stage, which checks it all again in its transaction, says why.
                 reviewed.append(draft)
                 continue
-            if not rules.reviews(level):
-                reviewed.append(draft)
-                continue
-            signals = self._review_signals(call, checked, draft)
+            signals = self._review_signals(call, checked.changed, draft) if rules.reviews(level) else ()
             if not signals:
                 reviewed.append(draft)
                 continue
             self._core.metrics.filter_hits.labels(signals[0], "quarantine").inc()
+            if checked.memory_id:
+                raise PermissionDenied(
+                    f"this update is refused for review ({', '.join(signals)}): from a source of its trust it may"
+                    " not change a memory that way; store a new memory instead (it will be held for review)"
+                )
             hits += [f"quarantine:{signal}" for signal in signals]
             held = tuple(dict.fromkeys(draft.filter_hits + signals))
             reviewed.append(replace(draft, status=QUARANTINED, filter_hits=held))
         return tuple(reviewed)
 
-    def _review_signals(self, call: Call, checked: Writes, draft: Draft) -> tuple[str, ...]:
+    def _review_signals(self, call: Call, changed: frozenset[str] | None, draft: Draft) -> tuple[str, ...]:
+        """The review signals draft sets off (changed: an update's fields; None for a new memory)."""
         rules = call.policy.review
-        changed = checked.changed
         signals: list[str] = []
-        writes_text = changed is None or bool({"content", "metadata"} & changed)
-        text = ScanForm.of(draft.content).text + "\n" + ScanForm.of(draft.metadata_json).text
-        if rules.instructions and writes_text and review.reads_as_instruction(text):
+        written = [
+            text
+            for field, text in (
+                ("content", draft.content),
+                ("tags", "\n".join(draft.tags)),
+                ("metadata", draft.metadata_json),
+            )
+            if changed is None or field in changed
+        ]
+        scanned = "\n".join(ScanForm.of(text).text for text in written)
+        if rules.instructions and review.reads_as_instruction(scanned):
             signals.append(review.INSTRUCTION)
         if rules.similar_to_trusted and draft.vector is not None and self._changes_trusted(call, draft):
             signals.append(review.CHANGES_TRUSTED)
         return tuple(signals)
 
     def _changes_trusted(self, call: Call, draft: Draft) -> bool:
-        """Whether draft is close by meaning to a trusted memory the writer can read, and changes it."""
+        """Whether draft is close by meaning to a trusted memory the writer can read, and changes it.
+
+        Every memory at least review.similar_to_trusted close is looked at, not a fixed number: the
+        nearest are asked for four times as many while all of them are that close (so near-copies
+        stored first cannot push a trusted memory out of sight). More than _REVIEW_MAX_NEIGHBOURS
+        that close is itself suspicious: the write is held.
+        """
         if draft.vector is None:
             return False
         scope = call.required_scope
-        close = [
-            rowid
-            for rowid, cosine in self._core.memories.nearest(scope, draft.vector, _REVIEW_NEIGHBOURS)
-            if cosine >= call.policy.review.similar_to_trusted
-        ]
-        if not close:
-            return False
-        with self._core.database.read() as reader:
-            neighbours = self._core.memories.by_rowids(reader, close)
-        return any(
-            memory.status == ACTIVE
-            and scope.trust.level_now(memory.author, memory.source, memory.trust) == "trusted"
-            and review.changes(memory.content, draft.content)
-            for memory in neighbours
-        )
+        threshold = call.policy.review.similar_to_trusted
+        seen: set[int] = set()
+        depth = _REVIEW_NEIGHBOURS
+        while True:
+            found = self._core.memories.nearest(scope, draft.vector, depth // 2)
+            close = [rowid for rowid, cosine in found if cosine >= threshold and rowid not in seen]
+            seen.update(close)
+            if close:
+                with self._core.database.read() as reader:
+                    neighbours = self._core.memories.by_rowids(reader, close)
+                if any(
+                    memory.status == ACTIVE
+                    and scope.trust.level_now(memory.author, memory.source, memory.trust) == "trusted"
+                    and review.changes(memory.content, draft.content)
+                    for memory in neighbours
+                ):
+                    return True
+            all_close = found and all(cosine >= threshold for _, cosine in found)
+            if not all_close or len(found) < depth:
+                return False
+            if depth >= _REVIEW_MAX_NEIGHBOURS:
+                return True
+            depth *= 4
 
     def _embedded(self, drafts: list[Draft], changed: frozenset[str] | None) -> tuple[Draft, ...]:
         """drafts with the vectors of their contents, made here so the model's work never holds the writer."""
@@ -511,8 +537,9 @@ class Pipeline:
         ).seq
 
 
-#: How many of the memories nearest a reviewed write are compared with it.
-_REVIEW_NEIGHBOURS: Final = 5
+#: How many of the memories nearest a reviewed write are looked at first, and at most.
+_REVIEW_NEIGHBOURS: Final = 20
+_REVIEW_MAX_NEIGHBOURS: Final = 1280
 #: The audit operation of a call to a method the socket does not serve.
 _UNKNOWN_METHOD: Final = "rpc.unknown"
 #: The allow row's reason for a retry answered from its idempotency record.
