@@ -47,6 +47,15 @@ Memory bound
     entry per agent). :meth:`record` never raises for a full table: the
     pipeline calls it after the outcome is decided.
 
+Across restarts
+    Every agent whose lock or windows changed is named by :meth:`AnomalyMonitor.take_changed`;
+    the guardian keeps its state (:meth:`AnomalyMonitor.export_agent`) in the
+    database (a lock the moment it is set, in the transaction of its audit row;
+    windows in the next request's transaction: guardian/state/limits.py) and puts it
+    back at start, so a lock set before a ``kill -9`` is still in force after it.
+    Times are Unix ms, so nothing needs converting. Session locks are not kept:
+    sessions do not survive a restart.
+
 Session keys are bearer credentials: they are used only as dictionary keys,
 never logged or returned; log lines carry the ``session_ref`` digest the
 caller passes.
@@ -67,6 +76,7 @@ from shared.errors import PermissionDenied
 __all__ = [
     "ANOMALY_KINDS",
     "ANOMALY_RESPONSES",
+    "AgentAnomalies",
     "AnomalyEvent",
     "AnomalyKind",
     "AnomalyMonitor",
@@ -156,6 +166,15 @@ class AnomalyEvent:
     locked_until_ms: int
 
 
+@dataclass(frozen=True)
+class AgentAnomalies:
+    """An agent's lock and recent events as kept across restarts (Unix ms)."""
+
+    locked_until_ms: int
+    #: Kind -> (window, the event times in it).
+    windows: dict[str, tuple[int, list[int]]]
+
+
 @dataclass
 class _Window:
     """The recent event times of one (kind, agent). Mutable only under the monitor's lock."""
@@ -188,6 +207,8 @@ class AnomalyMonitor:
         self._session_locks: dict[str, _SessionLock] = {}
         self._lock = threading.Lock()
         self._full_logged = False
+        #: Agents whose lock or windows changed since take_changed last ran.
+        self._changed: set[str] = set()
 
     def record(
         self,
@@ -211,6 +232,7 @@ class AnomalyMonitor:
         log_full = False
         event: AnomalyEvent | None = None
         with self._lock:
+            self._changed.add(agent)
             key = (kind, agent)
             window = self._windows.get(key)
             if window is None and self._entries() >= self._max_keys:
@@ -262,6 +284,7 @@ class AnomalyMonitor:
         A lock that had expired but was not yet swept counts as held.
         """
         with self._lock:
+            self._changed.add(agent)
             held = self._agent_locks.pop(agent, None) is not None
             sessions = [key for key, lock in self._session_locks.items() if lock.agent == agent]
             for key in sessions:
@@ -274,6 +297,29 @@ class AnomalyMonitor:
                 extra={"event": "anomaly_unlock", "agent": agent, "agent_locked": held, "sessions": len(sessions)},
             )
         return held or bool(sessions)
+
+    def take_changed(self) -> set[str]:
+        """The agents whose lock or windows changed since the last call (and forget them)."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            return changed
+
+    def export_agent(self, agent: str) -> AgentAnomalies:
+        """One agent's lock and windows (kept the moment a lock is set)."""
+        with self._lock:
+            return self._export(agent)
+
+    def restore_agents(self, kept: dict[str, AgentAnomalies]) -> None:
+        """Put back what :meth:`export_agent` kept; a lock never ends earlier than it would have."""
+        known = set(get_args(AnomalyKind))
+        with self._lock:
+            for agent, anomalies in kept.items():
+                if anomalies.locked_until_ms:
+                    self._agent_locks[agent] = max(self._agent_locks.get(agent, 0), anomalies.locked_until_ms)
+                for kind, (window_ms, events) in anomalies.windows.items():
+                    if kind in known and events:
+                        restored = deque(sorted(events), maxlen=max(1, len(events)))
+                        self._windows[(kind, agent)] = _Window(restored, window_ms)  # type: ignore[index]
 
     def locks(self, now_ms: int) -> list[tuple[str, str, int]]:
         """The locks in force, as (scope "agent" or "session", agent name, until_ms); never a session id."""
@@ -308,6 +354,16 @@ class AnomalyMonitor:
             return len(agents) + len(sessions) + len(windows)
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _export(self, agent: str) -> AgentAnomalies:
+        return AgentAnomalies(
+            locked_until_ms=self._agent_locks.get(agent, 0),
+            windows={
+                kind: (window.window_ms, list(window.events))
+                for (kind, owner), window in self._windows.items()
+                if owner == agent and window.events
+            },
+        )
 
     def _entries(self) -> int:
         return len(self._windows) + len(self._session_locks)

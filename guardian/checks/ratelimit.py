@@ -38,6 +38,14 @@ Memory bound
     one. If the table is still full, a request that needs a new key is refused
     with :class:`~shared.errors.RateLimited` rather than let the table grow.
 
+Across restarts
+    Every agent whose buckets or cooldown changed is named by :meth:`RateLimiter.take_changed`;
+    the guardian keeps those agents' state (:meth:`RateLimiter.export_agent`) in
+    the database in the same transaction as the requests that changed it
+    (guardian/state/limits.py), and puts it back at start
+    (:meth:`RateLimiter.restore_agents`), refilled for the time it was down. Session
+    buckets are not kept: sessions do not survive a restart.
+
 Session keys are bearer credentials: they are used only as dictionary keys
 here, never logged and never put into a message.
 """
@@ -54,7 +62,7 @@ from typing import Final, Literal
 
 from shared.errors import RateLimited
 
-__all__ = ["TABLE_FULL_RETRY_MS", "BucketSpec", "RateKind", "RateLimiter", "RateSpec"]
+__all__ = ["TABLE_FULL_RETRY_MS", "AgentRates", "BucketSpec", "RateKind", "RateLimiter", "RateSpec"]
 
 security_log = logging.getLogger("agent_guardian.security")
 
@@ -150,6 +158,15 @@ class _Bucket:
         return self.tokens + elapsed * self.spec.refill_per_s + _EPSILON >= self.spec.capacity
 
 
+@dataclass(frozen=True)
+class AgentRates:
+    """An agent's buckets and cooldown as kept across restarts (times in Unix ms)."""
+
+    #: Bucket name -> (tokens, capacity, refill per second, when the tokens were counted).
+    buckets: dict[str, tuple[float, int, float, int]]
+    cooldown_until_ms: int
+
+
 @dataclass
 class _KeyState:
     """Everything remembered about one agent or one session."""
@@ -172,6 +189,8 @@ class RateLimiter:
         self._max_keys = max_keys
         self._keys: dict[_Key, _KeyState] = {}
         self._lock = threading.Lock()
+        #: Agents whose buckets or cooldown changed since take_changed last ran.
+        self._changed: set[str] = set()
         #: Whether the current spell of a full table was logged (logged once, until a sweep frees room).
         self._full_logged = False
 
@@ -229,6 +248,7 @@ class RateLimiter:
     def reset_agent(self, agent: str) -> None:
         """Clear the agent's buckets and cooldown, and those of its sessions (the security team's reset)."""
         with self._lock:
+            self._changed.add(agent)
             self._keys.pop(("agent", agent), None)
             for key in [key for key, state in self._keys.items() if key[0] == "session" and state.agent == agent]:
                 del self._keys[key]
@@ -252,6 +272,47 @@ class RateLimiter:
             if len(self._keys) < self._max_keys:
                 self._full_logged = False
             return len(idle)
+
+    def take_changed(self) -> set[str]:
+        """The agents whose buckets or cooldown changed since the last call (and forget them)."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            return changed
+
+    def export_agent(self, agent: str, wall_ms: int) -> AgentRates:
+        """The agent's buckets and cooldown, with wall-clock times (wall_ms: now), to keep across a restart."""
+        with self._lock:
+            now = self._clock()
+            state = self._keys.get(("agent", agent))
+            if state is None:  # nothing held (never charged, swept, or reset): a fresh budget
+                return AgentRates(buckets={}, cooldown_until_ms=0)
+            return AgentRates(
+                buckets={
+                    name: (
+                        bucket.tokens,
+                        bucket.spec.capacity,
+                        bucket.spec.refill_per_s,
+                        wall_ms - _ms(now - bucket.updated),
+                    )
+                    for name, bucket in state.buckets.items()
+                },
+                cooldown_until_ms=wall_ms + _ms(state.cooldown_until - now) if state.cooldown_until > now else 0,
+            )
+
+    def restore_agents(self, kept: dict[str, AgentRates], wall_ms: int) -> None:
+        """Put back what :meth:`export_agent` kept (wall_ms: now), refilled for the time since it was kept."""
+        with self._lock:
+            now = self._clock()
+            for agent, rates in kept.items():
+                state = self._keys.setdefault(("agent", agent), _KeyState(agent=agent))
+                for name, (tokens, capacity, refill_per_s, counted_ms) in rates.buckets.items():
+                    if name not in _NOUNS:
+                        continue
+                    counted = now - max(0, wall_ms - counted_ms) / 1000
+                    spec = BucketSpec(capacity=capacity, refill_per_s=refill_per_s)
+                    state.buckets[name] = _Bucket(spec, min(tokens, float(capacity)), counted)
+                if rates.cooldown_until_ms > wall_ms:
+                    state.cooldown_until = max(state.cooldown_until, now + (rates.cooldown_until_ms - wall_ms) / 1000)
 
     # -- under the lock ---------------------------------------------------------------------------
 
@@ -296,6 +357,7 @@ class RateLimiter:
     ) -> tuple[RateLimited | None, dict[str, object] | None]:
         """Charge every planned bucket, or none and start a cooldown: (error, log fields) on a breach."""
         charged: list[tuple[_Key, _BucketName, _Bucket]] = []
+        self._changed.add(agent)
         for key, name, bucket_spec in plan:
             state = self._keys.get(key)
             if state is None:

@@ -31,6 +31,8 @@ from guardian.daemon.recall import RecallIndexer  # noqa: E402
 from guardian.daemon.server import GuardianServer  # noqa: E402
 from guardian.state.config import load_config  # noqa: E402
 from guardian.state.core import GuardianCore  # noqa: E402
+from guardian.state.limits import restore as restore_limits  # noqa: E402 - after the BLAS setting
+from guardian.state.limits import save_changed as save_limits  # noqa: E402 - after the BLAS setting
 from shared.errors import ConfigError  # noqa: E402
 from shared.jsonlog import configure_logging  # noqa: E402
 from shared.ops_http import OpsServer  # noqa: E402
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("cannot start: %s", error.message, extra={"event": "start_failed"})
         return 2
+    restore_limits(core)  # before the first request: a restart is no way around a lockout
+    core.database.before_each_commit(lambda connection: save_limits(core, connection))
     server = GuardianServer(core)
     stop = threading.Event()
 

@@ -19,6 +19,7 @@ from guardian.policy.compile import Policy, compile_policy
 from guardian.policy.in_force import PolicyInForce
 from guardian.service.call import Call
 from guardian.service.shape import agent_name, memory_id
+from guardian.state import limits
 from guardian.state.core import GuardianCore, session_ref
 from guardian.store import audit
 from guardian.store.database import Connection
@@ -85,7 +86,9 @@ def unlock_agent(core: GuardianCore, call: Call, name: str, connection: Connecti
     """Lift an agent's anomaly lock and refill its rate budgets."""
     core.agents.require(connection, name)
     core.rates.reset_agent(name)
-    return pb.UnlockAgentResponse(was_locked=core.anomalies.unlock_agent(name))
+    was_locked = core.anomalies.unlock_agent(name)
+    limits.save_agent(core, connection, name)  # kept now: a restart must not bring the lock back
+    return pb.UnlockAgentResponse(was_locked=was_locked)
 
 
 def check_rotate_token(

@@ -39,6 +39,7 @@ from guardian.service import shape
 from guardian.service.call import Call, Malformed, Rule, Writes
 from guardian.service.rules import KNOWN_METHODS
 from guardian.service.shape import check_known_fields
+from guardian.state import limits
 from guardian.state.core import GuardianCore, now_ms, session_ref
 from guardian.store import audit, idempotency, provenance
 from guardian.store.database import Connection
@@ -414,6 +415,8 @@ class Pipeline:
                     with self._core.database.write() as connection:
                         reason = f"{event.kind}: {event.count} in {event.window_ms} ms"
                         self._audit(connection, call, f"anomaly.{event.response}", "alert", reason)
+                        if event.locked_until_ms:  # kept now, with its row: a kill -9 does not lift it
+                            limits.save_agent(self._core, connection, call.agent)
         except Exception:
             log.exception("the anomaly stage failed for %s", call.method)
 

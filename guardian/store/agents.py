@@ -1,8 +1,9 @@
-"""The agent registry: who may open sessions, and with which token.
+"""The agent registry: who may open sessions, and with which token; and each agent's limits kept across restarts.
 
 A token is shown once, when the agent is added; the guardian stores only its
 HMAC under the token key ring, so the database alone cannot reveal or forge
-one.
+one. ``agent_limits`` holds, per agent, the JSON of its rate-limit buckets,
+cooldown, anomaly lock and windows (guardian/state/limits.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,21 @@ from guardian.store.database import Connection
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.formats import AGENT_NAME_RE, is_agent_token
 
-__all__ = ["AgentRecord", "AgentRegistry"]
+__all__ = ["AgentRecord", "AgentRegistry", "load_limits", "save_limits"]
+
+
+def save_limits(connection: Connection, states: dict[str, str], saved_at_ms: int) -> None:
+    """Keep each agent's limits (JSON text)."""
+    connection.executemany(
+        "INSERT INTO agent_limits (agent, state, saved_at_ms) VALUES (?, ?, ?)"
+        " ON CONFLICT (agent) DO UPDATE SET state = excluded.state, saved_at_ms = excluded.saved_at_ms",
+        [(agent, state, saved_at_ms) for agent, state in states.items()],
+    )
+
+
+def load_limits(connection: Connection) -> dict[str, str]:
+    """Every kept row: agent -> JSON text."""
+    return {str(agent): str(state) for agent, state in connection.execute("SELECT agent, state FROM agent_limits")}
 
 
 @dataclass(frozen=True)

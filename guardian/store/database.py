@@ -247,6 +247,8 @@ class Database:
         self._closed = False
         #: The after-commit actions of the transaction (or group job) running on the writer, or None.
         self._pending: list[Callable[[], None]] | None = None
+        #: Work that ends every group commit, in its transaction (after the jobs, before COMMIT).
+        self._group_endings: list[Callable[[Connection], None]] = []
         self._probe: Any = None
         self._probe_lock = threading.Lock()
         self._migrate()
@@ -368,6 +370,7 @@ class Database:
                 finally:
                     self._pending = None
                 writer.execute("RELEASE job")
+            self._end_group(writer)
             writer.execute("COMMIT")
             for job in group:
                 _run_all(job.after_commit)
@@ -382,6 +385,23 @@ class Database:
         finally:
             for job in group:
                 job.done = True
+
+    def before_each_commit(self, ending: Callable[[Connection], None]) -> None:
+        """Run ending in every group commit's transaction, after its jobs (state kept with the requests that
+        changed it). A failing ending is logged and undone, never the group's failure."""
+        self._group_endings.append(ending)
+
+    def _end_group(self, writer: Any) -> None:
+        for ending in self._group_endings:
+            writer.execute("SAVEPOINT ending")
+            try:
+                ending(writer)
+            except Exception as exc:
+                if storage_fault(exc) is not None:
+                    raise  # the storage failed: the group fails with it
+                log.exception("work at the end of a group commit failed; its changes are undone")
+                writer.execute("ROLLBACK TO ending")
+            writer.execute("RELEASE ending")
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run action once the transaction running on the writer now has committed; never if its work rolls back.

@@ -197,7 +197,8 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     # read what: each memory a read returned (plainly or labelled) or withheld for its trust, by its audit
     # row's seq. And
     # incidents: the memories the security team held by author, session, source and time, with what was
-    # derived from them (guardian/service/incidents.py).
+    # derived from them (guardian/service/incidents.py). And each agent's rate-limit buckets, cooldown,
+    # anomaly lock and windows, so a restart never resets them (guardian/state/limits.py).
     """
     ALTER TABLE memories ADD COLUMN source TEXT NOT NULL DEFAULT '';
     ALTER TABLE memories ADD COLUMN session TEXT NOT NULL DEFAULT '';
@@ -232,6 +233,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         closed_by TEXT NOT NULL DEFAULT '',
         resolution TEXT NOT NULL DEFAULT ''
     );
+    CREATE TABLE agent_limits (
+        agent TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        saved_at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
     CREATE TABLE incident_memories (
         incident TEXT NOT NULL REFERENCES incidents(id),
         memory TEXT NOT NULL,
