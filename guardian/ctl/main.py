@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
-from guardian.ctl.audit import add_audit_commands, parse_duration_ms
+from guardian.ctl.audit import add_audit_commands, parse_duration_ms, parse_time
 from guardian.ctl.backup import add_backup_commands
 from guardian.ctl.connection import DEFAULT_ADMIN_SOCKET, call
 from guardian.ctl.incidents import add_incident_commands, add_memory_commands
@@ -115,6 +116,26 @@ def cmd_agents_unlock(args: argparse.Namespace) -> int:
     response = call(args, "UnlockAgent", admin_pb2.UnlockAgentRequest(name=args.name))
     state = "was locked; unlocked" if response.was_locked else "was not locked"
     print(f"agent {args.name!r} {state}; its rate-limit cooldowns are cleared")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """guardianctl stats [--since T] [--until T]: requests by agent, operation and decision; memories; keys."""
+    stats = call(args, "Stats", admin_pb2.StatsRequest(since_ms=args.since or 0, until_ms=args.until or 0))
+    if args.json:
+        print_json(MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+        return 0
+    print(f"requests from {when(stats.since_ms)} to {when(stats.until_ms)}:")
+    print(f"  {'AGENT':<28} {'OPERATION':<28} {'DECISION':<8} {'COUNT':>9}")
+    for row in stats.requests:
+        print(f"  {row.agent or '-':<28} {row.operation:<28} {row.decision:<8} {row.count:>9}")
+    print(f"memories by namespace ({stats.quarantined} quarantined in all; {stats.open_incidents} open incidents):")
+    for namespace in stats.namespaces:
+        print(f"  {namespace.namespace:<28} active {namespace.active:>9}  quarantined {namespace.quarantined:>7}")
+    print("primary keys:")
+    for key in stats.primary_keys:
+        age = f"{key.age_ms // 86_400_000} days" if key.age_ms else "age unknown"
+        print(f"  {key.ring:<9} {key.key_id:<24} created {when(key.created_at_ms)}  ({age})")
     return 0
 
 
@@ -374,6 +395,12 @@ def _parser() -> argparse.ArgumentParser:
         " nothing to fix; 1: not ready or a warning.",
     )
     status.set_defaults(func=cmd_status)
+    stats = commands.add_parser(
+        "stats", help="requests by agent, operation and decision (default: last 24 h); memories; key ages"
+    )
+    stats.add_argument("--since", type=parse_time, help="from this time: ISO 8601 or an age (2h, 7d)")
+    stats.add_argument("--until", type=parse_time, help="before this time")
+    stats.set_defaults(func=cmd_stats)
 
     _add_agent_commands(commands)
 

@@ -14,8 +14,8 @@ from typing import Final
 from guardian.service import admin_backups as backups
 from guardian.service import admin_keys as keys
 from guardian.service import admin_service as admin
+from guardian.service import admin_stats, incidents
 from guardian.service import agent_service as agent
-from guardian.service import incidents
 from guardian.service.call import Rule
 
 __all__ = ["ADMIN_RULES", "AGENT_RULES", "KNOWN_METHODS"]
@@ -124,6 +124,7 @@ ADMIN_RULES: Final[dict[str, Rule]] = {
     ),
     "CloseIncident": Rule("admin.incident.close", check=incidents.check_close, handle=incidents.close_incident),
     "RescanMemories": Rule("admin.memories.rescan", check=incidents.check_rescan, handle=incidents.rescan_memories),
+    "Stats": Rule("admin.stats", check=admin_stats.check_stats, handle=admin_stats.stats),
     "ListKeys": Rule("admin.keys.list", handle=keys.list_keys),
     "RotateKey": Rule("admin.keys.rotate", check=keys.check_ring, handle_alone=keys.rotate_key),
     "ResignMemories": Rule("admin.keys.resign", handle_alone=keys.resign_memories),

@@ -98,6 +98,7 @@ ALLOWED: Final[dict[str, dict[str, frozenset[grpc.StatusCode]]]] = {
         "ReportIncident": _ADMIN_BASE | {_C.NOT_FOUND},
         "CloseIncident": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # already closed
         "RescanMemories": _ADMIN_BASE,
+        "Stats": _ADMIN_BASE,
         "RotateAgentToken": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # revoked
         "ListSessions": _ADMIN_BASE,
         "RevokeSession": _ADMIN_BASE | {_C.NOT_FOUND},

@@ -59,6 +59,7 @@ ADMIN_METHODS: Final = (
     "ReportIncident",
     "CloseIncident",
     "RescanMemories",
+    "Stats",
     "RotateAgentToken",
     "ListSessions",
     "RevokeSession",

@@ -1313,6 +1313,157 @@ class CloseIncidentRequest(_message.Message):
 Global___CloseIncidentRequest: _TypeAlias = CloseIncidentRequest  # noqa: Y015
 
 @_typing.final
+class StatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    since_ms: _builtins.int
+    """Requests at or after since_ms and before until_ms (Unix ms). 0, 0: the last 24 hours."""
+    until_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        since_ms: _builtins.int = ...,
+        until_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
+
+@_typing.final
+class RequestCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    operation: _builtins.str
+    decision: _builtins.str
+    """allow, deny, error or alert."""
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "count", b"count", "decision", b"decision", "operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestCount: _TypeAlias = RequestCount  # noqa: Y015
+
+@_typing.final
+class NamespaceCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    QUARANTINED_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    active: _builtins.int
+    quarantined: _builtins.int
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        active: _builtins.int = ...,
+        quarantined: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "namespace", b"namespace", "quarantined", b"quarantined"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamespaceCount: _TypeAlias = NamespaceCount  # noqa: Y015
+
+@_typing.final
+class KeyAge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RING_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    AGE_MS_FIELD_NUMBER: _builtins.int
+    ring: _builtins.str
+    """memory, audit, token or database."""
+    key_id: _builtins.str
+    created_at_ms: _builtins.int
+    age_ms: _builtins.int
+    """0 when the key's creation time is not known (a key from before rotation was recorded)."""
+    def __init__(
+        self,
+        *,
+        ring: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        created_at_ms: _builtins.int = ...,
+        age_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_ms", b"age_ms", "created_at_ms", b"created_at_ms", "key_id", b"key_id", "ring", b"ring"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyAge: _TypeAlias = KeyAge  # noqa: Y015
+
+@_typing.final
+class StatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    QUARANTINED_FIELD_NUMBER: _builtins.int
+    OPEN_INCIDENTS_FIELD_NUMBER: _builtins.int
+    PRIMARY_KEYS_FIELD_NUMBER: _builtins.int
+    since_ms: _builtins.int
+    until_ms: _builtins.int
+    quarantined: _builtins.int
+    open_incidents: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestCount]:
+        """Most first."""
+
+    @_builtins.property
+    def namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamespaceCount]: ...
+    @_builtins.property
+    def primary_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyAge]:
+        """Each ring's primary key."""
+
+    def __init__(
+        self,
+        *,
+        since_ms: _builtins.int = ...,
+        until_ms: _builtins.int = ...,
+        requests: _abc.Iterable[Global___RequestCount] | None = ...,
+        namespaces: _abc.Iterable[Global___NamespaceCount] | None = ...,
+        quarantined: _builtins.int = ...,
+        open_incidents: _builtins.int = ...,
+        primary_keys: _abc.Iterable[Global___KeyAge] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespaces", b"namespaces", "open_incidents", b"open_incidents", "primary_keys", b"primary_keys", "quarantined", b"quarantined", "requests", b"requests", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
 class RescanRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

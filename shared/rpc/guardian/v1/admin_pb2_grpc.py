@@ -149,6 +149,11 @@ class AdminServiceStub:
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanRequest.SerializeToString,
                 response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/guardian.v1.AdminService/Stats',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatsResponse.FromString,
+                _registered_method=True)
         self.RotateAgentToken = channel.unary_unary(
                 '/guardian.v1.AdminService/RotateAgentToken',
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RotateAgentTokenRequest.SerializeToString,
@@ -372,6 +377,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Counts for the security team: requests by agent, operation and decision over a time range,
+        memories by namespace and status, open incidents, and how old each ring's primary key is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateAgentToken(self, request, context):
         """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all).
         """
@@ -567,6 +580,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RescanMemories,
                     request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanRequest.FromString,
                     response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatsRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatsResponse.SerializeToString,
             ),
             'RotateAgentToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateAgentToken,
@@ -1245,6 +1263,33 @@ class AdminService:
             '/guardian.v1.AdminService/RescanMemories',
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanRequest.SerializeToString,
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RescanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/Stats',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

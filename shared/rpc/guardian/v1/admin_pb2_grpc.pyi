@@ -86,6 +86,10 @@ class AdminServiceStub:
     """Runs the policy's current content filters and the instruction review signal over a batch of
     active memories (in rowid order, after after_rowid) and quarantines those they catch.
     """
+    Stats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StatsRequest, _admin_pb2.StatsResponse]
+    """Counts for the security team: requests by agent, operation and decision over a time range,
+    memories by namespace and status, open incidents, and how old each ring's primary key is.
+    """
     RotateAgentToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]
     """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSessionsRequest, _admin_pb2.ListSessionsResponse]
@@ -165,6 +169,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RescanMemories: _aio.UnaryUnaryMultiCallable[_admin_pb2.RescanRequest, _admin_pb2.RescanResponse]  # type: ignore[assignment]
     """Runs the policy's current content filters and the instruction review signal over a batch of
     active memories (in rowid order, after after_rowid) and quarantines those they catch.
+    """
+    Stats: _aio.UnaryUnaryMultiCallable[_admin_pb2.StatsRequest, _admin_pb2.StatsResponse]  # type: ignore[assignment]
+    """Counts for the security team: requests by agent, operation and decision over a time range,
+    memories by namespace and status, open incidents, and how old each ring's primary key is.
     """
     RotateAgentToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentTokenRequest, _admin_pb2.AddAgentResponse]  # type: ignore[assignment]
     """Issues a new token for an agent; the old one keeps working for grace_ms (0: not at all)."""
@@ -380,6 +388,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.RescanResponse, _abc.Awaitable[_admin_pb2.RescanResponse]]:
         """Runs the policy's current content filters and the instruction review signal over a batch of
         active memories (in rowid order, after after_rowid) and quarantines those they catch.
+        """
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _admin_pb2.StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.StatsResponse, _abc.Awaitable[_admin_pb2.StatsResponse]]:
+        """Counts for the security team: requests by agent, operation and decision over a time range,
+        memories by namespace and status, open incidents, and how old each ring's primary key is.
         """
 
     @_abc_1.abstractmethod
