@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.models import QUARANTINED, Memory, MemoryStatus, Page, SearchHit, SearchHits, TrustLevel
 from shared.errors import InternalError, InvalidArgument
-from shared.formats import MEMORY_ID_RE, SOURCE_RE
+from shared.formats import MAX_DERIVED_FROM, MEMORY_ID_RE, SOURCE_RE
 
 __all__ = [
     "MAX_DERIVED_FROM",
@@ -75,8 +75,6 @@ Namespace = Annotated[
 SOURCE_PATTERN: Final = f"^{SOURCE_RE.pattern}$"
 #: A memory id (``shared.formats.MEMORY_ID_RE``).
 MEMORY_ID_PATTERN: Final = f"^{MEMORY_ID_RE.pattern}$"
-#: The most memories one memory may name as derived from (the guardian's limit).
-MAX_DERIVED_FROM: Final = 32
 
 #: The optional source argument of a write: the SDK checks its form before the tool runs.
 Source = Annotated[

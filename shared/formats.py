@@ -12,6 +12,7 @@ from typing import Final
 __all__ = [
     "AGENT_NAME_RE",
     "INCIDENT_ID_RE",
+    "MAX_DERIVED_FROM",
     "MEMORY_ID_RE",
     "OPERATOR_METADATA_KEY",
     "RETRY_AFTER_METADATA_KEY",
@@ -27,6 +28,8 @@ TOKEN_RE: Final = re.compile(r"agt_[A-Za-z0-9_-]{43}")
 SESSION_ID_RE: Final = re.compile(r"ses_[A-Za-z0-9_-]{32}")
 #: ``mem_`` and 32 lowercase hex characters (16 random bytes).
 MEMORY_ID_RE: Final = re.compile(r"mem_[0-9a-f]{32}")
+#: The most memory ids one memory may name as derived from (both processes check it).
+MAX_DERIVED_FROM: Final = 32
 #: ``inc_`` and 16 lowercase hex characters (8 random bytes).
 INCIDENT_ID_RE: Final = re.compile(r"inc_[0-9a-f]{16}")
 #: An agent's name: 1-64 characters, letters, digits, '-', '_', '.', not starting with a symbol.

@@ -251,6 +251,8 @@ class Pipeline:
         memory it changes from every agent until someone reviews it.
         """
         rules = call.policy.review
+        if not rules.levels or not (rules.instructions or rules.similar_to_trusted):
+            return drafts  # review is off: no trust to work out
         scope = call.required_scope
         reviewed: list[Draft] = []
         for index, draft in enumerate(drafts):

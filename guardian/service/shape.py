@@ -18,9 +18,9 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from guardian.policy.compile import Limits
 from guardian.recall.trust import UNRECORDED
 from guardian.store.integrity import canonical_json
-from guardian.store.memories import MAX_DERIVED_FROM, Draft
+from guardian.store.memories import Draft
 from shared.errors import InvalidArgument
-from shared.formats import AGENT_NAME_RE, MEMORY_ID_RE, SOURCE_RE
+from shared.formats import AGENT_NAME_RE, MAX_DERIVED_FROM, MEMORY_ID_RE, SOURCE_RE
 
 __all__ = [
     "agent_name",

@@ -32,7 +32,6 @@ from shared.errors import DataLoss, InvalidArgument, NotFound, PermissionDenied
 
 __all__ = [
     "ACTIVE",
-    "MAX_DERIVED_FROM",
     "QUARANTINED",
     "WITHHELD",
     "Draft",
@@ -65,8 +64,6 @@ _CURSOR_RE: Final = re.compile(r"[A-Za-z0-9_-]{22}\.[0-9a-f]{32}")
 _MAX_NAMESPACES: Final = 64
 #: Candidates a search asks each leg for, at least.
 _MIN_DEPTH: Final = 20
-#: The most memories one memory may name as derived from.
-MAX_DERIVED_FROM: Final = 32
 #: What an agent is told of a memory its profile withholds at its trust level.
 WITHHELD: Final = "that memory is withheld: the policy does not let this agent recall memories of its trust level"
 
