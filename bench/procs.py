@@ -25,14 +25,17 @@ from typing import Any, Final
 import grpc
 import sqlcipher3
 import yaml
+from google.protobuf.message import Message
 
+from guardian.access.key_file import KeyFileSigner
+from guardian.ctl.connection import call_signed
 from guardian.keys.rotated import load_all_keys
 from guardian.policy.default import render_default_policy
 from guardian.state.config import EmbedderService, load_config
-from guardian.state.statedir import StateDirFiles, init_state_dir
+from guardian.state.statedir import LOCAL_ADMIN_KEY, StateDirFiles, init_state_dir
 from shared.embedding import ask_once
 from shared.rpc.embedder.v1 import embedder_pb2
-from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc
+from shared.rpc.guardian.v1 import admin_pb2
 
 __all__ = [
     "ROOT",
@@ -338,21 +341,22 @@ class BenchGuardian(StateDirFiles):
     def wait_recall_ready(self, timeout_s: float = 1800.0) -> float:
         """Wait until the vector index is loaded and organised and no memory waits to be embedded; seconds waited."""
         started = time.monotonic()
-        with grpc.insecure_channel(f"unix:{self.admin_socket}") as channel:
-            stub = admin_pb2_grpc.AdminServiceStub(channel)
-            while True:
-                status = stub.Status(admin_pb2.StatusRequest(), timeout=30)
-                if status.recall_index_ready and status.memories_to_embed == 0 and not status.recall_index_training:
-                    return time.monotonic() - started
-                if time.monotonic() - started > timeout_s:
-                    raise RuntimeError(f"the vector index was not ready in {timeout_s:.0f} s")
-                time.sleep(0.5)
+        while True:
+            status = self.admin("Status", admin_pb2.StatusRequest(), timeout_s=30)
+            if status.recall_index_ready and status.memories_to_embed == 0 and not status.recall_index_training:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"the vector index was not ready in {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+    def admin(self, method: str, request: Message, timeout_s: float = 15.0) -> Any:
+        """One admin call, signed with the key init made in the state dir (the first admin)."""
+        signer = KeyFileSigner(self.state_dir / LOCAL_ADMIN_KEY)
+        return call_signed(str(self.admin_socket), signer, method, request, timeout_s)
 
     def add_agent(self, name: str) -> str:
         """Register an agent on the admin socket; its token."""
-        with grpc.insecure_channel(f"unix:{self.admin_socket}") as channel:
-            stub = admin_pb2_grpc.AdminServiceStub(channel)
-            token: str = stub.AddAgent(admin_pb2.AddAgentRequest(name=name), timeout=15).token
+        token: str = self.admin("AddAgent", admin_pb2.AddAgentRequest(name=name)).token
         self.tokens[name] = token
         return token
 

@@ -2,10 +2,15 @@
 
 - ``tail [-n N] [-f]``: the newest rows; ``-f`` keeps printing new ones.
 - ``query``: rows filtered by agent, operation, decision and time range.
-- ``export --format jsonl``: every matching row as JSON lines, for archiving.
+- ``export [--after-seq N]``: the trail as JSON lines anyone can verify (rows,
+  their public chain links, the signed heads, the audit-signing public keys;
+  the format is in guardian/keys/audit_proof.py and the README);
+  ``--format jsonl`` with filters: the matching rows alone, for reading.
 - ``verify [--security-log FILE]``: walk the whole chain and check it still
   holds every head published to the security log; exit 1 naming the first
   row that does not hold.
+- ``verify --public-key FILE EXPORT``: verify an export offline, with nothing
+  but the audit-signing public keys (no socket, no guardian, no secret key).
 - ``who-read ID``: every read that returned the memory (or withheld it for its
   trust level): when, which agent and session, which operation.
 """
@@ -24,10 +29,12 @@ from typing import Any, Final
 
 from guardian.ctl.connection import call
 from guardian.ctl.output import print_json, when
+from guardian.keys.audit_proof import EXPORT_FORMAT, ExportReport, verify_export
+from guardian.keys.signing import ALGORITHM, parse_public_keys, public_key_text
 from shared.errors import ConfigError
 from shared.rpc.guardian.v1 import admin_pb2
 
-__all__ = ["add_audit_commands", "parse_duration_ms", "parse_time"]
+__all__ = ["add_audit_commands", "key_record", "parse_duration_ms", "parse_time"]
 
 #: Calls one AdminService method: (parsed arguments, method name, request) -> response.
 
@@ -82,6 +89,13 @@ def _row_count(text: str) -> int:
     """An argparse type: a whole number of rows from 1 to 1000."""
     if not text.isdigit() or not 1 <= int(text) <= _PAGE:
         raise argparse.ArgumentTypeError(f"expected a number of rows from 1 to {_PAGE}, got {text!r}")
+    return int(text)
+
+
+def _seq(text: str) -> int:
+    """An argparse type: a row's sequence number (0 or more)."""
+    if not text.isdigit() or int(text) > 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"expected a row number from 0, got {text!r}")
     return int(text)
 
 
@@ -162,19 +176,113 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    """guardianctl audit export --format jsonl [filters] [--output FILE]."""
-    output = sys.stdout if args.output == "-" else Path(args.output).open("x", encoding="utf-8")  # noqa: SIM115
-    count = 0
+    """guardianctl audit export [--after-seq N] [--output FILE]; --format jsonl [filters] for rows alone."""
+    filtered = any(getattr(args, name, None) for name in ("agent", "operation", "decision", "since", "until"))
+    if args.format == "verifiable" and filtered:
+        raise ConfigError(
+            "filters leave gaps a verifier cannot tell from removed rows: use them with --format jsonl,"
+            " or export everything (optionally --after-seq N)"
+        )
+    if args.format == "jsonl" and args.after_seq:
+        raise ConfigError("--after-seq belongs to the verifiable export; with --format jsonl use --since")
+    output = sys.stdout if args.output == "-" else _create(args.output)
+    count = heads = 0
     try:
-        for page in _pages(args):
-            for row in page:
-                output.write(json.dumps(_row_dict(row), ensure_ascii=False) + "\n")
-            count += len(page)
+        if args.format == "jsonl":
+            for page in _pages(args):
+                for row in page:
+                    output.write(json.dumps(_row_dict(row), ensure_ascii=False) + "\n")
+                count += len(page)
+        else:
+            count, heads = _export_verifiable(args, output)
     finally:
         if output is not sys.stdout:
             output.close()
-    print(f"exported {count} rows", file=sys.stderr)
+    print(
+        f"exported {count} rows" + (f" and {heads} signed heads" if args.format == "verifiable" else ""),
+        file=sys.stderr,
+    )
     return 0
+
+
+def _create(name: str) -> Any:
+    try:
+        return Path(name).open("x", encoding="utf-8")  # closed by the caller
+    except FileExistsError:
+        raise ConfigError(f"{name} exists: choose another file (an export never overwrites one)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {name}: {exc.strerror}") from None
+
+
+def key_record(key: Any) -> dict[str, Any]:
+    """The export's ``public_key`` record of an AuditSigningKey."""
+    return {
+        "type": "public_key",
+        "key_id": key.key_id,
+        "algorithm": ALGORITHM,
+        "public_key": public_key_text(key.public_key),
+        "created_at_ms": key.created_at_ms,
+        "primary": key.primary,
+        "heads": key.heads,
+        "first_seq": key.first_seq,
+        "last_seq": key.last_seq,
+        "first_ts_ms": key.first_ts_ms,
+        "last_ts_ms": key.last_ts_ms,
+    }
+
+
+def _export_verifiable(args: argparse.Namespace, output: Any) -> tuple[int, int]:
+    """Write the export of guardian/keys/audit_proof.py, a page at a time; (rows, signed heads) written.
+
+    The rows end at the chain's head when the export began (each page's request is itself
+    audited, so without that bound the export would chase its own rows).
+    """
+
+    def write(record: dict[str, Any]) -> None:
+        output.write(json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n")
+
+    keys = call(args, "AuditSigningKeys", admin_pb2.AuditSigningKeysRequest()).keys
+    after, link, until, rows, heads = args.after_seq, "", 0, 0, 0
+    while True:
+        page = call(
+            args,
+            "ExportAudit",
+            admin_pb2.ExportAuditRequest(after_seq=after, until_seq=until, limit=_PAGE, after_link=link),
+        )
+        if not link:
+            until = page.until_seq
+            write(
+                {
+                    "type": "export",
+                    "format": EXPORT_FORMAT,
+                    "after_seq": after,
+                    "until_seq": max(until, after),
+                    "start_link": page.start_link,
+                    "exported_at_ms": int(time.time() * 1000),
+                }
+            )
+            for key in keys:
+                write(key_record(key))
+        signed = {head.seq: head for head in page.signed_heads}
+        for exported in page.rows:
+            write({"type": "row", **_row_dict(exported.row), "link": exported.link})
+            head = signed.get(exported.row.seq)
+            if head is not None:
+                write(
+                    {
+                        "type": "signed_head",
+                        "seq": head.seq,
+                        "ts_ms": head.ts_ms,
+                        "link": head.link,
+                        "key_id": head.key_id,
+                        "signature": head.signature,
+                    }
+                )
+                heads += 1
+        rows += len(page.rows)
+        if not page.rows or page.rows[-1].row.seq >= until:
+            return rows, heads
+        after, link = page.rows[-1].row.seq, page.rows[-1].link
 
 
 def published_heads(paths: list[str]) -> list[admin_pb2.ChainHead]:
@@ -198,7 +306,9 @@ def published_heads(paths: list[str]) -> list[admin_pb2.ChainHead]:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """guardianctl audit verify [--security-log FILE]...; exit 1 if the chain does not hold."""
+    """guardianctl audit verify [--security-log FILE]...; or --public-key FILE EXPORT (offline); exit 1 if it fails."""
+    if args.public_key or args.export:
+        return _verify_export(args)
     heads = published_heads(args.security_log)
     response = call(args, "VerifyAudit", admin_pb2.VerifyAuditRequest(published_heads=heads))
     result = {
@@ -222,6 +332,91 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print(f"BROKEN at row {response.first_bad_seq}: {response.problem}")
         print(f"rows verified before it: {response.rows_checked}")
     return 0 if response.intact else 1
+
+
+def _trusted_keys(names: list[str]) -> dict[str, Any]:
+    """The public keys of the files named (guardianctl keys public writes them); ConfigError naming a bad one."""
+    trusted: dict[str, Any] = {}
+    for name in names:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"cannot read the public key file {name}: {why}") from None
+        for key_id, public in parse_public_keys(text, name).items():
+            known = trusted.get(key_id)
+            if known is not None and known.public_bytes_raw() != public.public_bytes_raw():
+                raise ConfigError(f"{name}: key id {key_id!r} is also in another public key file, with another key")
+            trusted[key_id] = public
+    return trusted
+
+
+def _verify_export(args: argparse.Namespace) -> int:
+    """guardianctl audit verify --public-key FILE EXPORT: offline, with the public keys alone."""
+    if not args.public_key:
+        raise ConfigError("an export is verified with --public-key FILE (written by guardianctl keys public)")
+    if not args.export:
+        raise ConfigError("--public-key verifies an export: name the export file too")
+    if args.security_log:
+        raise ConfigError("--security-log checks the running guardian's chain; an export is verified without it")
+    trusted = _trusted_keys(args.public_key)
+    path = Path(args.export)
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the export {args.export}: {exc.strerror}") from None
+
+    def lines() -> Iterator[bytes]:
+        with path.open("rb") as handle:
+            yield from handle
+
+    report = verify_export(lines, trusted)
+    if args.json:
+        print_json(_report_dict(report))
+    else:
+        _print_report(report)
+    return 0 if report.verified else 1
+
+
+def _report_dict(report: ExportReport) -> dict[str, Any]:
+    problem = report.problem
+    return {
+        "verified": report.verified,
+        "rows": report.rows,
+        "first_seq": report.first_seq,
+        "last_seq": report.last_seq,
+        "signed_through": report.signed_through,
+        "heads_checked": report.heads_checked,
+        "keys_used": list(report.keys_used),
+        "not_covered": report.not_covered,
+        "kind": problem.kind if problem else "",
+        "line": problem.line if problem else 0,
+        "seq": problem.seq if problem else 0,
+        "problem": problem.message if problem else "",
+        "warnings": list(report.warnings),
+    }
+
+
+def _print_report(report: ExportReport) -> None:
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    problem = report.problem
+    if problem is not None:
+        where = f" at line {problem.line}" if problem.line else ""
+        row = f" (row {problem.seq})" if problem.seq else ""
+        print(f"FAILED{where}{row}: {problem.message}")
+        print(f"proven before it: rows up to {report.signed_through}" if report.signed_through else "nothing proven")
+        return
+    print(
+        f"verified: rows {report.first_seq}..{report.signed_through} are exactly the guardian's, proven by"
+        f" {report.heads_checked} signed heads (keys {', '.join(report.keys_used)}); the last signed row is"
+        f" {report.signed_through}"
+    )
+    if report.not_covered:
+        print(
+            f"not covered: rows {report.signed_through + 1}..{report.last_seq} ({report.not_covered}) come after"
+            " the last signed head: nothing proves them yet"
+        )
 
 
 def cmd_audit_who_read(args: argparse.Namespace) -> int:
@@ -258,7 +453,7 @@ def add_audit_commands(commands: Any) -> None:
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
 
     def filters(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--agent", help="only this agent's rows (or a caller such as @admin-socket:alice)")
+        sub.add_argument("--agent", help="only this agent's rows (or a caller such as @admin:alice)")
         sub.add_argument("--operation", help="an operation (memory.store) or a prefix ending in '*' (memory.*)")
         sub.add_argument("--decision", choices=("allow", "deny", "error", "alert"))
         sub.add_argument("--since", type=parse_time, help="from this time: ISO 8601 or an age (30s, 15m, 2h, 7d)")
@@ -275,22 +470,51 @@ def add_audit_commands(commands: Any) -> None:
     query.add_argument("--limit", type=_row_count, default=100, metavar="N", help="at most this many (1-1000; 100)")
     query.set_defaults(func=cmd_audit_query)
 
-    export = audit_commands.add_parser("export", help="every matching row as JSON lines")
-    export.add_argument("--format", choices=("jsonl",), default="jsonl", help="jsonl: one JSON object a line")
+    export = audit_commands.add_parser(
+        "export",
+        help="the trail as JSON lines anyone can verify with the public key (or, --format jsonl, rows alone)",
+        description="verifiable (default): every row after --after-seq up to the head now, each with its public"
+        " hash chain link, the heads the guardian signed with its audit-signing key, and the public keys;"
+        " `guardianctl audit verify --public-key KEYS EXPORT` checks it anywhere. The format is documented in the"
+        " README (An export anyone can verify). jsonl: the rows alone, filtered, for reading. Rows hold no memory"
+        " content, token or key.",
+    )
+    export.add_argument(
+        "--format",
+        choices=("verifiable", "jsonl"),
+        default="verifiable",
+        help="verifiable: rows, links, signed heads and public keys; jsonl: the matching rows alone",
+    )
     export.add_argument("--output", default="-", help="file to create (refuses to overwrite); '-': stdout")
+    export.add_argument(
+        "--after-seq", type=_seq, default=0, metavar="N", help="start after row N (verifiable only; default: row 1)"
+    )
     filters(export)
     export.set_defaults(func=cmd_audit_export)
 
     verify = audit_commands.add_parser(
         "verify",
-        help="walk the whole chain; exit 1 naming the first row that does not hold",
-        description="Verify every row's mac and sequence, and that the chain still holds the heads published"
-        " to the security log (the guardian's last published head is always checked). Pass the security log"
-        " (a file, or `journalctl -u agent-guardian -o cat > FILE`) to detect truncation or rollback.",
+        help="walk the whole chain (exit 1 naming the first row that does not hold); or verify an export offline",
+        description="Without an export: ask the running guardian to verify every row's mac and sequence, the"
+        " signed heads, and that the chain still holds the heads published to the security log (the guardian's"
+        " last published head is always checked). Pass the security log (a file, or `journalctl -u"
+        " agent-guardian -o cat > FILE`) to detect truncation or rollback. With --public-key FILE EXPORT: verify an"
+        " export from `audit export` offline (no socket, no guardian, no secret key): every row up to the last"
+        " signed head must be exactly what the guardian signed; exit 1 naming the first line that does not hold"
+        " (changed, missing, out of order, head signature invalid, unknown key); rows after the last signed head"
+        " are reported as not covered.",
     )
     verify.add_argument(
         "--security-log", action="append", default=[], metavar="FILE", help="security log to take heads from"
     )
+    verify.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="audit-signing public keys to trust (from `guardianctl keys public`); may be given more than once",
+    )
+    verify.add_argument("export", nargs="?", help="an export from `guardianctl audit export` (with --public-key)")
     verify.set_defaults(func=cmd_audit_verify)
 
     who_read = audit_commands.add_parser(

@@ -1,23 +1,39 @@
-"""guardianctl's one way to the guardian: the admin socket, and one call of an AdminService method."""
+"""guardianctl's one way to the guardian: the admin socket, and one signed call of an AdminService method.
+
+Every request is signed (guardian/access/signed_request.py) by the key
+guardian/ctl/signing.py picks, over the exact bytes sent. With ``--propose``, a
+request the two-person rule covers is sent as a proposal instead: the guardian
+keeps it until a different admin approves it (``guardianctl approve ID``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-import pwd
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
+from guardian.access.signed_request import Signer, signed_metadata
+from guardian.ctl.signing import signer_for
 from guardian.state.config import load_config
-from shared.formats import OPERATOR_METADATA_KEY
-from shared.rpc.guardian.v1 import admin_pb2_grpc
+from shared.rpc.guardian.v1 import admin_pb2
 
-__all__ = ["DEFAULT_ADMIN_SOCKET", "admin_socket", "call"]
+__all__ = ["DEFAULT_ADMIN_SOCKET", "Proposed", "admin_socket", "call", "call_signed"]
 
 DEFAULT_ADMIN_SOCKET = "/run/agent-guardian/admin.sock"
 _TIMEOUT_S = 15.0
+_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+
+
+class Proposed(Exception):
+    """A command sent with --propose: the guardian recorded a proposal instead of running it."""
+
+    def __init__(self, proposal: admin_pb2.Proposal) -> None:
+        super().__init__(proposal.id)
+        self.proposal = proposal
 
 
 def admin_socket(args: argparse.Namespace) -> str:
@@ -29,22 +45,20 @@ def admin_socket(args: argparse.Namespace) -> str:
     return os.environ.get("AGENT_GUARDIAN_ADMIN_SOCKET", DEFAULT_ADMIN_SOCKET)
 
 
-def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, admin_pb2_grpc.AdminServiceStub]:
-    channel = grpc.insecure_channel(f"unix:{admin_socket(args)}")
-    return channel, admin_pb2_grpc.AdminServiceStub(channel)
+def call_signed(socket: str, signer: Signer, method: str, request: Message, timeout_s: float = _TIMEOUT_S) -> Any:
+    """Call one AdminService method on socket, signed by signer over the exact bytes sent; its response."""
+    response_class = getattr(admin_pb2, _SERVICE.methods_by_name[method].output_type.name)
+    path = f"/guardian.v1.AdminService/{method}"
+    data = request.SerializeToString()
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        send = channel.unary_unary(path, request_serializer=None, response_deserializer=response_class.FromString)
+        return send(data, timeout=timeout_s, metadata=signed_metadata(signer, path, data))
 
 
-def _operator() -> str:
-    """The login name this command runs as, which the guardian records as claimed (not proven)."""
-    try:
-        name = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        name = f"uid-{os.getuid()}"
-    return os.environ.get("SUDO_USER", name) if os.getuid() == 0 else name
-
-
-def call(args: argparse.Namespace, method: str, request: Any) -> Any:
-    """Call one AdminService method, naming the operator in the call's metadata."""
-    channel, stub = _stub(args)
-    with channel:
-        return getattr(stub, method)(request, timeout=_TIMEOUT_S, metadata=((OPERATOR_METADATA_KEY, _operator()),))
+def call(args: argparse.Namespace, method: str, request: Message) -> Any:
+    """Call one AdminService method as this command's admin; with --propose, raise Proposed instead."""
+    signer = signer_for(args)
+    if getattr(args, "propose", False):
+        proposal = admin_pb2.ProposeRequest(method=method, request=request.SerializeToString())
+        raise Proposed(call_signed(admin_socket(args), signer, "Propose", proposal))
+    return call_signed(admin_socket(args), signer, method, request)

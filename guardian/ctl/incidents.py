@@ -22,6 +22,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from guardian.ctl.admins import add_propose_flag
 from guardian.ctl.audit import parse_time
 from guardian.ctl.connection import call
 from guardian.ctl.output import when
@@ -184,6 +185,7 @@ def add_incident_commands(commands: Any) -> None:
     how = closing.add_mutually_exclusive_group(required=True)
     how.add_argument("--release", action="store_true", help="back to agents (those the incident quarantined)")
     how.add_argument("--delete", action="store_true", help="deleted for good")
+    add_propose_flag(closing)
     closing.set_defaults(func=cmd_incident_close)
 
 

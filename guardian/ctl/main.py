@@ -2,7 +2,8 @@
 
 ``init`` works on a state directory directly; every other command talks to
 a running guardian over its admin socket, whose file mode and group decide
-who may use it.
+who may connect, and signs its request with the admin's ed25519 key
+(guardian/ctl/signing.py), whose role decides what they may do.
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from guardian.access.signed_request import PublicKey
+from guardian.ctl.admins import add_admin_commands, add_propose_flag, print_proposal
 from guardian.ctl.audit import add_audit_commands, parse_duration_ms, parse_time
 from guardian.ctl.backup import add_backup_commands
-from guardian.ctl.connection import DEFAULT_ADMIN_SOCKET, call
+from guardian.ctl.connection import DEFAULT_ADMIN_SOCKET, Proposed, call
 from guardian.ctl.incidents import add_incident_commands, add_memory_commands
 from guardian.ctl.keys import add_key_commands, add_session_commands
 from guardian.ctl.output import print_json, when
-from guardian.state.statedir import init_state_dir
+from guardian.ctl.signing import add_signing_options
+from guardian.state.statedir import FirstAdmin, init_state_dir
 from shared.error_table import ERROR_TABLE, error_row, received_row
-from shared.errors import ConfigError, Unavailable
+from shared.errors import ConfigError, InvalidArgument, Unavailable
 from shared.rpc.guardian.v1 import admin_pb2
 
 __all__ = ["main"]
@@ -45,7 +49,13 @@ def _read_policy_file(path: str) -> str:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """guardianctl init --state-dir DIR."""
-    report = init_state_dir(Path(args.state_dir))
+    first_admin = None
+    if args.admin_key:
+        public_key = PublicKey.parse(Path(args.admin_key).read_text(encoding="utf-8"))
+        first_admin = FirstAdmin(args.admin or "admin", public_key)
+    elif args.admin:
+        first_admin = FirstAdmin(args.admin)
+    report = init_state_dir(Path(args.state_dir), first_admin)
     for path in report.created:
         print(f"created  {path}")
     for path in report.kept:
@@ -342,11 +352,13 @@ def _add_agent_commands(commands: Any) -> None:
     agent_commands = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
     add = agent_commands.add_parser("add", help="register an agent and print its token once")
     add.add_argument("name", help="1-64 letters, digits, '.', '_' or '-'")
+    add_propose_flag(add)
     add.set_defaults(func=cmd_agents_add)
     listing = agent_commands.add_parser("list", help="list agents with their sessions and memory counts")
     listing.set_defaults(func=cmd_agents_list)
     revoke = agent_commands.add_parser("revoke", help="refuse an agent's token and end its sessions")
     revoke.add_argument("name")
+    add_propose_flag(revoke)
     revoke.set_defaults(func=cmd_agents_revoke)
     rotate = agent_commands.add_parser(
         "rotate-token",
@@ -360,6 +372,20 @@ def _add_agent_commands(commands: Any) -> None:
     unlock = agent_commands.add_parser("unlock", help="lift an anomaly lock and rate-limit cooldowns from an agent")
     unlock.add_argument("name")
     unlock.set_defaults(func=cmd_agents_unlock)
+
+
+def _add_init_command(commands: Any) -> None:
+    init = commands.add_parser(
+        "init",
+        help="create a working state dir (safe to run twice)",
+        description="Creates the config, policy, keys and database. The first admin (role security) is enrolled"
+        " when the guardian first starts: --admin NAME --admin-key FILE.pub names them; without --admin-key, init"
+        " makes a key for the user running it in the state dir (admin.key), for local use.",
+    )
+    init.add_argument("--state-dir", required=True, help="directory to create or complete")
+    init.add_argument("--admin", default="", help="the first admin's name (default: your login name)")
+    init.add_argument("--admin-key", default="", help="the first admin's ed25519 public key (a .pub file)")
+    init.set_defaults(func=cmd_init)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -381,11 +407,10 @@ def _parser() -> argparse.ArgumentParser:
         " commands, the state dir and keys)",
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_signing_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    init = commands.add_parser("init", help="create a working state dir (safe to run twice)")
-    init.add_argument("--state-dir", required=True, help="directory to create or complete")
-    init.set_defaults(func=cmd_init)
+    _add_init_command(commands)
 
     status = commands.add_parser(
         "status",
@@ -416,12 +441,15 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sub = policy_commands.add_parser(name, help=text)
         sub.add_argument("file", help="policy YAML file ('-' for standard input)")
+        if name == "apply":
+            add_propose_flag(sub)
         sub.set_defaults(func=func)
     history = policy_commands.add_parser("history", help="every policy put in force, newest first")
     history.add_argument("--limit", type=int, default=50)
     history.set_defaults(func=cmd_policy_history)
     rollback = policy_commands.add_parser("rollback", help="put an earlier version from the history back in force")
     rollback.add_argument("version", help="a version from `policy history` (at least its first 8 hex digits)")
+    add_propose_flag(rollback)
     rollback.set_defaults(func=cmd_policy_rollback)
 
     quarantine = commands.add_parser("quarantine", help="memories a content filter holds back from agents")
@@ -437,6 +465,8 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sub = quarantine_commands.add_parser(name, help=text)
         sub.add_argument("id", help="a memory id from `quarantine list`")
+        if name == "release":
+            add_propose_flag(sub)
         sub.set_defaults(func=func)
     add_audit_commands(commands)
     add_incident_commands(commands)
@@ -444,6 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     add_session_commands(commands)
     add_key_commands(commands)
     add_backup_commands(commands)
+    add_admin_commands(commands)
     return parser
 
 
@@ -453,6 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], int] = args.func
     try:
         return command(args)
+    except Proposed as proposed:
+        print_proposal(args, proposed.proposal)
+        if not args.json:
+            print(f"\nNot done yet: a different admin approves it with: guardianctl approve {proposed.proposal.id}")
+        return 0
+    except InvalidArgument as error:  # a bad value given on the command line (e.g. a malformed public key)
+        print(f"guardianctl: {error.message}", file=sys.stderr)
+        return error_row(error).exit_code
     except ConfigError as error:  # its message names the file and what is wrong with it
         print(f"guardianctl: {error.message}", file=sys.stderr)
         return error_row(error).exit_code

@@ -1,8 +1,10 @@
 """The guardian's housekeeping thread: audit chain heads, retention purges, forgetting idle state.
 
-At the audit head interval it publishes the chain's head (sequence and mac) to
-the security log and the head file, so a truncated or rolled-back trail is
-detectable from outside the database.
+At the audit head interval it signs the chain's head with the audit-signing key
+(the public chain's link up to it, stored in the database: what an exported trail
+is verified against) and publishes the head (sequence and mac) to the security
+log and the head file, so a truncated or rolled-back trail is detectable from
+outside the database.
 
 Every tick it forgets expired sessions, full rate-limit buckets, stale
 anomaly windows (so memory stays bounded) and idempotency records past their
@@ -54,7 +56,7 @@ class Maintenance(Background):
                 log.exception("housekeeping failed; will retry on the next tick")
 
     def tick(self) -> None:
-        """One round: publish the audit chain head if due, forget idle state, purge expired memories if due."""
+        """One round: sign and publish the audit chain head if due, forget idle state, purge expired memories if due."""
         if time.monotonic() >= self._next_head:
             self._next_head = time.monotonic() + self._head_interval_s
             self._core.publish_audit_head("interval")

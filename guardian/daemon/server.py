@@ -218,9 +218,11 @@ class GuardianServer:
                 request_class: type[Message] = request_class,
                 response_class: type[Message] = response_class,
             ) -> Message:
-                request = _parse(request_class, await _arrived(requests))
+                arrived = await _arrived(requests)
+                request = _parse(request_class, arrived)
+                data = arrived.data if isinstance(arrived, Malformed) else arrived
                 metadata = tuple(context.invocation_metadata() or ())
-                serve = functools.partial(socket.pipeline.run, name, request, metadata, response_class)
+                serve = functools.partial(socket.pipeline.run, name, request, metadata, response_class, data)
                 try:
                     response: Message = await _in_pool(pool, serve)
                 except GuardianError as error:

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
+from guardian.keys.signing import SigningRing
 from shared.errors import ConfigError
 
 __all__ = ["KeyRing", "Keys", "create_keys", "load_keys"]
@@ -77,6 +78,9 @@ class Keys:
     #: Every database key, the one in use (:attr:`database`) first, then older ones, newest
     #: first (after a rotation, guardian/keys/rotated.py); empty means just :attr:`database`.
     database_history: tuple[bytes, ...] = field(default=(), repr=False)
+    #: The Ed25519 audit-signing key versions (guardian/keys/signing.py): made by the guardian and
+    #: kept in rotated-keys.json, so empty in the base keys.
+    audit_signing: SigningRing = field(default_factory=SigningRing)
 
     @property
     def database_hex(self) -> str:

@@ -3,11 +3,14 @@
 The base keys (guardian/keys/ring.py) come from systemd credentials or the key
 directory, which the guardian can only read in production. ``guardianctl keys
 rotate RING`` asks the running guardian for a new version of one ring
-(``memory``, ``audit`` or ``token`` HMAC keys, or the ``database`` key). The
-guardian generates it, wraps it with AES-256-GCM under a key-encryption key
-derived by HKDF-SHA256 from the base ``db.key``, and adds it to
-``rotated-keys.json`` in its state directory (0600, written to a temporary file,
-fsynced, renamed) *before* anything is signed or encrypted with it.
+(``memory``, ``audit`` or ``token`` HMAC keys, the ``database`` key, or the
+Ed25519 ``audit-signing`` key). The guardian generates it, wraps it with
+AES-256-GCM under a key-encryption key derived by HKDF-SHA256 from the base
+``db.key``, and adds it to ``rotated-keys.json`` in its state directory (0600,
+written to a temporary file, fsynced, renamed) *before* anything is signed or
+encrypted with it. The audit-signing ring has no base key: the guardian makes its
+first version when it first starts (:meth:`KeyStore.ensure_audit_signing`), so an
+existing install gains it with no new credential.
 
 Merging, when the guardian starts and after each rotation:
 
@@ -19,9 +22,15 @@ Merging, when the guardian starts and after each rotation:
   rekey cut short by a crash still opens (with the previous key).
 
 Rotated key ids are ``r1``, ``r2``, ... per ring; a base key id of that form is a
-configuration error. Audit keys are never retired (they verify the chain's past
-rows) and neither are database keys (older backups need them); memory and token
-keys may be retired once nothing still depends on them (the caller checks).
+configuration error. A rotated key that is not the primary may be retired once
+nothing needs it, which the caller checks (guardian/service/admin_keys.py): a
+memory key once no memory or vector is signed with it, a token key once no token
+was hashed with it, an audit key once a signed head covers every row it sealed
+(the public chain proves those rows from then on), a database key once neither the
+database nor any backup in the backup directory is encrypted under it.
+Audit-signing keys are never retired: their public keys verify the heads they
+signed. Retiring leaves the wrapped key in the file, marked retired (an operator
+who finds an old copy that needs it can unmark it); it is no longer used.
 
 The file holds no key in clear: without the base ``db.key`` it is useless, and
 with it, it is as protected as the base keys themselves. Keep it with the
@@ -47,21 +56,25 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from guardian.files.durable import replace_atomically
 from guardian.keys.ring import KeyRing, Keys, load_keys
+from guardian.keys.signing import SigningKey, SigningRing, new_private_key
 from shared.errors import ConfigError, FailedPrecondition, InvalidArgument
 
-__all__ = ["RINGS", "KeyStore", "KeyVersion", "Ring", "load_all_keys"]
+__all__ = ["AUDIT_SIGNING", "RINGS", "KeyStore", "KeyVersion", "Ring", "load_all_keys"]
 
-Ring = Literal["memory", "audit", "token", "database"]
-RINGS: Final[tuple[Ring, ...]] = ("memory", "audit", "token", "database")
+Ring = Literal["memory", "audit", "token", "database", "audit-signing"]
+RINGS: Final[tuple[Ring, ...]] = ("memory", "audit", "token", "database", "audit-signing")
+#: The ring of the Ed25519 key that signs the audit chain's heads.
+AUDIT_SIGNING: Final = "audit-signing"
 FILE_NAME: Final = "rotated-keys.json"
 _FORMAT: Final = 1
 _KEK_INFO: Final = b"agent-guardian rotated-keys v1"
 _ROTATED_ID_RE: Final = re.compile(r"r[0-9]{1,15}")
 #: What the database's base key is called in listings (its file has no key id).
 BASE_DATABASE_ID: Final = "base"
+#: What a rotated audit-signing version records as the base primary (the ring has no base keys).
+_NO_BASE: Final = "none"
 _NEVER_RETIRED: Final[dict[str, str]] = {
-    "audit": "audit keys are never retired: they verify the audit chain's past rows",
-    "database": "database keys are never retired: backups made before a rekey need them",
+    AUDIT_SIGNING: "audit-signing keys are never retired: their public keys verify the heads they signed",
 }
 
 
@@ -160,14 +173,21 @@ class KeyStore:
                 if version.base_primary == ring.primary_id:
                     primary = version.key_id
             merged[name] = KeyRing(primary_id=primary, keys=MappingProxyType(keys))
-        database = [version.key for version in rotated if version.ring == "database"]
+        database = [version.key for version in rotated if version.ring == "database" and not version.retired]
         history = (*reversed(database), base.database)
+        signing = [v for v in rotated if v.ring == AUDIT_SIGNING and not v.retired]
         return Keys(
             database=history[0],
             memory=merged["memory"],
             audit=merged["audit"],
             token=merged["token"],
             database_history=history,
+            audit_signing=SigningRing(
+                primary_id=signing[-1].key_id if signing else "",
+                keys=MappingProxyType(
+                    {v.key_id: SigningKey.from_private_bytes(v.key_id, v.created_at_ms, v.key) for v in signing}
+                ),
+            ),
         )
 
     def versions(self) -> list[KeyVersion]:
@@ -175,7 +195,7 @@ class KeyStore:
         found: list[KeyVersion] = []
         for name in RINGS:
             primary = self._primary_id(name)
-            base_ids = [BASE_DATABASE_ID] if name == "database" else list(getattr(self._base, name).keys)
+            base_ids = self._base_ids(name)
             found += [KeyVersion(name, key_id, "base", key_id == primary, False, 0) for key_id in base_ids]
             found += [
                 KeyVersion(name, v.key_id, "rotated", v.key_id == primary, v.retired, v.created_at_ms)
@@ -184,7 +204,31 @@ class KeyStore:
             ]
         return found
 
+    def _base_ids(self, ring: Ring) -> list[str]:
+        if ring == "database":
+            return [BASE_DATABASE_ID]
+        if ring == AUDIT_SIGNING:
+            return []
+        return list(getattr(self._base, ring).keys)
+
+    def database_key(self, key_id: str) -> bytes:
+        """A database key version by id, for the guardian's own checks (never shown, sent or logged)."""
+        if key_id == BASE_DATABASE_ID:
+            return self._base.database
+        for version in self._rotated:
+            if version.ring == "database" and version.key_id == key_id:
+                return version.key
+        raise FailedPrecondition(f"{key_id!r} is not a database key version (see guardianctl keys list)")
+
     # -- changing ------------------------------------------------------------------------------
+
+    def ensure_audit_signing(self, now_ms: int) -> str | None:
+        """Make the first audit-signing key if there is none yet; its id, or None if one existed."""
+        with self._lock:
+            if any(v.ring == AUDIT_SIGNING and not v.retired for v in self._rotated):
+                return None
+        _, key_id, _ = self.rotate(AUDIT_SIGNING, now_ms)
+        return key_id
 
     def rotate(self, ring: str, now_ms: int) -> tuple[Keys, str, str]:
         """Make and store a new version of ring; (the merged keys, its id, the id it replaces as primary)."""
@@ -193,28 +237,40 @@ class KeyStore:
             previous = self._primary_id(checked)
             taken = [int(v.key_id[1:]) for v in self._rotated if v.ring == checked]
             key_id = f"r{max(taken, default=0) + 1}"
-            base_primary = BASE_DATABASE_ID if checked == "database" else getattr(self._base, checked).primary_id
-            version = _Rotated(checked, key_id, now_ms, base_primary, secrets.token_bytes(32))
+            base_primary = self._base_primary(checked)
+            secret = new_private_key() if checked == AUDIT_SIGNING else secrets.token_bytes(32)
+            version = _Rotated(checked, key_id, now_ms, base_primary, secret)
             rotated = (*self._rotated, version)
             keys = self._merge(rotated)
             self._write(rotated)
             self._rotated, self.keys = rotated, keys
             return keys, key_id, previous
 
+    def _base_primary(self, ring: Ring) -> str:
+        if ring == "database":
+            return BASE_DATABASE_ID
+        if ring == AUDIT_SIGNING:
+            return _NO_BASE
+        primary: str = getattr(self._base, ring).primary_id
+        return primary
+
     def check_retirable(self, ring: str, key_id: str) -> None:
-        """FailedPrecondition unless key_id is a rotated, non-primary memory or token key (usage aside)."""
+        """FailedPrecondition unless key_id is a rotated, non-primary key of a ring that retires (usage aside)."""
         checked = _ring(ring)
         if checked in _NEVER_RETIRED:
             raise FailedPrecondition(_NEVER_RETIRED[checked])
+        if checked == "database" and key_id == BASE_DATABASE_ID:
+            raise FailedPrecondition("the base database key (db.key) is never retired: it also wraps the rotated keys")
         if key_id == self._primary_id(checked):
-            raise FailedPrecondition(f"{key_id} signs new {checked} data; rotate first, then retire it")
+            doing = "encrypts the database" if checked == "database" else f"signs new {checked} data"
+            raise FailedPrecondition(f"{key_id} {doing}; rotate first, then retire it")
         if not any(v.ring == checked and v.key_id == key_id for v in self._rotated):
             raise FailedPrecondition(
                 f"{key_id!r} is not a key the guardian rotated in; base keys are retired by editing their file"
             )
 
     def retire(self, ring: str, key_id: str) -> Keys:
-        """Stop a rotated memory or token key verifying (the caller checked nothing needs it)."""
+        """Stop a rotated key verifying (or, for the database, being tried); the caller checked nothing needs it."""
         with self._lock:
             self.check_retirable(ring, key_id)
             rotated = tuple(
@@ -227,7 +283,10 @@ class KeyStore:
 
     def _primary_id(self, ring: Ring) -> str:
         if ring == "database":
-            return next((v.key_id for v in reversed(self._rotated) if v.ring == "database"), BASE_DATABASE_ID)
+            newest = (v.key_id for v in reversed(self._rotated) if v.ring == "database" and not v.retired)
+            return next(newest, BASE_DATABASE_ID)
+        if ring == AUDIT_SIGNING:
+            return self.keys.audit_signing.primary_id
         primary: str = getattr(self.keys, ring).primary_id
         return primary
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, cast
 
+from guardian.access.proposals import MAX_PROPOSAL_TTL_MS, TWO_PERSON_OPERATIONS, TwoPersonRule
 from guardian.checks.anomaly import (
     ANOMALY_KINDS,
     ANOMALY_RESPONSES,
@@ -183,6 +184,8 @@ class Policy:
     writer_sources: MappingProxyType[str, SourceRules]
     #: Which writes are held for review, and on which signals (guardian/checks/review.py).
     review: ReviewRules
+    #: Which admin operations need a second person (guardian/access/proposals.py).
+    two_person: TwoPersonRule
 
     def profile_for(self, agent: str) -> Profile:
         """The profile that governs agent (the default profile unless the policy names another)."""
@@ -292,6 +295,7 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("alerts.webhook_url: expected an http:// or https:// URL with a host")
     alerts.done()
+    two_person = _two_person(top.section("administration"))
     top.done()
     return Policy(
         version=version,
@@ -309,6 +313,7 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
         unrecorded=unrecorded,
         writer_sources=MappingProxyType({agent: profiles[name].sources for agent, name in agent_profiles.items()}),
         review=review,
+        two_person=two_person,
     )
 
 
@@ -392,6 +397,21 @@ def _review(section: Section) -> ReviewRules:
         raise ConfigError(f"{section.child_path('similar_to_trusted')}: a cosine between 0 (off) and 1")
     section.done()
     return ReviewRules(frozenset(levels), instructions, float(similar))
+
+
+def _two_person(section: Section) -> TwoPersonRule:
+    names = section.list_of_str("two_person", [])
+    for index, name in enumerate(names):
+        if name not in TWO_PERSON_OPERATIONS:
+            raise ConfigError(
+                f"{section.child_path('two_person')}[{index}]: {name!r} is not an operation the two-person rule"
+                f" covers; expected some of {', '.join(sorted(TWO_PERSON_OPERATIONS))}"
+            )
+    expires_ms = section.duration_ms("proposals_expire", "24h")
+    if not 60_000 <= expires_ms <= MAX_PROPOSAL_TTL_MS:
+        raise ConfigError(f"{section.child_path('proposals_expire')}: between 1m and 7d")
+    section.done()
+    return TwoPersonRule(frozenset(names), expires_ms)
 
 
 def _level(section: Section, key: str, default: str) -> TrustLevel:

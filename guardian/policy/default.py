@@ -85,6 +85,14 @@ review:                   # untrusted writes that look like planting are stored 
   similar_to_trusted: 0.80  # one this close by meaning (cosine) to a trusted memory the writer can
                           # read, that changes it (a number, a name, an account); 0 turns it off
 
+administration:           # guardianctl's requests (each signed by an enrolled admin's key)
+  two_person: []          # operations that need a second person: proposed by one admin
+                          # (--propose), approved by another (guardianctl approve ID); some of
+                          # policy.apply, policy.rollback, keys.rotate, keys.retire, agent.add,
+                          # agent.revoke, quarantine.release, incident.close, admins.add,
+                          # admins.remove. A policy that drops one of them needs a second person too.
+  proposals_expire: 24h   # an unapproved proposal lapses after this (1m to 7d)
+
 default_profile: default
 profiles:
   default:

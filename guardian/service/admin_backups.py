@@ -12,6 +12,8 @@ ReadBackup, piece by piece, as the encrypted bytes it is.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from guardian.service.call import Call
 from guardian.state.core import GuardianCore
@@ -21,6 +23,7 @@ from shared.rpc.guardian.v1 import admin_pb2 as pb
 
 __all__ = [
     "backup_message",
+    "backups_paused",
     "check_backup_chunk",
     "check_backup_name",
     "create_backup",
@@ -31,6 +34,17 @@ __all__ = [
 
 #: One backup at a time: two would only compete for the disk.
 _creating = threading.Lock()
+
+
+@contextmanager
+def backups_paused() -> Iterator[None]:
+    """No backup is being made while the block runs: it waits for one in progress, and refuses new ones.
+
+    A key's retirement checks the backups in the backup directory under it, so that no backup
+    copied from before the check appears after it.
+    """
+    with _creating:
+        yield
 
 
 def backup_message(info: BackupInfo) -> pb.BackupInfo:

@@ -1,4 +1,4 @@
-"""The admin service's key handlers: list, rotate, re-sign and retire key versions.
+"""The admin service's key handlers: list, rotate, re-sign and retire key versions; the audit-signing public keys.
 
 Rotation never needs
 downtime: a new HMAC key is stored (guardian/keys/rotated.py) before anything is
@@ -7,7 +7,15 @@ writers wait on the writer and readers on the reader gate while the file is
 re-encrypted (guardian/store/database.py), so requests during it are slower, never
 refused. Each change runs alone (``Rule.runs_alone``): the request's audit
 row follows the change, and a re-sign writes one audit row per batch, in the
-batch's transaction. No key material is ever returned or logged.
+batch's transaction. No key material is ever returned or logged (the
+audit-signing keys' *public* halves are, by design: anyone may verify with them).
+
+Retiring a key checks first that nothing needs it any more: no memory or vector
+signed with a memory key, no token hashed with a token key; for an audit key, a
+head signed just then covers every row it sealed (so the public chain proves them
+from then on) and no backup in the backup directory holds rows it sealed past that
+backup's last signed head; for a database key, neither the database nor any backup
+in the backup directory is encrypted under it.
 """
 
 from __future__ import annotations
@@ -17,14 +25,25 @@ import threading
 from dataclasses import dataclass
 from typing import Final
 
-from guardian.keys.rotated import RINGS
+from guardian.keys.rotated import AUDIT_SIGNING, RINGS
+from guardian.service.admin_backups import backups_paused
 from guardian.service.call import Call
 from guardian.state.core import GuardianCore
+from guardian.store import audit
+from guardian.store.backup import BackupDir
 from guardian.store.database import Connection
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.errors import DataLoss, FailedPrecondition, InvalidArgument
 from shared.rpc.guardian.v1 import admin_pb2 as pb
 
-__all__ = ["check_retire", "check_ring", "list_keys", "resign_memories", "retire_key", "rotate_key"]
+__all__ = [
+    "audit_signing_keys",
+    "check_retire",
+    "check_ring",
+    "list_keys",
+    "resign_memories",
+    "retire_key",
+    "rotate_key",
+]
 
 security_log = logging.getLogger("agent_guardian.security")
 
@@ -152,10 +171,14 @@ def check_retire(core: GuardianCore, call: Call, request: pb.RetireKeyRequest) -
 
 
 def retire_key(core: GuardianCore, call: Call, version: KeyVersion) -> pb.RetireKeyResponse:
-    """Retire a key version nothing depends on any more (nothing signed or hashed with it)."""
+    """Retire a key version nothing depends on any more (see the module docstring)."""
     ring, key_id = version.ring, version.key_id
-    with _key_changes:
+    with _key_changes, backups_paused():
         core.keystore.check_retirable(ring, key_id)
+        if ring == "audit":
+            _check_audit_key_unneeded(core, key_id)
+        elif ring == "database":
+            _check_database_key_unneeded(core, key_id)
         with core.database.read() as reader:
             vectors = core.memories.vectors
             if ring == "memory" and (
@@ -172,6 +195,83 @@ def retire_key(core: GuardianCore, call: Call, version: KeyVersion) -> pb.Retire
         core.use_keys(keys)
     security_log.warning("key retired", extra={"event": "key_retired", "ring": ring, "key_id": key_id})
     return pb.RetireKeyResponse()
+
+
+def _check_audit_key_unneeded(core: GuardianCore, key_id: str) -> None:
+    """FailedPrecondition unless a signed head covers every row key_id sealed, here and in every backup."""
+    for _ in range(2):  # a row sealed just before the key stopped being the primary may commit after a head
+        try:
+            core.sign_audit_head()  # covers every committed row: key_id is not the primary, so no new row needs it
+        except DataLoss as broken:
+            raise FailedPrecondition(
+                f"{key_id} is still needed: the chain cannot be signed ({broken.message})"
+            ) from None
+        with core.database.write() as connection:  # the writer: every write in flight has committed
+            uncovered, covered = audit.sealed_since_last_signed_head(connection, key_id)
+        if not uncovered:
+            break
+    if uncovered:
+        raise FailedPrecondition(
+            f"{uncovered} audit rows sealed with {key_id} come after the last signed head (row {covered});"
+            " only their mac proves them, so the key stays; try again"
+        )
+    needing = _backups(core).needing_audit_key(core.keystore.keys, key_id)
+    if needing:
+        more = f" and {len(needing) - 1} more" if len(needing) > 1 else ""
+        raise FailedPrecondition(
+            f"backup {needing[0]}{more} still needs {key_id}: make a new backup (guardianctl backup create)"
+            " and retire it once the older ones are pruned (backup.keep)"
+        )
+
+
+def _check_database_key_unneeded(core: GuardianCore, key_id: str) -> None:
+    """FailedPrecondition if the database or a backup in the backup directory is encrypted under key_id."""
+    key_hex = core.keystore.database_key(key_id).hex()
+    if core.database.encrypted_with(key_hex):
+        raise FailedPrecondition(
+            f"the database is still encrypted under {key_id} (a rekey did not finish);"
+            " run guardianctl keys rotate database first"
+        )
+    needing = _backups(core).encrypted_with(key_hex)
+    if needing:
+        more = f" and {len(needing) - 1} more" if len(needing) > 1 else ""
+        raise FailedPrecondition(
+            f"backup {needing[0]}{more} is encrypted under {key_id} and needs it: make a new backup"
+            " (guardianctl backup create) and retire it once the older ones are pruned (backup.keep)"
+        )
+
+
+def _backups(core: GuardianCore) -> BackupDir:
+    return BackupDir(core.config.backup_dir, core.config.backup_keep)
+
+
+def audit_signing_keys(
+    core: GuardianCore, call: Call, request: pb.AuditSigningKeysRequest, connection: Connection
+) -> pb.AuditSigningKeysResponse:
+    """Every audit-signing key version's public key, oldest first, and the heads each signed (never a private key)."""
+    ring = core.keystore.keys.audit_signing
+    use = audit.signing_key_use(connection)
+    keys = []
+    for version in core.keystore.versions():
+        key = ring.keys.get(version.key_id)
+        if version.ring != AUDIT_SIGNING or key is None:
+            continue
+        signed = use.get(version.key_id)
+        keys.append(
+            pb.AuditSigningKey(
+                key_id=version.key_id,
+                public_key=key.public_raw,
+                created_at_ms=version.created_at_ms,
+                primary=version.primary,
+                heads=signed.heads if signed else 0,
+                first_seq=signed.first_seq if signed else 0,
+                last_seq=signed.last_seq if signed else 0,
+                first_ts_ms=signed.first_ts_ms if signed else 0,
+                last_ts_ms=signed.last_ts_ms if signed else 0,
+            )
+        )
+    call.object_id = f"{len(keys)} public keys"
+    return pb.AuditSigningKeysResponse(keys=keys)
 
 
 def _ring(value: str) -> str:

@@ -33,6 +33,7 @@ _MAX_AUDIT_WAIT_MS = 10_000
 _AUDIT_POLL_S = 0.1
 _MAX_TOKEN_GRACE_MS = 7 * 24 * 3600 * 1000
 _MAC_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_EXPORT_PAGE = 1000
 
 
 # -- agents --------------------------------------------------------------------------------------
@@ -395,6 +396,47 @@ def verify_audit(core: GuardianCore, call: Call, published: list[audit.ChainHead
         first_bad_seq=report.first_bad_seq,
         problem=report.problem,
         last_published=pb.ChainHead(seq=last.seq, mac=last.mac) if last else None,
+    )
+
+
+@dataclass(frozen=True)
+class ExportPage:
+    """One page of an export: rows after after_seq up to until_seq (0: the head now), at most limit."""
+
+    after_seq: int
+    until_seq: int
+    limit: int
+    #: The link at after_seq as the previous page ended; "": work it out.
+    after_link: str
+
+
+def check_export_page(core: GuardianCore, call: Call, request: pb.ExportAuditRequest) -> ExportPage:
+    """The page's bounds, a size of at most 1000 rows, and the link it continues from (64 hex digits or none)."""
+    if request.after_seq > audit.MAX_SEQ or request.until_seq > audit.MAX_SEQ:
+        raise InvalidArgument(f"after_seq and until_seq must be at most {audit.MAX_SEQ}")
+    if request.limit > _MAX_EXPORT_PAGE:
+        raise InvalidArgument(f"limit must be between 1 and {_MAX_EXPORT_PAGE} (0: {_MAX_EXPORT_PAGE})")
+    if request.after_link and _MAC_RE.fullmatch(request.after_link) is None:
+        raise InvalidArgument("after_link: the link at after_seq is 64 lowercase hex digits (or empty)")
+    call.object_id = f"after row {request.after_seq}"
+    return ExportPage(request.after_seq, request.until_seq, request.limit or _MAX_EXPORT_PAGE, request.after_link)
+
+
+def export_audit(core: GuardianCore, call: Call, page: ExportPage) -> pb.ExportAuditPage:
+    """Rows with their public chain links and the signed heads among them, on a snapshot (alone: may hash a span)."""
+    with core.database.snapshot() as reader:
+        head = audit.read_head(reader)
+        until = page.until_seq or (head.seq if head else 0)
+        start_link = page.after_link or audit.link_at(reader, page.after_seq)
+        rows, heads = audit.export_page(reader, page.after_seq, until, page.limit, start_link)
+    call.object_id = f"rows {rows[0][0].seq}..{rows[-1][0].seq}" if rows else f"no rows after {page.after_seq}"
+    return pb.ExportAuditPage(
+        rows=[pb.ExportedAuditRow(row=pb.AuditRow(**row.to_json()), link=link) for row, link in rows],
+        signed_heads=[
+            pb.SignedHead(seq=h.seq, ts_ms=h.ts_ms, link=h.link, key_id=h.key_id, signature=h.signature) for h in heads
+        ],
+        until_seq=until,
+        start_link=start_link,
     )
 
 

@@ -15,6 +15,9 @@ from typing import Any, Final, Literal
 
 from google.protobuf.message import Message
 
+from guardian.access.admins import Role
+from guardian.access.identity import SignedBy
+from guardian.access.proposals import Proposal
 from guardian.checks.sessions import Session
 from guardian.policy.compile import Policy, Profile
 from guardian.state.core import GuardianCore
@@ -82,10 +85,19 @@ class Rule:
     grows_data: bool = False
     #: Whether the request may carry an idempotency key (guardian/store/idempotency.py).
     keyed: bool = False
+    #: The least admin role that may make the request (guardian/access/admins.py); None for agent RPCs.
+    role: Role | None = None
+    #: Whether the policy may put it under the two-person rule (guardian/access/proposals.py).
+    two_person: bool = False
 
     def __post_init__(self) -> None:
         if (self.handle is None) == (self.handle_alone is None):
             raise ValueError(f"{self.audit_operation}: a rule names one handler, in a transaction or alone")
+
+    @property
+    def admin_operation(self) -> str:
+        """The operation's name in the policy's administration section (its audit name without "admin.")."""
+        return self.audit_operation.removeprefix("admin.")
 
     @property
     def runs_alone(self) -> bool:
@@ -129,9 +141,15 @@ class Call:
     method: str
     policy: Policy
     now_ms: int
-    #: The agent (or the admin caller); "" until the session stage knows it.
+    #: The agent (or the admin, as "@admin:NAME"); "" until the session stage knows it.
     agent: str = ""
     session: Session | None = None
+    #: An admin request's signer, once its signature is checked.
+    signed_by: SignedBy | None = None
+    #: An admin request's key fingerprint, as claimed (then proven): the audit row's session column.
+    session_label: str = ""
+    #: For an approval: the proposal whose request runs, proposed by another person.
+    approval: Proposal | None = None
     profile: Profile | None = None
     scope: Scope | None = None
     #: The object acted on, for the audit row: named by the check or the handler when known.

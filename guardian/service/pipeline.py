@@ -4,8 +4,11 @@ Every request passes the same stages, in this order (DESIGN.md), and every
 outcome (allowed or denied) writes exactly one audit row:
 
 1. session   resolve the session (idle and absolute timeouts) or the token; locked out?
+             on the admin socket: the request's signature by an enrolled admin's key
+             (guardian/access/identity.py); an approval takes up the proposal it approves
 2. shape     field types, sizes, counts; unknown fields refused (the rule's check)
 3. policy    is this operation granted to the agent's profile, now (allowed hours)?
+             to the admin's role? does it need a second person (the two-person rule)?
 4. rate      token buckets per session and per agent; a breach starts a cooldown
 5. content   the policy's filters on the scan form: reject, redact, quarantine, flag;
              what is stored is what was sent (but for redactions), within every limit;
@@ -33,9 +36,12 @@ from typing import Any, Final
 
 from google.protobuf.message import Message
 
+from guardian.access import admins, identity, proposals
 from guardian.checks import review
 from guardian.checks.anomaly import AnomalyKind
+from guardian.policy.compile import Policy
 from guardian.service import shape
+from guardian.service.admins import proposed_request
 from guardian.service.call import Call, Malformed, Rule, Writes
 from guardian.service.rules import KNOWN_METHODS
 from guardian.service.shape import check_known_fields
@@ -47,6 +53,7 @@ from guardian.store.memories import ACTIVE, QUARANTINED, Draft, Scope, draft_fie
 from guardian.store.scan_form import ScanForm
 from shared.errors import (
     ContentRefused,
+    FailedPrecondition,
     GuardianError,
     InternalError,
     InvalidArgument,
@@ -56,27 +63,18 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shared.formats import AGENT_NAME_RE, OPERATOR_METADATA_KEY
+from shared.rpc.guardian.v1 import admin_pb2
 
-__all__ = ["ADMIN_CALLER", "Pipeline", "admin_caller"]
+__all__ = ["ADMIN_CALLER", "Pipeline"]
 
 log = logging.getLogger("agent_guardian")
 security_log = logging.getLogger("agent_guardian.security")
 
-#: What the audit trail names as the caller of an admin RPC (not a valid agent name).
+#: What the audit trail names as the caller of an admin RPC until its signature is checked
+#: (not a valid agent name); then the admin's own name (guardian/access/admins.py Admin.audit_name).
 ADMIN_CALLER: Final = "@admin-socket"
-
-
-def admin_caller(metadata: Sequence[tuple[str, str | bytes]]) -> str:
-    """The audit trail's name for an admin caller: the socket, plus the login name guardianctl claims.
-
-    grpcio does not expose the peer's UID on a Unix socket, so the name is what the
-    client says; the socket's group membership is what is proven (see the README).
-    """
-    for key, value in metadata:
-        if key == OPERATOR_METADATA_KEY and isinstance(value, str) and AGENT_NAME_RE.fullmatch(value):
-            return f"{ADMIN_CALLER}:{value}"
-    return ADMIN_CALLER
+#: The method a second person approves a proposal with (guardian/access/proposals.py).
+_APPROVE: Final = "Approve"
 
 
 @dataclass(frozen=True)
@@ -107,6 +105,7 @@ class Pipeline:
         request: Message | Malformed,
         metadata: Sequence[tuple[str, str | bytes]],
         response_class: type[Message],
+        data: bytes = b"",
     ) -> Message:
         """Serve one request; every path writes one audit row. Returns the response.
 
@@ -114,24 +113,30 @@ class Pipeline:
         status), after its audit row is written; an InternalError or Unavailable instead
         when that row could not be written. metadata: the call's invocation metadata.
         response_class: the method's response message, which an idempotent retry's
-        recorded answer is read back as.
+        recorded answer is read back as. data: the request's bytes as they arrived (an
+        admin request's signature is over them).
         """
         started = time.perf_counter()
         rule = self._rules[method]
-        caller = admin_caller(metadata) if self._caller == ADMIN_CALLER else self._caller
-        call = Call(method=method, policy=self._core.policy, now_ms=now_ms(), agent=caller)
+        call = Call(method=method, policy=self._core.policy, now_ms=now_ms(), agent=self._caller)
         #: Anomaly events this request counts toward (besides burst, denials and unknown ids).
         noted: list[AnomalyKind] = []
         try:
+            if self._caller == ADMIN_CALLER:
+                self._signer_stage(call, method, data, metadata)  # 1, on the admin socket
             if isinstance(request, Malformed):
                 call.args_digest = self._core.audit.args_digest(request.data)
                 raise InvalidArgument(request.reason)
             call.args_digest = self._core.audit.args_digest(request.SerializeToString(deterministic=True))
             check_known_fields(request)
+            if method == _APPROVE:  # from here on, the proposed request runs, approved by this signer
+                rule, request = self._approved(call, request)
             self._session_stage(call, rule, request)  # 1
+            self._role_stage(call, rule)  # 3, for an admin: before the check reads anything
             keyed = _keyed(request) if rule.keyed else None
             checked = rule.check(self._core, call, request)  # 2
             self._policy_stage(call, rule, noted)  # 3
+            self._two_person_stage(call, rule, checked)
             self._rate_stage(call, rule, checked.cost if isinstance(checked, Writes) else 1)  # 4
             checked, hits = self._content_stage(call, checked, noted)  # 5
             if rule.grows_data:
@@ -148,6 +153,11 @@ class Pipeline:
                 )
             if rule.after_commit is not None:
                 rule.after_commit(self._core, call, checked, response)
+            if call.approval is not None:
+                response = admin_pb2.ApproveResponse(
+                    proposal=admin_pb2.Proposal(id=call.approval.id, method=call.approval.method, state="approved"),
+                    response=response.SerializeToString(),
+                )
         except GuardianError as error:
             self._anomaly_stage(call, error, noted)  # 9
             raise self._deny(call, rule, error, started) from None
@@ -160,6 +170,52 @@ class Pipeline:
             return response
 
     # -- the stages, in order ------------------------------------------------------------------
+
+    def _signer_stage(self, call: Call, method: str, data: bytes, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        """An admin request: the enrolled person whose key signed these bytes, or Unauthenticated."""
+        claimed = identity.claimed_key(metadata)
+        call.session_label = claimed.signature.public_key.fingerprint
+        path = f"/guardian.v1.AdminService/{method}"
+        call.signed_by = identity.authenticate(self._core.database, claimed, path, data, call.now_ms)
+        call.agent = call.signed_by.admin.audit_name
+
+    def _approved(self, call: Call, request: Any) -> tuple[Rule, Message]:
+        """An approval: the proposal's rule and request, which run from here on as if sent now.
+
+        The proposal must be open and in time, proposed by another person who is still
+        enrolled, and this signer's role must allow what it does. It is marked approved
+        first, in its own transaction: a proposal runs at most once, and a run that then
+        fails (its audit row says why) needs a new proposal.
+        """
+        signer = call.signed_by
+        if signer is None:
+            raise InternalError()
+        proposal_id = call.object_id = proposals.check_id(request.id)
+        with self._core.database.read() as reader:
+            proposal = proposals.find(reader, proposal_id)
+            proposer = admins.by_fingerprint(reader, proposal.proposal_signature.fingerprint)
+        state = proposal.state_at(call.now_ms)
+        if state != "open":
+            raise FailedPrecondition(f"the proposal {proposal.id} is {state}: it can no longer be approved")
+        proposer_key = proposal.proposal_signature.fingerprint
+        if signer.admin.audit_name == proposal.proposed_by or signer.admin.fingerprint == proposer_key:
+            raise PermissionDenied("you proposed this: a different person must approve it")
+        if proposer is None or proposer.audit_name != proposal.proposed_by:
+            raise FailedPrecondition(f"{proposal.proposed_by}, who proposed it, is no longer an admin; propose it anew")
+        proposed = proposed_request(proposal.method, proposal.request)
+        role = proposed.rule.role
+        if role is None or not admins.role_allows(proposer.role, role):
+            raise FailedPrecondition(f"{proposal.proposed_by} no longer has the {role} role: propose it again")
+        if not admins.role_allows(signer.admin.role, role):
+            raise PermissionDenied(f"approving {proposed.rule.admin_operation} needs the {role} role")
+        self._core.database.submit(
+            lambda connection: proposals.decide(
+                connection, proposal, "approved", decided_by=call.agent, signature=signer.signature, now_ms=call.now_ms
+            )
+        )
+        call.approval = proposal
+        call.args_digest = self._core.audit.args_digest(proposal.request)
+        return proposed.rule, proposed.request
 
     def _session_stage(self, call: Call, rule: Rule, request: Any) -> None:
         if rule.authenticates:
@@ -197,6 +253,36 @@ class Pipeline:
         if hours is not None and not hours.allows(call.now_ms):
             noted.append("outside_hours")
             raise PermissionDenied("the policy does not allow this agent to make requests at this time of day")
+
+    def _role_stage(self, call: Call, rule: Rule) -> None:
+        """An admin request: the signer's role must allow it (before its check reads anything)."""
+        if rule.role is None:
+            return
+        signer = call.signed_by
+        if signer is None or not admins.role_allows(signer.admin.role, rule.role):
+            held = signer.admin.role if signer else "no"
+            raise PermissionDenied(f"{rule.audit_operation} needs the {rule.role} role; this admin has the {held} role")
+
+    def _two_person_stage(self, call: Call, rule: Rule, checked: Any) -> None:
+        """An admin request the policy puts under the two-person rule must come as an approval.
+
+        A policy that takes an operation off the two-person rule needs a second person too,
+        whatever it covers itself: turning the rule off is subject to it.
+        """
+        if call.approval is not None or not rule.two_person:
+            return
+        covered = call.policy.two_person
+        dropped = covered.operations - checked.two_person.operations if isinstance(checked, Policy) else frozenset()
+        if covered.covers(rule.admin_operation) or dropped:
+            why = (
+                f"it takes {', '.join(sorted(dropped))} off the two-person rule"
+                if dropped and not covered.covers(rule.admin_operation)
+                else f"the policy puts {rule.admin_operation} under the two-person rule"
+            )
+            raise PermissionDenied(
+                f"a second person must approve this ({why}): send it with --propose, and another admin runs"
+                " guardianctl approve ID"
+            )
 
     def _rate_stage(self, call: Call, rule: Rule, cost: int) -> None:
         if rule.rate is None or not call.agent:
@@ -518,6 +604,8 @@ class Pipeline:
                     "event": "admin_action",
                     "operation": operation,
                     "caller": call.agent,
+                    "key": call.session_label,
+                    "approves": call.approval.id if call.approval else "",
                     "object_id": call.object_id[:200],
                     "decision": decision,
                 },
@@ -528,11 +616,17 @@ class Pipeline:
     ) -> int:
         """Write call's audit row inside connection's transaction, under the rule's operation (or the one given);
         its seq."""
+        if call.approval is not None:
+            approval = call.approval
+            reason = (
+                f"approves {approval.id} of {approval.proposed_by} ({approval.proposal_signature.fingerprint});"
+                f" {reason}"
+            )
         return self._core.audit.record(
             connection,
             ts_ms=call.now_ms,
             agent=call.agent,
-            session=session_ref(call.session.id) if call.session else "",
+            session=session_ref(call.session.id) if call.session else call.session_label,
             operation=rule if isinstance(rule, str) else rule.audit_operation,
             object_id=call.object_id,
             decision=decision,

@@ -59,6 +59,8 @@ class GuardianConfig:
     database: Path
     keys_dir: Path
     policy: Path
+    #: The admins enrolled when the guardian starts with none (guardian/access/admins.py).
+    first_admins: Path
     socket_dir: Path
     socket_dir_mode: int
     agent_socket: SocketConfig
@@ -98,6 +100,7 @@ def load_config(path: Path) -> GuardianConfig:
     database = _resolve(base, top.text("database", "data/memory.db"))
     keys_dir = _resolve(base, top.text("keys_dir", "keys"))
     policy = _resolve(base, top.text("policy", "policy.yaml"))
+    first_admins = _resolve(base, top.text("first_admins", "first-admins"))
     sockets = top.section("sockets")
     socket_dir = _resolve(base, sockets.text("dir", "run"))
     socket_dir_mode = _mode(sockets, "dir_mode", "0700", others_may_traverse=True)
@@ -151,6 +154,7 @@ def load_config(path: Path) -> GuardianConfig:
         database=database,
         keys_dir=keys_dir,
         policy=policy,
+        first_admins=first_admins,
         socket_dir=socket_dir,
         socket_dir_mode=socket_dir_mode,
         agent_socket=agent_socket,
@@ -215,6 +219,9 @@ state_dir: .
 database: data/memory.db
 keys_dir: keys
 policy: policy.yaml
+# The admins enrolled when the guardian starts with none, one a line: NAME ROLE ssh-ed25519 AAAA...
+# (guardianctl init writes one for a key it makes, admin.key); ignored once any admin is enrolled.
+first_admins: first-admins
 sockets:
   dir: run
   # 0700 when everything runs as one user; 0711 under systemd, where the

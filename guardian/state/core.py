@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from typing import Final
 
+from guardian.access import admins
 from guardian.checks.alerts import WebhookAlerter
 from guardian.checks.anomaly import AnomalyEvent, AnomalyMonitor
 from guardian.checks.ratelimit import RateLimiter
 from guardian.checks.sessions import SessionTable
+from guardian.keys.audit_proof import SignedHead
 from guardian.keys.ring import Keys, load_keys
 from guardian.keys.rotated import FILE_NAME as ROTATED_KEYS_FILE
 from guardian.keys.rotated import KeyStore
@@ -34,7 +37,7 @@ from guardian.store.audit import AuditTrail, HeadFile
 from guardian.store.database import Connection, Database
 from guardian.store.memories import MemoryStore
 from guardian.store.vectors import MemoryVectors
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataLoss, FailedPrecondition, Unavailable
 from shared.ops_http import Readiness
 
 __all__ = ["GuardianCore", "now_ms", "session_ref"]
@@ -49,6 +52,10 @@ _FILE_REFUSED_WARNING: Final = (
 
 #: The audit trail's name for the policy file as the one who applied a policy.
 FILE_APPLIER = "@policy-file"
+
+#: At shutdown a head is signed only over at most this many new rows (a stop must stay quick; the
+#: housekeeping thread signs larger spans while the guardian runs).
+_SHUTDOWN_SIGNING_MAX_ROWS: Final = 200_000
 
 
 def _loaded(policy: Policy, source: str) -> Policy:
@@ -89,8 +96,10 @@ class GuardianCore:
         keys = keystore.keys
         self.database = database
         self.metrics = GuardianMetrics()
-        self.audit = AuditTrail(keys.audit, on_failure=self.metrics.audit_failures.inc)
+        self.audit = AuditTrail(keys.audit, on_failure=self.metrics.audit_failures.inc, signing=keys.audit_signing)
         self.audit_head_file = HeadFile(config.state_dir / "audit-head.json")
+        #: One head signing at a time (housekeeping, shutdown, an audit key's retirement).
+        self._signing = threading.Lock()
         self._open_audit_chain()
         model = _embedder(config)
         self.memories = MemoryStore(keys.memory, MemoryVectors(model, keys.memory, database.after_commit))
@@ -111,9 +120,15 @@ class GuardianCore:
         lock = lock_state_dir(config.state_dir)
         try:
             keystore = KeyStore(config.state_dir / ROTATED_KEYS_FILE, load_keys(config.keys_dir))
+            made = keystore.ensure_audit_signing(now_ms())  # an install from before the key gains it here
         except BaseException:
             os.close(lock)
             raise
+        if made is not None:
+            security_log.warning(
+                "audit-signing key created; print its public key with guardianctl keys public",
+                extra={"event": "audit_signing_key_created", "key_id": made},
+            )
         database = Database(
             config.database,
             keystore.keys.database_hexes,
@@ -128,6 +143,7 @@ class GuardianCore:
             )
         try:
             core = cls(config, keystore, database)
+            core._enrol_first_admins()
         except BaseException:
             database.close()
             os.close(lock)
@@ -135,10 +151,52 @@ class GuardianCore:
         core._state_lock = lock
         return core
 
+    def _enrol_first_admins(self) -> None:
+        """With no admin enrolled, enrol those the first-admins file names (each audited); ConfigError if bad."""
+        with self.database.read() as reader:
+            if admins.count(reader):
+                return
+        path = self.config.first_admins
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            security_log.warning(
+                "no admin is enrolled, and there is no first-admins file: every admin request will be refused",
+                extra={"event": "no_admins", "first_admins": str(path)},
+            )
+            return
+        except OSError as error:
+            raise ConfigError(f"the first-admins file {path} cannot be read: {error.strerror}") from None
+        first = admins.parse_first_admins(text, str(path), now_ms())
+        with self.database.write() as connection:
+            for admin in first:
+                admins.add(connection, admin)
+                self.audit.record(
+                    connection,
+                    ts_ms=admin.added_at_ms,
+                    agent="@first-admins",
+                    session=admin.fingerprint,
+                    operation="admin.admins.add",
+                    object_id=admin.name,
+                    decision="allow",
+                    reason=f"ok; first admin, role {admin.role}, from the first-admins file",
+                    policy_version=self.policy.version,
+                )
+        for admin in first:
+            security_log.info(
+                "admin enrolled",
+                extra={
+                    "event": "admin_added",
+                    "admin": admin.name,
+                    "role": admin.role,
+                    "fingerprint": admin.fingerprint,
+                },
+            )
+
     def use_keys(self, keys: Keys) -> None:
         """Sign and verify with keys from now on (after a rotation or a retirement of an HMAC key)."""
         self.memories.use_ring(keys.memory)
-        self.audit.use_ring(keys.audit)
+        self.audit.use_ring(keys.audit, keys.audit_signing)
         self.agents.use_ring(keys.token)
 
     def _open_audit_chain(self) -> None:
@@ -165,12 +223,38 @@ class GuardianCore:
         )
         return False
 
+    def sign_audit_head(self, max_rows: int | None = None) -> SignedHead | None:
+        """Sign the committed chain head with the audit-signing key, continuing the last signed head.
+
+        The rows are read and checked on this thread's reader; only the head's insert takes the
+        writer. None when there is nothing new (or more than max_rows new rows); DataLoss when a
+        row it would cover does not verify (nothing is signed over it).
+        """
+        with self._signing:
+            with self.database.read() as reader:
+                prepared = self.audit.prepare_signed_head(reader, now_ms(), max_rows)
+            if prepared is None:
+                return None
+            signed, _ = prepared
+            with self.database.write() as connection:
+                audit.store_signed_head(connection, signed)
+            return signed
+
     def publish_audit_head(self, reason: str) -> None:
-        """Publish the committed chain head to the security log, and to the head file if it continues it.
+        """Sign the committed chain head, then publish it to the security log, and to the head file if it continues it.
 
         A head that does not continue the last published one is logged but not written
-        over it, so the head file keeps the evidence until the operator deals with it.
+        over it, so the head file keeps the evidence until the operator deals with it. A
+        head that cannot be signed (a row that does not verify) is a security event; the
+        unsigned head is still published.
         """
+        try:
+            self.sign_audit_head(_SHUTDOWN_SIGNING_MAX_ROWS if reason == "shutdown" else None)
+        except (DataLoss, FailedPrecondition, Unavailable) as refused:  # Unavailable: the storage failed
+            security_log.error(
+                "the audit chain head was not signed",
+                extra={"event": "audit_head_not_signed", "problem": refused.message},
+            )
         consistent = self._holds_published_head()
         try:
             with self.database.read() as reader:

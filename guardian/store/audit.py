@@ -13,7 +13,8 @@ where ``prev_mac`` is the previous row's mac as 64 lowercase hex ASCII
 characters (64 zeros before row 1), and ``mac`` is stored the same way.
 
 The canonical form, version 1 (NEVER CHANGE IT: every row ever written is
-verified against it; a new form needs a new version tag and a new column)::
+verified against it; a new form needs a new version tag and a new column; it
+lives in guardian/keys/audit_proof.py, which an offline verifier imports too)::
 
     canonical(row) = b"agent-guardian audit v1\\n"
                      || ns(seq) || ns(ts_ms) || ns(agent) || ns(session)
@@ -29,6 +30,15 @@ which names the first row that does not hold. A truncated *tail* leaves a
 valid shorter chain; that is why the head (sequence and mac) is published
 outside the database at an interval (the security log and a head file), and
 :func:`verify` checks the chain still holds every published head.
+
+Only the audit key's holder can check a mac. For everyone else the rows also
+form a public hash chain (``link``, guardian/keys/audit_proof.py), and each time
+the head is published the guardian signs it with its Ed25519 audit-signing key
+(:meth:`AuditTrail.prepare_signed_head`): the link at that row, continued from the
+previous signed head, stored in ``audit_signed_heads`` (append-only). A head is
+signed only over rows whose macs verify. Once a signed head covers every row an
+audit key sealed, that key may be retired: :func:`verify` then proves those rows
+through the public chain and the signed head instead of their macs.
 """
 
 from __future__ import annotations
@@ -42,9 +52,11 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from guardian.files.durable import replace_atomically
+from guardian.keys.audit_proof import GENESIS_LINK, SignedHead, canonical_v1, head_message, next_link
 from guardian.keys.ring import KeyRing
+from guardian.keys.signing import SigningRing
 from guardian.store.database import Connection
-from shared.errors import InvalidArgument
+from shared.errors import DataLoss, InvalidArgument
 
 __all__ = [
     "MAX_SEQ",
@@ -55,11 +67,19 @@ __all__ = [
     "ChainHead",
     "Decision",
     "HeadFile",
+    "SigningKeyUse",
     "VerifyReport",
     "canonical",
+    "export_page",
+    "last_signed_head",
+    "link_at",
     "publish_head",
     "query",
     "read_head",
+    "sealed_since_last_signed_head",
+    "signed_heads",
+    "signing_key_use",
+    "store_signed_head",
 ]
 
 log = logging.getLogger("agent_guardian")
@@ -68,7 +88,6 @@ security_log = logging.getLogger("agent_guardian.security")
 Decision = Literal["allow", "deny", "error", "alert"]
 DECISIONS: Final = frozenset({"allow", "deny", "error", "alert"})
 _MAX_FIELD: Final = 200
-_CANONICAL_TAG: Final = b"agent-guardian audit v1\n"
 _GENESIS_MAC: Final = "0" * 64
 _ARGS_DIGEST_LABEL: Final = b"agent-guardian audit args digest v1"
 _COLUMNS: Final = (
@@ -127,11 +146,7 @@ class ChainHead:
 
 def canonical(row: AuditRow) -> bytes:
     """The bytes a row's mac covers (before prev_mac), canonical form v1. Never change this."""
-    parts = [_CANONICAL_TAG]
-    for value in _values(row)[:-1]:  # every column but the mac itself, in column order
-        data = str(value).encode("utf-8")
-        parts.append(b"%d:%s," % (len(data), data))
-    return b"".join(parts)
+    return canonical_v1(_values(row)[:-1])  # every column but the mac itself, in column order
 
 
 @dataclass(frozen=True)
@@ -205,26 +220,37 @@ class VerifyReport:
     problem: str = ""
     #: The newest published head that was checked against the chain.
     last_published: ChainHead | None = None
+    #: The last row a signed head that verified covers; 0: none.
+    last_signed: int = 0
 
     @property
     def intact(self) -> bool:
-        """Whether every row and every published head held."""
+        """Whether every row, every published head and every signed head held."""
         return not self.problem
 
 
 class AuditTrail:
     """Appends, reads and verifies the chain with the audit key ring."""
 
-    def __init__(self, ring: KeyRing, on_failure: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, ring: KeyRing, on_failure: Callable[[], None] | None = None, signing: SigningRing | None = None
+    ) -> None:
         #: The audit key ring in use: rows are sealed with its primary and verified with any key.
         self.ring = ring
+        #: The audit-signing keys: the primary signs heads, every version's public key verifies them.
+        self.signing = signing or SigningRing()
         self._on_failure = on_failure
         #: Whether the most recent append failed (readiness reports it until one succeeds).
         self.last_append_failed = False
 
-    def use_ring(self, ring: KeyRing) -> None:
-        """Seal new rows with ring's primary from now on (a key rotation); every key still verifies."""
+    def use_ring(self, ring: KeyRing, signing: SigningRing | None = None) -> None:
+        """Seal new rows with ring's primary from now on (a key rotation); every key still verifies.
+
+        signing, when given, replaces the audit-signing keys the same way.
+        """
         self.ring = ring
+        if signing is not None:
+            self.signing = signing
 
     def args_digest(self, request_bytes: bytes) -> str:
         """A keyed digest of a request's bytes: proves which request was made without holding it."""
@@ -313,54 +339,249 @@ class AuditTrail:
         return len(rows)
 
     def verify(self, connection: Connection, published: Iterable[ChainHead] = ()) -> VerifyReport:
-        """Walk the whole chain; the first row that does not hold, or a published head it lost."""
+        """Walk the whole chain; the first row that does not hold, or a published or signed head it lost.
+
+        A row sealed with an audit key the ring no longer holds (a retired one) is proven by the
+        signed head that covers it: the public chain up to that head must give the signed link.
+        """
         expected = {head.seq: head.mac for head in published}
         last_published = ChainHead(max(expected), expected[max(expected)]) if expected else None
-        checked = 0
+        signed = {head.seq: head for head in signed_heads(connection)}
+        last_signed_seq = max(signed, default=0)
+        checked, proven = 0, 0
         prev = ChainHead(0, _GENESIS_MAC)
+        link = GENESIS_LINK
+        #: The first row since the last signed head whose mac could not be checked (its key is retired).
+        unchecked_from = 0
+
+        def broken(seq: int, problem: str) -> VerifyReport:
+            return VerifyReport(checked, prev if prev.seq else None, seq, problem, last_published, proven)
+
         for row in _all_rows(connection):
             if row.seq != prev.seq + 1:
-                problem = (
+                return broken(
+                    row.seq,
                     f"row {prev.seq + 1} is missing: row {row.seq} follows row {prev.seq}"
                     if row.seq > prev.seq + 1
-                    else f"row {row.seq} is out of order: it follows row {prev.seq}"
+                    else f"row {row.seq} is out of order: it follows row {prev.seq}",
                 )
-                return VerifyReport(checked, prev if prev.seq else None, row.seq, problem, last_published)
-            if row.key_id not in self.ring.keys:
-                return VerifyReport(
-                    checked, prev, row.seq, f"row {row.seq} names an unknown audit key id", last_published
-                )
-            if not self.ring.verify(row.key_id, canonical(row) + prev.mac.encode("ascii"), row.mac):
-                return VerifyReport(
-                    checked,
-                    prev if prev.seq else None,
+            if row.key_id in self.ring.keys:
+                if not self.ring.verify(row.key_id, canonical(row) + prev.mac.encode("ascii"), row.mac):
+                    return broken(
+                        row.seq,
+                        f"row {row.seq} does not match its mac: it was changed, or the chain was rebuilt"
+                        " without the audit key",
+                    )
+            elif row.seq <= last_signed_seq:
+                unchecked_from = unchecked_from or row.seq
+            else:
+                return broken(
                     row.seq,
-                    f"row {row.seq} does not match its mac: it was changed, or the chain was rebuilt"
-                    " without the audit key",
-                    last_published,
+                    f"row {row.seq} names an audit key id the guardian does not hold, and no signed head covers it",
                 )
             published_mac = expected.get(row.seq)
             if published_mac is not None and not hmac.compare_digest(published_mac, row.mac):
-                return VerifyReport(
-                    checked,
-                    prev,
-                    row.seq,
-                    f"row {row.seq} differs from the head published for it: the chain was rewritten",
-                    last_published,
-                )
+                return broken(row.seq, f"row {row.seq} differs from the head published for it: the chain was rewritten")
+            link = next_link(canonical(row), row.mac, link)
+            signed_here = signed.get(row.seq)
+            if signed_here is not None:
+                problem, first_bad = self._check_signed_head(signed_here, link, unchecked_from)
+                if problem:
+                    return broken(first_bad, problem)
+                unchecked_from, proven = 0, row.seq
             checked += 1
             prev = ChainHead(row.seq, row.mac)
         head = prev if prev.seq else None
         if last_published is not None and last_published.seq > prev.seq:
-            return VerifyReport(
-                checked,
-                head,
+            return broken(
                 prev.seq + 1,
                 f"the chain ends at row {prev.seq} but row {last_published.seq} was published:"
                 " rows were truncated or the database was rolled back",
-                last_published,
             )
-        return VerifyReport(checked, head, last_published=last_published)
+        if last_signed_seq > prev.seq:
+            return broken(
+                prev.seq + 1,
+                f"the chain ends at row {prev.seq} but a head was signed for row {last_signed_seq}:"
+                " rows were truncated or the database was rolled back",
+            )
+        return VerifyReport(checked, head, last_published=last_published, last_signed=proven)
+
+    def _check_signed_head(self, head: SignedHead, link: str, unchecked_from: int) -> tuple[str, int]:
+        """What is wrong with a signed head, given the chain's link at its row ("" if nothing), and where."""
+        public = self.signing.public_keys().get(head.key_id)
+        if public is None:
+            return (
+                f"the head signed for row {head.seq} names audit-signing key {head.key_id[:40]!r},"
+                " which the guardian does not hold",
+                head.seq,
+            )
+        if not hmac.compare_digest(head.link, link):
+            if unchecked_from:
+                return (
+                    f"rows {unchecked_from}..{head.seq} (sealed with a retired audit key) do not match the head"
+                    f" signed for row {head.seq}: one of them was changed",
+                    unchecked_from,
+                )
+            return (
+                f"the head signed for row {head.seq} does not match the chain: the head was changed, or rows"
+                " were rewritten with the audit key",
+                head.seq,
+            )
+        if not head.verifies_with(public):
+            return (
+                f"the head signed for row {head.seq} has a signature that does not verify: forged or changed",
+                head.seq,
+            )
+        return "", 0
+
+    def prepare_signed_head(
+        self, connection: Connection, now_ms: int, max_rows: int | None = None
+    ) -> tuple[SignedHead, ChainHead] | None:
+        """A signed head over the committed chain, continuing the last signed one; None if nothing is new.
+
+        Every row it newly covers is checked first (its place and its mac): a head vouches only
+        for rows that verify, so a break raises DataLoss naming the row, and nothing is signed.
+        Reads only (the caller stores the head with :func:`store_signed_head`, in a short write);
+        with max_rows, None instead when more rows than that wait (a shutdown must not take long).
+        Returns the head and the chain head (sequence and mac) it was signed at.
+        """
+        signing = self.signing
+        last = last_signed_head(connection)
+        head = read_head(connection)
+        start = last.seq if last else 0
+        if head is None or head.seq == start or (max_rows is not None and head.seq - start > max_rows):
+            return None
+        if head.seq < start:
+            raise DataLoss(
+                f"the chain ends at row {head.seq} but a head was signed for row {start}: rows were truncated"
+                " or the database was rolled back (guardianctl audit verify)"
+            )
+        link = last.link if last else GENESIS_LINK
+        prev = ChainHead(0, _GENESIS_MAC)
+        if last is not None:
+            found = connection.execute("SELECT mac FROM audit WHERE seq = ?", (start,)).fetchone()
+            if found is None:
+                raise DataLoss(f"row {start}, where the last head was signed, is missing (guardianctl audit verify)")
+            prev = ChainHead(start, str(found[0]))
+        for row in _all_rows(connection, after=start, through=head.seq):
+            if row.seq != prev.seq + 1:
+                raise DataLoss(f"row {prev.seq + 1} is missing; no head is signed over it (guardianctl audit verify)")
+            if not self.ring.verify(row.key_id, canonical(row) + prev.mac.encode("ascii"), row.mac):
+                raise DataLoss(
+                    f"row {row.seq} does not match its mac (or names a key the guardian does not hold); no head is"
+                    " signed over it (guardianctl audit verify)"
+                )
+            link = next_link(canonical(row), row.mac, link)
+            prev = ChainHead(row.seq, row.mac)
+        if prev.seq != head.seq:
+            raise DataLoss(f"row {prev.seq + 1} is missing; no head is signed over it (guardianctl audit verify)")
+        key_id = signing.primary_id
+        _, signature = signing.sign(head_message(head.seq, now_ms, link, key_id))
+        return SignedHead(head.seq, now_ms, link, key_id, signature), prev
+
+
+def store_signed_head(connection: Connection, head: SignedHead) -> bool:
+    """Append a signed head (in the caller's write transaction) unless one at or past its row exists; whether it did.
+
+    A head's link depends only on the rows, so a head prepared from an older signed head is
+    as valid as one prepared from the newest.
+    """
+    last = last_signed_head(connection)
+    if last is not None and last.seq >= head.seq:
+        return False
+    connection.execute(
+        "INSERT INTO audit_signed_heads (seq, ts_ms, link, key_id, signature) VALUES (?, ?, ?, ?, ?)",
+        (head.seq, head.ts_ms, head.link, head.key_id, head.signature),
+    )
+    return True
+
+
+def _has_signed_heads(connection: Connection) -> bool:
+    """Whether the database has the signed heads table (a backup made before schema 8 has not)."""
+    found = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_signed_heads'"
+    ).fetchone()
+    return found is not None
+
+
+def _signed_head(values: Any) -> SignedHead:
+    return SignedHead(int(values[0]), int(values[1]), str(values[2]), str(values[3]), str(values[4]))
+
+
+def signed_heads(connection: Connection, after_seq: int = 0, through_seq: int = MAX_SEQ) -> list[SignedHead]:
+    """The signed heads for rows after after_seq up to through_seq, in order."""
+    if not _has_signed_heads(connection):
+        return []
+    rows = connection.execute(
+        "SELECT seq, ts_ms, link, key_id, signature FROM audit_signed_heads WHERE seq > ? AND seq <= ? ORDER BY seq",
+        (after_seq, through_seq),
+    ).fetchall()
+    return [_signed_head(values) for values in rows]
+
+
+def last_signed_head(connection: Connection, through_seq: int = MAX_SEQ) -> SignedHead | None:
+    """The newest signed head at or before through_seq, or None."""
+    if not _has_signed_heads(connection):
+        return None
+    found = connection.execute(
+        "SELECT seq, ts_ms, link, key_id, signature FROM audit_signed_heads WHERE seq <= ? ORDER BY seq DESC LIMIT 1",
+        (through_seq,),
+    ).fetchone()
+    return _signed_head(found) if found else None
+
+
+def link_at(connection: Connection, seq: int) -> str:
+    """The public chain's link after row seq, continued from the nearest signed head before it."""
+    start = last_signed_head(connection, seq)
+    link = start.link if start else GENESIS_LINK
+    for row in _all_rows(connection, after=start.seq if start else 0, through=seq):
+        link = next_link(canonical(row), row.mac, link)
+    return link
+
+
+def export_page(
+    connection: Connection, after_seq: int, through_seq: int, limit: int, start_link: str
+) -> tuple[list[tuple[AuditRow, str]], list[SignedHead]]:
+    """Up to limit rows after after_seq (to through_seq), each with its link from start_link; and their signed heads."""
+    rows = connection.execute(
+        f"SELECT {_COLUMNS} FROM audit WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",  # noqa: S608 (constant)
+        (after_seq, through_seq, limit),
+    ).fetchall()
+    page: list[tuple[AuditRow, str]] = []
+    link = start_link
+    for values in rows:
+        row = _row(values)
+        link = next_link(canonical(row), row.mac, link)
+        page.append((row, link))
+    heads = signed_heads(connection, after_seq, page[-1][0].seq) if page else []
+    return page, heads
+
+
+@dataclass(frozen=True)
+class SigningKeyUse:
+    """What one audit-signing key signed: how many heads, for which rows, when."""
+
+    heads: int
+    first_seq: int
+    last_seq: int
+    first_ts_ms: int
+    last_ts_ms: int
+
+
+def signing_key_use(connection: Connection) -> dict[str, SigningKeyUse]:
+    """Per audit-signing key id, the heads it signed."""
+    rows = connection.execute(
+        "SELECT key_id, count(*), min(seq), max(seq), min(ts_ms), max(ts_ms) FROM audit_signed_heads GROUP BY key_id"
+    ).fetchall()
+    return {str(key_id): SigningKeyUse(*(int(value) for value in rest)) for key_id, *rest in rows}
+
+
+def sealed_since_last_signed_head(connection: Connection, key_id: str) -> tuple[int, int]:
+    """(rows sealed with audit key key_id that no signed head covers, the last row a signed head covers)."""
+    last = last_signed_head(connection)
+    covered = last.seq if last else 0
+    found = connection.execute("SELECT count(*) FROM audit WHERE seq > ? AND key_id = ?", (covered, key_id)).fetchone()
+    return int(found[0]), covered
 
 
 def read_head(connection: Connection) -> ChainHead | None:
@@ -376,12 +597,11 @@ def query(connection: Connection, audit_query: AuditQuery) -> list[AuditRow]:
     return sorted(rows, key=lambda row: row.seq) if audit_query.newest_first else rows
 
 
-def _all_rows(connection: Connection) -> Iterator[AuditRow]:
-    after = 0
+def _all_rows(connection: Connection, after: int = 0, through: int = MAX_SEQ) -> Iterator[AuditRow]:
     while True:
         batch = connection.execute(
-            f"SELECT {_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608 (constant)
-            (after, _VERIFY_BATCH),
+            f"SELECT {_COLUMNS} FROM audit WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",  # noqa: S608 (constant)
+            (after, through, _VERIFY_BATCH),
         ).fetchall()
         if not batch:
             return
@@ -455,13 +675,26 @@ class HeadFile:
 
 
 def publish_head(connection: Connection, head_file: HeadFile | None, reason: str) -> ChainHead | None:
-    """Write the committed head to the security log and, unless None, the head file (interval and shutdown)."""
+    """Write the committed head to the security log and, unless None, the head file (interval and shutdown).
+
+    The log line also names the last signed head (its row, link and key id), so the public
+    chain's progress is on record outside the database too.
+    """
     head = read_head(connection)
     if head is None:
         return None
+    signed = last_signed_head(connection)
     security_log.info(
         "audit chain head",
-        extra={"event": "audit_chain_head", "seq": head.seq, "mac": head.mac, "published_because": reason},
+        extra={
+            "event": "audit_chain_head",
+            "seq": head.seq,
+            "mac": head.mac,
+            "published_because": reason,
+            "signed_seq": signed.seq if signed else 0,
+            "link": signed.link if signed else "",
+            "signing_key_id": signed.key_id if signed else "",
+        },
     )
     if head_file is not None:
         head_file.write(head)

@@ -18,7 +18,10 @@
 
 A backup stays encrypted with the database key in use when it was made; after
 a database key rotation, older backups need the older key, which the key store
-keeps (guardian/keys/rotated.py).
+keeps (guardian/keys/rotated.py) until no backup here needs it
+(:meth:`BackupDir.encrypted_with`). Likewise a backup's audit rows need the audit
+key that sealed them until a signed head in that backup covers them
+(:meth:`BackupDir.needing_audit_key`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import sqlcipher3
 
 from guardian.files.durable import fsync_dir
 from guardian.keys.ring import Keys
-from guardian.store.audit import AuditTrail, ChainHead, HeadFile, read_head
+from guardian.store.audit import AuditTrail, ChainHead, HeadFile, read_head, sealed_since_last_signed_head
 from guardian.store.database import Database, open_keyed, sidecars
 from guardian.store.memories import MemoryStore
 from guardian.store.vectors import verify_stored
@@ -142,7 +145,7 @@ def verify_file(path: Path, keys: Keys, published: Iterable[ChainHead] = ()) -> 
         integrity = "; ".join(str(row[0]) for row in connection.execute("PRAGMA integrity_check").fetchall())
         checked, failed = MemoryStore(keys.memory).verify_all(connection)
         vectors_checked, vectors_failed = verify_stored(connection, keys.memory)
-        report = AuditTrail(keys.audit).verify(connection, published)
+        report = AuditTrail(keys.audit, signing=keys.audit_signing).verify(connection, published)
         rows, head, audit_state = report.rows_checked, report.head, "ok" if report.intact else report.problem
     except sqlcipher3.Error as exc:  # a damaged page stops SQLite mid-check: what ran so far stands
         problem = f"the file is damaged ({str(exc).split(':')[0][:100]})"
@@ -257,6 +260,45 @@ class BackupDir:
         path = self.path_of(name)
         blank = CheckReport("", "", 0, (), 0, 0, "", None)
         return BackupInfo(name, path, path.stat().st_size, "", _created_ms(name), 0, blank)
+
+    def encrypted_with(self, key_hex: str) -> list[str]:
+        """The backups (newest first) that the database key key_hex opens: they need it."""
+        needing = []
+        for name in self.names():
+            try:
+                connection, _ = open_keyed(self.directory / name, [key_hex])
+            except ConfigError:
+                continue
+            connection.close()
+            needing.append(name)
+        return needing
+
+    def needing_audit_key(self, keys: Keys, key_id: str) -> list[str]:
+        """Why backups (newest first) still need audit key key_id: rows it sealed that no signed head in them covers.
+
+        A backup no database key opens is named too: whether it needs the key cannot be told.
+        """
+        needing = []
+        for name in self.names():
+            try:
+                connection, _ = open_keyed(self.directory / name, keys.database_hexes)
+            except ConfigError:
+                needing.append(f"{name} (no database key opens it, so what it needs cannot be told)")
+                continue
+            try:
+                connection.execute("PRAGMA query_only = ON")
+                uncovered, covered = sealed_since_last_signed_head(connection, key_id)
+            except sqlcipher3.Error:
+                uncovered, covered = -1, 0
+            finally:
+                connection.close()
+            if uncovered < 0:
+                needing.append(f"{name} (its audit rows cannot be read)")
+            elif uncovered:
+                needing.append(
+                    f"{name} (holds {uncovered} rows sealed with {key_id} after its last signed head, row {covered})"
+                )
+        return needing
 
     def read(self, name: str, offset: int) -> tuple[bytes, int]:
         """Up to CHUNK_BYTES of a backup from offset, and the file's size."""

@@ -42,6 +42,7 @@ audit rows of every request keep the room they need.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import re
@@ -509,6 +510,10 @@ class Database:
                 source.close()
         fsync_file(destination)
         fsync_dir(destination.parent)
+
+    def encrypted_with(self, key_hex: str) -> bool:
+        """Whether the database file is encrypted under key_hex now (compared in constant time)."""
+        return hmac.compare_digest(self._key_hex, key_hex)
 
     def rekey(self, new_key_hex: str) -> None:
         """Re-encrypt the database under new_key_hex (the caller has stored the key durably first).

@@ -246,6 +246,53 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         PRIMARY KEY (incident, memory)
     ) WITHOUT ROWID;
     """,
+    # 8: accountable administration. The people who may administer the guardian, each with one
+    # Ed25519 public key (OpenSSH form) and a role (guardian/access/); the nonces of signed admin
+    # requests still inside the clock-skew window, so a replay is refused across a restart; the
+    # proposals of the two-person rule, each with the exact request proposed and both people's
+    # signatures; and the audit chain heads signed with the audit-signing key, each with the public
+    # hash chain's link at that row, so that anyone with the public key can verify an export.
+    """
+    CREATE TABLE admins (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL UNIQUE,
+        added_at_ms INTEGER NOT NULL,
+        added_by TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE admin_nonces (
+        nonce TEXT PRIMARY KEY,
+        expires_at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE proposals (
+        id TEXT PRIMARY KEY,
+        method TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        request BLOB NOT NULL,
+        proposed_by TEXT NOT NULL,
+        proposal_auth TEXT NOT NULL,
+        proposed_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'open',
+        decided_by TEXT NOT NULL DEFAULT '',
+        decision_auth TEXT NOT NULL DEFAULT '',
+        decided_at_ms INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE audit_signed_heads (
+        seq INTEGER PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        link TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        signature TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_signed_heads_no_update BEFORE UPDATE ON audit_signed_heads BEGIN
+        SELECT RAISE(ABORT, 'signed heads are append-only');
+    END;
+    CREATE TRIGGER audit_signed_heads_no_delete BEFORE DELETE ON audit_signed_heads BEGIN
+        SELECT RAISE(ABORT, 'signed heads are append-only');
+    END;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

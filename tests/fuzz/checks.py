@@ -58,7 +58,8 @@ _C = grpc.StatusCode
 #: Every agent call names a session (or a token), may be malformed, and may be refused by the policy
 #: (an operation the profile lacks, outside allowed hours, a locked session or agent).
 _AGENT_BASE: Final = frozenset({_C.OK, _C.INVALID_ARGUMENT, _C.UNAUTHENTICATED, _C.PERMISSION_DENIED})
-#: Admin calls take no session and no rate limit: only the request itself can be wrong.
+#: Admin calls take no session and no rate limit, and the fuzzer signs them as an admin with the
+#: security role: only the request itself can be wrong.
 _ADMIN_BASE: Final = frozenset({_C.OK, _C.INVALID_ARGUMENT})
 
 #: The status codes each method may answer with, by service and method.
@@ -110,6 +111,21 @@ ALLOWED: Final[dict[str, dict[str, frozenset[grpc.StatusCode]]]] = {
         "ListBackups": _ADMIN_BASE,
         "ReadBackup": _ADMIN_BASE | {_C.NOT_FOUND},
         "VerifyBackup": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # not under any key
+        # -- admins and the two-person rule (issue 17.1-3) --
+        "AddAdmin": _ADMIN_BASE | {_C.FAILED_PRECONDITION},  # the name or the key is enrolled
+        "RemoveAdmin": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # the last security admin
+        "ListAdmins": _ADMIN_BASE,
+        "WhoAmI": _ADMIN_BASE,
+        # The proposed request is checked as it would run: its own refusals.
+        "Propose": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},
+        "ListProposals": _ADMIN_BASE,
+        "ShowProposal": _ADMIN_BASE | {_C.NOT_FOUND},
+        "CancelProposal": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION},  # no longer open
+        # One's own proposal; not open; then whatever the proposed request answers.
+        "Approve": _ADMIN_BASE | {_C.NOT_FOUND, _C.FAILED_PRECONDITION, _C.PERMISSION_DENIED},
+        # -- audit export (issue 17.4) --
+        "ExportAudit": _ADMIN_BASE,  # bounds past the largest sequence number, a page over 1000, a bad link
+        "AuditSigningKeys": _ADMIN_BASE,
     },
 }
 

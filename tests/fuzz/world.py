@@ -31,12 +31,13 @@ from typing import Any, Final
 import grpc
 import yaml
 
+from guardian.access.key_file import KeyFileSigner
 from guardian.checks.filters import DEFAULT_FILTERS_YAML
 from guardian.keys.ring import load_keys
 from shared.rpc.guardian.v1 import admin_pb2, agent_pb2, agent_pb2_grpc
 from tests.fuzz.protogen import Ref
 from tests.fuzz.values import QUARANTINE_TRIGGER
-from tests.support.harness import LOG_ONLY_ANOMALIES, Guardian, _CallRecorder, running_guardian
+from tests.support.harness import LOG_ONLY_ANOMALIES, AdminSigner, Guardian, _CallRecorder, running_guardian
 
 __all__ = [
     "FUZZ_NAMESPACES",
@@ -91,9 +92,12 @@ def recorded_channel(guardian: Guardian, socket_kind: str) -> grpc.Channel:
     """A channel like ``Guardian.channel`` (calls recorded for the audit cross-check) that takes large answers."""
     path = guardian.agent_socket if socket_kind == "agent" else guardian.admin_socket
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-    return grpc.intercept_channel(
+    channel = grpc.intercept_channel(
         grpc.insecure_channel(f"unix:{path}", options=options), _CallRecorder(socket_kind, guardian.calls)
     )
+    if socket_kind == "admin":  # signed as the first admin (role security), as guardianctl would
+        channel = grpc.intercept_channel(channel, AdminSigner(KeyFileSigner(guardian.admin_key)))
+    return channel
 
 
 @dataclass

@@ -329,7 +329,7 @@ def test_export_writes_every_row_as_json_lines_and_refuses_to_overwrite(busy: Gu
 def test_audit_reads_are_themselves_audited_with_the_operator(busy: Guardian) -> None:
     busy.ctl("audit", "verify")
     row = [r for r in busy.audit_rows() if r["operation"] == "admin.audit.verify"][-1]
-    assert row["agent"].startswith("@admin-socket:") and row["object_id"].startswith("intact:")
+    assert row["agent"].startswith("@admin:") and row["object_id"].startswith("intact:")
 
 
 def test_the_agent_socket_serves_no_audit_call(busy: Guardian) -> None:

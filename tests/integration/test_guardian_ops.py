@@ -199,7 +199,8 @@ def test_the_security_log_file_holds_denials_anomalies_policy_changes_heads_and_
                     stub.Get(agent_pb2.GetRequest(session_id=session, id="mem_" + "1" * 32))
         policy = yaml.safe_load(guardian.admin("ShowPolicy", admin_pb2.ShowPolicyRequest()).text)
         policy["anomaly"]["denials"]["threshold"] = 3
-        guardian.admin("ApplyPolicy", admin_pb2.PolicyText(text=yaml.safe_dump(policy)), operator="alice")
+        guardian.admin("ApplyPolicy", admin_pb2.PolicyText(text=yaml.safe_dump(policy)))
+        first_admin = guardian.admin("WhoAmI", admin_pb2.WhoAmIRequest())
         guardian.stop()
         security = [json.loads(line) for line in security_file.read_text().splitlines()]
         main = [json.loads(line) for line in main_file.read_text().splitlines()]
@@ -211,6 +212,7 @@ def test_the_security_log_file_holds_denials_anomalies_policy_changes_heads_and_
     applied = next(
         entry for entry in security if entry.get("event") == "policy_applied" and entry["by"] != "@policy-file"
     )
-    assert applied["by"] == "@admin-socket:alice" and applied["source"] == "apply"
+    assert applied["by"] == f"@admin:{first_admin.name}" and applied["source"] == "apply"
     admin_actions = [entry for entry in security if entry.get("event") == "admin_action"]
+    assert {entry["key"] for entry in admin_actions} == {first_admin.fingerprint}
     assert {"admin.agent.add", "admin.policy.show", "admin.policy.apply"} <= {a["operation"] for a in admin_actions}

@@ -621,7 +621,8 @@ def scenario(work_dir: Path) -> Run:
             assert export.returncode == 0, export.stderr
             run.outputs["guardianctl audit export (stdout)"] = export.stdout
             run.outputs["guardianctl audit export (stderr)"] = export.stderr
-            run.export_seqs = [json.loads(line)["seq"] for line in export.stdout.splitlines()]
+            records = [json.loads(line) for line in export.stdout.splitlines()]
+            run.export_seqs = [record["seq"] for record in records if record["type"] == "row"]
             for name, data in every_file(guardian.state_dir).items():  # the DB and its WAL while running
                 run.outputs[f"state dir (running): {name}"] = data
             run.unaudited = guardian.unaudited_calls()

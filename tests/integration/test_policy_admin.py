@@ -72,7 +72,7 @@ def test_validate_diff_apply_history_rollback(tmp_path: Path) -> None:
 
         history = json.loads(guardian.ctl("--json", "policy", "history").stdout)
         assert [entry["source"] for entry in history[:2]] == ["apply", "file"]
-        assert history[0]["by"].startswith("@admin-socket:")
+        assert history[0]["by"].startswith("@admin:")
 
         rolled = guardian.ctl("policy", "rollback", original[:12])
         assert rolled.returncode == 0, rolled.stderr
@@ -322,4 +322,4 @@ def test_guardianctl_quarantine_list_show_release_purge() -> None:
         bad = guardian.ctl("quarantine", "release", "not-an-id")
         assert bad.returncode == 1 and "guardianctl: invalid request: " in bad.stderr
         operators = {r["agent"] for r in guardian.audit_rows() if r["operation"] == "admin.quarantine.release"}
-        assert all(name.startswith("@admin-socket:") for name in operators)
+        assert all(name.startswith("@admin:") for name in operators)

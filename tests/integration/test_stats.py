@@ -33,7 +33,7 @@ def test_stats_count_what_the_trail_holds() -> None:
         assert sum(row.count for row in stats.requests) == audited - 1  # all but the Stats call's own row
         assert [(n.namespace, n.active, n.quarantined) for n in stats.namespaces] == [("counter", 2, 1)]
         assert stats.quarantined == 1 and stats.open_incidents == 0
-        assert {key.ring for key in stats.primary_keys} == {"memory", "audit", "token", "database"}
+        assert {key.ring for key in stats.primary_keys} == {"memory", "audit", "token", "database", "audit-signing"}
         assert stats.until_ms - stats.since_ms == 24 * 3600 * 1000  # the last 24 hours
 
         now = int(time.time() * 1000)

@@ -71,6 +71,19 @@ ADMIN_METHODS: Final = (
     "ListBackups",
     "ReadBackup",
     "VerifyBackup",
+    # -- admins and the two-person rule (issue 17.1-3) --
+    "AddAdmin",
+    "RemoveAdmin",
+    "ListAdmins",
+    "WhoAmI",
+    "Propose",
+    "ListProposals",
+    "ShowProposal",
+    "Approve",
+    "CancelProposal",
+    # -- audit export (issue 17.4) --
+    "ExportAudit",
+    "AuditSigningKeys",
 )
 
 ADMIN_ATTACKS: Final = tuple(

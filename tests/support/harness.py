@@ -24,9 +24,11 @@ import grpc
 import sqlcipher3
 import yaml
 
+from guardian.access.key_file import KeyFileSigner
+from guardian.access.signed_request import Signer, signed_metadata
 from guardian.keys.rotated import load_all_keys
 from guardian.service.rules import ADMIN_RULES, AGENT_RULES
-from guardian.state.statedir import StateDirFiles, init_state_dir
+from guardian.state.statedir import LOCAL_ADMIN_KEY, StateDirFiles, init_state_dir
 from shared.embedding import ask_once
 from shared.rpc.embedder.v1 import embedder_pb2
 from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
@@ -44,6 +46,19 @@ if TYPE_CHECKING:
     _UnaryUnaryInterceptor = grpc.UnaryUnaryClientInterceptor[Any, Any]
 else:  # not subscriptable at run time
     _UnaryUnaryInterceptor = grpc.UnaryUnaryClientInterceptor
+
+
+class AdminSigner(_UnaryUnaryInterceptor):
+    """Signs every call on a channel as the admin whose key this is (as guardianctl does)."""
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        data = request if isinstance(request, bytes) else request.SerializeToString()
+        signed = signed_metadata(self.signer, details.method, data)
+        details = details._replace(metadata=(*(details.metadata or ()), *signed))
+        return continuation(details, request)
 
 
 class _CallRecorder(_UnaryUnaryInterceptor):
@@ -126,10 +141,21 @@ class Guardian(StateDirFiles):
             self.process.kill()
             return self.process.wait()
 
-    def channel(self, socket_kind: str = "agent") -> grpc.Channel:
-        """A channel to the agent or admin socket whose calls are recorded for the audit cross-check."""
+    @property
+    def admin_key(self) -> Path:
+        """The key of the first admin (role security), which init made in the state dir."""
+        return self.state_dir / LOCAL_ADMIN_KEY
+
+    def channel(self, socket_kind: str = "agent", signer: Signer | None = None) -> grpc.Channel:
+        """A channel to the agent or admin socket whose calls are recorded for the audit cross-check.
+
+        Admin calls are signed by signer, by default the first admin's key.
+        """
         path = self.agent_socket if socket_kind == "agent" else self.admin_socket
-        return grpc.intercept_channel(grpc.insecure_channel(f"unix:{path}"), _CallRecorder(socket_kind, self.calls))
+        channel = grpc.intercept_channel(grpc.insecure_channel(f"unix:{path}"), _CallRecorder(socket_kind, self.calls))
+        if socket_kind == "admin":
+            channel = grpc.intercept_channel(channel, AdminSigner(signer or KeyFileSigner(self.admin_key)))
+        return channel
 
     def add_agent(self, name: str) -> str:
         with self.channel("admin") as channel:
@@ -140,15 +166,18 @@ class Guardian(StateDirFiles):
             stub = admin_pb2_grpc.AdminServiceStub(channel)
             return stub.RevokeAgent(admin_pb2.RevokeAgentRequest(name=name)).sessions_ended
 
-    def admin(self, method: str, request: Any, operator: str = "") -> Any:
-        """Call one AdminService method on the admin socket (optionally naming an operator)."""
-        metadata = (("x-guardian-operator", operator),) if operator else None
-        with self.channel("admin") as channel:
-            return getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request, timeout=15, metadata=metadata)
+    def admin(self, method: str, request: Any, signer: Signer | None = None) -> Any:
+        """Call one AdminService method on the admin socket, signed by signer (by default the first admin)."""
+        with self.channel("admin", signer) as channel:
+            return getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request, timeout=15)
 
-    def ctl(self, *args: str, stdin: str | None = None, offline: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run guardianctl against this guardian's admin socket (offline: with its config instead)."""
+    def ctl(
+        self, *args: str, stdin: str | None = None, offline: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run guardianctl against this guardian's admin socket (offline: with its config instead), signing as the
+        first admin unless env says otherwise."""
         where = ["--config", str(self.config)] if offline else ["--socket", str(self.admin_socket)]
+        base = {key: value for key, value in os.environ.items() if key != "SSH_AUTH_SOCK"}
         return subprocess.run(
             [sys.executable, "-m", "guardian.ctl.main", *where, *args],
             cwd=ROOT,
@@ -157,6 +186,7 @@ class Guardian(StateDirFiles):
             input=stdin,
             timeout=60,
             check=False,
+            env={**base, "AGENT_GUARDIAN_ADMIN_KEY": str(self.admin_key), **(env or {})},
         )
 
     def unaudited_calls(self) -> list[str]:

@@ -17,6 +17,7 @@ from mcp.types import CallToolResult, TextContent
 import shared.errors
 from gateway.client import UNAVAILABLE_MESSAGE, _from_status
 from gateway.outcomes import mcp_outcome
+from guardian.access.key_file import create_key_file
 from guardian.ctl.main import _report_rpc_error, main
 from guardian.service.status import abort_with, status_of
 from shared.error_table import ERROR_TABLE, ErrorRow, StatusName, error_row, received_row
@@ -229,8 +230,12 @@ def test_guardianctl_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtu
     missing = str(tmp_path / "missing.yaml")
     assert main(["--socket", str(tmp_path / "admin.sock"), "policy", "validate", missing]) == 2
     assert capsys.readouterr().err.startswith(f"guardianctl: cannot read {missing}")
-    assert main(["--socket", str(tmp_path / "admin.sock"), "agents", "list"]) == 3
+    key = tmp_path / "admin.key"
+    create_key_file(key, "test")
+    assert main(["--socket", str(tmp_path / "admin.sock"), "--key", str(key), "agents", "list"]) == 3
     assert "may this user connect?" in capsys.readouterr().err
+    assert main(["--socket", str(tmp_path / "admin.sock"), "--key", str(tmp_path / "none"), "agents", "list"]) == 2
+    assert capsys.readouterr().err.startswith("guardianctl: the admin key file")
 
 
 def test_guardianctl_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GUARDIAN = ROOT / "guardian"
 
 #: Lowest first: each package may import the ones before it.
-LAYERS = ("files", "keys", "recall", "store", "checks", "policy", "state", "service", "daemon", "ctl")
+LAYERS = ("files", "keys", "recall", "store", "access", "checks", "policy", "state", "service", "daemon", "ctl")
 MAX_MODULES = 12
 
 

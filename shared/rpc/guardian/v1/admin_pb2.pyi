@@ -3,7 +3,10 @@
 isort:skip_file
 The admin service: what the security team and operators ask of the guardian
 through guardianctl. Served only on admin.sock, whose file mode and group
-are its access control. Never served on the agent socket.
+are the first gate; every request must also be signed by an enrolled admin's
+Ed25519 key (guardian/access/signed_request.py: metadata x-guardian-signature-bin,
+x-guardian-timestamp-ms, x-guardian-nonce), and the admin's role must allow it.
+Never served on the agent socket.
 """
 
 from collections import abc as _abc
@@ -1815,7 +1818,7 @@ class KeyVersion(_message.Message):
     CREATED_AT_MS_FIELD_NUMBER: _builtins.int
     IN_USE_FIELD_NUMBER: _builtins.int
     ring: _builtins.str
-    """memory, audit, token or database."""
+    """memory, audit, token, database or audit-signing."""
     key_id: _builtins.str
     source: _builtins.str
     """"base" (systemd credentials or the key directory) or "rotated" (made by the guardian)."""
@@ -1870,7 +1873,7 @@ class RotateKeyRequest(_message.Message):
 
     RING_FIELD_NUMBER: _builtins.int
     ring: _builtins.str
-    """memory, audit, token or database."""
+    """memory, audit, token, database or audit-signing."""
     def __init__(
         self,
         *,
@@ -2221,3 +2224,601 @@ class VerifyBackupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyBackupResponse: _TypeAlias = VerifyBackupResponse  # noqa: Y015
+
+@_typing.final
+class AddAdminRequest(_message.Message):
+    """-- admins and the two-person rule (issue 17.1-3) --"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1-64 characters: letters, digits, '-', '_' and '.', starting with a letter or digit."""
+    public_key: _builtins.str
+    """The OpenSSH one-line form: "ssh-ed25519 AAAA... [comment]"."""
+    role: _builtins.str
+    """viewer, operator or security."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        public_key: _builtins.str = ...,
+        role: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "public_key", b"public_key", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddAdminRequest: _TypeAlias = AddAdminRequest  # noqa: Y015
+
+@_typing.final
+class AdminInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ADDED_AT_MS_FIELD_NUMBER: _builtins.int
+    ADDED_BY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    role: _builtins.str
+    fingerprint: _builtins.str
+    """"SHA256:..." as ssh-keygen -l prints it."""
+    public_key: _builtins.str
+    """The OpenSSH one-line form, without a comment."""
+    added_at_ms: _builtins.int
+    added_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        public_key: _builtins.str = ...,
+        added_at_ms: _builtins.int = ...,
+        added_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_at_ms", b"added_at_ms", "added_by", b"added_by", "fingerprint", b"fingerprint", "name", b"name", "public_key", b"public_key", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdminInfo: _TypeAlias = AdminInfo  # noqa: Y015
+
+@_typing.final
+class RemoveAdminRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveAdminRequest: _TypeAlias = RemoveAdminRequest  # noqa: Y015
+
+@_typing.final
+class ListAdminsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdminsRequest: _TypeAlias = ListAdminsRequest  # noqa: Y015
+
+@_typing.final
+class ListAdminsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADMINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def admins(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdminInfo]: ...
+    def __init__(
+        self,
+        *,
+        admins: _abc.Iterable[Global___AdminInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admins", b"admins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdminsResponse: _TypeAlias = ListAdminsResponse  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class ProposeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """The AdminService method proposed (e.g. "ApplyPolicy"), one the two-person rule may cover."""
+    request: _builtins.bytes
+    """That method's request message, serialized."""
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        request: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProposeRequest: _TypeAlias = ProposeRequest  # noqa: Y015
+
+@_typing.final
+class Proposal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    PROPOSED_BY_FIELD_NUMBER: _builtins.int
+    PROPOSER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PROPOSED_AT_MS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    DECIDER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_MS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PROPOSAL_SIGNATURE_FIELD_NUMBER: _builtins.int
+    DECISION_SIGNATURE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """"prop_" and 16 letters or digits."""
+    method: _builtins.str
+    operation: _builtins.str
+    """The audit operation it runs (e.g. "admin.policy.apply")."""
+    proposed_by: _builtins.str
+    proposer_fingerprint: _builtins.str
+    proposed_at_ms: _builtins.int
+    expires_at_ms: _builtins.int
+    state: _builtins.str
+    """open, approved, expired or cancelled."""
+    decided_by: _builtins.str
+    decider_fingerprint: _builtins.str
+    decided_at_ms: _builtins.int
+    description: _builtins.str
+    """What approving it would do, worked out now against the guardian's state (e.g. the policy diff)."""
+    @_builtins.property
+    def proposal_signature(self) -> Global___SignedRequest:
+        """Each person's signature, as kept with the proposal: the SSHSIG blob (base64) over the
+        signed-request message of their request (guardian/access/signed_request.py), which the
+        fields below give, so anyone can check it again (e.g. with ssh-keygen -Y check-novalidate).
+        """
+
+    @_builtins.property
+    def decision_signature(self) -> Global___SignedRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        method: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        proposed_by: _builtins.str = ...,
+        proposer_fingerprint: _builtins.str = ...,
+        proposed_at_ms: _builtins.int = ...,
+        expires_at_ms: _builtins.int = ...,
+        state: _builtins.str = ...,
+        decided_by: _builtins.str = ...,
+        decider_fingerprint: _builtins.str = ...,
+        decided_at_ms: _builtins.int = ...,
+        description: _builtins.str = ...,
+        proposal_signature: Global___SignedRequest | None = ...,
+        decision_signature: Global___SignedRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision_signature", b"decision_signature", "proposal_signature", b"proposal_signature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_at_ms", b"decided_at_ms", "decided_by", b"decided_by", "decider_fingerprint", b"decider_fingerprint", "decision_signature", b"decision_signature", "description", b"description", "expires_at_ms", b"expires_at_ms", "id", b"id", "method", b"method", "operation", b"operation", "proposal_signature", b"proposal_signature", "proposed_at_ms", b"proposed_at_ms", "proposed_by", b"proposed_by", "proposer_fingerprint", b"proposer_fingerprint", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Proposal: _TypeAlias = Proposal  # noqa: Y015
+
+@_typing.final
+class SignedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    SSHSIG_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    timestamp_ms: _builtins.int
+    nonce: _builtins.str
+    sshsig: _builtins.str
+    """The SSHSIG blob, base64."""
+    request: _builtins.str
+    """The signed request's bytes (a ProposeRequest, or an ApproveRequest / CancelProposalRequest), base64."""
+    method: _builtins.str
+    """The method path it was sent to."""
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        timestamp_ms: _builtins.int = ...,
+        nonce: _builtins.str = ...,
+        sshsig: _builtins.str = ...,
+        request: _builtins.str = ...,
+        method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "method", b"method", "nonce", b"nonce", "request", b"request", "sshsig", b"sshsig", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedRequest: _TypeAlias = SignedRequest  # noqa: Y015
+
+@_typing.final
+class ListProposalsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALL_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    """Also the approved, expired and cancelled ones (newest first)."""
+    def __init__(
+        self,
+        *,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProposalsRequest: _TypeAlias = ListProposalsRequest  # noqa: Y015
+
+@_typing.final
+class ListProposalsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def proposals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Proposal]: ...
+    def __init__(
+        self,
+        *,
+        proposals: _abc.Iterable[Global___Proposal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proposals", b"proposals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProposalsResponse: _TypeAlias = ListProposalsResponse  # noqa: Y015
+
+@_typing.final
+class ShowProposalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShowProposalRequest: _TypeAlias = ShowProposalRequest  # noqa: Y015
+
+@_typing.final
+class ApproveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveRequest: _TypeAlias = ApproveRequest  # noqa: Y015
+
+@_typing.final
+class ApproveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSAL_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    response: _builtins.bytes
+    """The proposed method's response, serialized (its type is the method's response type)."""
+    @_builtins.property
+    def proposal(self) -> Global___Proposal: ...
+    def __init__(
+        self,
+        *,
+        proposal: Global___Proposal | None = ...,
+        response: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proposal", b"proposal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proposal", b"proposal", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveResponse: _TypeAlias = ApproveResponse  # noqa: Y015
+
+@_typing.final
+class CancelProposalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelProposalRequest: _TypeAlias = CancelProposalRequest  # noqa: Y015
+
+@_typing.final
+class ExportAuditRequest(_message.Message):
+    """-- audit export (issue 17.4) --"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    UNTIL_SEQ_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_LINK_FIELD_NUMBER: _builtins.int
+    after_seq: _builtins.int
+    """Rows after this sequence number."""
+    until_seq: _builtins.int
+    """Rows up to this one (the chain's head when the export began); 0: the head now."""
+    limit: _builtins.int
+    """1-1000 rows; 0 means 1000."""
+    after_link: _builtins.str
+    """The link at after_seq, as the previous page ended (64 hex digits); "": the guardian works it out
+    from the nearest signed head (the first page).
+    """
+    def __init__(
+        self,
+        *,
+        after_seq: _builtins.int = ...,
+        until_seq: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        after_link: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_link", b"after_link", "after_seq", b"after_seq", "limit", b"limit", "until_seq", b"until_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditRequest: _TypeAlias = ExportAuditRequest  # noqa: Y015
+
+@_typing.final
+class ExportedAuditRow(_message.Message):
+    """An audit row and the public hash chain's link after it (guardian/keys/audit_proof.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    link: _builtins.str
+    @_builtins.property
+    def row(self) -> Global___AuditRow: ...
+    def __init__(
+        self,
+        *,
+        row: Global___AuditRow | None = ...,
+        link: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["row", b"row"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["link", b"link", "row", b"row"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportedAuditRow: _TypeAlias = ExportedAuditRow  # noqa: Y015
+
+@_typing.final
+class SignedHead(_message.Message):
+    """A chain head signed with the audit-signing key: it vouches for every row up to seq."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TS_MS_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    ts_ms: _builtins.int
+    link: _builtins.str
+    """The public hash chain's link at row seq, 64 lowercase hex digits."""
+    key_id: _builtins.str
+    """The audit-signing key version that signed it."""
+    signature: _builtins.str
+    """Ed25519 over the signed head message, 128 lowercase hex digits."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        ts_ms: _builtins.int = ...,
+        link: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "link", b"link", "seq", b"seq", "signature", b"signature", "ts_ms", b"ts_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedHead: _TypeAlias = SignedHead  # noqa: Y015
+
+@_typing.final
+class ExportAuditPage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    SIGNED_HEADS_FIELD_NUMBER: _builtins.int
+    UNTIL_SEQ_FIELD_NUMBER: _builtins.int
+    START_LINK_FIELD_NUMBER: _builtins.int
+    until_seq: _builtins.int
+    """The bound used: the request's until_seq, or the chain's head when it was 0."""
+    start_link: _builtins.str
+    """The link at after_seq the page's links continue from."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedAuditRow]: ...
+    @_builtins.property
+    def signed_heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignedHead]:
+        """The heads signed for rows of this page."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___ExportedAuditRow] | None = ...,
+        signed_heads: _abc.Iterable[Global___SignedHead] | None = ...,
+        until_seq: _builtins.int = ...,
+        start_link: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "signed_heads", b"signed_heads", "start_link", b"start_link", "until_seq", b"until_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditPage: _TypeAlias = ExportAuditPage  # noqa: Y015
+
+@_typing.final
+class AuditSigningKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditSigningKeysRequest: _TypeAlias = AuditSigningKeysRequest  # noqa: Y015
+
+@_typing.final
+class AuditSigningKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    FIRST_TS_MS_FIELD_NUMBER: _builtins.int
+    LAST_TS_MS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    public_key: _builtins.bytes
+    """The raw 32-byte Ed25519 public key (RFC 8032)."""
+    created_at_ms: _builtins.int
+    primary: _builtins.bool
+    """Signs the heads from now on."""
+    heads: _builtins.int
+    """The heads it signed: how many, for which rows, when (0 when none yet)."""
+    first_seq: _builtins.int
+    last_seq: _builtins.int
+    first_ts_ms: _builtins.int
+    last_ts_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        created_at_ms: _builtins.int = ...,
+        primary: _builtins.bool = ...,
+        heads: _builtins.int = ...,
+        first_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        first_ts_ms: _builtins.int = ...,
+        last_ts_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "first_seq", b"first_seq", "first_ts_ms", b"first_ts_ms", "heads", b"heads", "key_id", b"key_id", "last_seq", b"last_seq", "last_ts_ms", b"last_ts_ms", "primary", b"primary", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditSigningKey: _TypeAlias = AuditSigningKey  # noqa: Y015
+
+@_typing.final
+class AuditSigningKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditSigningKey]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___AuditSigningKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditSigningKeysResponse: _TypeAlias = AuditSigningKeysResponse  # noqa: Y015

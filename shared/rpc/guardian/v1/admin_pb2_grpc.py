@@ -209,6 +209,61 @@ class AdminServiceStub:
                 request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupRequest.SerializeToString,
                 response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupResponse.FromString,
                 _registered_method=True)
+        self.AddAdmin = channel.unary_unary(
+                '/guardian.v1.AdminService/AddAdmin',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AddAdminRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.FromString,
+                _registered_method=True)
+        self.RemoveAdmin = channel.unary_unary(
+                '/guardian.v1.AdminService/RemoveAdmin',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RemoveAdminRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.FromString,
+                _registered_method=True)
+        self.ListAdmins = channel.unary_unary(
+                '/guardian.v1.AdminService/ListAdmins',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListAdminsRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListAdminsResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/guardian.v1.AdminService/WhoAmI',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.FromString,
+                _registered_method=True)
+        self.Propose = channel.unary_unary(
+                '/guardian.v1.AdminService/Propose',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ProposeRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.FromString,
+                _registered_method=True)
+        self.ListProposals = channel.unary_unary(
+                '/guardian.v1.AdminService/ListProposals',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListProposalsRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListProposalsResponse.FromString,
+                _registered_method=True)
+        self.ShowProposal = channel.unary_unary(
+                '/guardian.v1.AdminService/ShowProposal',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ShowProposalRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.FromString,
+                _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/guardian.v1.AdminService/Approve',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ApproveResponse.FromString,
+                _registered_method=True)
+        self.CancelProposal = channel.unary_unary(
+                '/guardian.v1.AdminService/CancelProposal',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CancelProposalRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.FromString,
+                _registered_method=True)
+        self.ExportAudit = channel.unary_unary(
+                '/guardian.v1.AdminService/ExportAudit',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ExportAuditRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ExportAuditPage.FromString,
+                _registered_method=True)
+        self.AuditSigningKeys = channel.unary_unary(
+                '/guardian.v1.AdminService/AuditSigningKeys',
+                request_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AuditSigningKeysRequest.SerializeToString,
+                response_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AuditSigningKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -428,7 +483,7 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RetireKey(self, request, context):
-        """Stops a rotated memory or token key version from verifying, once nothing depends on it.
+        """Stops a rotated key version (memory, token, audit or database) from verifying, once nothing depends on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -458,6 +513,82 @@ class AdminServiceServicer:
 
     def VerifyBackup(self, request, context):
         """Verifies one backup in the guardian's backup directory again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddAdmin(self, request, context):
+        """Enrols a person: a name, an OpenSSH ed25519 public key and a role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAdmin(self, request, context):
+        """Removes a person (never the last with the security role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdmins(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """The admin whose key signed this request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Propose(self, request, context):
+        """Proposes a request the two-person rule covers; a different person approves it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProposals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowProposal(self, request, context):
+        """A proposal, with what approving it would do now (e.g. the policy diff).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Approve(self, request, context):
+        """Runs a proposal as proposed, signed by a second person; the audit row names both.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelProposal(self, request, context):
+        """Withdraws an open proposal (any admin whose role could approve it, or its proposer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAudit(self, request, context):
+        """A page of the audit trail in sequence order, each row with its public hash chain link, the
+        heads signed with the audit-signing key over those rows, for an export anyone can verify.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AuditSigningKeys(self, request, context):
+        """The audit-signing key versions' public keys (never a private key), and the heads each signed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -640,6 +771,61 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.VerifyBackup,
                     request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupRequest.FromString,
                     response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupResponse.SerializeToString,
+            ),
+            'AddAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddAdmin,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AddAdminRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.SerializeToString,
+            ),
+            'RemoveAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAdmin,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RemoveAdminRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.SerializeToString,
+            ),
+            'ListAdmins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdmins,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListAdminsRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListAdminsResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoAmIRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.SerializeToString,
+            ),
+            'Propose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Propose,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ProposeRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.SerializeToString,
+            ),
+            'ListProposals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProposals,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListProposalsRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListProposalsResponse.SerializeToString,
+            ),
+            'ShowProposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowProposal,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ShowProposalRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ApproveRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ApproveResponse.SerializeToString,
+            ),
+            'CancelProposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelProposal,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CancelProposalRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.SerializeToString,
+            ),
+            'ExportAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportAudit,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ExportAuditRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ExportAuditPage.SerializeToString,
+            ),
+            'AuditSigningKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditSigningKeys,
+                    request_deserializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AuditSigningKeysRequest.FromString,
+                    response_serializer=shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AuditSigningKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1587,6 +1773,303 @@ class AdminService:
             '/guardian.v1.AdminService/VerifyBackup',
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupRequest.SerializeToString,
             shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.VerifyBackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/AddAdmin',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AddAdminRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/RemoveAdmin',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.RemoveAdminRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdmins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ListAdmins',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListAdminsRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListAdminsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/WhoAmI',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AdminInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Propose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/Propose',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ProposeRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProposals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ListProposals',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListProposalsRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ListProposalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowProposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ShowProposal',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ShowProposalRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/Approve',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ApproveRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ApproveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelProposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/CancelProposal',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.CancelProposalRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.Proposal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/ExportAudit',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ExportAuditRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.ExportAuditPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditSigningKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/guardian.v1.AdminService/AuditSigningKeys',
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AuditSigningKeysRequest.SerializeToString,
+            shared_dot_rpc_dot_guardian_dot_v1_dot_admin__pb2.AuditSigningKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,10 @@
 isort:skip_file
 The admin service: what the security team and operators ask of the guardian
 through guardianctl. Served only on admin.sock, whose file mode and group
-are its access control. Never served on the agent socket.
+are the first gate; every request must also be signed by an enrolled admin's
+Ed25519 key (guardian/access/signed_request.py: metadata x-guardian-signature-bin,
+x-guardian-timestamp-ms, x-guardian-nonce), and the admin's role must allow it.
+Never served on the agent socket.
 """
 
 from collections import abc as _abc
@@ -103,7 +106,7 @@ class AdminServiceStub:
     ResignMemories: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResignMemoriesRequest, _admin_pb2.ResignMemoriesResponse]
     """Re-signs every memory not signed with the memory ring's primary key (rows that fail verification are skipped)."""
     RetireKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetireKeyRequest, _admin_pb2.RetireKeyResponse]
-    """Stops a rotated memory or token key version from verifying, once nothing depends on it."""
+    """Stops a rotated key version (memory, token, audit or database) from verifying, once nothing depends on it."""
     CreateBackup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateBackupRequest, _admin_pb2.BackupInfo]
     """Writes an online, encrypted copy of the database into the guardian's backup directory and
     verifies it (integrity, cipher integrity, every memory's HMAC, the audit chain) before answering.
@@ -114,6 +117,28 @@ class AdminServiceStub:
     """A piece of one backup file (encrypted bytes, as stored), for copying it elsewhere."""
     VerifyBackup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyBackupRequest, _admin_pb2.VerifyBackupResponse]
     """Verifies one backup in the guardian's backup directory again."""
+    AddAdmin: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddAdminRequest, _admin_pb2.AdminInfo]
+    """Enrols a person: a name, an OpenSSH ed25519 public key and a role."""
+    RemoveAdmin: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveAdminRequest, _admin_pb2.AdminInfo]
+    """Removes a person (never the last with the security role)."""
+    ListAdmins: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAdminsRequest, _admin_pb2.ListAdminsResponse]
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_admin_pb2.WhoAmIRequest, _admin_pb2.AdminInfo]
+    """The admin whose key signed this request."""
+    Propose: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProposeRequest, _admin_pb2.Proposal]
+    """Proposes a request the two-person rule covers; a different person approves it."""
+    ListProposals: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListProposalsRequest, _admin_pb2.ListProposalsResponse]
+    ShowProposal: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ShowProposalRequest, _admin_pb2.Proposal]
+    """A proposal, with what approving it would do now (e.g. the policy diff)."""
+    Approve: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ApproveRequest, _admin_pb2.ApproveResponse]
+    """Runs a proposal as proposed, signed by a second person; the audit row names both."""
+    CancelProposal: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CancelProposalRequest, _admin_pb2.Proposal]
+    """Withdraws an open proposal (any admin whose role could approve it, or its proposer)."""
+    ExportAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExportAuditRequest, _admin_pb2.ExportAuditPage]
+    """A page of the audit trail in sequence order, each row with its public hash chain link, the
+    heads signed with the audit-signing key over those rows, for an export anyone can verify.
+    """
+    AuditSigningKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AuditSigningKeysRequest, _admin_pb2.AuditSigningKeysResponse]
+    """The audit-signing key versions' public keys (never a private key), and the heads each signed."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -187,7 +212,7 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ResignMemories: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResignMemoriesRequest, _admin_pb2.ResignMemoriesResponse]  # type: ignore[assignment]
     """Re-signs every memory not signed with the memory ring's primary key (rows that fail verification are skipped)."""
     RetireKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetireKeyRequest, _admin_pb2.RetireKeyResponse]  # type: ignore[assignment]
-    """Stops a rotated memory or token key version from verifying, once nothing depends on it."""
+    """Stops a rotated key version (memory, token, audit or database) from verifying, once nothing depends on it."""
     CreateBackup: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateBackupRequest, _admin_pb2.BackupInfo]  # type: ignore[assignment]
     """Writes an online, encrypted copy of the database into the guardian's backup directory and
     verifies it (integrity, cipher integrity, every memory's HMAC, the audit chain) before answering.
@@ -198,6 +223,28 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """A piece of one backup file (encrypted bytes, as stored), for copying it elsewhere."""
     VerifyBackup: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyBackupRequest, _admin_pb2.VerifyBackupResponse]  # type: ignore[assignment]
     """Verifies one backup in the guardian's backup directory again."""
+    AddAdmin: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddAdminRequest, _admin_pb2.AdminInfo]  # type: ignore[assignment]
+    """Enrols a person: a name, an OpenSSH ed25519 public key and a role."""
+    RemoveAdmin: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveAdminRequest, _admin_pb2.AdminInfo]  # type: ignore[assignment]
+    """Removes a person (never the last with the security role)."""
+    ListAdmins: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAdminsRequest, _admin_pb2.ListAdminsResponse]  # type: ignore[assignment]
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_admin_pb2.WhoAmIRequest, _admin_pb2.AdminInfo]  # type: ignore[assignment]
+    """The admin whose key signed this request."""
+    Propose: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProposeRequest, _admin_pb2.Proposal]  # type: ignore[assignment]
+    """Proposes a request the two-person rule covers; a different person approves it."""
+    ListProposals: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListProposalsRequest, _admin_pb2.ListProposalsResponse]  # type: ignore[assignment]
+    ShowProposal: _aio.UnaryUnaryMultiCallable[_admin_pb2.ShowProposalRequest, _admin_pb2.Proposal]  # type: ignore[assignment]
+    """A proposal, with what approving it would do now (e.g. the policy diff)."""
+    Approve: _aio.UnaryUnaryMultiCallable[_admin_pb2.ApproveRequest, _admin_pb2.ApproveResponse]  # type: ignore[assignment]
+    """Runs a proposal as proposed, signed by a second person; the audit row names both."""
+    CancelProposal: _aio.UnaryUnaryMultiCallable[_admin_pb2.CancelProposalRequest, _admin_pb2.Proposal]  # type: ignore[assignment]
+    """Withdraws an open proposal (any admin whose role could approve it, or its proposer)."""
+    ExportAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExportAuditRequest, _admin_pb2.ExportAuditPage]  # type: ignore[assignment]
+    """A page of the audit trail in sequence order, each row with its public hash chain link, the
+    heads signed with the audit-signing key over those rows, for an export anyone can verify.
+    """
+    AuditSigningKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.AuditSigningKeysRequest, _admin_pb2.AuditSigningKeysResponse]  # type: ignore[assignment]
+    """The audit-signing key versions' public keys (never a private key), and the heads each signed."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -454,7 +501,7 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RetireKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RetireKeyResponse, _abc.Awaitable[_admin_pb2.RetireKeyResponse]]:
-        """Stops a rotated memory or token key version from verifying, once nothing depends on it."""
+        """Stops a rotated key version (memory, token, audit or database) from verifying, once nothing depends on it."""
 
     @_abc_1.abstractmethod
     def CreateBackup(
@@ -489,5 +536,93 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.VerifyBackupResponse, _abc.Awaitable[_admin_pb2.VerifyBackupResponse]]:
         """Verifies one backup in the guardian's backup directory again."""
+
+    @_abc_1.abstractmethod
+    def AddAdmin(
+        self,
+        request: _admin_pb2.AddAdminRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AdminInfo, _abc.Awaitable[_admin_pb2.AdminInfo]]:
+        """Enrols a person: a name, an OpenSSH ed25519 public key and a role."""
+
+    @_abc_1.abstractmethod
+    def RemoveAdmin(
+        self,
+        request: _admin_pb2.RemoveAdminRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AdminInfo, _abc.Awaitable[_admin_pb2.AdminInfo]]:
+        """Removes a person (never the last with the security role)."""
+
+    @_abc_1.abstractmethod
+    def ListAdmins(
+        self,
+        request: _admin_pb2.ListAdminsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAdminsResponse, _abc.Awaitable[_admin_pb2.ListAdminsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _admin_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AdminInfo, _abc.Awaitable[_admin_pb2.AdminInfo]]:
+        """The admin whose key signed this request."""
+
+    @_abc_1.abstractmethod
+    def Propose(
+        self,
+        request: _admin_pb2.ProposeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Proposal, _abc.Awaitable[_admin_pb2.Proposal]]:
+        """Proposes a request the two-person rule covers; a different person approves it."""
+
+    @_abc_1.abstractmethod
+    def ListProposals(
+        self,
+        request: _admin_pb2.ListProposalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListProposalsResponse, _abc.Awaitable[_admin_pb2.ListProposalsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ShowProposal(
+        self,
+        request: _admin_pb2.ShowProposalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Proposal, _abc.Awaitable[_admin_pb2.Proposal]]:
+        """A proposal, with what approving it would do now (e.g. the policy diff)."""
+
+    @_abc_1.abstractmethod
+    def Approve(
+        self,
+        request: _admin_pb2.ApproveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ApproveResponse, _abc.Awaitable[_admin_pb2.ApproveResponse]]:
+        """Runs a proposal as proposed, signed by a second person; the audit row names both."""
+
+    @_abc_1.abstractmethod
+    def CancelProposal(
+        self,
+        request: _admin_pb2.CancelProposalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Proposal, _abc.Awaitable[_admin_pb2.Proposal]]:
+        """Withdraws an open proposal (any admin whose role could approve it, or its proposer)."""
+
+    @_abc_1.abstractmethod
+    def ExportAudit(
+        self,
+        request: _admin_pb2.ExportAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ExportAuditPage, _abc.Awaitable[_admin_pb2.ExportAuditPage]]:
+        """A page of the audit trail in sequence order, each row with its public hash chain link, the
+        heads signed with the audit-signing key over those rows, for an export anyone can verify.
+        """
+
+    @_abc_1.abstractmethod
+    def AuditSigningKeys(
+        self,
+        request: _admin_pb2.AuditSigningKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AuditSigningKeysResponse, _abc.Awaitable[_admin_pb2.AuditSigningKeysResponse]]:
+        """The audit-signing key versions' public keys (never a private key), and the heads each signed."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
