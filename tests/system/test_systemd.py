@@ -1,10 +1,13 @@
-"""Issues 6 and 15: deployed as three users under a real systemd, installed in one command, restarted unit by unit.
+"""Issues 6, 15 and 17: deployed as three users under a real systemd, installed in one command, restarted unit by unit.
 
 systemd boots as PID 1 in a throwaway Debian 12 root (tests/system/throwaway_root.py
 says how, and why it never touches the host's own root); the working tree is
 copied to /usr/src/agent-guardian there and ``systemd/install.sh`` runs twice.
 Then, as real users of that system: who may reach which socket and read which
-file; what agent-embedder can do from inside its own unit's sandbox (run again
+file; who may sign admin requests (root with the key install.sh made for it, the
+security team's "sec" with a key made by ssh-keygen and enrolled by root, the
+backup timer's unit with its own key as a credential) and how the audit names
+them; what agent-embedder can do from inside its own unit's sandbox (run again
 with ``systemd-run`` and the installed unit's settings); the exposure scores of
 the units; recall by meaning through the gateway; four MCP clients writing
 through the gateway while the guardian is restarted, the gateway is restarted,
@@ -67,6 +70,12 @@ SERVICES = ("agent-embedder.service", "agent-guardian.service", "agent-gateway.s
 DATABASE = "/var/lib/agent-guardian/data/memory.db"
 KEY_FILES = ("db.key", "memory.keys", "audit.keys", "token.keys")
 GUARDIAN_LOG = "/var/log/agent-guardian/guardian.log"
+#: The admins install.sh provisions: root's own key, the backup timer's key, and the file naming both.
+ROOT_KEY = "/root/.config/agent-guardian/admin.key"
+BACKUP_KEY = f"{ETC}/credentials/backup-admin.key"
+FIRST_ADMINS = f"{ETC}/first-admins"
+#: Where a person's admin key is made (guardian/ctl/signing.py finds it there), under their home.
+USER_KEY = ".config/agent-guardian/admin.key"
 SECURITY_LOG = "/var/log/agent-guardian/security.log"
 
 LOAD_CLIENTS = 4
@@ -110,6 +119,10 @@ class Deployment:
     edited_config: str = ""
     kept_memory_id: str = ""
     kept_memory_content: str = ""
+    #: sec's key (made by ssh-keygen as sec), as `ssh-keygen -l` prints its fingerprint.
+    sec_fingerprint: str = ""
+    #: guardianctl as sec with that key before root enrolled it: refused by the guardian.
+    sec_unenrolled: subprocess.CompletedProcess[str] | None = None
 
     @property
     def root(self) -> Path:
@@ -205,6 +218,27 @@ def _file_logs(config: dict[str, Any]) -> None:
     config["logging"] = {"level": "info", "file": GUARDIAN_LOG, "security_file": SECURITY_LOG}
 
 
+def _make_user_key(system: BootedSystem, user: str) -> str:
+    """user makes an admin key with ssh-keygen where guardianctl finds it (~/.config); its fingerprint."""
+    made = (
+        'mkdir -p -m 0700 "$HOME/.config/agent-guardian"'
+        f' && ssh-keygen -q -t ed25519 -N "" -C "$(id -un)@systest" -f "$HOME/{USER_KEY}"'
+        f' && ssh-keygen -l -f "$HOME/{USER_KEY}.pub"'
+    )
+    return system.run(["/bin/sh", "-c", made], user=user).stdout.split()[1]
+
+
+def _fingerprint(system: BootedSystem, public_key_file: str) -> str:
+    """A public key file's SHA256 fingerprint, as ssh-keygen prints it (inside the root, as root)."""
+    return system.run(["ssh-keygen", "-l", "-f", public_key_file]).stdout.split()[1]
+
+
+def _audit_rows(d: Deployment, *filters: str, user: str = "sec") -> list[dict[str, Any]]:
+    """`guardianctl --json audit query` rows (one JSON object a line), filtered as given."""
+    shown = d.ctl("--json", "audit", "query", "--limit", "1000", *filters, user=user).stdout
+    return [json.loads(line) for line in shown.splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
 def deployed() -> Iterator[Deployment]:
     mode = os.environ.get("AGENT_GUARDIAN_SYSTEM_TEST", "auto")
@@ -243,6 +277,12 @@ def _install_twice(d: Deployment) -> None:
     d.first_install_output = _install(system, umask=STRICT_UMASK)
     d.timings["first install.sh (umask 077)"] = time.monotonic() - mark
     system.run(["useradd", "--create-home", "--groups", "agent-security", "sec"])
+    # sec makes a key as a person would; before root enrols it the guardian refuses it, after it signs as sec.
+    d.sec_fingerprint = _make_user_key(system, "sec")
+    d.sec_unenrolled = d.ctl("--json", "whoami", user="sec", check=False)
+    d.ctl("admins", "add", "sec", "--public-key", f"/home/sec/{USER_KEY}.pub", "--role", "security")
+    # mallory has a key too (never enrolled): what stops her is the admin socket's mode, not a missing key.
+    _make_user_key(system, "mallory")
 
     token = d.add_agent("keeper")
     d.kept_memory_content = "kept across a reinstall: the walrus hums at midnight"
@@ -274,6 +314,12 @@ def test_install_twice_keeps_keys_data_and_edited_policy(
     assert "agent-guardian install: generated" not in d.second_install_output, d.second_install_output
     assert "keeping /etc/agent-guardian/policy.yaml" in d.second_install_output
     assert "keeping /etc/agent-guardian/config.yaml" in d.second_install_output
+    assert f"generated {ROOT_KEY}" in d.first_install_output
+    assert f"generated {BACKUP_KEY}" in d.first_install_output
+    assert f"wrote {FIRST_ADMINS}: root (role security) and backup (role operator)" in d.first_install_output
+    assert "sudo guardianctl whoami" in d.first_install_output
+    assert f"keeping {FIRST_ADMINS}" in d.second_install_output
+    assert "guardianctl admins add backup" not in d.second_install_output  # its key was enrolled at first
     assert d.keys_after == d.keys_before
     assert d.host_path(f"{ETC}/policy.yaml").read_text() == d.edited_policy
     assert d.host_path(f"{ETC}/config.yaml").read_text() == d.edited_config
@@ -330,6 +376,11 @@ EXPECTED_MODES = {
     f"{ETC}/policy.yaml": ("640", "root:agent-guardian"),
     f"{ETC}/credentials": ("700", "root:root"),
     **{f"{ETC}/credentials/{name}": ("600", "root:root") for name in KEY_FILES},
+    FIRST_ADMINS: ("640", "root:agent-guardian"),
+    BACKUP_KEY: ("600", "root:root"),
+    f"{BACKUP_KEY}.pub": ("600", "root:root"),
+    "/root/.config/agent-guardian": ("700", "root:root"),
+    ROOT_KEY: ("600", "root:root"),
     "/var/lib/agent-guardian": ("700", "agent-guardian:agent-guardian"),
     DATABASE: ("600", "agent-guardian:agent-guardian"),
     "/run/agent-guardian": ("711", "agent-guardian:agent-guardian"),
@@ -429,12 +480,72 @@ def test_the_security_team_uses_guardianctl_and_nothing_else(
     assert reads == {DATABASE: "EACCES", f"{ETC}/credentials/db.key": "EACCES", SECURITY_LOG: "ok"}
 
 
+def test_admins_sign_their_requests_and_the_audit_names_them(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """root signs with the key install.sh made; sec with a key of their own that root enrolled; the audit says who.
+
+    first-admins names root (security) and the backup timer (operator) with the public halves of
+    the keys install.sh generated; the guardian enrolled both from it, audited as ``@first-admins``;
+    root's enrolment of sec and sec's own admin actions are audited as ``@admin:root`` and
+    ``@admin:sec``, each with the signing key's fingerprint in the row's session column.
+    """
+    d = deployed
+    root_fingerprint = _fingerprint(d.system, f"{ROOT_KEY}.pub")
+    backup_fingerprint = _fingerprint(d.system, f"{BACKUP_KEY}.pub")
+    named = [line.split() for line in d.host_path(FIRST_ADMINS).read_text().splitlines() if not line.startswith("#")]
+    root_public = d.host_path(f"{ROOT_KEY}.pub").read_text().split()[:2]
+    backup_public = d.host_path(f"{BACKUP_KEY}.pub").read_text().split()[:2]
+    assert [line[:4] for line in named] == [["root", "security", *root_public], ["backup", "operator", *backup_public]]
+
+    unenrolled = d.sec_unenrolled
+    assert unenrolled is not None and unenrolled.returncode == 1, unenrolled
+    assert f"no admin is enrolled with the key {d.sec_fingerprint}" in unenrolled.stderr, unenrolled.stderr
+    as_root = json.loads(d.ctl("--json", "whoami").stdout)
+    as_sec = json.loads(d.ctl("--json", "whoami", user="sec").stdout)
+    assert (as_root["name"], as_root["role"], as_root["fingerprint"]) == ("root", "security", root_fingerprint)
+    assert (as_sec["name"], as_sec["role"], as_sec["fingerprint"]) == ("sec", "security", d.sec_fingerprint)
+    enrolled = d.ctl("--json", "admins", "list", user="sec").stdout
+    admins = {row["name"]: row for row in map(json.loads, enrolled.splitlines())}
+    assert {name: (row["role"], row["fingerprint"]) for name, row in admins.items()} == {
+        "root": ("security", root_fingerprint),
+        "backup": ("operator", backup_fingerprint),
+        "sec": ("security", d.sec_fingerprint),
+    }
+    assert admins["sec"]["added_by"] == "@admin:root"
+
+    d.ctl("agents", "add", "made-by-sec", user="sec")
+    first = _audit_rows(d, "--agent", "@first-admins")
+    by_root = _audit_rows(d, "--agent", "@admin:root", "--operation", "admin.admins.add")
+    by_sec = _audit_rows(d, "--agent", "@admin:sec")
+    sec_added_agent = [(row["object_id"], row["decision"]) for row in by_sec if row["operation"] == "admin.agent.add"]
+    report(
+        capsys,
+        f"admins: root {root_fingerprint} (key made by install.sh), sec {d.sec_fingerprint} (ssh-keygen, enrolled by"
+        f" root), backup {backup_fingerprint}; unenrolled sec: {unenrolled.stderr.strip()!r}",
+        f"audit: {len(first)} rows by @first-admins, {len(by_root)} admins.add by @admin:root, {len(by_sec)} rows by"
+        f" @admin:sec (operations {sorted(Counter(row['operation'] for row in by_sec).items())})",
+    )
+    assert {(row["object_id"], row["session"], row["decision"]) for row in first} == {
+        ("root", root_fingerprint, "allow"),
+        ("backup", backup_fingerprint, "allow"),
+    }
+    assert [(row["object_id"], row["session"], row["decision"]) for row in by_root] == [
+        ("sec", root_fingerprint, "allow")
+    ]
+    assert by_sec and {row["session"] for row in by_sec} == {d.sec_fingerprint}
+    assert ("made-by-sec", "allow") in sec_added_agent, by_sec
+
+
 def test_an_ordinary_user_reaches_neither_socket(deployed: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
     system = deployed.system
     connect = _probe(system, "mallory", "connect", AGENT_SOCKET, ADMIN_SOCKET, EMBEDDER_SOCKET)
     reads = _probe(system, "mallory", "read", *PRIVATE_FILES)
     ctl = deployed.ctl("agents", "list", user="mallory", check=False)
-    report(capsys, f"mallory: connect {connect}; guardianctl exit {ctl.returncode}")
+    report(
+        capsys, f"mallory (an admin key of her own, not enrolled): connect {connect}; guardianctl exit {ctl.returncode}"
+    )
+    assert deployed.host_path(f"/home/mallory/{USER_KEY}").exists(), "mallory has no key: refused before the socket"
     assert connect == {AGENT_SOCKET: "EACCES", ADMIN_SOCKET: "EACCES", EMBEDDER_SOCKET: "EACCES"}
     assert reads == dict.fromkeys(PRIVATE_FILES, "EACCES")
     assert ctl.returncode == 3 and "may this user connect" in ctl.stderr
@@ -966,6 +1077,14 @@ def test_the_backup_timer_keeps_verified_generations(deployed: Deployment, capsy
     took = (time.monotonic() - started) / 3
     listed = json.loads(d.ctl("--json", "backup", "list", user="sec").stdout)
     assert len(listed) == 2, listed
+    # Each run signed as the admin "backup" with the key in its credentials, audited with that key's fingerprint.
+    environment = system.show("agent-guardian-backup.service", "Environment")
+    assert environment == "AGENT_GUARDIAN_ADMIN_KEY=/run/credentials/agent-guardian-backup.service/backup-admin.key"
+    made = _audit_rows(d, "--agent", "@admin:backup", "--operation", "admin.backup.create")
+    assert len(made) == 3, made
+    assert {(row["session"], row["decision"]) for row in made} == {(_fingerprint(system, f"{BACKUP_KEY}.pub"), "allow")}
+    made_names = {row["object_id"].split()[0] for row in made}
+    assert {row["name"] for row in listed} <= made_names, (listed, made)
     modes = _modes(system, [f"/var/lib/agent-guardian/backups/{row['name']}" for row in listed])
     assert set(modes.values()) == {("600", "agent-guardian:agent-guardian")}
     verified = d.ctl("--json", "backup", "verify", listed[0]["name"], user="sec")
@@ -981,6 +1100,7 @@ def test_the_backup_timer_keeps_verified_generations(deployed: Deployment, capsy
         f"backup timer: 3 runs of agent-guardian-backup.service ({took:.1f} s each), {len(listed)} kept (keep: 2),"
         f" newest verified: {check['memories_checked']} memory HMACs, {check['audit_rows_checked']} audit rows"
         f" (after rotating the memory and database keys); exposure {score:.1f}",
+        f"backup timer: each run signed as @admin:backup (role operator) with {environment}",
     )
     assert score <= MAX_EXPOSURE["agent-guardian-backup.service"]
 
@@ -992,7 +1112,7 @@ def _wait_for_admin_socket(d: Deployment) -> None:
         time.sleep(0.2)
 
 
-# -- uninstall (last: it takes the deployment apart) ------------------------------------------------
+# -- uninstall (last: it takes the deployment apart), then a fresh install on the purged host -------
 
 
 def test_uninstall_keeps_data_and_a_reinstall_finds_it_then_purge_removes_everything(
@@ -1004,17 +1124,19 @@ def test_uninstall_keeps_data_and_a_reinstall_finds_it_then_purge_removes_everyt
         assert system.show(unit, "LoadState") == "not-found"
     assert not d.host_path("/opt/agent-guardian").exists()
     assert not d.host_path("/usr/local/bin/guardianctl").is_symlink()
-    for kept in (DATABASE, f"{ETC}/credentials/db.key", f"{ETC}/policy.yaml"):
+    for kept in (DATABASE, f"{ETC}/credentials/db.key", f"{ETC}/policy.yaml", FIRST_ADMINS, BACKUP_KEY, ROOT_KEY):
         assert d.host_path(kept).exists(), f"uninstall removed {kept}:\n{output}"
 
     mark = time.monotonic()
-    _install(system)
+    reinstalled = _install(system)
     reinstall = time.monotonic() - mark
+    assert f"keeping {FIRST_ADMINS}" in reinstalled and "install: generated" not in reinstalled, reinstalled
     token = f"{WORK}/root/keeper.token"
     assert d.mcp("get", "--token-file", token, "--id", d.kept_memory_id)["content"] == d.kept_memory_content
+    assert json.loads(d.ctl("--json", "whoami", user="sec").stdout)["name"] == "sec"
 
     _install(system, "--uninstall", "--purge")
-    for gone in ("/opt/agent-guardian", "/var/lib/agent-guardian", ETC, "/var/log/agent-guardian"):
+    for gone in ("/opt/agent-guardian", "/var/lib/agent-guardian", ETC, "/var/log/agent-guardian", ROOT_KEY):
         assert not d.host_path(gone).exists(), f"--purge left {gone}"
     for gone in ("/run/agent-guardian", "/run/agent-embedder"):  # tmpfs inside: looked at from inside
         assert system.run(["test", "-e", gone], check=False).returncode != 0, f"--purge left {gone}"
@@ -1022,6 +1144,51 @@ def test_uninstall_keeps_data_and_a_reinstall_finds_it_then_purge_removes_everyt
         assert system.run(["id", name], check=False).returncode != 0, f"--purge left the user {name}"
     for name in ("agent-gateway", "agent-security", "agent-guardian", "agent-embedder"):
         assert system.run(["getent", "group", name], check=False).returncode != 0, f"--purge left the group {name}"
+    assert d.host_path(f"/home/sec/{USER_KEY}").exists(), "--purge removed a key it did not make"
     report(
         capsys, f"uninstall kept the data; reinstall ({reinstall:.1f} s) served the kept memory; --purge removed it all"
+    )
+
+
+def test_a_fresh_install_with_a_named_first_admin_then_a_new_backup_key(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After the purge: install --admin sec --admin-key (sec's .pub); then, first-admins kept, a new backup key.
+
+    No key is made for root, and root's guardianctl has none to sign with; sec signs as the first
+    admin. When the backup key is new on an upgrade (here: deleted, and its admin removed), install.sh
+    leaves first-admins as it is and prints the one command that enrols the new key, which sec runs.
+    """
+    d, system = deployed, deployed.system
+    sec_public = f"/home/sec/{USER_KEY}.pub"
+    mark = time.monotonic()
+    first = _install(system, "--admin", "sec", "--admin-key", sec_public)
+    fresh = time.monotonic() - mark
+    assert f"wrote {FIRST_ADMINS}: sec (role security) and backup (role operator)" in first, first
+    assert "The first admin is sec (role security)" in first
+    assert not d.host_path(ROOT_KEY).exists(), "install.sh made root a key though --admin named the first admin"
+    system.run(["usermod", "-aG", "agent-security", "sec"])  # the purge took the group away
+    as_sec = json.loads(d.ctl("--json", "whoami", user="sec").stdout)
+    assert (as_sec["name"], as_sec["role"], as_sec["fingerprint"]) == ("sec", "security", d.sec_fingerprint)
+    as_root = d.ctl("whoami", check=False)
+    assert as_root.returncode == 2 and "no admin key to sign with" in as_root.stderr, as_root
+
+    d.ctl("admins", "remove", "backup", user="sec")
+    system.run(["rm", f"{BACKUP_KEY}", f"{BACKUP_KEY}.pub"])
+    mark = time.monotonic()
+    upgrade = _install(system)
+    upgraded = time.monotonic() - mark
+    assert f"keeping {FIRST_ADMINS}" in upgrade and f"generated {BACKUP_KEY}" in upgrade, upgrade
+    enrol = re.search(r"^ *(guardianctl admins add backup --public-key '[^']+' --role operator)$", upgrade, re.M)
+    assert enrol, upgrade
+    system.run(["/bin/sh", "-c", enrol[1]], user="sec")
+    system.systemctl("start", "agent-guardian-backup.service", timeout=300)
+    assert system.show("agent-guardian-backup.service", "Result") == "success"
+    made = _audit_rows(d, "--agent", "@admin:backup", "--operation", "admin.backup.create")
+    assert [(row["session"], row["decision"]) for row in made] == [(_fingerprint(system, f"{BACKUP_KEY}.pub"), "allow")]
+    report(
+        capsys,
+        f"install --admin sec --admin-key {sec_public} on the purged host ({fresh:.1f} s): sec signs as the first"
+        f" admin, root has no key; a new backup key on an upgrade ({upgraded:.1f} s): enrolled with the printed"
+        " command, the backup unit signs with it",
     )

@@ -96,8 +96,19 @@ SUITE = "bookworm"
 VARIANT = "minbase"
 #: $AGENT_GUARDIAN_TEST_MIRROR: a closer Debian mirror (the cached root does not depend on which).
 MIRROR = os.environ.get("AGENT_GUARDIAN_TEST_MIRROR", "http://deb.debian.org/debian")
-#: util-linux (runuser, setpriv) and passwd (useradd) come with minbase.
-INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3", "ca-certificates", "curl", "procps", "logrotate")
+#: util-linux (runuser, setpriv) and passwd (useradd) come with minbase. openssh-client: the security
+#: team's admin keys are made with ssh-keygen, as a person would make theirs (install.sh needs none of it).
+INCLUDE = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "ca-certificates",
+    "curl",
+    "procps",
+    "logrotate",
+    "openssh-client",
+)
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
