@@ -575,7 +575,13 @@ class Pipeline:
         self._observe(call, rule, decision, started)
         security_log.info(
             "request denied",
-            extra={"event": "denied", "operation": rule.audit_operation, "agent": call.agent, "reason": error.kind},
+            extra={
+                "event": "denied",
+                "operation": rule.audit_operation,
+                "agent": call.agent,
+                "reason": error.kind,
+                **({"key": call.session_label} if call.session_label else {}),
+            },
         )
         return error
 

@@ -101,6 +101,8 @@ def test_a_key_nobody_enrolled_is_refused_and_audited(team: Guardian, agent: Ssh
     assert f"no admin is enrolled with the key {carol.fingerprint}" in result.stderr
     denied = [row for row in rows_by(team, "admin.agent.add") if row["session"] == carol.fingerprint]
     assert [(row["agent"], row["decision"]) for row in denied] == [("@admin-socket", "deny")]
+    log = [json.loads(line) for line in team.log_path.read_text().splitlines() if '"denied"' in line]
+    assert any(entry.get("key") == carol.fingerprint and entry["reason"] == "unauthenticated" for entry in log)
     assert "carols-agent" not in team.ctl("agents", "list").stdout
 
 
