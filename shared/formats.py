@@ -20,6 +20,7 @@ __all__ = [
     "SOURCE_RE",
     "TOKEN_RE",
     "is_agent_token",
+    "looks_like_jwt",
 ]
 
 #: ``agt_`` and 43 base64url characters (32 random bytes).
@@ -43,6 +44,15 @@ OPERATOR_METADATA_KEY: Final = "x-guardian-operator"
 
 #: Trailing-metadata key of RESOURCE_EXHAUSTED: milliseconds until a retry may succeed (decimal).
 RETRY_AFTER_METADATA_KEY: Final = "retry-after-ms"
+
+
+#: A JWT's shape: three base64url segments (the signature may be empty only in an unsigned JWT, which is refused).
+JWT_RE: Final = re.compile(r"[A-Za-z0-9_-]{2,4096}\.[A-Za-z0-9_-]{2,4096}\.[A-Za-z0-9_-]{0,1024}")
+
+
+def looks_like_jwt(value: str) -> bool:
+    """Whether value has the shape of a JWT, e.g. an OAuth access token (not whether it is valid)."""
+    return JWT_RE.fullmatch(value) is not None
 
 
 def is_agent_token(value: str) -> bool:

@@ -28,6 +28,9 @@ class Session:
     expires_at_ms: int
     idle_timeout_ms: int
     last_used_ms: int
+    #: The operations an OAuth access token's scopes grant (guardian/access/oauth.py); None: an agent token's
+    #: session, which may do what the agent's profile grants.
+    operations: frozenset[str] | None = None
 
 
 class SessionTable:
@@ -37,15 +40,26 @@ class SessionTable:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def open(self, agent: str, now_ms: int, idle_timeout_ms: int, max_lifetime_ms: int) -> Session:
-        """A new session for agent."""
+    def open(
+        self,
+        agent: str,
+        now_ms: int,
+        idle_timeout_ms: int,
+        max_lifetime_ms: int,
+        *,
+        until_ms: int | None = None,
+        operations: frozenset[str] | None = None,
+    ) -> Session:
+        """A new session for agent (ending at until_ms at the latest, limited to operations when given)."""
+        expires_at_ms = now_ms + max_lifetime_ms
         session = Session(
             id="ses_" + secrets.token_urlsafe(24),
             agent=agent,
             created_at_ms=now_ms,
-            expires_at_ms=now_ms + max_lifetime_ms,
+            expires_at_ms=expires_at_ms if until_ms is None else min(expires_at_ms, until_ms),
             idle_timeout_ms=idle_timeout_ms,
             last_used_ms=now_ms,
+            operations=operations,
         )
         with self._lock:
             self._sessions[session.id] = session

@@ -26,6 +26,7 @@ from guardian.ctl.backup import add_backup_commands
 from guardian.ctl.connection import DEFAULT_ADMIN_SOCKET, Proposed, call
 from guardian.ctl.incidents import add_incident_commands, add_memory_commands
 from guardian.ctl.keys import add_key_commands, add_session_commands
+from guardian.ctl.oauth import add_oauth_commands
 from guardian.ctl.output import print_json, when
 from guardian.ctl.signing import add_signing_options
 from guardian.state.statedir import FirstAdmin, init_state_dir
@@ -475,6 +476,7 @@ def _parser() -> argparse.ArgumentParser:
     add_key_commands(commands)
     add_backup_commands(commands)
     add_admin_commands(commands)
+    add_oauth_commands(commands)
     return parser
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, cast
 
+from guardian.access.oauth import DEFAULT_ALGORITHMS, DEFAULT_SCOPES, OAuthRules
 from guardian.access.proposals import MAX_PROPOSAL_TTL_MS, TWO_PERSON_OPERATIONS, TwoPersonRule
 from guardian.checks.anomaly import (
     ANOMALY_KINDS,
@@ -186,6 +187,8 @@ class Policy:
     review: ReviewRules
     #: Which admin operations need a second person (guardian/access/proposals.py).
     two_person: TwoPersonRule
+    #: Whose OAuth access tokens open sessions, as which agents (guardian/access/oauth.py); None: off.
+    oauth: OAuthRules | None
 
     def profile_for(self, agent: str) -> Profile:
         """The profile that governs agent (the default profile unless the policy names another)."""
@@ -296,6 +299,7 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
             raise ConfigError("alerts.webhook_url: expected an http:// or https:// URL with a host")
     alerts.done()
     two_person = _two_person(top.section("administration"))
+    oauth = _oauth(top.section("oauth")) if top.optional("oauth", (dict,)) is not None else None
     top.done()
     return Policy(
         version=version,
@@ -314,6 +318,7 @@ def _parse(data: dict[str, Any], text: str, version: str) -> Policy:
         writer_sources=MappingProxyType({agent: profiles[name].sources for agent, name in agent_profiles.items()}),
         review=review,
         two_person=two_person,
+        oauth=oauth,
     )
 
 
@@ -397,6 +402,52 @@ def _review(section: Section) -> ReviewRules:
         raise ConfigError(f"{section.child_path('similar_to_trusted')}: a cosine between 0 (off) and 1")
     section.done()
     return ReviewRules(frozenset(levels), instructions, float(similar))
+
+
+_JWT_ALGORITHMS: Final = frozenset(
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+)
+
+
+def _oauth(section: Section) -> OAuthRules:
+    issuer = str(section.text("issuer"))
+    audience = str(section.text("audience"))
+    for key, value in (("issuer", issuer), ("audience", audience)):
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment:
+            raise ConfigError(f"{section.child_path(key)}: expected an https:// URL (http:// only for testing)")
+    claim = str(section.text("claim", "client_id"))
+    if claim not in ("client_id", "sub"):
+        raise ConfigError(f"{section.child_path('claim')}: client_id or sub")
+    agents_section = section.section("agents", required=True)
+    agents: dict[str, str] = {}
+    for caller in agents_section.keys():  # noqa: SIM118 - Section is not a dict
+        agent = str(agents_section.text(caller))
+        if AGENT_NAME_RE.fullmatch(agent) is None:
+            raise ConfigError(f"{agents_section.child_path(caller)}: {agent!r} is not a valid agent name")
+        agents[caller] = agent
+    agents_section.done()
+    scopes: dict[str, frozenset[str]] = dict(DEFAULT_SCOPES)
+    if section.optional("scopes", (dict,)) is not None:
+        scopes_section = section.section("scopes")
+        scopes = {}
+        for scope in scopes_section.keys():  # noqa: SIM118 - Section is not a dict
+            operations = scopes_section.list_of_str(scope)
+            unknown = sorted(set(operations) - OPERATIONS)
+            if unknown:
+                raise ConfigError(f"{scopes_section.child_path(scope)}: {unknown[0]!r} is not an operation")
+            scopes[scope] = frozenset(operations)
+        scopes_section.done()
+    algorithms = section.list_of_str("algorithms", list(DEFAULT_ALGORITHMS))
+    bad = [name for name in algorithms if name not in _JWT_ALGORITHMS]
+    if bad or not algorithms:
+        raise ConfigError(f"{section.child_path('algorithms')}: some of {', '.join(sorted(_JWT_ALGORITHMS))}")
+    keys_max_age_ms = section.duration_ms("keys_max_age", "24h")
+    clock_skew_ms = section.duration_ms("clock_skew", "30s")
+    if clock_skew_ms > 300_000:
+        raise ConfigError(f"{section.child_path('clock_skew')}: at most 5m")
+    section.done()
+    return OAuthRules(issuer, audience, claim, agents, scopes, tuple(algorithms), keys_max_age_ms, clock_skew_ms)
 
 
 def _two_person(section: Section) -> TwoPersonRule:

@@ -103,10 +103,20 @@ def open_session(
 ) -> pb.OpenSessionResponse:
     """Open a session for the agent the session stage authenticated."""
     # A revocation that committed since the session stage must win: checked again under the writer lock.
-    if core.agents.authenticate(connection, request.agent_token, call.now_ms) != call.agent:
+    if call.oauth is not None:  # the token was verified; the agent it maps to must be one, and not revoked
+        if not core.agents.is_active(connection, call.agent):
+            raise Unauthenticated(f"the agent this token maps to ({call.agent}) is not registered or is revoked")
+    elif core.agents.authenticate(connection, request.agent_token, call.now_ms) != call.agent:
         raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
     rules = call.policy.sessions
-    session = call.session = core.sessions.open(call.agent, call.now_ms, rules.idle_timeout_ms, rules.max_lifetime_ms)
+    session = call.session = core.sessions.open(
+        call.agent,
+        call.now_ms,
+        rules.idle_timeout_ms,
+        rules.max_lifetime_ms,
+        until_ms=call.oauth.expires_at_ms if call.oauth else None,
+        operations=call.oauth.operations if call.oauth else None,
+    )
     profile = call.required_profile
     return pb.OpenSessionResponse(
         session_id=session.id,
@@ -116,6 +126,7 @@ def open_session(
         limits=limits_message(profile.limits),
         namespaces=list(call.required_scope.namespaces),
         read_window_ms=profile.read_window_ms or 0,
+        operations=sorted(profile.operations & session.operations if session.operations else profile.operations),
     )
 
 

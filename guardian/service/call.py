@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from guardian.access.admins import Role
 from guardian.access.identity import SignedBy
+from guardian.access.oauth import OAuthGrant
 from guardian.access.proposals import Proposal
 from guardian.checks.sessions import Session
 from guardian.policy.compile import Policy, Profile
@@ -150,6 +151,8 @@ class Call:
     session_label: str = ""
     #: For an approval: the proposal whose request runs, proposed by another person.
     approval: Proposal | None = None
+    #: For an OpenSession with an OAuth access token: what the token grants (guardian/access/oauth.py).
+    oauth: OAuthGrant | None = None
     profile: Profile | None = None
     scope: Scope | None = None
     #: The object acted on, for the audit row: named by the check or the handler when known.

@@ -36,7 +36,8 @@ from typing import Any, Final
 
 from google.protobuf.message import Message
 
-from guardian.access import admins, identity, proposals
+from guardian.access import admins, identity, oauth, proposals
+from guardian.access.oauth import OAuthGrant
 from guardian.checks import review
 from guardian.checks.anomaly import AnomalyKind
 from guardian.policy.compile import Policy
@@ -63,6 +64,7 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
+from shared.formats import looks_like_jwt
 from shared.rpc.guardian.v1 import admin_pb2
 
 __all__ = ["ADMIN_CALLER", "Pipeline"]
@@ -222,8 +224,12 @@ class Pipeline:
             token = request.agent_token
             if not token:
                 raise Unauthenticated("no agent token: pass the token `guardianctl agents add` printed")
-            with self._core.database.read() as reader:
-                agent = self._core.agents.authenticate(reader, token, call.now_ms)
+            if looks_like_jwt(token):  # an OAuth access token, which the guardian verifies itself
+                call.oauth = self._verified_access_token(call, token)
+                agent: str | None = call.oauth.agent
+            else:
+                with self._core.database.read() as reader:
+                    agent = self._core.agents.authenticate(reader, token, call.now_ms)
             if agent is None:
                 raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
             call.agent = agent
@@ -245,10 +251,25 @@ class Pipeline:
             session=session_ref(call.session.id) if call.session else "",
         )
 
+    def _verified_access_token(self, call: Call, token: str) -> OAuthGrant:
+        """What an OAuth access token grants, checked here (the gateway only forwarded it)."""
+        rules = call.policy.oauth
+        if rules is None:
+            raise Unauthenticated("this guardian accepts no OAuth access tokens (the policy has no oauth section)")
+        grant = oauth.verify_access_token(token, rules, self._core.issuer_keys, call.now_ms)
+        call.object_id = f"oauth {rules.claim}={grant.caller} scope={' '.join(grant.scopes)}"
+        return grant
+
     def _policy_stage(self, call: Call, rule: Rule, noted: list[AnomalyKind]) -> None:
         operation = rule.policy_operation
         if operation is not None and operation not in call.required_profile.operations:
             raise PermissionDenied(f"the policy does not allow this agent to {operation} memories")
+        granted = call.session.operations if call.session else None
+        if operation is not None and granted is not None and operation not in granted:
+            raise PermissionDenied(
+                f"this session's access token does not allow {operation}: its scopes grant only"
+                f" {', '.join(sorted(granted))}"
+            )
         hours = call.profile.allowed_hours if call.profile else None
         if hours is not None and not hours.allows(call.now_ms):
             noted.append("outside_hours")

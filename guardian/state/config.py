@@ -61,6 +61,8 @@ class GuardianConfig:
     policy: Path
     #: The admins enrolled when the guardian starts with none (guardian/access/admins.py).
     first_admins: Path
+    #: The OAuth issuer's public keys, as guardianctl oauth fetch-keys writes them (guardian/access/oauth.py).
+    oauth_keys: Path
     socket_dir: Path
     socket_dir_mode: int
     agent_socket: SocketConfig
@@ -101,6 +103,7 @@ def load_config(path: Path) -> GuardianConfig:
     keys_dir = _resolve(base, top.text("keys_dir", "keys"))
     policy = _resolve(base, top.text("policy", "policy.yaml"))
     first_admins = _resolve(base, top.text("first_admins", "first-admins"))
+    oauth_keys = _resolve(base, top.text("oauth_keys", "issuer-keys.json"))
     sockets = top.section("sockets")
     socket_dir = _resolve(base, sockets.text("dir", "run"))
     socket_dir_mode = _mode(sockets, "dir_mode", "0700", others_may_traverse=True)
@@ -155,6 +158,7 @@ def load_config(path: Path) -> GuardianConfig:
         keys_dir=keys_dir,
         policy=policy,
         first_admins=first_admins,
+        oauth_keys=oauth_keys,
         socket_dir=socket_dir,
         socket_dir_mode=socket_dir_mode,
         agent_socket=agent_socket,
@@ -222,6 +226,8 @@ policy: policy.yaml
 # The admins enrolled when the guardian starts with none, one a line: NAME ROLE ssh-ed25519 AAAA...
 # (guardianctl init writes one for a key it makes, admin.key); ignored once any admin is enrolled.
 first_admins: first-admins
+# The OAuth issuer's public keys (the policy's oauth section), written by guardianctl oauth fetch-keys.
+oauth_keys: issuer-keys.json
 sockets:
   dir: run
   # 0700 when everything runs as one user; 0711 under systemd, where the

@@ -15,6 +15,7 @@ import time
 from typing import Final
 
 from guardian.access import admins
+from guardian.access.oauth import IssuerKeys
 from guardian.checks.alerts import WebhookAlerter
 from guardian.checks.anomaly import AnomalyEvent, AnomalyMonitor
 from guardian.checks.ratelimit import RateLimiter
@@ -105,6 +106,8 @@ class GuardianCore:
         self.memories = MemoryStore(keys.memory, MemoryVectors(model, keys.memory, database.after_commit))
         self.agents = AgentRegistry(keys.token)
         self.sessions = SessionTable()
+        #: The OAuth issuer's keys, read from the key file when a token needs them (guardian/access/oauth.py).
+        self.issuer_keys = IssuerKeys(config.oauth_keys)
         self.rates = RateLimiter()
         self._alerter: WebhookAlerter | None = None
         self.anomalies = AnomalyMonitor(alert=self._alert)

@@ -86,6 +86,11 @@ class AgentRegistry:
                 return None if row[1] is not None else str(row[0])
         return None
 
+    def is_active(self, connection: Connection, name: str) -> bool:
+        """Whether an agent named name is registered and not revoked."""
+        row = connection.execute("SELECT revoked_at_ms FROM agents WHERE name = ?", (name,)).fetchone()
+        return row is not None and row[0] is None
+
     def rotate_token(self, connection: Connection, name: str, now_ms: int, grace_ms: int) -> str:
         """A new token for name (returned once); the current one stays valid for grace_ms (0: it ends now)."""
         row = connection.execute("SELECT revoked_at_ms FROM agents WHERE name = ?", (name,)).fetchone()

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def http_gateway(guardian: Guardian) -> Iterator[str]:
-    port = free_port()
+def http_gateway(guardian: Guardian, port: int | None = None, extra: Sequence[str] = ()) -> Iterator[str]:
+    """A real HTTP gateway process (on port, else a free one) to guardian's agent socket; its MCP URL."""
+    port = port or free_port()
     log = (guardian.state_dir / f"gateway-http-{port}.log").open("ab")
     process = subprocess.Popen(
         [
@@ -59,6 +60,7 @@ def http_gateway(guardian: Guardian) -> Iterator[str]:
             str(port),
             "--socket",
             str(guardian.agent_socket),
+            *extra,
         ],
         cwd=ROOT,
         stdout=log,

@@ -127,6 +127,7 @@ class OpenSessionResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     NAMESPACES_FIELD_NUMBER: _builtins.int
     READ_WINDOW_MS_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     agent: _builtins.str
     expires_at_ms: _builtins.int
@@ -140,6 +141,12 @@ class OpenSessionResponse(_message.Message):
     def namespaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Namespaces this session reads: the agent's own first, then shared ones the policy grants."""
 
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The operations this session may do (store, get, search, list, update, delete): the agent's
+        profile's, narrowed to what an OAuth access token's scopes grant when it opened with one.
+        """
+
     def __init__(
         self,
         *,
@@ -150,10 +157,11 @@ class OpenSessionResponse(_message.Message):
         limits: Global___Limits | None = ...,
         namespaces: _abc.Iterable[_builtins.str] | None = ...,
         read_window_ms: _builtins.int = ...,
+        operations: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expires_at_ms", b"expires_at_ms", "idle_timeout_ms", b"idle_timeout_ms", "limits", b"limits", "namespaces", b"namespaces", "read_window_ms", b"read_window_ms", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expires_at_ms", b"expires_at_ms", "idle_timeout_ms", b"idle_timeout_ms", "limits", b"limits", "namespaces", b"namespaces", "operations", b"operations", "read_window_ms", b"read_window_ms", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
