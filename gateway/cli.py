@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
         "127.0.0.1, localhost and --host are always allowed",
     )
     parser.add_argument(
+        "--behind-tls-proxy",
+        action="store_true",
+        help="HTTP: allow binding an address other than loopback, because a reverse proxy in front terminates TLS"
+        " (see the README's Caddy and nginx configs); without it such a bind is refused: tokens would cross the"
+        " network in clear",
+    )
+    parser.add_argument(
         "--oauth-issuer",
         metavar="URL",
         help="HTTP: accept OAuth access tokens from this authorization server (as the guardian's policy"
@@ -142,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
         help="least severe level logged to stderr as JSON lines (default: %(default)s)",
     )
     return parser
+
+
+#: Addresses a bind may use without TLS in front.
+_LOOPBACK: Final = ("127.0.0.1", "localhost", "::1")
 
 
 def _body_limit(text: str) -> int:
@@ -256,8 +267,8 @@ class _Uvicorn(uvicorn.Server):
 
 
 async def _serve_http(args: argparse.Namespace, ops_listen: tuple[str, int] | None) -> int:
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        _log.warning("binding a non-loopback address; any host that can reach it may try tokens")
+    if args.host not in _LOOPBACK:
+        _log.warning("binding a non-loopback address behind a TLS proxy; any host that can reach it may try tokens")
     async with open_gateway(args.socket, deadline_s=args.deadline) as state:
         server = build_server(state, log_level=args.log_level.upper())
         app = build_http_app(
@@ -302,6 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ops_listen = None if args.ops_listen is None else parse_listen(args.ops_listen, "--ops-listen")
     except ConfigError as err:
         print(f"agent-gateway: error: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.transport == "http" and args.host not in _LOOPBACK and not args.behind_tls_proxy:
+        print(
+            f"agent-gateway: error: --host {args.host} would carry bearer tokens over the network in clear: bind"
+            " 127.0.0.1 and put a TLS-terminating reverse proxy in front (the README has Caddy and nginx configs),"
+            " or, if one already is in front of this address, say so with --behind-tls-proxy",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if bool(args.oauth_issuer) != bool(args.resource_url):
         print("agent-gateway: error: --oauth-issuer and --resource-url go together", file=sys.stderr)

@@ -34,8 +34,9 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import TracebackType
-from typing import Final, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -69,6 +70,8 @@ from shared.errors import (
 from shared.formats import RETRY_AFTER_METADATA_KEY
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 from shared.rpc.guardian.v1 import agent_pb2_grpc as pb_grpc
+from shared.trace import METADATA_KEY as TRACE_METADATA_KEY
+from shared.trace import TraceContext
 
 #: The wire's search modes.
 _SEARCH_MODES: Final[dict[SearchMode, pb.SearchMode.ValueType]] = {
@@ -256,6 +259,34 @@ def _check(condition: bool) -> None:
         raise InternalError()
 
 
+#: The trace the gateway's current tool call belongs to (set by the tool wrapper, gateway/tools.py).
+current_trace: ContextVar[TraceContext | None] = ContextVar("current_trace", default=None)
+
+
+if TYPE_CHECKING:
+    _AioUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _AioUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor
+
+
+class _SendTrace(_AioUnaryInterceptor):
+    """Sends the current tool call's ``traceparent`` with each guardian call (shared/trace.py)."""
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        trace = current_trace.get()
+        if trace is not None:
+            metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
+            metadata.add(TRACE_METADATA_KEY, trace.traceparent)
+            client_call_details = grpc.aio.ClientCallDetails(
+                client_call_details.method,
+                client_call_details.timeout,
+                metadata,
+                client_call_details.credentials,
+                client_call_details.wait_for_ready,
+            )
+        return await continuation(client_call_details, request)
+
+
 class GuardianClient:
     """Typed async client of the guardian's agent service on a Unix socket.
 
@@ -283,7 +314,9 @@ class GuardianClient:
         self._deadline_s = deadline_s
         self._read_attempts = read_attempts
         self._retry_window_s = retry_window_s
-        self._channel = grpc.aio.insecure_channel(f"unix:{path}", options=list(_CHANNEL_OPTIONS))
+        self._channel = grpc.aio.insecure_channel(
+            f"unix:{path}", options=list(_CHANNEL_OPTIONS), interceptors=[cast("Any", _SendTrace())]
+        )
         self._stub = pb_grpc.AgentServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

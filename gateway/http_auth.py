@@ -119,14 +119,17 @@ def _host_port(host: str, port: str) -> str:
 
 
 def transport_security(host: str, port: int, extra_hosts: Iterable[str] = ()) -> TransportSecuritySettings:
-    """DNS-rebinding protection allowing the bound address, 127.0.0.1 and localhost (any port if 0)."""
+    """DNS-rebinding protection allowing the bound address, 127.0.0.1 and localhost (any port if 0), and the
+    extra host names (also bare, as they arrive through a TLS proxy on 443)."""
     port_text = str(port) if port else "*"
     hosts = dict.fromkeys([host, "127.0.0.1", "localhost", *extra_hosts])
     allowed = [_host_port(h, port_text) for h in hosts]
+    # A name clients use through a TLS proxy arrives as they typed it: no port (443), and https origins.
+    proxied = [name for name in extra_hosts if ":" not in name]
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
-        allowed_hosts=allowed,
-        allowed_origins=[f"http://{a}" for a in allowed],
+        allowed_hosts=allowed + proxied,
+        allowed_origins=[f"http://{a}" for a in allowed] + [f"https://{name}" for name in proxied],
     )
 
 

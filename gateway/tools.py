@@ -37,7 +37,7 @@ from mcp.types import INTERNAL_ERROR, CallToolResult, ContentBlock, ListToolsRes
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.client import GuardianClient, new_idempotency_key
+from gateway.client import GuardianClient, current_trace, new_idempotency_key
 from gateway.http_auth import bearer_token
 from gateway.metrics import CANCELLED, OK, GatewayMetrics
 from gateway.models import MemoryDraft, SessionInfo
@@ -66,6 +66,8 @@ from gateway.schemas import (
 from gateway.state import GatewayState
 from shared.errors import GuardianError, InternalError, InvalidArgument
 from shared.formats import MEMORY_ID_RE
+from shared.trace import METADATA_KEY as TRACE_METADATA_KEY
+from shared.trace import continue_or_start
 
 __all__ = ["TOOL_NAMES", "TOOL_OPERATIONS", "build_server", "tool_descriptions"]
 
@@ -249,6 +251,8 @@ def _tool(fn: Callable[_P, Awaitable[_M]]) -> Callable[_P, Awaitable[CallToolRes
     async def tool(*args: _P.args, **kwargs: _P.kwargs) -> CallToolResult:
         started = time.perf_counter()
         outcome = InternalError.kind
+        trace = continue_or_start(_incoming_traceparent(kwargs))  # the client's trace, or a new one
+        traced = current_trace.set(trace)  # sent with each guardian call this one makes
         try:
             try:
                 result = await fn(*args, **kwargs)
@@ -266,11 +270,31 @@ def _tool(fn: Callable[_P, Awaitable[_M]]) -> Callable[_P, Awaitable[CallToolRes
             outcome = OK
             return answer
         finally:
+            current_trace.reset(traced)
+            elapsed_s = time.perf_counter() - started
+            _log.info(
+                "tool call",
+                extra={
+                    "tool": fn.__name__,
+                    "outcome": outcome,
+                    "trace_id": trace.trace_id,
+                    "ms": round(elapsed_s * 1000, 1),
+                },
+            )
             metrics = _metrics(kwargs)
             if metrics is not None:
-                metrics.tool_call(fn.__name__, outcome, time.perf_counter() - started)
+                metrics.tool_call(fn.__name__, outcome, elapsed_s)
 
     return tool
+
+
+def _incoming_traceparent(kwargs: Mapping[str, object]) -> object:
+    """The ``traceparent`` the client put in the request's ``_meta``, if any (checked by shared/trace.py)."""
+    ctx = kwargs.get("ctx")
+    if not isinstance(ctx, Context):
+        return None
+    meta = ctx.request_context.meta
+    return meta.get(TRACE_METADATA_KEY) if meta else None
 
 
 async def _call(ctx: Context[GatewayState, Any], op: Callable[[GuardianClient, str], Awaitable[_T]]) -> _T:

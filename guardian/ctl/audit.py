@@ -56,6 +56,7 @@ _FIELDS: Final = (
     "args_digest",
     "key_id",
     "mac",
+    "trace",
 )
 
 

@@ -13,6 +13,12 @@ Canonical row bytes, version 1 (NEVER CHANGE: every audit row's mac and link cov
     ns(value)      = ascii(len(b)) || b":" || b || b","     where b = UTF-8 of the value,
                                                              integers in decimal
 
+Version 2 is version 1's fields with the request's W3C trace id after them; a row whose
+``trace`` is empty (every row written before traces were recorded) is in version 1::
+
+    canonical(row) = b"agent-guardian audit v2\n" || ns(seq) || ... || ns(key_id) || ns(trace)
+                     when row.trace != "" (32 lowercase hex digits)
+
 The public hash chain, which anyone can compute from exported rows (no key)::
 
     link(0)   = 64 ASCII "0"s
@@ -70,6 +76,7 @@ __all__ = [
     "ExportProblem",
     "ExportReport",
     "SignedHead",
+    "canonical_row",
     "canonical_v1",
     "head_message",
     "next_link",
@@ -77,6 +84,7 @@ __all__ = [
 ]
 
 _CANONICAL_TAG: Final = b"agent-guardian audit v1\n"
+_CANONICAL_V2_TAG: Final = b"agent-guardian audit v2\n"
 _LINK_TAG: Final = b"agent-guardian audit link v1\n"
 _HEAD_TAG: Final = b"agent-guardian audit signed head v1\n"
 #: The export's format, named in its first line.
@@ -98,6 +106,7 @@ ROW_FIELDS: Final = (
 )
 _INT_FIELDS: Final = frozenset({"seq", "ts_ms"})
 _LINK_RE: Final = re.compile(r"[0-9a-f]{64}")
+_TRACE_RE: Final = re.compile(r"[0-9a-f]{32}")
 _MAX_INT: Final = 2**63 - 1
 _MAX_LINE: Final = 1 << 20
 
@@ -107,6 +116,15 @@ ProblemKind = Literal["malformed", "changed", "missing", "out_of_order", "bad_si
 def _ns(value: int | str) -> bytes:
     data = str(value).encode("utf-8")
     return b"%d:%s," % (len(data), data)
+
+
+def canonical_row(values: Sequence[int | str], trace: str) -> bytes:
+    """canonical(row): version 1 for a row with no trace, else version 2 (the module docstring)."""
+    if not trace:
+        return canonical_v1(values)
+    if len(values) != len(ROW_FIELDS):
+        raise ValueError(f"a canonical row has {len(ROW_FIELDS)} fields and its trace")
+    return _CANONICAL_V2_TAG + b"".join(_ns(value) for value in values) + _ns(trace)
 
 
 def canonical_v1(values: Sequence[int | str]) -> bytes:
@@ -367,12 +385,16 @@ _KEY_FIELDS: Final = (
 )
 
 
-def _row_values(record: Mapping[str, Any]) -> tuple[list[int | str], str, str]:
-    """(the canonical values, mac, link) of a row record."""
-    _require(record, (*ROW_FIELDS, "mac", "link"), _INT_FIELDS)
+def _row_values(record: Mapping[str, Any]) -> tuple[list[int | str], str, str, str]:
+    """(the canonical values, trace, mac, link) of a row record (a record without ``trace`` has none)."""
+    # trace came with canonical form v2: an export from before has none (every row then is v1).
+    _require(record, (*ROW_FIELDS, "mac", "link", *(("trace",) if "trace" in record else ())), _INT_FIELDS)
     if record["seq"] < 1:
         raise _Malformed("seq must be at least 1")
-    return [record[name] for name in ROW_FIELDS], record["mac"], _link(record["link"], "link")
+    trace = record.get("trace", "")
+    if not isinstance(trace, str) or (trace and not _TRACE_RE.fullmatch(trace)):
+        raise _Malformed("trace must be 32 lowercase hex digits or empty")
+    return [record[name] for name in ROW_FIELDS], trace, record["mac"], _link(record["link"], "link")
 
 
 def _head(record: Mapping[str, Any]) -> SignedHead:
@@ -433,7 +455,7 @@ class _Walk:
         return None
 
     def _row(self, number: int, record: dict[str, Any]) -> ExportProblem | None:
-        values, mac, claimed = _row_values(record)
+        values, trace, mac, claimed = _row_values(record)
         seq = int(values[0])
         expected = self.prev_seq + 1
         if seq > self.header.until_seq:
@@ -454,7 +476,7 @@ class _Walk:
             return ExportProblem(
                 "out_of_order", number, seq, f"out of order: row {seq} comes after row {self.prev_seq}"
             )
-        self.link = next_link(canonical_v1(values), mac, self.link)
+        self.link = next_link(canonical_row(values, trace), mac, self.link)
         if claimed != self.link:
             return ExportProblem(
                 "changed", number, seq, f"changed: row {seq}'s fields do not give the link the guardian recorded for it"

@@ -19,7 +19,7 @@ from guardian.state.core import GuardianCore
 from guardian.store import search_index
 from guardian.store.database import Connection
 from guardian.store.memories import WITHHELD, Draft, Recalled, SearchMode, SearchQuery, StoredMemory
-from shared.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
+from shared.errors import InvalidArgument, PermissionDenied, RateLimited, Unauthenticated, Unavailable
 from shared.rpc.guardian.v1 import agent_pb2 as pb
 
 __all__ = [
@@ -109,6 +109,13 @@ def open_session(
     elif core.agents.authenticate(connection, request.agent_token, call.now_ms) != call.agent:
         raise Unauthenticated("the agent token was not accepted (wrong or revoked)")
     rules = call.policy.sessions
+    # Counted here, in the writer's one transaction at a time, so concurrent opens cannot all see room.
+    if core.sessions.count(call.agent, call.now_ms) >= rules.max_per_agent:
+        raise RateLimited(
+            f"this agent already has {rules.max_per_agent} open sessions, the policy's limit; close one or let one"
+            " expire",
+            retry_after_ms=core.sessions.next_expiry_ms(call.agent, call.now_ms),
+        )
     session = call.session = core.sessions.open(
         call.agent,
         call.now_ms,

@@ -153,6 +153,8 @@ class Call:
     approval: Proposal | None = None
     #: For an OpenSession with an OAuth access token: what the token grants (guardian/access/oauth.py).
     oauth: OAuthGrant | None = None
+    #: The W3C trace id the request belongs to (shared/trace.py): the gateway's, or one started here.
+    trace: str = ""
     profile: Profile | None = None
     scope: Scope | None = None
     #: The object acted on, for the audit row: named by the check or the handler when known.

@@ -66,6 +66,8 @@ from shared.errors import (
 )
 from shared.formats import looks_like_jwt
 from shared.rpc.guardian.v1 import admin_pb2
+from shared.trace import METADATA_KEY as TRACE_METADATA_KEY
+from shared.trace import continue_or_start
 
 __all__ = ["ADMIN_CALLER", "Pipeline"]
 
@@ -121,6 +123,7 @@ class Pipeline:
         started = time.perf_counter()
         rule = self._rules[method]
         call = Call(method=method, policy=self._core.policy, now_ms=now_ms(), agent=self._caller)
+        call.trace = continue_or_start(dict(metadata).get(TRACE_METADATA_KEY)).trace_id  # a bad value: a new trace
         #: Anomaly events this request counts toward (besides burst, denials and unknown ids).
         noted: list[AnomalyKind] = []
         try:
@@ -311,13 +314,8 @@ class Pipeline:
         rates = call.required_profile.rates
         session_key = call.session.id if call.session else None
         self._core.rates.check(agent=call.agent, session_key=session_key, kind=rule.rate, spec=rates, cost=cost)
-        if rule.rate == "open":
-            limit = call.policy.sessions.max_per_agent
-            if self._core.sessions.count(call.agent, call.now_ms) >= limit:
-                raise RateLimited(
-                    f"this agent already has {limit} open sessions, the policy's limit; close one or let one expire",
-                    retry_after_ms=self._core.sessions.next_expiry_ms(call.agent, call.now_ms),
-                )
+        # The sessions an agent holds are counted where a session is opened, under the writer's lock
+        # (agent_service.open_session): counted here, concurrent opens would all see room.
 
     def _content_stage(self, call: Call, checked: Any, noted: list[AnomalyKind]) -> tuple[Any, list[str]]:
         """A write's drafts filtered, each within every limit as stored; the filter hits as "action:rule"."""
@@ -620,10 +618,23 @@ class Pipeline:
         self._core.database.submit(append)
 
     def _observe(self, call: Call, rule: Rule, decision: audit.Decision, started: float) -> None:
-        """Count the outcome; an admin action also goes to the security log."""
+        """Count and log the outcome (with the trace id, as the audit row has it); an admin action also goes to the
+        security log."""
         operation = rule.audit_operation
+        elapsed_s = time.perf_counter() - started
         self._core.metrics.requests.labels(operation, decision).inc()
-        self._core.metrics.latency.labels(operation).observe(time.perf_counter() - started)
+        self._core.metrics.latency.labels(operation).observe(elapsed_s)
+        log.info(
+            "request",
+            extra={
+                "event": "request",
+                "operation": operation,
+                "agent": call.agent,
+                "decision": decision,
+                "trace_id": call.trace,
+                "ms": round(elapsed_s * 1000, 2),
+            },
+        )
         if self._caller == ADMIN_CALLER:
             security_log.info(
                 "admin action",
@@ -633,6 +644,7 @@ class Pipeline:
                     "caller": call.agent,
                     "key": call.session_label,
                     "approves": call.approval.id if call.approval else "",
+                    "trace_id": call.trace,
                     "object_id": call.object_id[:200],
                     "decision": decision,
                 },
@@ -660,6 +672,7 @@ class Pipeline:
             reason=reason,
             policy_version=call.policy.version,
             args_digest=call.args_digest,
+            trace=call.trace,
         ).seq
 
 

@@ -24,6 +24,11 @@ lives in guardian/keys/audit_proof.py, which an offline verifier imports too)::
     ns(value)      = ascii(len(b)) || b":" || b || b","      (a netstring)
                      where b = UTF-8 of str(value), integers in decimal
 
+Version 2 (column ``trace``, schema 9) is the same eleven fields and then ``ns(trace)``, after
+the tag ``b"agent-guardian audit v2\n"``; it seals every row that has a trace id (the
+request's W3C trace, shared/trace.py), and a row without one ('', every row from before) is
+in version 1.
+
 So a changed field, a deleted, inserted or reordered row, a truncated head
 and a chain rebuilt without the audit key are each caught by :func:`verify`,
 which names the first row that does not hold. A truncated *tail* leaves a
@@ -52,7 +57,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from guardian.files.durable import replace_atomically
-from guardian.keys.audit_proof import GENESIS_LINK, SignedHead, canonical_v1, head_message, next_link
+from guardian.keys.audit_proof import GENESIS_LINK, SignedHead, canonical_row, head_message, next_link
 from guardian.keys.ring import KeyRing
 from guardian.keys.signing import SigningRing
 from guardian.store.database import Connection
@@ -91,7 +96,8 @@ _MAX_FIELD: Final = 200
 _GENESIS_MAC: Final = "0" * 64
 _ARGS_DIGEST_LABEL: Final = b"agent-guardian audit args digest v1"
 _COLUMNS: Final = (
-    "seq, ts_ms, agent, session, operation, object_id, decision, reason, policy_version, args_digest, key_id, mac"
+    "seq, ts_ms, agent, session, operation, object_id, decision, reason, policy_version, args_digest, key_id, mac,"
+    " trace"
 )
 _VERIFY_BATCH: Final = 2000
 #: The largest sequence number or time SQLite stores (a signed 64-bit integer).
@@ -112,6 +118,8 @@ class AuditRecord:
     policy_version: str
     #: HMAC of the request's bytes under a key derived from the audit key; "" when there were none.
     args_digest: str = ""
+    #: The request's W3C trace id (32 lowercase hex digits), "" for none.
+    trace: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,8 @@ class AuditRow:
     args_digest: str
     key_id: str
     mac: str
+    #: The request's W3C trace id, "" for none (and for every row written before traces were).
+    trace: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The row as a JSON-ready mapping (the export format)."""
@@ -145,8 +155,8 @@ class ChainHead:
 
 
 def canonical(row: AuditRow) -> bytes:
-    """The bytes a row's mac covers (before prev_mac), canonical form v1. Never change this."""
-    return canonical_v1(_values(row)[:-1])  # every column but the mac itself, in column order
+    """The bytes a row's mac covers (before prev_mac): canonical form v1, or v2 for a row with a trace."""
+    return canonical_row(_values(row)[:11], row.trace)  # the columns before the mac, in column order
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,7 @@ class AuditTrail:
         session: str = "",
         object_id: str = "",
         args_digest: str = "",
+        trace: str = "",
     ) -> ChainHead:
         """Write one audit row, chained to the current head, inside the caller's write transaction.
 
@@ -278,7 +289,9 @@ class AuditTrail:
         """
         return self.append(
             connection,
-            AuditRecord(ts_ms, agent, session, operation, object_id, decision, reason, policy_version, args_digest),
+            AuditRecord(
+                ts_ms, agent, session, operation, object_id, decision, reason, policy_version, args_digest, trace
+            ),
         )
 
     def append(self, connection: Connection, record: AuditRecord) -> ChainHead:
@@ -310,11 +323,12 @@ class AuditTrail:
             args_digest=record.args_digest,
             key_id=self.ring.primary_id,
             mac="",
+            trace=record.trace,
         )
         _, mac = self.ring.sign(canonical(row) + prev_mac.encode("ascii"))
         connection.execute(
-            f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 (constant)
-            (*_values(row)[:-1], mac),
+            f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 (constant)
+            (*_values(row)[:11], mac, row.trace),
         )
         return ChainHead(seq, mac)
 
@@ -624,6 +638,7 @@ def _row(values: Any) -> AuditRow:
         args_digest=str(values[9]),
         key_id=str(values[10]),
         mac=str(values[11]),
+        trace=str(values[12]),
     )
 
 
@@ -642,6 +657,7 @@ def _values(row: AuditRow) -> tuple[Any, ...]:
         row.args_digest,
         row.key_id,
         row.mac,
+        row.trace,
     )
 
 

@@ -293,6 +293,12 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         SELECT RAISE(ABORT, 'signed heads are append-only');
     END;
     """,
+    # 9: each audit row's W3C trace id (guardian/store/audit.py): one trace from the MCP client's
+    # request through the gateway into the row. A row with one is sealed in canonical form v2, which
+    # covers it; every row before has '' and keeps form v1.
+    """
+    ALTER TABLE audit ADD COLUMN trace TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -177,7 +177,7 @@ def test_a_changed_field_is_caught_at_its_line(exported: Exported) -> None:
 
 
 def test_a_changed_field_with_its_links_recomputed_is_caught_at_the_signed_head(exported: Exported) -> None:
-    from guardian.keys.audit_proof import ROW_FIELDS, canonical_v1, next_link
+    from guardian.keys.audit_proof import ROW_FIELDS, canonical_row, next_link
 
     lines = lines_of(exported)
     records = [json.loads(line) for line in lines]
@@ -185,7 +185,8 @@ def test_a_changed_field_with_its_links_recomputed_is_caught_at_the_signed_head(
     link = records[0]["start_link"]
     for record in records:
         if record["type"] == "row":
-            link = record["link"] = next_link(canonical_v1([record[n] for n in ROW_FIELDS]), record["mac"], link)
+            canonical = canonical_row([record[n] for n in ROW_FIELDS], record.get("trace", ""))
+            link = record["link"] = next_link(canonical, record["mac"], link)
     report = verify(exported, write_copy(exported, "relinked.jsonl", [json.dumps(r) for r in records]))
     head = first_signed(lines)
     assert (report["kind"], report["seq"], report["line"]) == ("changed", head, find(lines, "signed_head", head) + 1)

@@ -60,6 +60,13 @@ def test_help_is_enough_to_use_it() -> None:
         ),
         (["--transport", "stdio", "--socket", "agent.sock"], {"AGENT_GUARDIAN_TOKEN": TOKEN}, "absolute path"),
         (["--transport", "carrier-pigeon"], {}, "invalid choice"),
+        (["--transport", "http", "--host", "0.0.0.0"], {}, "put a TLS-terminating reverse proxy in front"),
+        (["--transport", "http", "--oauth-issuer", "https://auth.example"], {}, "go together"),
+        (
+            ["--transport", "http", "--oauth-issuer", "ftp://a", "--resource-url", "https://m.example/mcp"],
+            {},
+            "--oauth-issuer must be an https:// URL",
+        ),
     ],
 )
 def test_usage_errors_exit_2_with_a_clear_message_and_never_print_the_token(

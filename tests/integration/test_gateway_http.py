@@ -189,4 +189,6 @@ def test_transport_security_allows_only_the_bound_address_and_localhost() -> Non
         "127.0.0.1:*",
         "localhost:*",
         "gw.internal:*",
+        "gw.internal",
     ]
+    assert "https://gw.internal" in transport_security("127.0.0.1", 8765, ["gw.internal"]).allowed_origins

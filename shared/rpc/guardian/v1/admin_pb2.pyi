@@ -816,6 +816,7 @@ class AuditRow(_message.Message):
     ARGS_DIGEST_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     MAC_FIELD_NUMBER: _builtins.int
+    TRACE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     ts_ms: _builtins.int
     agent: _builtins.str
@@ -830,6 +831,8 @@ class AuditRow(_message.Message):
     """A keyed digest of the request's bytes (never its content)."""
     key_id: _builtins.str
     mac: _builtins.str
+    trace: _builtins.str
+    """The request's W3C trace id (32 lowercase hex digits), "" for none."""
     def __init__(
         self,
         *,
@@ -845,10 +848,11 @@ class AuditRow(_message.Message):
         args_digest: _builtins.str = ...,
         key_id: _builtins.str = ...,
         mac: _builtins.str = ...,
+        trace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "args_digest", b"args_digest", "decision", b"decision", "key_id", b"key_id", "mac", b"mac", "object_id", b"object_id", "operation", b"operation", "policy_version", b"policy_version", "reason", b"reason", "seq", b"seq", "session", b"session", "ts_ms", b"ts_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "args_digest", b"args_digest", "decision", b"decision", "key_id", b"key_id", "mac", b"mac", "object_id", b"object_id", "operation", b"operation", "policy_version", b"policy_version", "reason", b"reason", "seq", b"seq", "session", b"session", "trace", b"trace", "ts_ms", b"ts_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
