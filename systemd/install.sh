@@ -46,6 +46,9 @@ readonly LOGS=/var/log/agent-guardian
 readonly UNITS=(agent-embedder.service agent-guardian.service agent-gateway.service)
 # The backup: a oneshot service the timer starts (never enabled or restarted itself).
 readonly BACKUP_UNITS=(agent-guardian-backup.service agent-guardian-backup.timer)
+# The OAuth issuer's keys: a oneshot service its timer starts; it does nothing until
+# /etc/agent-guardian/oauth.env names the issuer (README: "Remote agents, with OAuth 2.1").
+readonly OAUTH_UNITS=(agent-guardian-oauth-keys.service agent-guardian-oauth-keys.timer)
 readonly UNIT_DIR=/etc/systemd/system
 # Whom the guardian enrols when it starts with no admin (config.yaml: first_admins); never rewritten.
 readonly FIRST_ADMINS="$ETC/first-admins"
@@ -124,6 +127,12 @@ install_config_and_keys() {
             printf '%s\n' '' '# Added by install.sh: recall by meaning through agent-embedder (see the README).' \
                 'embedding:' '  model: service' '  socket: /run/agent-embedder/embedder.sock' >> "$ETC/config.yaml"
             say "added the embedding section (agent-embedder) to $ETC/config.yaml"
+        fi
+        # An install from before OAuth: the guardian reads the issuer's keys where their fetcher writes them.
+        if ! grep -q '^oauth_keys:' "$ETC/config.yaml"; then
+            printf '%s\n' '' '# Added by install.sh: the OAuth issuer keys agent-guardian-oauth-keys.service fetches.' \
+                'oauth_keys: /var/lib/agent-guardian-oauth/issuer-keys.json' >> "$ETC/config.yaml"
+            say "added oauth_keys to $ETC/config.yaml"
         fi
     else
         install -m 0640 -o root -g agent-guardian "$SRC/systemd/config.yaml" "$ETC/config.yaml"
@@ -233,13 +242,13 @@ PY
 
 install_units() {
     say "units and logrotate config"
-    for unit in "${UNITS[@]}" "${BACKUP_UNITS[@]}"; do
+    for unit in "${UNITS[@]}" "${BACKUP_UNITS[@]}" "${OAUTH_UNITS[@]}"; do
         install -m 0644 "$SRC/systemd/$unit" "$UNIT_DIR/$unit"
     done
     install -D -m 0644 "$SRC/systemd/logrotate.conf" /etc/logrotate.d/agent-guardian
     systemctl daemon-reload
     systemctl enable --quiet "${UNITS[@]}"
-    systemctl enable --now --quiet agent-guardian-backup.timer
+    systemctl enable --now --quiet agent-guardian-backup.timer agent-guardian-oauth-keys.timer
     # Restart (not just start) so a re-run picks up new code; the guardian loses nothing on a restart.
     systemctl restart agent-embedder.service
     systemctl restart agent-guardian.service
@@ -326,14 +335,15 @@ EOF
 uninstall() {
     local purge=$1 words
     say "stopping and removing the units and programs"
-    systemctl disable --now --quiet agent-guardian-backup.timer "${UNITS[@]}" 2>/dev/null || true
-    for unit in "${UNITS[@]}" "${BACKUP_UNITS[@]}"; do rm -f "$UNIT_DIR/$unit"; done
+    systemctl disable --now --quiet agent-guardian-backup.timer agent-guardian-oauth-keys.timer "${UNITS[@]}" \
+        2>/dev/null || true
+    for unit in "${UNITS[@]}" "${BACKUP_UNITS[@]}" "${OAUTH_UNITS[@]}"; do rm -f "$UNIT_DIR/$unit"; done
     systemctl daemon-reload
     rm -f /etc/logrotate.d/agent-guardian /usr/local/bin/guardianctl
     rm -rf "$PREFIX"
     if [[ $purge == yes ]]; then
         say "purging data, keys, config, logs and users"
-        rm -rf "$STATE" "$ETC" "$LOGS" /run/agent-guardian /run/agent-embedder
+        rm -rf "$STATE" "$ETC" "$LOGS" /run/agent-guardian /run/agent-embedder /var/lib/agent-guardian-oauth
         # root's admin key, if this script generated it (its comment says so); a key root made is kept.
         if [[ -e $ROOT_KEY.pub ]] && read -r -a words < "$ROOT_KEY.pub" && [[ ${words[2]:-} == "root$GENERATED" ]]; then
             rm -f "$ROOT_KEY" "$ROOT_KEY.pub"
@@ -341,10 +351,10 @@ uninstall() {
             say "removed root's admin key $ROOT_KEY"
         fi
         rm -f /usr/lib/sysusers.d/agent-guardian.conf /usr/lib/tmpfiles.d/agent-guardian.conf
-        for user in agent-gateway agent-embedder agent-guardian; do
+        for user in agent-gateway agent-embedder agent-guardian agent-oauth; do
             if id -u "$user" >/dev/null 2>&1; then userdel "$user"; fi
         done
-        for group in agent-gateway agent-security agent-embedder agent-guardian; do
+        for group in agent-gateway agent-security agent-embedder agent-guardian agent-oauth; do
             if getent group "$group" >/dev/null; then groupdel "$group"; fi
         done
     else

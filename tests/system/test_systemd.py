@@ -1112,6 +1112,37 @@ def _wait_for_admin_socket(d: Deployment) -> None:
         time.sleep(0.2)
 
 
+def test_the_oauth_key_fetcher_waits_for_an_issuer_and_runs_as_its_own_user(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its timer is enabled; with no issuer named it does nothing; named, it runs as agent-oauth, with a state dir
+    only it may write, and an issuer it cannot reach (this root has no network out) leaves no key file."""
+    d, system = deployed, deployed.system
+    assert system.systemctl("is-enabled", "agent-guardian-oauth-keys.timer").stdout.strip() == "enabled"
+    system.systemctl("start", "agent-guardian-oauth-keys.service")
+    assert system.show("agent-guardian-oauth-keys.service", "ConditionResult") == "no"
+    keys = "/var/lib/agent-guardian-oauth/issuer-keys.json"
+    system.run(["install", "-m", "0600", "/dev/null", f"{ETC}/oauth.env"])
+    d.host_path(f"{ETC}/oauth.env").write_text("ISSUER=https://issuer.invalid\n")
+    try:
+        started = system.systemctl("start", "agent-guardian-oauth-keys.service", check=False)
+        assert started.returncode != 0
+        assert system.show("agent-guardian-oauth-keys.service", "ExecMainStatus") == "3"  # not reached: exit 3
+        assert system.show("agent-guardian-oauth-keys.service", "User") == "agent-oauth"
+        log = system.run(["journalctl", "-u", "agent-guardian-oauth-keys.service", "--no-pager", "-o", "cat"]).stdout
+        assert "the issuer's keys were not fetched: cannot reach" in log, log
+        assert _modes(system, ["/var/lib/agent-guardian-oauth"]) == {
+            "/var/lib/agent-guardian-oauth": ("755", "agent-oauth:agent-oauth")
+        }
+        assert not d.host_path(keys).exists()
+    finally:
+        system.run(["rm", "-f", f"{ETC}/oauth.env"])
+        system.systemctl("reset-failed", "agent-guardian-oauth-keys.service", check=False)
+    config = yaml.safe_load(d.host_path(f"{ETC}/config.yaml").read_text())
+    assert config["oauth_keys"] == keys
+    report(capsys, "oauth keys: the fetcher runs only once an issuer is named, as agent-oauth; unreachable: exit 3")
+
+
 # -- uninstall (last: it takes the deployment apart), then a fresh install on the purged host -------
 
 
@@ -1120,7 +1151,7 @@ def test_uninstall_keeps_data_and_a_reinstall_finds_it_then_purge_removes_everyt
 ) -> None:
     d, system = deployed, deployed.system
     output = _install(system, "--uninstall")
-    for unit in (*SERVICES, "agent-guardian-backup.timer"):
+    for unit in (*SERVICES, "agent-guardian-backup.timer", "agent-guardian-oauth-keys.timer"):
         assert system.show(unit, "LoadState") == "not-found"
     assert not d.host_path("/opt/agent-guardian").exists()
     assert not d.host_path("/usr/local/bin/guardianctl").is_symlink()

@@ -22,6 +22,8 @@ LIMITS = {
     "agent-gateway.service": 2.5,
     "agent-guardian-backup.service": 1.5,
     "agent-embedder.service": 1.5,
+    # Issue 18: the one unit that reaches the network (the OAuth issuer), as tight as the guardian.
+    "agent-guardian-oauth-keys.service": 1.5,
 }
 
 
