@@ -39,6 +39,7 @@ from shared.errors import ConfigError, GuardianError, Unauthenticated
 from shared.formats import is_agent_token
 from shared.jsonlog import configure_logging
 from shared.ops_http import parse_listen
+from shared.otlp import check_endpoint, export_spans
 from shared.sdnotify import Watchdog, notify
 
 __all__ = ["main"]
@@ -141,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
         help="serve /healthz, /readyz and Prometheus /metrics on this loopback address "
         "(127.0.0.1:PORT or [::1]:PORT; port 0 picks a free one, logged as event ops_listening); "
         "default: not served",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export OpenTelemetry spans over OTLP/HTTP to this URL (e.g. http://127.0.0.1:4318/v1/traces);"
+        " default: not exported. Spans carry the method, tool and outcome, never memory content or a token",
     )
     parser.add_argument(
         "--log-level",
@@ -322,6 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.otlp_endpoint:
+        try:
+            export_spans("agent-gateway", check_endpoint(args.otlp_endpoint, "--otlp-endpoint"))
+        except ConfigError as err:
+            print(f"agent-gateway: error: {err.message}", file=sys.stderr)
+            return EXIT_USAGE
     if bool(args.oauth_issuer) != bool(args.resource_url):
         print("agent-gateway: error: --oauth-issuer and --resource-url go together", file=sys.stderr)
         return EXIT_USAGE

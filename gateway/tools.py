@@ -35,6 +35,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.tools import Tool
 from mcp.types import INTERNAL_ERROR, CallToolResult, ContentBlock, ListToolsResult, TextContent, ToolAnnotations
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from opentelemetry import trace as otel_trace
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.client import GuardianClient, current_trace, new_idempotency_key
@@ -64,10 +65,11 @@ from gateway.schemas import (
     write_note,
 )
 from gateway.state import GatewayState
+from shared import otlp
 from shared.errors import GuardianError, InternalError, InvalidArgument
 from shared.formats import MEMORY_ID_RE
 from shared.trace import METADATA_KEY as TRACE_METADATA_KEY
-from shared.trace import continue_or_start
+from shared.trace import TraceContext, continue_or_start
 
 __all__ = ["TOOL_NAMES", "TOOL_OPERATIONS", "build_server", "tool_descriptions"]
 
@@ -251,7 +253,7 @@ def _tool(fn: Callable[_P, Awaitable[_M]]) -> Callable[_P, Awaitable[CallToolRes
     async def tool(*args: _P.args, **kwargs: _P.kwargs) -> CallToolResult:
         started = time.perf_counter()
         outcome = InternalError.kind
-        trace = continue_or_start(_incoming_traceparent(kwargs))  # the client's trace, or a new one
+        trace = _this_hop(kwargs)  # the client's trace, or a new one
         traced = current_trace.set(trace)  # sent with each guardian call this one makes
         try:
             try:
@@ -286,6 +288,15 @@ def _tool(fn: Callable[_P, Awaitable[_M]]) -> Callable[_P, Awaitable[CallToolRes
                 metrics.tool_call(fn.__name__, outcome, elapsed_s)
 
     return tool
+
+
+def _this_hop(kwargs: Mapping[str, object]) -> TraceContext:
+    """This tool call's place in its trace: the MCP SDK's own span when spans are exported (shared/otlp.py), so
+    the guardian's span is its child; else a new span in the client's trace, or a new trace."""
+    span = otel_trace.get_current_span().get_span_context()
+    if otlp.exporting() and span.is_valid:
+        return TraceContext(f"{span.trace_id:032x}", f"{span.span_id:016x}", span.trace_flags.sampled)
+    return continue_or_start(_incoming_traceparent(kwargs))
 
 
 def _incoming_traceparent(kwargs: Mapping[str, object]) -> object:

@@ -36,6 +36,7 @@ from guardian.state.limits import save_changed as save_limits  # noqa: E402 - af
 from shared.errors import ConfigError  # noqa: E402
 from shared.jsonlog import configure_logging  # noqa: E402
 from shared.ops_http import OpsServer  # noqa: E402
+from shared.otlp import export_spans  # noqa: E402
 from shared.sdnotify import Watchdog, notify  # noqa: E402
 
 __all__ = ["main"]
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("cannot start: %s", error.message, extra={"event": "start_failed"})
         return 2
+    stop_exporting = export_spans("agent-guardian", config.otlp_endpoint) if config.otlp_endpoint else None
     restore_limits(core)  # before the first request: a restart is no way around a lockout
     core.database.before_each_commit(lambda connection: save_limits(core, connection))
     server = GuardianServer(core)
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if ops is not None:
         ops.stop()
     core.close()
+    if stop_exporting is not None:
+        stop_exporting()  # the last spans out
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

@@ -25,6 +25,7 @@ from guardian.state.core import GuardianCore
 from guardian.store.database import Connection
 from guardian.store.memories import Draft, Scope
 from shared.errors import InternalError
+from shared.trace import TraceContext
 
 __all__ = [
     "AfterCommit",
@@ -155,6 +156,8 @@ class Call:
     oauth: OAuthGrant | None = None
     #: The W3C trace id the request belongs to (shared/trace.py): the gateway's, or one started here.
     trace: str = ""
+    #: The caller's span in that trace, when it sent a valid traceparent: the parent of this request's span.
+    trace_parent: TraceContext | None = None
     profile: Profile | None = None
     scope: Scope | None = None
     #: The object acted on, for the audit row: named by the check or the handler when known.

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from google.protobuf.message import Message
+from opentelemetry import trace as otel_trace
 
 from guardian.access import admins, identity, oauth, proposals
 from guardian.access.oauth import OAuthGrant
@@ -52,6 +53,7 @@ from guardian.store import audit, idempotency, provenance
 from guardian.store.database import Connection
 from guardian.store.memories import ACTIVE, QUARANTINED, Draft, Scope, draft_field
 from guardian.store.scan_form import ScanForm
+from shared import otlp
 from shared.errors import (
     ContentRefused,
     FailedPrecondition,
@@ -67,7 +69,7 @@ from shared.errors import (
 from shared.formats import looks_like_jwt
 from shared.rpc.guardian.v1 import admin_pb2
 from shared.trace import METADATA_KEY as TRACE_METADATA_KEY
-from shared.trace import continue_or_start
+from shared.trace import TraceContext, continue_or_start
 
 __all__ = ["ADMIN_CALLER", "Pipeline"]
 
@@ -123,7 +125,8 @@ class Pipeline:
         started = time.perf_counter()
         rule = self._rules[method]
         call = Call(method=method, policy=self._core.policy, now_ms=now_ms(), agent=self._caller)
-        call.trace = continue_or_start(dict(metadata).get(TRACE_METADATA_KEY)).trace_id  # a bad value: a new trace
+        call.trace_parent = TraceContext.parse(dict(metadata).get(TRACE_METADATA_KEY))  # a bad value: none
+        call.trace = call.trace_parent.trace_id if call.trace_parent else continue_or_start(None).trace_id
         #: Anomaly events this request counts toward (besides burst, denials and unknown ids).
         noted: list[AnomalyKind] = []
         try:
@@ -635,6 +638,7 @@ class Pipeline:
                 "ms": round(elapsed_s * 1000, 2),
             },
         )
+        _span(call, operation, decision, elapsed_s)
         if self._caller == ADMIN_CALLER:
             security_log.info(
                 "admin action",
@@ -683,6 +687,33 @@ _REVIEW_MAX_NEIGHBOURS: Final = 1280
 _UNKNOWN_METHOD: Final = "rpc.unknown"
 #: The allow row's reason for a retry answered from its idempotency record.
 _REPLAYED: Final = "ok: a retry with the same idempotency key; the first answer is returned, nothing written"
+
+
+_tracer: Final = otel_trace.get_tracer("agent_guardian")
+
+
+def _span(call: Call, operation: str, decision: audit.Decision, elapsed_s: float) -> None:
+    """The request's OpenTelemetry span, in its trace, when spans are exported (shared/otlp.py); never content."""
+    if not otlp.exporting():
+        return
+    parent = call.trace_parent or continue_or_start(None)
+    remote = otel_trace.SpanContext(
+        trace_id=int(call.trace, 16),
+        span_id=int(parent.span_id, 16),
+        is_remote=True,
+        trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED if parent.sampled else 0),
+    )
+    end_ns = time.time_ns()
+    span = _tracer.start_span(
+        operation,
+        context=otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(remote)),
+        kind=otel_trace.SpanKind.SERVER,
+        start_time=end_ns - int(elapsed_s * 1e9),
+        attributes={"guardian.operation": operation, "guardian.decision": decision, "guardian.agent": call.agent},
+    )
+    if decision != "allow":
+        span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, decision))
+    span.end(end_time=end_ns)
 
 
 def _allow_reason(checked: Any, hits: list[str]) -> str:

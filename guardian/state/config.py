@@ -19,6 +19,7 @@ from guardian.store.database import DEFAULT_MIN_FREE_BYTES, Durability
 from shared.embedding import MAX_DIMS, TRANSFORMER_DIMS, TRANSFORMER_ID
 from shared.errors import ConfigError
 from shared.ops_http import parse_listen
+from shared.otlp import check_endpoint
 
 __all__ = ["GuardianConfig", "SocketConfig", "load_config", "render_default_config"]
 
@@ -63,6 +64,8 @@ class GuardianConfig:
     first_admins: Path
     #: The OAuth issuer's public keys, as guardianctl oauth fetch-keys writes them (guardian/access/oauth.py).
     oauth_keys: Path
+    #: Where the guardian's OpenTelemetry spans go over OTLP/HTTP (shared/otlp.py); "": not exported.
+    otlp_endpoint: str
     socket_dir: Path
     socket_dir_mode: int
     agent_socket: SocketConfig
@@ -103,7 +106,6 @@ def load_config(path: Path) -> GuardianConfig:
     keys_dir = _resolve(base, top.text("keys_dir", "keys"))
     policy = _resolve(base, top.text("policy", "policy.yaml"))
     first_admins = _resolve(base, top.text("first_admins", "first-admins"))
-    oauth_keys = _resolve(base, top.text("oauth_keys", "issuer-keys.json"))
     sockets = top.section("sockets")
     socket_dir = _resolve(base, sockets.text("dir", "run"))
     socket_dir_mode = _mode(sockets, "dir_mode", "0700", others_may_traverse=True)
@@ -150,6 +152,10 @@ def load_config(path: Path) -> GuardianConfig:
     backup_keep = backup.integer("keep", 7, minimum=1, maximum=1000)
     backup.done()
     embedding = _embedding(base, top.section("embedding"))
+    oauth_keys, otlp_endpoint = (
+        _resolve(base, top.text("oauth_keys", "issuer-keys.json")),
+        _otlp_endpoint(top.section("tracing")),
+    )
     top.done()
     return GuardianConfig(
         config_path=path,
@@ -159,6 +165,7 @@ def load_config(path: Path) -> GuardianConfig:
         policy=policy,
         first_admins=first_admins,
         oauth_keys=oauth_keys,
+        otlp_endpoint=otlp_endpoint,
         socket_dir=socket_dir,
         socket_dir_mode=socket_dir_mode,
         agent_socket=agent_socket,
@@ -214,6 +221,14 @@ def _sha256_text(section: Section, key: str) -> str:
     return value
 
 
+def _otlp_endpoint(tracing: Section) -> str:
+    endpoint = str(tracing.text("otlp_endpoint", ""))
+    if endpoint:
+        check_endpoint(endpoint, "tracing.otlp_endpoint")
+    tracing.done()
+    return endpoint
+
+
 def render_default_config() -> str:
     """The config.yaml that `guardianctl init` writes into a new state dir."""
     return """\
@@ -251,6 +266,9 @@ ops:
   listen: "127.0.0.1:9464"
 audit:
   head_interval: 60s          # how often the audit chain head goes to the security log
+tracing:
+  # OpenTelemetry spans over OTLP/HTTP (one per request, never content); "" turns it off.
+  otlp_endpoint: ""           # e.g. http://127.0.0.1:4318/v1/traces
 shutdown_grace_seconds: 10
 housekeeping_interval: 5s     # retention purges and forgetting idle sessions and rate-limit state
 storage:

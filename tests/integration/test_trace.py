@@ -13,6 +13,7 @@ from mcp_types import RequestParamsMeta
 from tests.integration.test_e2e_mcp import http_gateway
 from tests.support.harness import Guardian, running_guardian
 from tests.support.mcp_harness import http_client
+from tests.support.otlp_collector import running_collector
 
 
 @pytest.fixture
@@ -70,3 +71,28 @@ def assert_one_trace(guardian: Guardian, gateway_log: Path, trace_id: str) -> No
         started = calls[tool]
         assert len(started) == 32 and started != trace_id and started != "0" * 32
         assert requests[operation] == rows[operation] == started
+
+
+@pytest.mark.anyio
+async def test_spans_exported_over_otlp_join_the_trace_across_the_hop_and_carry_no_content() -> None:
+    marker = "kestrel-" + secrets.token_hex(6)
+    with running_collector() as collector:
+        with running_guardian(config={"tracing": {"otlp_endpoint": collector.url}}) as guardian:
+            token = guardian.add_agent("traced")
+            with http_gateway(guardian, extra=["--otlp-endpoint", collector.url]) as url:
+                trace_id = secrets.token_hex(16)
+                async with http_client(url, token) as client:
+                    stored = await client.call_tool(
+                        "memory_store",
+                        {"content": f"a traced note: {marker}"},
+                        meta=traceparent(f"00-{trace_id}-{secrets.token_hex(8)}-01"),
+                    )
+                    assert not stored.is_error
+            guardian.stop()  # both processes flush their spans as they stop
+        in_trace = [span for span in collector.spans if span.trace_id == trace_id]
+        gateway = [span for span in in_trace if span.service == "agent-gateway"]
+        stored_spans = [span for span in in_trace if span.service == "agent-guardian" and span.name == "memory.store"]
+        assert gateway and len(stored_spans) == 1, collector.spans
+        assert stored_spans[0].parent_span_id in {span.span_id for span in gateway}
+        assert stored_spans[0].attributes["guardian.decision"] == "allow"
+        assert not any(marker.encode() in body for body in collector.bodies)
