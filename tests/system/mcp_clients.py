@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -51,11 +52,17 @@ PACE_S = 0.02
 RETRY_PAUSE_S = 0.1
 
 
+#: A CA file to trust for an https URL (--ca; a proxy's own certificate in the TLS test), else the system's.
+_TRUST: list[ssl.SSLContext | bool] = [True]
+
+
 @contextlib.asynccontextmanager
 async def connect(url: str, token: str) -> AsyncIterator[Client]:
     """One MCP session with the gateway, authenticated with the agent token."""
     async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=CALL_TIMEOUT_S) as http,
+        httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {token}"}, timeout=CALL_TIMEOUT_S, verify=_TRUST[0]
+        ) as http,
         Client(streamable_http_client(url, http_client=http)) as client,
     ):
         yield client
@@ -219,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["store", "get", "list", "search", "load"])
     parser.add_argument("--url", default="http://127.0.0.1:8765/mcp")
+    parser.add_argument("--ca", type=Path, help="trust this CA file for an https --url (e.g. a TLS proxy's)")
     parser.add_argument("--token-file", type=Path, nargs="+", required=True)
     parser.add_argument("--content", nargs="+")
     parser.add_argument("--query", nargs="+")
@@ -227,6 +235,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--stop-file", type=Path)
     args = parser.parse_args()
+    if args.ca:
+        _TRUST[0] = ssl.create_default_context(cafile=str(args.ca))
     tokens = [path.read_text().strip() for path in args.token_file]
     if args.command == "store":
         result = asyncio.run(store(args.url, tokens[0], args.content))

@@ -1112,6 +1112,74 @@ def _wait_for_admin_socket(d: Deployment) -> None:
         time.sleep(0.2)
 
 
+#: The README's nginx config (section "TLS"), with this test's name and certificate.
+NGINX_SITE = """
+server {
+    listen 443 ssl;
+    server_name memory.test;
+    ssl_certificate     /etc/nginx/memory.test.pem;
+    ssl_certificate_key /etc/nginx/memory.test.key;
+    location / {
+        proxy_pass http://127.0.0.1:8765;
+        proxy_http_version 1.1;
+        proxy_set_header Host $host;
+        proxy_buffering off;
+        proxy_read_timeout 1h;
+        client_max_body_size 4m;
+    }
+}
+"""
+GATEWAY_BEHIND_TLS = """[Service]
+ExecStart=
+ExecStart=/opt/agent-guardian/venv/bin/agent-gateway --transport http --host 127.0.0.1 --port 8765 \\
+    --socket /run/agent-guardian/agent.sock --ops-listen 127.0.0.1:9465 --allowed-host memory.test
+"""
+
+
+def test_an_agent_reaches_the_gateway_through_the_readmes_nginx_tls_config(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nginx terminates TLS for memory.test with the README's config; the gateway, told that name, serves it."""
+    d, system = deployed, deployed.system
+    dropin = "/etc/systemd/system/agent-gateway.service.d/tls.conf"
+    system.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+         "-subj", "/CN=memory.test", "-addext", "subjectAltName=DNS:memory.test",
+         "-keyout", "/etc/nginx/memory.test.key", "-out", "/etc/nginx/memory.test.pem"]
+    )  # fmt: skip
+    d.host_path("/etc/nginx/sites-enabled/memory.test").write_text(NGINX_SITE)
+    system.run(["sh", "-c", "echo '127.0.0.1 memory.test' >> /etc/hosts"])
+    system.run(["mkdir", "-p", "/etc/systemd/system/agent-gateway.service.d"])
+    d.host_path(dropin).write_text(GATEWAY_BEHIND_TLS)
+    try:
+        system.systemctl("daemon-reload")
+        system.systemctl("restart", "agent-gateway.service")
+        system.systemctl("restart", "nginx.service")
+        token = d.add_agent("tls-agent")
+        url, trust = "https://memory.test/mcp", ["--ca", "/etc/nginx/memory.test.pem"]
+        deadline = time.monotonic() + 30
+        while True:  # the gateway restarts; nginx answers 502 until it listens
+            stored = system.run(
+                [VENV_PYTHON, CLIENTS, "store", "--url", url, *trust, "--token-file", token, "--content", "over TLS"],
+                check=False,
+                timeout=120,
+            )
+            if stored.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert stored.returncode == 0, stored.stderr[-2000:]
+        memory_id = json.loads(stored.stdout)["ids"][0]
+        got = d.mcp("get", "--url", url, *trust, "--token-file", token, "--id", memory_id)
+        assert got["content"] == "over TLS"
+    finally:
+        system.run(["rm", "-f", dropin, "/etc/nginx/sites-enabled/memory.test"])
+        system.systemctl("daemon-reload")
+        system.systemctl("restart", "agent-gateway.service")
+    report(
+        capsys, "TLS: an MCP client stored and read a memory through nginx (the README's config) at https://memory.test"
+    )
+
+
 def test_the_oauth_key_fetcher_waits_for_an_issuer_and_runs_as_its_own_user(
     deployed: Deployment, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -98,6 +98,7 @@ VARIANT = "minbase"
 MIRROR = os.environ.get("AGENT_GUARDIAN_TEST_MIRROR", "http://deb.debian.org/debian")
 #: util-linux (runuser, setpriv) and passwd (useradd) come with minbase. openssh-client: the security
 #: team's admin keys are made with ssh-keygen, as a person would make theirs (install.sh needs none of it).
+#: nginx-light and openssl: the gateway behind a TLS-terminating proxy, as the README configures it.
 INCLUDE = (
     "systemd",
     "systemd-sysv",
@@ -108,6 +109,8 @@ INCLUDE = (
     "procps",
     "logrotate",
     "openssh-client",
+    "nginx-light",
+    "openssl",
 )
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
