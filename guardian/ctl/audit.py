@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from guardian.ctl.connection import call
 from guardian.ctl.output import print_json, when
-from guardian.keys.audit_proof import EXPORT_FORMAT, ExportReport, verify_export
+from guardian.keys.audit_proof import EXPORT_FORMAT, ROW_FIELDS, ExportReport, verify_export
 from guardian.keys.signing import ALGORITHM, parse_public_keys, public_key_text
 from shared.errors import ConfigError
 from shared.rpc.guardian.v1 import admin_pb2
@@ -43,21 +43,8 @@ _UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PAGE: Final = 1000
 _FOLLOW_WAIT_MS: Final = 5000
 _MAX_PUBLISHED_HEADS: Final = 10_000
-_FIELDS: Final = (
-    "seq",
-    "ts_ms",
-    "agent",
-    "session",
-    "operation",
-    "object_id",
-    "decision",
-    "reason",
-    "policy_version",
-    "args_digest",
-    "key_id",
-    "mac",
-    "trace",
-)
+#: A row as guardianctl prints and exports it: the canonical fields, the mac and the trace.
+_FIELDS: Final = (*ROW_FIELDS, "mac", "trace")
 
 
 def parse_time(text: str) -> int:

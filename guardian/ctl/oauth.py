@@ -83,8 +83,8 @@ def _metadata(issuer: str) -> dict[str, Any]:
 
 def fetch_keys(issuer: str, output: Path) -> int:
     """Fetch the issuer's JWKS into output; how many keys it holds."""
-    jwks_uri = _metadata(_checked_url(issuer, "the issuer"))
-    uri = jwks_uri.get("jwks_uri")
+    metadata = _metadata(_checked_url(issuer, "the issuer"))
+    uri = metadata.get("jwks_uri")
     if not isinstance(uri, str):
         raise Unavailable("the issuer's metadata has no jwks_uri")
     jwks = _get_json(_checked_url(uri, "the issuer's jwks_uri"))

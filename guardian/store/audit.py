@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from guardian.files.durable import replace_atomically
-from guardian.keys.audit_proof import GENESIS_LINK, SignedHead, canonical_row, head_message, next_link
+from guardian.keys.audit_proof import GENESIS_LINK, ROW_FIELDS, SignedHead, canonical_row, head_message, next_link
 from guardian.keys.ring import KeyRing
 from guardian.keys.signing import SigningRing
 from guardian.store.database import Connection
@@ -156,7 +156,7 @@ class ChainHead:
 
 def canonical(row: AuditRow) -> bytes:
     """The bytes a row's mac covers (before prev_mac): canonical form v1, or v2 for a row with a trace."""
-    return canonical_row(_values(row)[:11], row.trace)  # the columns before the mac, in column order
+    return canonical_row(_values(row)[: len(ROW_FIELDS)], row.trace)  # the columns before the mac, in order
 
 
 @dataclass(frozen=True)
@@ -328,7 +328,7 @@ class AuditTrail:
         _, mac = self.ring.sign(canonical(row) + prev_mac.encode("ascii"))
         connection.execute(
             f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 (constant)
-            (*_values(row)[:11], mac, row.trace),
+            (*_values(row)[: len(ROW_FIELDS)], mac, row.trace),
         )
         return ChainHead(seq, mac)
 
