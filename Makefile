@@ -60,3 +60,8 @@ soak: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+## profile: where the guardian's CPU goes per store and search, by pipeline stage, at 100k memories (issue 19)
+.PHONY: profile
+profile: $(STAMP)
+	$(PY) -m bench --profile --sizes 100000 --clients 1 --transports grpc,stdio $(BENCH_ARGS)

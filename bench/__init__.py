@@ -11,7 +11,8 @@ at each concurrency, through
 
 Beside each figure it prints the floor measured in the same run with the same
 client code and concurrency: an MCP no-op tool on the same SDK and transport
-(:mod:`bench.noop_server`), a gRPC no-op call on the same kind of Unix socket
+that makes one no-op gRPC call to another process (:mod:`bench.noop_server`),
+a gRPC no-op call on the same kind of Unix socket
 with the guardian's thread-pool size (:mod:`bench.noop_grpc`), and a bare
 SQLCipher insert and FTS5 query on a table of the same size
 (:mod:`bench.sqlfloor`). It then evaluates the targets of issues 5 and 15, measures

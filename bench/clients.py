@@ -31,7 +31,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from bench.corpus import LIST_DEPTH, LIST_PAGE_SIZE, SEARCH_LIMIT, Corpus, MemoryText
 from bench.load import AsyncCall
-from bench.noop_grpc import NOOP_METHOD
+from bench.noop_grpc import CHANNEL_OPTIONS, NOOP_METHOD
 from bench.noop_server import NOOP_TOOL
 from bench.procs import ROOT, RUN_ENV, run_id
 from shared.rpc.guardian.v1 import agent_pb2 as pb
@@ -55,12 +55,6 @@ __all__ = [
 OPERATIONS: Final = ("store", "store_batch", "get", "search", "search_common", "list")
 _DEADLINE_S: Final = 60.0
 _START_TIMEOUT_S: Final = 180.0
-#: The gateway's channel options (gateway/client.py), so the direct clients connect the same way.
-CHANNEL_OPTIONS: Final = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 class CallFailed(Exception):
@@ -267,7 +261,8 @@ def _shell_wrapped(
 def stdio_opener(
     server: str, pid_file: Path, stderr_file: Path, *, socket_path: Path | None = None, token: str = ""
 ) -> ClientOpener:
-    """Opens an MCP client on a new stdio server process: ``gateway`` or ``noop``."""
+    """Opens an MCP client on a new stdio server process: ``gateway`` (on the guardian's socket_path) or ``noop``
+    (whose tool calls the gRPC floor at socket_path, when given)."""
     if server == "gateway":
         if socket_path is None or not token:
             raise ValueError("a stdio gateway needs the agent socket and a token")
@@ -275,6 +270,7 @@ def stdio_opener(
         env = {"AGENT_GUARDIAN_TOKEN": token}
     else:
         argv = [sys.executable, "-m", "bench.noop_server", "--transport", "stdio"]
+        argv += ["--grpc-socket", str(socket_path)] if socket_path is not None else []
         env = {}
     params = _shell_wrapped(argv, env, pid_file, stderr_file)
 

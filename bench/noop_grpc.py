@@ -19,9 +19,15 @@ from typing import Any, Final
 
 import grpc
 
-__all__ = ["NOOP_METHOD", "main"]
+__all__ = ["CHANNEL_OPTIONS", "NOOP_METHOD", "main"]
 
 NOOP_METHOD: Final = "/bench.v1.Noop/Call"
+#: The gateway's channel options (gateway/client.py), so the bench's clients connect the same way.
+CHANNEL_OPTIONS: Final = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 #: guardian/daemon/server.py: _WORKERS, maximum_concurrent_rpcs and the options it passes.
 WORKERS: Final = 8
 MAX_CONCURRENT_RPCS: Final = 256

@@ -29,6 +29,8 @@ class Options:
     json_path: Path
     prefill: str
     quick: bool
+    #: Have the guardian time its pipeline's stages, and print them per call beside each figure.
+    profile: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -40,6 +42,7 @@ class Options:
             "json": str(self.json_path),
             "prefill": self.prefill,
             "quick": self.quick,
+            "profile": self.profile,
         }
 
 
@@ -64,11 +67,12 @@ def _transports(text: str) -> tuple[str, ...]:
 _EPILOG: Final = """\
 floors (beside every figure, measured in the same run, same client code and concurrency):
   grpc-noop      a no-op unary call on a Unix socket, the guardian's server settings (grpc figures)
-  mcp-noop       a no-op tool on the same MCP SDK and transport (stdio and http figures)
+  mcp+grpc-noop  an MCP tool on the same SDK and transport that makes one no-op gRPC call over a
+                 Unix socket to another process (stdio and http figures)
   sqlcipher-*    the operation's bare SQL on a SQLCipher table of the same size (db ratio)
   ratio = figure ops/s / floor ops/s; CPU ms per call of each process is in the table and the JSON.
 
-output: the table and the targets of issue 5 on stdout, progress on stderr, every figure in the JSON.
+output: the table and the targets (issues 5, 15, 19) on stdout, progress on stderr, every figure in the JSON.
 exit status: 0 every call succeeded and every check held; 1 otherwise (e.g. calls past a deadline);
              2 bad options. The JSON is written in every case but 2.
 
@@ -77,7 +81,9 @@ examples:
   python -m bench                                       1k and 100k memories, 1 and 16 clients (minutes)
   python -m bench --million --clients 1                 adds 1M memories (prefilled directly)
   python -m bench --sizes 100000 --transports grpc --duration 10
+  python -m bench --profile --sizes 100000 --clients 1   where the guardian's CPU goes, by stage
   make bench BENCH_ARGS='--million'
+  make profile
 """
 
 
@@ -113,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="smoke profile: 200 memories, 1 and 2 clients, 8 calls per operation (seconds in all)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="the guardian times each pipeline stage (tracing.profile_stages): its CPU per call by stage is "
+        "printed beside the figures and written to the JSON (costs the guardian a few microseconds a call)",
+    )
     return parser
 
 
@@ -140,4 +152,5 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         json_path=args.json,
         prefill=args.prefill,
         quick=args.quick,
+        profile=args.profile,
     )

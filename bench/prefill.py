@@ -33,8 +33,8 @@ from typing import Any, Final
 import grpc.aio
 import numpy as np
 
-from bench.clients import CHANNEL_OPTIONS
 from bench.corpus import Corpus, MemoryText
+from bench.noop_grpc import CHANNEL_OPTIONS
 from bench.procs import BenchGuardian
 from guardian.keys.rotated import load_all_keys
 from guardian.policy.compile import compile_policy

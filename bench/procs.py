@@ -293,12 +293,18 @@ class BenchGuardian(StateDirFiles):
     #: The same of its embedder process(es).
     embedder_peak_kib: int = 0
     tokens: dict[str, str] = field(default_factory=dict)
+    #: Time the pipeline's stages (tracing.profile_stages), served on /metrics at ops_port.
+    profile: bool = False
+    ops_port: int = 0
 
     def prepare(self) -> None:
         """Create the state dir (keys, DB, config) and write the bench policy."""
         init_state_dir(self.state_dir)
         config = yaml.safe_load(self.config.read_text())
-        config["ops"] = {"listen": "127.0.0.1:0"}  # served as shipped, on a free port
+        if self.profile:  # /metrics on a port the bench knows, for the stage sums (bench/stage_profile.py)
+            self.ops_port = free_port()
+            config["tracing"] = {**(config.get("tracing") or {}), "profile_stages": True}
+        config["ops"] = {"listen": f"127.0.0.1:{self.ops_port}"}  # served as shipped; 0: a free port
         self.config.write_text(yaml.safe_dump(config))
         (self.state_dir / "policy.yaml").write_text(yaml.safe_dump(bench_policy(), sort_keys=False))
 

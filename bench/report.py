@@ -1,9 +1,11 @@
-"""What a run found: the figures beside their floors, the targets of issue 5, the JSON.
+"""What a run found: the figures beside their floors, the targets of issues 5, 15 and 19, the JSON.
 
 Every figure names the floor it is divided by, measured in the same run:
 
-- ``mcp-noop``: the no-op tool on the same MCP transport, same client code and
-  number of clients (for ``stdio`` and ``http`` figures);
+- ``mcp+grpc-noop``: an MCP tool on the same SDK and transport that makes one no-op
+  gRPC call over a Unix socket to another process (bench/noop_server.py), the floor
+  this design imposes; same client code and number of clients (for ``stdio`` and
+  ``http`` figures);
 - ``grpc-noop``: the no-op unary call on the same kind of socket, same client
   library and number of clients (for ``grpc`` figures);
 - ``sqlcipher-*``: the bare SQLCipher statement of the operation on a table of
@@ -77,6 +79,8 @@ class Figure:
     memories_per_call: int = 1
     #: CPU ms per call of the guardian, the gateway process(es) and the bench's clients.
     cpu_ms_per_op: dict[str, float] = field(default_factory=dict)
+    #: With --profile: the guardian's CPU µs per call by pipeline stage (bench/stage_profile.py).
+    stages_us: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float | None:
@@ -104,6 +108,7 @@ class Figure:
             "db_floor_ops_per_s": None if self.db_floor is None else round(self.db_floor.measurement.ops_per_s, 2),
             "db_ratio": _rounded(self.db_ratio),
             "cpu_ms_per_op": self.cpu_ms_per_op,
+            **({"guardian_cpu_us_by_stage": self.stages_us} if self.stages_us else {}),
         }
 
 
@@ -234,11 +239,30 @@ class Report:
                 f"{floor.name:<26} {floor.transport:<9} {m.clients:>7} {floor.size:>8} {m.ops_per_s:>9.1f} "
                 f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {_cpu(floor.cpu_ms_per_op, ('server', 'client'))}"
             )
+        lines += _stage_lines(self.figures)
         lines += ["", "peak RSS (VmHWM):"]
         for entry in self.rss:
             parts = ", ".join(f"{name} {kib / 1000 * 1.024:.1f} MB" for name, kib in entry["kib"].items() if kib)
             lines.append(f"  size {entry['size']}: {parts}")
         return "\n".join(lines)
+
+
+def _stage_lines(figures: list[Figure]) -> list[str]:
+    """With --profile: each figure's guardian CPU per call by stage, and what no stage covers (gRPC, the rest)."""
+    profiled = [figure for figure in sorted(figures, key=_figure_order) if figure.stages_us]
+    if not profiled:
+        return []
+    lines = ["", "guardian CPU per call by pipeline stage, us (--profile; other = the process's CPU less the stages):"]
+    for figure in profiled:
+        total_us = figure.cpu_ms_per_op.get("guardian", 0.0) * 1000
+        stages = dict(figure.stages_us)
+        stages["other"] = round(max(0.0, total_us - sum(stages.values())), 1)
+        parts = "  ".join(f"{stage} {us:.0f}" for stage, us in stages.items())
+        lines.append(
+            f"  {figure.operation:<12} {figure.transport:<5} x{figure.measurement.clients:<3} {figure.size:>8}: "
+            f"total {total_us:.0f} = {parts}"
+        )
+    return lines
 
 
 _TRANSPORT_ORDER: Final = {"grpc": 0, "stdio": 1, "http": 2}
@@ -279,18 +303,18 @@ def _rss_mb(report: Report, size: int, process: str) -> float | None:
 
 
 def evaluate_targets(report: Report) -> list[Target]:
-    """The targets of issue 5, each with the figure that decides it."""
+    """The targets of issues 5, 15 and 19, each with the figure that decides it."""
     targets: list[Target] = []
     sizes = sorted({figure.size for figure in report.figures})
     for size in sizes:
         figure = report.figure("store", "stdio", 1, size)
         targets.append(
             _target(
-                f"store via gateway stdio, 1 client, at {size}: ratio to the MCP no-op floor",
+                f"store via gateway stdio, 1 client, at {size}: ratio to the MCP+gRPC no-op floor",
                 figure.ratio if figure else None,
                 ">=",
                 0.75,
-                "memory_store over stdio / no-op tool over stdio, serial",
+                "memory_store over stdio / no-op tool (one no-op gRPC call) over stdio, serial",
             )
         )
     for size, threshold in ((HUNDRED_K, 0.6), (ONE_M, 0.4)):
@@ -299,11 +323,12 @@ def evaluate_targets(report: Report) -> list[Target]:
                 figure = report.figure("search", transport, clients, size)
                 targets.append(
                     _target(
-                        f"search via gateway {transport}, {clients} client(s), at {size}: ratio to the MCP no-op floor",
+                        f"search via gateway {transport}, {clients} client(s), at {size}: ratio to the MCP+gRPC"
+                        " no-op floor",
                         figure.ratio if figure else None,
                         ">=",
                         threshold,
-                        f"memory_search over {transport} / no-op tool over {transport}",
+                        f"memory_search over {transport} / no-op tool (one no-op gRPC call) over {transport}",
                     )
                 )
     for size, threshold in ((HUNDRED_K, 0.5), (ONE_M, 0.35)):  # issue 15: a search's cost bounded by k
@@ -315,7 +340,7 @@ def evaluate_targets(report: Report) -> list[Target]:
                 figure.ratio if figure else None,
                 ">=",
                 threshold,
-                "memory_search 'project memo' over stdio / no-op tool over stdio, serial",
+                "memory_search 'project memo' over stdio / no-op tool (one no-op gRPC call) over stdio, serial",
             )
         )
     for size in sizes:
@@ -351,6 +376,7 @@ def evaluate_targets(report: Report) -> list[Target]:
                     "store ops/s at 100,000 memories over store ops/s at 1,000",
                 )
             )
+    targets += _write_path_targets(report)
     for process in ("guardian", "gateway"):
         targets.append(
             _target(
@@ -364,9 +390,47 @@ def evaluate_targets(report: Report) -> list[Target]:
     return targets
 
 
+def _write_path_targets(report: Report) -> list[Target]:
+    """Issue 19's: the guardian's CPU per store, stores at 16 clients, the store rate at 1M against 1k."""
+    store = report.figure("store", "grpc", 1, HUNDRED_K)
+    targets = [
+        _target(
+            "guardian CPU per store at 100k, direct gRPC, 1 client (ms)",
+            store.cpu_ms_per_op.get("guardian") if store else None,
+            "<=",
+            0.5,
+            "the guardian process's CPU (all threads) over the timed stores, per store; filters on, as shipped",
+        )
+    ]
+    for size in sorted({figure.size for figure in report.figures}):
+        figure = report.figure("store", "grpc", 16, size)
+        targets.append(
+            _target(
+                f"16 concurrent direct gRPC stores at {size}, durable and audited: ratio to the gRPC no-op floor at 16",
+                figure.ratio if figure else None,
+                ">=",
+                0.4,
+                "Store over the agent socket / gRPC no-op, 16 clients each (the audit check below covers them)",
+            )
+        )
+    small, large = report.figure("store", "grpc", 1, ONE_K), report.figure("store", "grpc", 1, ONE_M)
+    targets.append(
+        _target(
+            "store rate at 1M / at 1k, direct gRPC, 1 client",
+            large.measurement.ops_per_s / small.measurement.ops_per_s
+            if small and large and small.measurement.ops_per_s > 0
+            else None,
+            ">=",
+            0.9,
+            "store ops/s at 1,000,000 memories over store ops/s at 1,000",
+        )
+    )
+    return targets
+
+
 def render_targets(targets: list[Target]) -> str:
     """The targets as lines: met / NOT MET / not measured."""
-    lines = ["targets of issue 5:"]
+    lines = ["targets (issues 5, 15, 19):"]
     for target in targets:
         state = "not measured" if target.met is None else ("met" if target.met else "NOT MET")
         measured = "-" if target.measured is None else f"{target.measured:.3f}"

@@ -60,12 +60,24 @@ from bench.procs import (
 )
 from bench.report import Figure, Floor, Report
 from bench.sqlfloor import FLOOR_OF, SqlFloor
+from bench.stage_profile import StageMeter
 
 __all__ = ["AGENT", "log", "run_sizes"]
 
 AGENT: Final = "bench"
 #: Reads first (they see exactly the prefilled memories), then the writes.
+#: The stdio and HTTP figures' floor: an MCP no-op tool that makes one no-op gRPC call (bench/noop_server.py).
+MCP_FLOOR: Final = "mcp+grpc-noop"
 _MEASURE_ORDER: Final = ("get", "search", "search_common", "list", "store", "store_batch")
+#: The audit (and stage profile) operation of each measured operation.
+_AUDIT_OPERATION: Final = {
+    "get": "memory.get",
+    "search": "memory.search",
+    "search_common": "memory.search",
+    "list": "memory.list",
+    "store": "memory.store",
+    "store_batch": "memory.store_batch",
+}
 
 
 def log(message: str) -> None:
@@ -125,6 +137,8 @@ class _SizeRun:
     acks_total: Acks | None = None
     prefill_batches: int = 0
     gateway_peak_kib: dict[str, int] | None = None
+    #: The gRPC floor's server (_grpc_noop), once started.
+    grpc_noop: Spawned | None = None
 
     def note_gateway_rss(self, kind: str, kib: int | None) -> None:
         peaks = self.gateway_peak_kib if self.gateway_peak_kib is not None else {}
@@ -162,7 +176,9 @@ async def _measure_operations(
         rows = run.table_rows()
         calls: list[AsyncCall] = [getattr(client, operation) for client in clients]
         meter = CpuMeter({"guardian": [guardian_pid], **({"gateway": gateway_pids} if gateway_pids else {})})
-        measurement = await measure(calls, run.options.budget, meter)
+        stages = StageMeter(meter, run.guardian.ops_port) if run.options.profile else None
+        measurement = await measure(calls, run.options.budget, stages or meter)
+        stages_us = stages.per_call_us(_AUDIT_OPERATION[operation], measurement.ops) if stages else {}
         db_floor = next(
             (f for f in run.report.floors if f.size == run.size and f.name == "sqlcipher-" + FLOOR_OF[operation]),
             None,
@@ -178,6 +194,7 @@ async def _measure_operations(
                 table_rows=rows,
                 memories_per_call=BATCH_SIZE if operation == "store_batch" else 1,
                 cpu_ms_per_op=meter.per_op_ms(measurement.ops),
+                stages_us=stages_us,
             )
         )
         log(
@@ -247,23 +264,25 @@ def _audit_check(run: _SizeRun) -> dict[str, Any]:
     }
 
 
+def _grpc_noop(run: _SizeRun) -> tuple[Spawned, Path]:
+    """The gRPC floor's server (bench/noop_grpc.py) of this size's run, started at its first use: the gRPC
+    floor calls it, and so does the MCP floors' tool."""
+    if run.grpc_noop is None or not run.grpc_noop.alive():
+        socket_path = run.root / "noop.sock"
+        argv = [sys.executable, "-m", "bench.noop_grpc", "--socket", str(socket_path)]
+        run.grpc_noop = run.procs.add(spawn("grpc-noop", argv, run.root / "noop-grpc.log"))
+        wait_for_socket(run.grpc_noop, socket_path)
+    return run.grpc_noop, run.root / "noop.sock"
+
+
 async def _grpc_transport(run: _SizeRun) -> None:
-    noop_socket = run.root / "noop.sock"
-    noop = run.procs.add(
-        spawn(
-            "grpc-noop",
-            [sys.executable, "-m", "bench.noop_grpc", "--socket", str(noop_socket)],
-            run.root / "noop-grpc.log",
-        )
-    )
-    wait_for_socket(noop, noop_socket)
+    noop, noop_socket = _grpc_noop(run)
     for count in run.options.clients:
         async with grpc_noop_calls(noop_socket, count) as calls:
             floor = await _measure_floor(run, "grpc-noop", "grpc", calls, [noop.pid])
         acks = Acks()
         async with grpc_agent_clients(run.guardian.agent_socket, run.token, count, run.corpus, acks) as clients:
             await _measure_operations(run, "grpc", clients, acks, floor, gateway_pids=[])
-    noop.stop()
 
 
 def _pid_files(run: _SizeRun, label: str, count: int) -> list[Path]:
@@ -287,12 +306,13 @@ def _peak_of_pid_files(files: Sequence[Path]) -> int:
 
 
 async def _stdio_transport(run: _SizeRun) -> None:
+    grpc_noop, grpc_socket = _grpc_noop(run)
     for count in run.options.clients:
         noop_pids = _pid_files(run, "noop-stdio", count)
-        openers = [stdio_opener("noop", pid, run.root / "noop-stdio.log") for pid in noop_pids]
+        openers = [stdio_opener("noop", pid, run.root / "noop-stdio.log", socket_path=grpc_socket) for pid in noop_pids]
         async with mcp_clients(openers) as sessions:
             calls = [mcp_noop_call(session) for session in sessions]
-            floor = await _measure_floor(run, "mcp-noop", "stdio", calls, _pids_in(noop_pids))
+            floor = await _measure_floor(run, MCP_FLOOR, "stdio", calls, [*_pids_in(noop_pids), grpc_noop.pid])
         gateway_pids = _pid_files(run, "gateway-stdio", count)
         openers = [
             stdio_opener(
@@ -319,7 +339,8 @@ def _http_server(run: _SizeRun, name: str, argv: list[str]) -> Iterator[tuple[Sp
 
 
 async def _http_transport(run: _SizeRun) -> None:
-    noop_argv = [sys.executable, "-m", "bench.noop_server", "--transport", "http"]
+    grpc_noop, grpc_socket = _grpc_noop(run)
+    noop_argv = [sys.executable, "-m", "bench.noop_server", "--transport", "http", "--grpc-socket", str(grpc_socket)]
     gateway_argv = [
         sys.executable,
         "-m",
@@ -336,7 +357,7 @@ async def _http_transport(run: _SizeRun) -> None:
         for count in run.options.clients:
             async with mcp_clients([http_client_opener(noop_url)] * count) as sessions:
                 calls = [mcp_noop_call(session) for session in sessions]
-                floor = await _measure_floor(run, "mcp-noop", "http", calls, [noop.pid])
+                floor = await _measure_floor(run, MCP_FLOOR, "http", calls, [noop.pid, grpc_noop.pid])
             acks = Acks()
             async with mcp_clients([http_client_opener(gateway_url, run.token)] * count) as sessions:
                 clients = [McpAgentClient(s, run.corpus, acks) for s in sessions]
@@ -376,7 +397,7 @@ def _sql_floors(run: _SizeRun) -> None:
 @asynccontextmanager
 async def _size(size: int, temp_root: Path, options: Options, report: Report) -> AsyncIterator[_SizeRun]:
     root = temp_root / f"s{size}"
-    guardian = BenchGuardian(root)
+    guardian = BenchGuardian(root, profile=options.profile)
     procs = _Processes()
     try:
         guardian.prepare()

@@ -15,12 +15,13 @@ embeds its memory itself). Nothing of this is recorded but the vectors, so it is
 resumable after a kill: the next start looks again for what has no vector.
 Progress is logged and shown by ``guardianctl status``.
 
-Then, until the guardian stops, it embeds what a write left without a vector
-(agent-embedder was not answering, or a memory was released from quarantine),
-and keeps the index's large partitions trained as inverted files
-(guardian/recall/index.py), one short step at a time. While the embedder does
-not answer, a pass stops and a later one resumes (the embedder's client
-fails fast for 3 s after a failure).
+Then, until the guardian stops, it embeds what writes queued (guardian/store/vectors.py:
+a write stores its memory first and its vector follows, milliseconds later, in
+batches of up to :data:`_EMBED_BATCH`), scans for what was left without a vector
+(agent-embedder was not answering), and keeps the index's large partitions
+trained as inverted files (guardian/recall/index.py), one short step at a time.
+While the embedder does not answer, the queue goes to the scan, a pass stops and
+a later one resumes (the embedder's client fails fast for 3 s after a failure).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ log = logging.getLogger("agent_guardian")
 security_log = logging.getLogger("agent_guardian.security")
 
 _EMBED_BATCH: Final = 64
+#: The longest the queue of what writes left to embed is let fill before its batch is embedded (a waiting search
+#: cuts it short).
+_LINGER_S: Final = 0.01
 _LOG_EVERY: Final = 10_000
 #: How often it looks for a partition that has grown enough to be trained (again).
 _TRAIN_CHECK_S: Final = 5.0
@@ -139,14 +143,59 @@ class RecallIndexer(Background):
         if vectors is None:
             return
         next_training = 0.0
-        while not self._stop.is_set():
-            if vectors.behind.is_set():
-                self.embed_missing()
-            if time.monotonic() >= next_training:
-                if vectors.index.train_step():
-                    continue  # more of it at once: each step holds the index's lock only briefly
-                next_training = time.monotonic() + _TRAIN_CHECK_S
-            self._stop.wait(_BEHIND_CHECK_S)
+        vectors.serve_queue(True)
+        try:
+            while not self._stop.is_set():
+                vectors.wake.clear()
+                if self.embed_queued():
+                    continue  # more may be queued already
+                if vectors.behind.is_set():
+                    self.embed_missing()
+                    if not vectors.behind.is_set():  # caught up: the embedder answers again
+                        vectors.serve_queue(True)
+                if time.monotonic() >= next_training:
+                    if vectors.index.train_step():
+                        continue  # more of it at once: each step holds the index's lock only briefly
+                    next_training = time.monotonic() + _TRAIN_CHECK_S
+                vectors.wake.wait(_BEHIND_CHECK_S)
+        finally:
+            vectors.serve_queue(False)
+
+    def embed_queued(self) -> int:
+        """Embed one batch of what writes queued, or wait for it to fill; 0 when nothing is queued.
+
+        The embedder not answering sends the queue to the scan (embed_missing, when it is back).
+        """
+        memories, database = self._core.memories, self._core.database
+        vectors = memories.vectors
+        if vectors is None:
+            return 0
+        linger_s = vectors.batch_wait_s(_EMBED_BATCH, _LINGER_S)
+        if linger_s > 0:  # let the queue fill: one request to the embedder and one transaction for the batch
+            vectors.wake.wait(linger_s)  # a write or a waiting search wakes it; batch_wait_s decides again
+            return 1
+        rowids = vectors.queued(_EMBED_BATCH)
+        if not rowids:
+            return 0
+        started_ns = time.thread_time_ns()
+        try:
+            with database.read() as reader:
+                batch = memories.embeddable(reader, rowids)  # gone, changed to held, or failing: not embedded
+            made = vectors.embed_many([memory.content for _, memory in batch]) if batch else []
+            if batch:
+                with database.write() as connection:
+                    memories.attach_vectors(
+                        connection,
+                        [(rowid, memory, vector) for (rowid, memory), vector in zip(batch, made, strict=True)],
+                    )
+        except Unavailable:
+            vectors.serve_queue(False)  # queued -> behind: the scan finds them once the embedder is back
+            self._stop.wait(RETRY_AFTER_S)
+            return 0
+        finally:
+            vectors.embedded(rowids)
+            self._core.profile.background("embed", time.thread_time_ns() - started_ns)
+        return len(rowids)
 
     @staticmethod
     def _log_progress(event: str, field: str) -> Callable[[int], None]:

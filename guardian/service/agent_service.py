@@ -306,6 +306,8 @@ def check_search(core: GuardianCore, call: Call, request: pb.SearchRequest) -> Q
         if mode == "semantic":
             raise
         return Query(SearchQuery(terms, "lexical"), limit, semantic_pending=True)
+    # What the caller itself just stored is found by meaning too: its vectors follow its writes by milliseconds.
+    vectors.wait_embedded(call.required_scope.namespaces)
     nearest = core.memories.nearest(call.required_scope, vector, limit)
     return Query(SearchQuery(terms, mode, vector, nearest), limit)
 

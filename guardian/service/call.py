@@ -22,6 +22,7 @@ from guardian.access.proposals import Proposal
 from guardian.checks.sessions import Session
 from guardian.policy.compile import Policy, Profile
 from guardian.state.core import GuardianCore
+from guardian.state.profile import StageClock
 from guardian.store.database import Connection
 from guardian.store.memories import Draft, Scope
 from shared.errors import InternalError
@@ -169,6 +170,8 @@ class Call:
     recalled: tuple[str, ...] = ()
     labelled: tuple[str, ...] = ()
     withheld: tuple[str, ...] = ()
+    #: Where this request's CPU goes, by stage, when profiling is on (guardian/state/profile.py).
+    clock: StageClock = field(default_factory=lambda: StageClock(enabled=False))
 
     @property
     def required_session(self) -> Session:

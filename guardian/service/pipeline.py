@@ -39,6 +39,7 @@ from opentelemetry import trace as otel_trace
 
 from guardian.access import admins, identity, oauth, proposals
 from guardian.access.oauth import OAuthGrant
+from guardian.access.proposals import Proposal
 from guardian.checks import review
 from guardian.checks.anomaly import AnomalyKind
 from guardian.policy.compile import Policy
@@ -124,9 +125,7 @@ class Pipeline:
         """
         started = time.perf_counter()
         rule = self._rules[method]
-        call = Call(method=method, policy=self._core.policy, now_ms=now_ms(), agent=self._caller)
-        call.trace_parent = TraceContext.parse(dict(metadata).get(TRACE_METADATA_KEY))  # a bad value: none
-        call.trace = call.trace_parent.trace_id if call.trace_parent else continue_or_start(None).trace_id
+        call = self._new_call(method, metadata)
         #: Anomaly events this request counts toward (besides burst, denials and unknown ids).
         noted: list[AnomalyKind] = []
         try:
@@ -139,19 +138,24 @@ class Pipeline:
             check_known_fields(request)
             if method == _APPROVE:  # from here on, the proposed request runs, approved by this signer
                 rule, request = self._approved(call, request)
+            call.clock.mark("receive")
             self._session_stage(call, rule, request)  # 1
+            call.clock.mark("session")
             self._role_stage(call, rule)  # 3, for an admin: before the check reads anything
             keyed = _keyed(request) if rule.keyed else None
             checked = rule.check(self._core, call, request)  # 2
+            call.clock.mark("shape")
             self._policy_stage(call, rule, noted)  # 3
             self._two_person_stage(call, rule, checked)
             self._rate_stage(call, rule, checked.cost if isinstance(checked, Writes) else 1)  # 4
+            call.clock.mark("policy")
             checked, hits = self._content_stage(call, checked, noted)  # 5
             if rule.grows_data:
                 self._core.database.check_room()
             if rule.handle_alone is not None:  # 6 to 8
                 # No transaction: the work takes the writer or a reader itself, step by step.
                 response = rule.handle_alone(self._core, call, checked)
+                call.clock.mark("data")
                 self._append_audit(call, rule, "allow", _allow_reason(checked, hits))
             else:
                 response = self._core.database.submit(
@@ -159,13 +163,11 @@ class Pipeline:
                         call, rule, checked, connection, hits=hits, keyed=keyed, response_class=response_class
                     )
                 )
+            call.clock.restart()  # the transaction's work was measured where it ran (the data and audit stages)
             if rule.after_commit is not None:
                 rule.after_commit(self._core, call, checked, response)
             if call.approval is not None:
-                response = admin_pb2.ApproveResponse(
-                    proposal=admin_pb2.Proposal(id=call.approval.id, method=call.approval.method, state="approved"),
-                    response=response.SerializeToString(),
-                )
+                response = _approval_answer(call.approval, response)
         except GuardianError as error:
             self._anomaly_stage(call, error, noted)  # 9
             raise self._deny(call, rule, error, started) from None
@@ -176,6 +178,15 @@ class Pipeline:
             self._anomaly_stage(call, None, noted)
             self._observe(call, rule, "allow", started)
             return response
+
+    def _new_call(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Call:
+        """The Call of a request arriving now: in the caller's trace (a bad traceparent: a new one), its clock
+        running."""
+        call = Call(method=method, policy=self._core.policy, now_ms=now_ms(), agent=self._caller)
+        call.clock = self._core.profile.clock()
+        call.trace_parent = TraceContext.parse(dict(metadata).get(TRACE_METADATA_KEY))  # a bad value: none
+        call.trace = call.trace_parent.trace_id if call.trace_parent else continue_or_start(None).trace_id
+        return call
 
     # -- the stages, in order ------------------------------------------------------------------
 
@@ -345,7 +356,9 @@ class Pipeline:
             filtered.append(stored)
         if hits:
             noted.append("filter_hits")
-        drafts = self._reviewed(call, checked, self._embedded(filtered, checked.changed), hits)
+        call.clock.mark("filters")
+        drafts = self._reviewed(call, checked, tuple(filtered), hits)
+        call.clock.mark("review")
         return replace(checked, drafts=drafts), hits
 
     def _reviewed(self, call: Call, checked: Writes, drafts: tuple[Draft, ...], hits: list[str]) -> tuple[Draft, ...]:
@@ -363,16 +376,16 @@ class Pipeline:
             return drafts  # review is off: no trust to work out
         scope = call.required_scope
         reviewed: list[Draft] = []
-        for index, draft in enumerate(drafts):
-            if draft.status != ACTIVE:
-                reviewed.append(draft)
+        for index, filtered in enumerate(drafts):
+            if filtered.status != ACTIVE:
+                reviewed.append(filtered)
                 continue
             try:
                 with self._core.database.read() as reader:
                     level = self._core.memories.write_trust(
                         reader,
                         scope,
-                        draft,
+                        filtered,
                         prefix="" if checked.memory_id else draft_field(index, len(drafts)),
                         memory_id=checked.memory_id,
                         changed=checked.changed or frozenset(),
@@ -380,8 +393,11 @@ class Pipeline:
             except (NotFound, PermissionDenied):
                 # The write cannot go through as asked (or is a retry the data stage answers from its
                 # record): the data stage, which checks it all again in its transaction, says why.
-                reviewed.append(draft)
+                reviewed.append(filtered)
                 continue
+            # Compared by meaning with the trusted memories: embedded now (any other write, after it commits).
+            compared = rules.reviews(level) and rules.similar_to_trusted
+            draft = self._embedded(call, filtered, checked.changed) if compared else filtered
             signals = self._review_signals(call, checked.changed, draft) if rules.reviews(level) else ()
             if not signals:
                 reviewed.append(draft)
@@ -452,21 +468,25 @@ class Pipeline:
                 return True
             depth *= 4
 
-    def _embedded(self, drafts: list[Draft], changed: frozenset[str] | None) -> tuple[Draft, ...]:
-        """drafts with the vectors of their contents, made here so the model's work never holds the writer."""
+    def _embedded(self, call: Call, draft: Draft, changed: frozenset[str] | None) -> Draft:
+        """draft with its content's vector, for a review that compares it with trusted memories.
+
+        Made here, before the transaction, so the model's work never holds the writer. Any
+        other write is embedded after it commits (guardian/store/vectors.py: the queue), off
+        its path. The embedder not answering: stored without, embedded when it is back (and
+        the review has no vector to compare).
+        """
         vectors = self._core.memories.vectors
         if vectors is None or (changed is not None and "content" not in changed):
-            return tuple(drafts)
-        active = [index for index, draft in enumerate(drafts) if draft.status == ACTIVE]
+            return draft
+        call.clock.mark("review")
         try:
-            made = vectors.embed_many([drafts[index].content for index in active]) if active else []
+            vector = vectors.embed(draft.content)
         except Unavailable:
-            # agent-embedder is not answering: stored now, embedded by the recall thread when it is back.
-            vectors.fell_behind()
-            return tuple(drafts)
-        for index, vector in zip(active, made, strict=True):
-            drafts[index] = replace(drafts[index], vector=vector)
-        return tuple(drafts)
+            return draft
+        finally:
+            call.clock.mark("embed")
+        return replace(draft, vector=vector)
 
     def _data_stage(
         self,
@@ -480,6 +500,8 @@ class Pipeline:
         response_class: type[Message],
     ) -> Message:
         """The handler's work and the allow row, in one transaction; a retry gets its first answer instead."""
+        profiled = call.clock.enabled
+        started_ns = time.thread_time_ns() if profiled else 0
         replayed = self._replay(call, rule, keyed, response_class, connection) if keyed is not None else None
         if replayed is not None:
             self._audit(connection, call, rule, "allow", _REPLAYED)
@@ -487,6 +509,7 @@ class Pipeline:
         if rule.handle is None:  # a rule names one handler (Rule.__post_init__)
             raise InternalError()
         response = rule.handle(self._core, call, checked, connection)
+        handled_ns = time.thread_time_ns() if profiled else 0
         if keyed is not None:
             first = idempotency.Prior(
                 rule.audit_operation,
@@ -497,6 +520,9 @@ class Pipeline:
             idempotency.record(connection, call.agent, keyed.key, first, call.now_ms)
         seq = self._audit(connection, call, rule, "allow", _allow_reason(checked, hits))
         provenance.record_reads(connection, seq, returned=call.recalled, labelled=call.labelled, withheld=call.withheld)
+        if profiled:  # measured here: this may run on another request's thread (database.submit)
+            call.clock.add("data", handled_ns - started_ns)
+            call.clock.add("audit", time.thread_time_ns() - handled_ns)
         return response
 
     def _anomaly_stage(self, call: Call, error: GuardianError | None, noted: list[AnomalyKind]) -> None:
@@ -653,6 +679,8 @@ class Pipeline:
                     "decision": decision,
                 },
             )
+        call.clock.mark("observe")
+        self._core.profile.record(operation, call.clock)
 
     def _audit(
         self, connection: Connection, call: Call, rule: Rule | str, decision: audit.Decision, reason: str
@@ -714,6 +742,14 @@ def _span(call: Call, operation: str, decision: audit.Decision, elapsed_s: float
     if decision != "allow":
         span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, decision))
     span.end(end_time=end_ns)
+
+
+def _approval_answer(approval: Proposal, response: Message) -> admin_pb2.ApproveResponse:
+    """What an approval answers: the proposal, now approved, and the answer of the request it ran."""
+    return admin_pb2.ApproveResponse(
+        proposal=admin_pb2.Proposal(id=approval.id, method=approval.method, state="approved"),
+        response=response.SerializeToString(),
+    )
 
 
 def _allow_reason(checked: Any, hits: list[str]) -> str:

@@ -66,6 +66,8 @@ class GuardianConfig:
     oauth_keys: Path
     #: Where the guardian's OpenTelemetry spans go over OTLP/HTTP (shared/otlp.py); "": not exported.
     otlp_endpoint: str
+    #: CPU time per pipeline stage on /metrics (guardian/state/profile.py); for benchmarks.
+    profile_stages: bool
     socket_dir: Path
     socket_dir_mode: int
     agent_socket: SocketConfig
@@ -152,9 +154,9 @@ def load_config(path: Path) -> GuardianConfig:
     backup_keep = backup.integer("keep", 7, minimum=1, maximum=1000)
     backup.done()
     embedding = _embedding(base, top.section("embedding"))
-    oauth_keys, otlp_endpoint = (
+    oauth_keys, (otlp_endpoint, profile_stages) = (
         _resolve(base, top.text("oauth_keys", "issuer-keys.json")),
-        _otlp_endpoint(top.section("tracing")),
+        _tracing(top.section("tracing")),
     )
     top.done()
     return GuardianConfig(
@@ -166,6 +168,7 @@ def load_config(path: Path) -> GuardianConfig:
         first_admins=first_admins,
         oauth_keys=oauth_keys,
         otlp_endpoint=otlp_endpoint,
+        profile_stages=profile_stages,
         socket_dir=socket_dir,
         socket_dir_mode=socket_dir_mode,
         agent_socket=agent_socket,
@@ -221,12 +224,14 @@ def _sha256_text(section: Section, key: str) -> str:
     return value
 
 
-def _otlp_endpoint(tracing: Section) -> str:
+def _tracing(tracing: Section) -> tuple[str, bool]:
+    """The OTLP endpoint ("": none) and whether stages are profiled."""
     endpoint = str(tracing.text("otlp_endpoint", ""))
     if endpoint:
         check_endpoint(endpoint, "tracing.otlp_endpoint")
+    profile_stages = tracing.flag("profile_stages", False)
     tracing.done()
-    return endpoint
+    return endpoint, profile_stages
 
 
 def render_default_config() -> str:
@@ -269,6 +274,9 @@ audit:
 tracing:
   # OpenTelemetry spans over OTLP/HTTP (one per request, never content); "" turns it off.
   otlp_endpoint: ""           # e.g. http://127.0.0.1:4318/v1/traces
+  # CPU time per pipeline stage on /metrics (guardian_stage_cpu_seconds_total); `make profile` turns it
+  # on. It costs a few microseconds a request.
+  profile_stages: false
 shutdown_grace_seconds: 10
 housekeeping_interval: 5s     # retention purges and forgetting idle sessions and rate-limit state
 storage:

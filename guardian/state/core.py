@@ -31,6 +31,7 @@ from guardian.recall.model import Embedder, EmbeddingModel, ModelFiles, builtin_
 from guardian.recall.remote import RemoteEmbedder
 from guardian.state.config import EmbedderService, GuardianConfig
 from guardian.state.metrics import GuardianMetrics, StateReading
+from guardian.state.profile import StageProfile
 from guardian.state.statedir import lock_state_dir
 from guardian.store import audit
 from guardian.store.agents import AgentRegistry
@@ -97,6 +98,11 @@ class GuardianCore:
         keys = keystore.keys
         self.database = database
         self.metrics = GuardianMetrics()
+        #: CPU time by pipeline stage, when the config turns it on (guardian/state/profile.py).
+        self.profile = StageProfile(config.profile_stages)
+        if config.profile_stages:
+            self.metrics.registry.register(self.profile)
+            database.on_group_commit = self.profile.commit_done
         self.audit = AuditTrail(keys.audit, on_failure=self.metrics.audit_failures.inc, signing=keys.audit_signing)
         self.audit_head_file = HeadFile(config.state_dir / "audit-head.json")
         #: One head signing at a time (housekeeping, shutdown, an audit key's retirement).

@@ -750,15 +750,16 @@ class MemoryStore:
         """Index an active memory: its terms, and its vector when given (else the recall thread embeds it).
 
         No model runs here, inside the writer: a write's vector is made before its transaction
-        (guardian/service/pipeline.py); one that could not be (the embedder not answering) or
-        that no write makes (a release from quarantine) is made in the background, after.
+        when its review needs it (guardian/service/pipeline.py); any other is queued once this
+        transaction commits and made in the background, a few milliseconds later
+        (guardian/store/vectors.py).
         """
         search_index.index(connection, rowid, memory.namespace, memory.content, memory.tags)
         if self.vectors is None or terms_only:
             return
         if vector is None:
             self.vectors.drop(connection, [rowid])
-            self.vectors.fell_behind()
+            self.vectors.queue(memory.namespace, rowid)
         else:
             self.vectors.put(connection, rowid, memory.id, memory.namespace, vector)
 
@@ -775,13 +776,18 @@ class MemoryStore:
         rowids = self.vectors.missing(connection, after_rowid, limit)
         if not rowids:
             return [], -1
+        return self.embeddable(connection, rowids), rowids[-1]
+
+    def embeddable(self, connection: Connection, rowids: Sequence[int]) -> list[tuple[int, StoredMemory]]:
+        """(rowid, memory) of the active memories at rowids that verify, in rowid order: what may be embedded."""
         placeholders = ", ".join("?" for _ in rowids)
         rows = connection.execute(
-            f"SELECT {_COLUMNS} FROM memories WHERE rowid IN ({placeholders}) ORDER BY rowid",  # noqa: S608
-            rowids,
+            f"SELECT {_COLUMNS} FROM memories WHERE rowid IN ({placeholders}) AND status = 'active'"  # noqa: S608
+            " ORDER BY rowid",
+            list(rowids),
         ).fetchall()
         found = [(int(row[0]), self._check(row)) for row in rows]
-        return [(rowid, memory) for rowid, memory in found if memory is not None], rowids[-1]
+        return [(rowid, memory) for rowid, memory in found if memory is not None]
 
     def attach_vectors(self, connection: Connection, embedded: Sequence[tuple[int, StoredMemory, Vector]]) -> int:
         """Store vectors made outside the writer, for the memories still as they were read; how many."""

@@ -9,9 +9,20 @@ row is written or dropped in the same transaction as its memory; the in-memory
 committed (:meth:`Database.after_commit`), so it never holds what was not
 committed. A quarantined memory has no vector until it is released.
 
+A write stores its memory without the vector unless the review of its write needs
+it first (guardian/service/pipeline.py): once the write has committed, the memory is
+*queued* (:meth:`MemoryVectors.queue`), and the recall thread (guardian/daemon/recall.py)
+embeds what is queued in batches, a few milliseconds later, writing each vector in a
+transaction that checks its memory is still as it was read. So the embedder's time is
+not on the write's path, and its client's work is shared by a batch. A search waits
+(:meth:`MemoryVectors.wait_embedded`, at most :data:`FRESH_WAIT_S`) until nothing of
+the caller's own namespaces is still queued, so an agent finds by meaning what it has
+just stored; what other agents queue never delays it. The queue is in memory only: a
+crash loses it, and the start-up scan embeds what has no vector.
+
 A memory whose vector is missing, of another model, or fails its HMAC (dropped
 when the index is loaded) is embedded again from its verified content in the
-background (guardian/daemon/maintenance.py), in small batches: the upgrade of an existing state dir, a change
+background (guardian/daemon/recall.py), in small batches: the upgrade of an existing state dir, a change
 of model, and a tampered vector all end the same way, resumably, without holding
 the writer for long.
 """
@@ -22,6 +33,7 @@ import hashlib
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -34,12 +46,14 @@ from guardian.recall.model import Embedder, Vector
 from guardian.recall.vectors import Quantized, pack, unpack
 from guardian.store.database import Connection
 
-__all__ = ["EmbeddingProgress", "MemoryVectors", "vector_keys", "vector_mac", "verify_stored"]
+__all__ = ["FRESH_WAIT_S", "EmbeddingProgress", "MemoryVectors", "vector_keys", "vector_mac", "verify_stored"]
 
 security_log = logging.getLogger("agent_guardian.security")
 
 _KEY_LABEL: Final = b"agent-guardian/vector-key/v1"
 _LOAD_BATCH: Final = 5000
+#: The longest a search waits for its own namespaces' queued memories to be embedded.
+FRESH_WAIT_S: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,8 +108,18 @@ class MemoryVectors:
     def __init__(self, model: Embedder, ring: KeyRing, after_commit: Callable[[Callable[[], None]], None]) -> None:
         self.model = model
         self.index = VectorIndex(model.dims)
-        #: Set when a memory was stored without its vector; the recall thread embeds what lacks one.
+        #: Set when a memory was left without its vector and not queued; the recall thread scans for what lacks one.
         self.behind = threading.Event()
+        #: Set when a memory is queued (or behind is set): wakes the recall thread.
+        self.wake = threading.Event()
+        #: Committed memories waiting for their vector, by namespace (rowids); guarded by _queue_changed.
+        self._queued: dict[str, set[int]] = {}
+        self._queue_changed = threading.Condition()
+        #: Whether the recall thread is embedding the queue now (else searches do not wait for it).
+        self._queue_served = False
+        #: When the oldest memory still queued was queued (monotonic seconds); searches waiting for the queue now.
+        self._queued_since = 0.0
+        self._searches_waiting = 0
         self._after_commit = after_commit
         self.use_ring(ring)
 
@@ -107,6 +131,83 @@ class MemoryVectors:
     def fell_behind(self) -> None:
         """Say that an active memory was left without a vector (the recall thread looks for it)."""
         self.behind.set()
+        self.wake.set()
+
+    # -- the write-behind queue ------------------------------------------------------------------
+
+    def queue(self, namespace: str, rowid: int) -> None:
+        """From a write's transaction: once it commits, memory rowid of namespace waits to be embedded."""
+
+        def enqueue() -> None:
+            with self._queue_changed:
+                if not self._queued:
+                    self._queued_since = time.monotonic()
+                self._queued.setdefault(namespace, set()).add(rowid)
+            self.wake.set()
+
+        self._after_commit(enqueue)
+
+    def serve_queue(self, serving: bool) -> None:
+        """The recall thread starts (True) or stops (False) embedding the queue; stopping moves what is
+        queued to the scan (behind) and lets every waiting search go."""
+        with self._queue_changed:
+            self._queue_served = serving
+            if not serving and self._queued:
+                self._queued.clear()
+                self.behind.set()
+            self._queue_changed.notify_all()
+
+    def batch_wait_s(self, limit: int, linger_s: float) -> float:
+        """How much longer to let the queue fill before embedding it: 0 once limit are queued, a search waits
+        for it, or its oldest memory has waited linger_s."""
+        with self._queue_changed:
+            if not self._queued or self._searches_waiting:
+                return 0.0
+            if sum(len(rowids) for rowids in self._queued.values()) >= limit:
+                return 0.0
+            return max(0.0, self._queued_since + linger_s - time.monotonic())
+
+    def queued(self, limit: int) -> list[int]:
+        """Up to limit queued rowids (still queued until :meth:`embedded`)."""
+        with self._queue_changed:
+            found: list[int] = []
+            for rowids in self._queued.values():
+                found += list(rowids)[: limit - len(found)]
+                if len(found) >= limit:
+                    break
+            return found
+
+    def embedded(self, rowids: Sequence[int]) -> None:
+        """These rowids are no longer queued (embedded, or gone); wake the searches waiting for them."""
+        done = set(rowids)
+        with self._queue_changed:
+            for namespace in list(self._queued):
+                self._queued[namespace] -= done
+                if not self._queued[namespace]:
+                    del self._queued[namespace]
+            if self._queued:  # what is left waits from now: it was not in the batch the linger was for
+                self._queued_since = time.monotonic()
+            self._queue_changed.notify_all()
+
+    def wait_embedded(self, namespaces: Sequence[str], timeout_s: float = FRESH_WAIT_S) -> bool:
+        """Wait until no memory of namespaces is queued (or timeout_s passes); whether none is.
+
+        Returns at once while the recall thread is not embedding the queue (loading, catching
+        up, or the embedder away): a search then ranks what is embedded.
+        """
+
+        def ready() -> bool:
+            return not self._queue_served or not any(namespace in self._queued for namespace in namespaces)
+
+        with self._queue_changed:
+            if ready():
+                return True
+            self._searches_waiting += 1
+            self.wake.set()  # the recall thread stops letting the queue fill: a search is waiting
+            try:
+                return self._queue_changed.wait_for(ready, timeout_s)
+            finally:
+                self._searches_waiting -= 1
 
     def embed(self, text: str) -> Vector:
         """text's vector, by the model in use."""

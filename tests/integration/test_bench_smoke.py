@@ -78,7 +78,7 @@ def test_quick_bench_writes_every_figure_and_leaves_nothing_running(tmp_path: Pa
     assert measured == expected
     for result_entry in data["results"]:
         assert result_entry["ops"] > 0 and result_entry["errors"] == 0, result_entry
-        expected_floor = "grpc-noop" if result_entry["transport"] == "grpc" else "mcp-noop"
+        expected_floor = "grpc-noop" if result_entry["transport"] == "grpc" else "mcp+grpc-noop"
         assert result_entry["floor"] == expected_floor and result_entry["ratio"] is not None
         assert result_entry["db_floor"].startswith("sqlcipher-") and result_entry["db_ratio"] is not None
 
@@ -86,8 +86,8 @@ def test_quick_bench_writes_every_figure_and_leaves_nothing_running(tmp_path: Pa
     for size in sizes:
         for count in clients:
             assert ("grpc-noop", "grpc", count, size) in floors
-            assert ("mcp-noop", "stdio", count, size) in floors
-            assert ("mcp-noop", "http", count, size) in floors
+            assert ("mcp+grpc-noop", "stdio", count, size) in floors
+            assert ("mcp+grpc-noop", "http", count, size) in floors
         for name in ("insert", "insert_batch", "get", "fts", "list"):
             assert (f"sqlcipher-{name}", "sqlcipher", 1, size) in floors
 
