@@ -48,10 +48,12 @@ lint: $(STAMP)
 stubs: $(STAMP)
 	$(PY) tools/gen_stubs.py
 
-## bench: the benchmark of issue 5 (1k and 100k memories, 1 and 16 clients); prints a table, writes bench/results/latest.json
+## bench: the benchmark of issue 5 (1k and 100k memories, 1 and 16 clients); prints a table, writes bench/results/latest.json;
+## then what a pathological filter regex costs against its plain form (issue 19)
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.filter_cost
 
 ## soak: mixed load through the gateway and over gRPC for SOAK_SECONDS; RSS and open fds of both processes
 .PHONY: soak

@@ -1,4 +1,4 @@
-"""The content stage: scan what an agent writes with the policy's filters, store it as it was sent.
+r"""The content stage: scan what an agent writes with the policy's filters, store it as it was sent.
 
 Stage 5 of the guardian's pipeline (session → shape → policy → rate → **content**
 → data → integrity → audit). It sees a shape-checked :class:`~guardian.store.memories.Draft`
@@ -18,7 +18,10 @@ Then each rule runs, in policy order, over the fields it names (``content``,
 ``reject``      the request is refused; the error names the rule, never the match;
                 the first rule that matches decides
 ``redact``      the text under every match is replaced by ``[redacted:RULE]`` before
-                storing, and the reply names the rule (``redacted_by``)
+                storing, and the reply names the rule (``redacted_by``); when the
+                pattern has a group named ``redact`` (``(?P<redact>...)``), only
+                that group's text is replaced and the rest of the match is context
+                that stays (the whole match when the group is empty or unset)
 ``quarantine``  stored unchanged but hidden from agents until the security team
                 releases it
 ``flag``        stored unchanged; the hit is recorded in the audit trail
@@ -27,16 +30,43 @@ Then each rule runs, in policy order, over the fields it names (``content``,
 Every hit (rule, action, field, number of matches) is returned for the audit
 record; the matched text never leaves this module.
 
-Patterns use the ``regex`` module (version 0 syntax) because its searches take
-a timeout: one rule has :data:`SEARCH_TIMEOUT_S` of the request thread's CPU
-time for one field, however many tags or metadata strings that field holds (so
-a busy daemon does not refuse ordinary content). A rule that errors or runs out
-of time refuses the request (fail closed): it never crashes the daemon and
-never lets the content through. Rules are compiled and trial-run by
-:meth:`FilterSet.compile` when the policy loads, so a broken rule (bad syntax, a
-pattern that matches the empty string, a pattern too slow on a short sample)
-fails the load, not a request. A :class:`FilterSet` is immutable and safe to
+The engine is RE2 (google-re2, :mod:`guardian.checks.filter_engine`), whose searches
+take time linear in the text's length whatever the pattern, so no rule has a time
+budget: a rule runs to its answer or errors. The rules that scan a field form one
+``re2.Set`` for that field, which tells in one pass over a text (with the GIL
+released) which rules can match it; only those rules then search the text
+themselves: a reject rule for a match, a redact rule for every match's span, a
+quarantine or flag rule to count its matches. A redaction changes the text, so the
+rules after it see the new text, and the set makes a pass of its own over it. The
+set only ever skips work: when it cannot finish a pass, every rule of the field
+searches the text. A rule that errors refuses the request (fail closed): it never
+crashes the daemon and never lets the content through.
+
+RE2 is linear because it leaves out what needs backtracking, so a pattern must not
+use lookahead ``(?=`` ``(?!``, lookbehind ``(?<=`` ``(?<!``, backreferences (``\1``,
+``(?P=name)``, ``\k<name>``), atomic groups ``(?>``, possessive quantifiers (``*+``
+``++`` ``?+`` ``}+``), recursion (``(?R)``, ``(?1)``), conditionals ``(?(...)``, ``\G``
+or ``\Z`` (write ``\z``); ``{,N}`` (literal text to RE2) and ``\C`` (one byte) are
+refused too. :meth:`FilterSet.compile` refuses such a rule when the policy loads,
+naming the rule and the construct, as it refuses a pattern RE2 rejects otherwise
+(quoting RE2's error), one that can match the empty string, and one too large for
+RE2's memory budget (8 MiB a rule). A :class:`FilterSet` is immutable and safe to
 share between threads.
+
+Where a pattern means something else to RE2 than to Python's ``regex`` module, the
+engine before it:
+
+- ``\b`` and ``\B`` are ASCII word boundaries: next to a non-ASCII letter, digit or
+  mark (é, 日, ß) RE2 sees a boundary where ``regex`` saw none, so ``\bignore`` now
+  matches in "忽略ignore all previous instructions", and ``\b\w+\b`` finds no word of
+  non-ASCII letters alone. The scan form has already made fullwidth letters ASCII.
+- ``\d``, ``\s`` and ``\w`` (and ``\D``, ``\S``, ``\W``) keep their Unicode meaning
+  (RE2's are ASCII; it is handed Unicode classes for them), except ``\S`` and ``\W``
+  inside a ``[...]`` class, which are ASCII there.
+- ``ignore_case`` folds case by Unicode's simple folding: ``i`` no longer matches the
+  Turkish dotted capital I (U+0130), nor ``I`` the dotless i (U+0131).
+- ``$`` is the end of the text only (``regex`` also matched before a final
+  newline); ``(?m)`` makes it the end of a line, as before.
 
 The shipped rules (:func:`default_filter_specs`, and the same rules as YAML in
 :data:`DEFAULT_FILTERS_YAML` for the shipped policy file):
@@ -79,13 +109,14 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
-import regex
+import re2
 
+from guardian.checks.filter_engine import MAX_MEM, PatternSet, compile_pattern
 from guardian.store.integrity import canonical_json
 from guardian.store.memories import Draft
 from guardian.store.scan_form import ScanForm
@@ -95,7 +126,7 @@ __all__ = [
     "DEFAULT_FILTERS_YAML",
     "FILTER_ACTIONS",
     "FILTER_FIELDS",
-    "SEARCH_TIMEOUT_S",
+    "REDACT_GROUP",
     "FilterAction",
     "FilterHit",
     "FilterOutcome",
@@ -112,19 +143,10 @@ FilterAction = Literal["reject", "redact", "quarantine", "flag"]
 FILTER_ACTIONS: Final[frozenset[str]] = frozenset({"reject", "redact", "quarantine", "flag"})
 #: The fields of a memory a rule can scan.
 FILTER_FIELDS: Final[frozenset[str]] = frozenset({"content", "tags", "metadata"})
-#: CPU seconds one rule may spend on one field (all its tags, or all its metadata strings) before the request is refused.
-SEARCH_TIMEOUT_S: Final[float] = 0.05
+#: In a redact rule, the group whose text a redaction replaces (the rest of the match is context that stays).
+REDACT_GROUP: Final = "redact"
 
-#: A rule must finish the sample text, when the policy loads, within this many times SEARCH_TIMEOUT_S.
-_TRIAL_BUDGETS: Final = 5
-_NAME_RE: Final = regex.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-#: Ordinary text, markup and punctuation, but no long runs of one character: a rule must finish on it quickly
-#: and must not match the empty string anywhere in it.
-_TRIAL_TEXT: Final = (
-    "The quick brown fox jumps over the lazy dog. 0123456789 <p class='x'>Hello, world!</p>\n"
-    'key=value; name: "Ada" (https://example.com/a/b?c=d#e) [x] {y} $z 50% a+b=c ~/path\t'
-    "Ünïcödé, 日本語, Ελληνικά, emoji 🙂 -- end.\n"
-)
+_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +155,7 @@ class FilterSpec:
 
     #: 1-64 lowercase letters, digits and '-', starting with a letter or digit; unique in a policy.
     name: str
-    #: A regular expression in ``regex`` module (version 0) syntax.
+    #: A regular expression in RE2 syntax (no lookaround or backreferences; see the module docstring).
     pattern: str
     action: FilterAction
     #: Which of :data:`FILTER_FIELDS` the rule scans.
@@ -172,121 +194,67 @@ class FilterOutcome:
 @dataclass(frozen=True)
 class _Rule:
     spec: FilterSpec
-    compiled: regex.Pattern[str]
+    #: The rule's pattern compiled by RE2 (case-insensitive when the spec says so).
+    compiled: re2._Regexp
     #: What a redaction puts in place of a match (the name is [a-z0-9-], so no template escapes).
     marker: str
-    #: Whether the field screens (:class:`_Screen`) cover this rule: its pattern can join an alternation unchanged.
-    screenable: bool
+    #: The number of a redact rule's group named :data:`REDACT_GROUP`, or None: the whole match is replaced.
+    redact_group: int | None = None
 
+    def spans(self, text: str) -> tuple[int, list[tuple[int, int]]]:
+        """The rule's matches in text: how many, and for a redact rule the spans to replace (in order).
 
-#: Pattern text that cannot join an alternation of other rules unchanged: backreferences,
-#: recursion and conditionals (group numbers shift), named groups (names could clash) and global
-#: inline flags such as ``(?i)`` (in version 0 syntax they apply to the whole pattern; scoped
-#: flags such as ``(?-i:DAN)`` are fine).
-_UNSCREENABLE_RE: Final = regex.compile(
-    r"\\[1-9gk]|\(\?P[=>]|\(\?P?<[A-Za-z_]|\(\?[A-Za-z-]+\)|\(\?[R0-9&+(]|\(\?-[0-9]"
-)
-
-
-#: Texts longer than this are not screened: an alternation loses each rule's fast scan for its
-#: literal prefix and costs about a microsecond a character, so it only wins on short texts
-#: (tags, metadata keys and values), where a pass per rule costs more than the text's length.
-_SCREEN_MAX_CHARS: Final = 48
-
-
-class _Screen:
-    """One alternation of every screenable rule for a field: a quick "can any of them match here?".
-
-    The common case is a field no rule matches; for short texts (:data:`_SCREEN_MAX_CHARS`)
-    one search of the alternation tells that more cheaply than running each rule. Sound because, at the position where any one rule would match,
-    the alternation matches too (no alternative refers to another's groups or flags). Any
-    doubt (a hit, an error, a timeout) sends the text through every rule, exactly as without
-    a screen, so a screen only ever saves work and never changes an outcome.
-    """
-
-    __slots__ = ("_pattern",)
-
-    def __init__(self, pattern: regex.Pattern[str]) -> None:
-        self._pattern = pattern
-
-    @classmethod
-    def build(cls, rules: Sequence[_Rule]) -> _Screen | None:
-        """The screen of rules (the screenable ones), or None when there is nothing to screen."""
-        parts = [f"(?{'i' if rule.spec.ignore_case else ''}:{rule.spec.pattern})" for rule in rules if rule.screenable]
-        if not parts:
-            return None
-        try:
-            return cls(regex.compile("|".join(parts), regex.V0))
-        except Exception:  # the rules compiled alone; a screen is only an optimisation
-            log.warning("content filters: no screen for a field; every rule runs on every text")
-            return None
-
-    def clear(self, texts: Sequence[str]) -> bool:
-        """True only when no screened rule can match any of texts (always False for a long text)."""
-        if any(len(text) > _SCREEN_MAX_CHARS for text in texts):
-            return False
-        try:
-            return not any(
-                self._pattern.search(text, timeout=SEARCH_TIMEOUT_S, concurrent=False) is not None for text in texts
-            )
-        except Exception:  # e.g. a timeout: let every rule look, with its own budget
-            return False
-
-
-class _Pass:
-    """One rule over one field: one time budget for every string in the field, and the matches so far.
-
-    The budget is this thread's CPU time, and every search holds the GIL (``concurrent=False``):
-    time spent waiting while other request threads run must not count against a rule, or
-    ordinary content would be refused under load. A search therefore blocks other threads for
-    at most its timeout.
-    """
-
-    __slots__ = ("count", "field", "rule", "spent")
-
-    def __init__(self, rule: _Rule, field: str) -> None:
-        self.rule = rule
-        self.field = field
-        self.spent = 0.0
-        self.count = 0
-
-    def __call__(self, form: ScanForm) -> ScanForm:
-        """The text after this rule (redacted where it matched, for a redact rule).
-
-        Raises ContentRefused on a reject match or when the rule cannot run.
+        A reject rule stops at its first match (one is enough to refuse).
         """
-        rule = self.rule
-        spec = rule.spec
-        text = form.text
-        spans: list[tuple[int, int]] = []
-        try:
-            remaining = SEARCH_TIMEOUT_S - self.spent
-            if remaining <= 0:  # checked here: regex takes a negative timeout as "no timeout"
-                raise TimeoutError("regex timed out")
-            started = time.thread_time()
-            try:
-                if spec.action == "redact":
-                    found_all = rule.compiled.finditer(text, timeout=remaining, concurrent=False)
-                    spans = [match.span() for match in found_all]
-                    count = len(spans)
-                elif spec.action == "reject":
-                    found = rule.compiled.search(text, timeout=remaining, concurrent=False)
-                    count = 0 if found is None else 1
-                else:
-                    count = len(rule.compiled.findall(text, timeout=remaining, concurrent=False))
-            finally:
-                self.spent += time.thread_time() - started
-        except Exception as exc:  # fail closed: a rule that cannot run refuses the request (never BaseException)
-            # The exception's type only: its text could quote the content.
-            log.warning("content filter %s could not run on %s: %s", spec.name, self.field, type(exc).__name__)
-            raise ContentRefused(
-                f"content filter {spec.name} could not run; the request is refused", rule=spec.name
-            ) from None
-        if count and spec.action == "reject":
-            raise ContentRefused(f"content refused by filter {spec.name}: remove that part and try again", spec.name)
-        self.count += count
-        # The redaction replaces what the matches came from in the text as sent; the next rule scans the result.
-        return ScanForm.of(form.replaced(spans, rule.marker)) if spans else form
+        action = self.spec.action
+        if action == "reject":
+            return (0 if self.compiled.search(text) is None else 1), []
+        if action != "redact":
+            return sum(1 for _ in self.compiled.finditer(text)), []
+        spans = []
+        for match in self.compiled.finditer(text):
+            span = match.span(self.redact_group) if self.redact_group is not None else (-1, -1)
+            # An unset or empty redact group redacts the whole match: never less than the rule matched.
+            spans.append(span if span[1] > span[0] >= 0 else match.span())
+        return len(spans), spans
+
+
+class _Candidates:
+    """Which rules can match each text of one scan, one set pass per distinct text (a redaction makes a new text)."""
+
+    __slots__ = ("_known", "_sets")
+
+    def __init__(self, sets: dict[str, PatternSet]) -> None:
+        self._sets = sets
+        self._known: dict[tuple[str, str], frozenset[int] | None] = {}
+
+    def may_match(self, position: int, field: str, text: str) -> bool:
+        """Whether the rule at position can match text (in field); True when the set could not tell."""
+        key = (field, text)
+        if key not in self._known:
+            self._known[key] = self._sets[field].possible(text)
+        possible = self._known[key]
+        return possible is None or position in possible
+
+
+def _run(rule: _Rule, field: str, form: ScanForm) -> tuple[ScanForm, int]:
+    """form after rule (redacted where it matched, for a redact rule), and the number of matches.
+
+    Raises ContentRefused on a reject match or when the rule cannot run.
+    """
+    spec = rule.spec
+    try:
+        count, spans = rule.spans(form.text)
+    except Exception as exc:  # fail closed: a rule that cannot run refuses the request (never BaseException)
+        # The exception's type only: its text could quote the content.
+        log.warning("content filter %s could not run on %s: %s", spec.name, field, type(exc).__name__)
+        raise ContentRefused(
+            f"content filter {spec.name} could not run; the request is refused", rule=spec.name
+        ) from None
+    if count and spec.action == "reject":
+        raise ContentRefused(f"content refused by filter {spec.name}: remove that part and try again", spec.name)
+    # The redaction replaces what the matches came from in the text as sent; the next rule scans the result.
+    return (ScanForm.of(form.replaced(spans, rule.marker)) if spans else form), count
 
 
 class FilterSet:
@@ -295,23 +263,37 @@ class FilterSet:
     Build one with :meth:`compile`.
     """
 
-    __slots__ = ("_rules", "_screens")
+    __slots__ = ("_rules", "_sets")
 
-    def __init__(self, rules: tuple[_Rule, ...] = ()) -> None:
+    def __init__(self, rules: tuple[_Rule, ...] = (), path: str = "filters") -> None:
+        """rules, in policy order, and one set per field of those that scan it.
+
+        Raises ConfigError (naming path) when a field's rules are together too large for one set.
+        """
         self._rules = rules
-        self._screens = {
-            field: _Screen.build([rule for rule in rules if field in rule.spec.fields]) for field in FILTER_FIELDS
-        }
+        self._sets: dict[str, PatternSet] = {}
+        for field in sorted(FILTER_FIELDS):
+            scanning = [(position, rule) for position, rule in enumerate(rules) if field in rule.spec.fields]
+            try:
+                self._sets[field] = PatternSet(
+                    [(position, rule.compiled, rule.spec.ignore_case) for position, rule in scanning]
+                )
+            except ValueError:
+                raise ConfigError(
+                    f"{path}: the rules that scan {field} are together too large for the linear-time engine (RE2)"
+                    f" to run in one pass within its {MAX_MEM >> 20} MiB memory budget; use fewer or smaller rules"
+                ) from None
 
     @classmethod
     def compile(cls, specs: Sequence[FilterSpec], path: str = "filters") -> FilterSet:
-        """Validate, compile and trial-run every rule.
+        """Validate and compile every rule, and each field's set of them.
 
         Raises:
             ConfigError: naming ``PATH[INDEX].FIELD`` of the first bad rule: a bad or duplicate
-                name, an unknown action, no or unknown fields, a pattern that does not compile,
-                matches the empty string or is too slow on a short sample text. The message
-                quotes the regex error, never the pattern.
+                name, an unknown action, no or unknown fields, or a pattern (naming the rule too)
+                that RE2 cannot run (lookaround, backreferences and the rest: the message names
+                the construct), that is not valid, is too large, or can match the empty string.
+                The message quotes RE2's error, never the pattern.
         """
         seen: set[str] = set()
         rules: list[_Rule] = []
@@ -328,10 +310,13 @@ class FilterSet:
                 raise ConfigError(f"{where}.fields: name one or more of {', '.join(sorted(FILTER_FIELDS))}")
             if not isinstance(spec.pattern, str):
                 raise ConfigError(f"{where}.pattern: expected a regular expression as a string")
-            compiled = _compile_pattern(spec, f"{where}.pattern")
-            screenable = _UNSCREENABLE_RE.search(spec.pattern) is None
-            rules.append(_Rule(spec, compiled, f"[redacted:{spec.name}]", screenable))
-        return cls(tuple(rules))
+            where = f"{where}.pattern (rule {spec.name})"
+            compiled = compile_pattern(spec.pattern, spec.ignore_case, where)
+            group = compiled.groupindex.get(REDACT_GROUP) if spec.action == "redact" else None
+            if group is None:  # only a match's bounds are needed: RE2 finds them faster when no group captures
+                compiled = compile_pattern(spec.pattern, spec.ignore_case, where, capture=False)
+            rules.append(_Rule(spec, compiled, f"[redacted:{spec.name}]", group))
+        return cls(tuple(rules), path)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -350,103 +335,127 @@ class FilterSet:
 
         Raises:
             ContentRefused (a PermissionDenied): a reject rule matched (the message names the rule, never the
-                match), or a rule errored or ran out of time.
+                match), or a rule errored.
             InvalidArgument: the content or a tag is empty once invisible characters are removed, or two
                 metadata keys become the same once redacted.
         """
         fields = FILTER_FIELDS if changed is None else FILTER_FIELDS & changed
+        forms = _Fields.read(draft, fields)
+        # One set pass per text says which rules can match it; the rules still run in policy order, rule by
+        # rule over the fields, so the first reject in the policy decides and a redaction is what later
+        # rules see (its new text gets a pass of its own).
+        candidates = _Candidates(self._sets)
+        hits: list[FilterHit] = []
+        for position, rule in enumerate(self._rules):
+            for field in ("content", "tags", "metadata"):
+                if field in fields and field in rule.spec.fields:
+                    hits += forms.apply(field, position, rule, candidates)
+        return FilterOutcome(forms.filtered(draft), tuple(hits), any(hit.action == "quarantine" for hit in hits))
+
+
+class _Fields:
+    """The scan forms of one draft's fields being filtered, as the rules so far changed them."""
+
+    __slots__ = ("content", "has_metadata", "metadata", "metadata_texts", "tags")
+
+    def __init__(
+        self, content: ScanForm | None, tags: list[tuple[int, ScanForm]] | None, has_metadata: bool, metadata: Any
+    ) -> None:
+        #: None when the content is not filtered.
+        self.content = content
+        #: (index in the draft as given, scan form), or None when tags are not filtered: the index names a tag in a hit.
+        self.tags = tags
+        #: Whether metadata is filtered, and then its parsed JSON.
+        self.has_metadata = has_metadata
+        self.metadata = metadata
+        #: The scan forms of every string in metadata, or None when not worked out since metadata last changed.
+        self.metadata_texts: list[str] | None = None
+
+    @classmethod
+    def read(cls, draft: Draft, fields: frozenset[str]) -> _Fields:
+        """draft's fields (those in fields) as scan forms and parsed JSON.
+
+        Raises InvalidArgument: the content or a tag is empty once invisible characters are removed,
+        or the metadata is not JSON.
+        """
         content: ScanForm | None = None
+        tags: list[tuple[int, ScanForm]] | None = None
+        metadata: Any = None
         if "content" in fields:
             content = ScanForm.of(draft.content)
             if not content.text.strip():
                 raise InvalidArgument("content: is empty once control and zero-width characters are removed")
-        # (index in the draft as given, scan form): the index names the tag in a hit.
-        tags: list[tuple[int, ScanForm]] = []
         if "tags" in fields:
+            tags = []
             for index, tag in enumerate(draft.tags):
                 form = ScanForm.of(tag)
                 if not form.text.strip():
                     raise InvalidArgument(f"tags[{index}]: is empty once control and zero-width characters are removed")
                 tags.append((index, form))
-        metadata: Any = None
         if "metadata" in fields:
             try:
                 metadata = json.loads(draft.metadata_json)
             except ValueError:
                 raise InvalidArgument("metadata: expected a JSON object") from None
+        return cls(content, tags, "metadata" in fields, metadata)
 
-        # Fields in which no screenable rule can match: those rules skip them. A redaction in a
-        # field changes its text, so from then on every rule looks at that field again.
-        clear = {
-            field
-            for field, texts in (
-                ("content", [content.text] if content is not None else []),
-                ("tags", [form.text for _, form in tags]),
-                ("metadata", [ScanForm.of(text).text for text in _strings(metadata)] if "metadata" in fields else []),
-            )
-            if (screen := self._screens[field]) is not None and screen.clear(texts)
-        }
+    def apply(self, field: str, position: int, rule: _Rule, candidates: _Candidates) -> list[FilterHit]:
+        """Run rule (at position in the policy) over field, where the set says it can match; its hits.
+
+        Raises ContentRefused (a reject matched, or the rule cannot run) and InvalidArgument (two metadata
+        keys redacted to the same key).
+        """
+        spec = rule.spec
         hits: list[FilterHit] = []
-        for rule in self._rules:
-            spec = rule.spec
-            skip = clear if rule.screenable else set()
-            if content is not None and "content" in spec.fields and "content" not in skip:
-                run = _Pass(rule, "content")
-                content = run(content)
-                if run.count:
-                    hits.append(FilterHit(spec.name, spec.action, "content", run.count))
-                    clear.discard("content")
-            if "tags" in fields and "tags" in spec.fields and "tags" not in skip:
-                run = _Pass(rule, "tags")
-                for position, (index, form) in enumerate(tags):
-                    before = run.count
-                    tags[position] = (index, run(form))
-                    if run.count > before:
-                        hits.append(FilterHit(spec.name, spec.action, f"tags[{index}]", run.count - before))
-                        clear.discard("tags")
-            if "metadata" in fields and "metadata" in spec.fields and "metadata" not in skip:
-                run = _Pass(rule, "metadata")
+        if field == "content" and self.content is not None:
+            if candidates.may_match(position, field, self.content.text):
+                self.content, count = _run(rule, field, self.content)
+                hits += [FilterHit(spec.name, spec.action, field, count)] if count else []
+        elif field == "tags" and self.tags is not None:
+            for slot, (index, form) in enumerate(self.tags):
+                if candidates.may_match(position, field, form.text):
+                    after, count = _run(rule, field, form)
+                    self.tags[slot] = (index, after)
+                    hits += [FilterHit(spec.name, spec.action, f"tags[{index}]", count)] if count else []
+        elif field == "metadata" and self.has_metadata:
+            if self.metadata_texts is None:
+                self.metadata_texts = [ScanForm.of(text).text for text in _strings(self.metadata)]
+            if any(candidates.may_match(position, field, text) for text in self.metadata_texts):
+                counted = [0]
                 collision = f"metadata: two keys are the same once filter {spec.name} redacts them; rename them"
-                metadata = _map_strings(metadata, _on_original(run), collision)
-                if run.count:
-                    hits.append(FilterHit(spec.name, spec.action, "metadata", run.count))
-                    clear.discard("metadata")
+                self.metadata = _map_strings(
+                    self.metadata, _on_original(rule, position, candidates, counted), collision
+                )
+                if counted[0]:
+                    hits.append(FilterHit(spec.name, spec.action, field, counted[0]))
+                    self.metadata_texts = None  # a redaction may have changed some
+        return hits
 
-        filtered = draft
-        if content is not None:
-            filtered = replace(filtered, content=content.original)
-        if "tags" in fields:
-            filtered = replace(filtered, tags=tuple(dict.fromkeys(form.original for _, form in tags)))
-        if "metadata" in fields:
-            filtered = replace(filtered, metadata_json=canonical_json(metadata))
-        return FilterOutcome(filtered, tuple(hits), any(hit.action == "quarantine" for hit in hits))
-
-
-def _compile_pattern(spec: FilterSpec, where: str) -> regex.Pattern[str]:
-    """spec's pattern compiled and trial-run; ConfigError naming where if it is unusable."""
-    flags = regex.V0 | (regex.IGNORECASE if spec.ignore_case else 0)
-    timeout = SEARCH_TIMEOUT_S * _TRIAL_BUDGETS
-    try:
-        compiled = regex.compile(spec.pattern, flags)
-        empty = compiled.search("", timeout=timeout, concurrent=False) is not None or any(
-            match.end() == match.start() for match in compiled.finditer(_TRIAL_TEXT, timeout=timeout, concurrent=False)
-        )
-    except regex.error as exc:
-        raise ConfigError(f"{where}: not a valid regular expression ({exc}); check the syntax") from None
-    except TimeoutError:
-        raise ConfigError(f"{where}: too slow on a short sample text; simplify the pattern") from None
-    except Exception as exc:  # anything else the engine raises is still the rule's fault, not the daemon's
-        raise ConfigError(f"{where}: the pattern fails on a sample text ({type(exc).__name__})") from None
-    if empty:
-        raise ConfigError(f"{where}: matches the empty string, so it would match everything; require some text")
-    return compiled
+    def filtered(self, draft: Draft) -> Draft:
+        """draft with its filtered fields as the rules left them (as sent, but for redactions)."""
+        if self.content is not None:
+            draft = replace(draft, content=self.content.original)
+        if self.tags is not None:
+            # Tags stay distinct after redaction.
+            draft = replace(draft, tags=tuple(dict.fromkeys(form.original for _, form in self.tags)))
+        if self.has_metadata:
+            draft = replace(draft, metadata_json=canonical_json(self.metadata))
+        return draft
 
 
-def _on_original(run: _Pass) -> Callable[[str], str]:
-    """run as a change of one string as sent (a metadata key or value): scanned, redacted where it matched."""
+def _on_original(rule: _Rule, position: int, candidates: _Candidates, counted: list[int]) -> Callable[[str], str]:
+    """rule as a change of one metadata string as sent (a key or a value): scanned, redacted where it matched.
+
+    Adds the matches to counted[0].
+    """
 
     def change(text: str) -> str:
-        return run(ScanForm.of(text)).original
+        form = ScanForm.of(text)
+        if not candidates.may_match(position, "metadata", form.text):
+            return text
+        after, count = _run(rule, "metadata", form)
+        counted[0] += count
+        return after.original
 
     return change
 
@@ -487,10 +496,34 @@ def _map_strings(value: Any, change: Callable[[str], str], collision: str) -> An
     return value
 
 
+# --- the shipped rules -------------------------------------------------------------------------------------------
+
+
+def _times(cls: str, count: int) -> str:
+    """cls repeated count times, as a pattern."""
+    return "" if count == 0 else cls if count == 1 else f"{cls}{{{count}}}"
+
+
+def _run_with(run: str, mark: str, other: str, at_least: int, within: int) -> str:
+    """A whole run of run-characters, at least at_least long, with a mark-character among its first within.
+
+    The lookahead-free form of ``(?=RUN{0,WITHIN-1}MARK)RUN{AT_LEAST,}``: other is run without
+    mark, and the alternatives enumerate where the first mark is, so exactly one of them fits
+    a given run, and the match ends where the run does (as the greedy original did).
+    """
+    first_in_reach = [
+        f"{_times(other, before)}{mark}{_times(run, at_least - 1 - before)}" for before in range(at_least - 1)
+    ]
+    return f"(?:{'|'.join([*first_in_reach, f'{other}{{{at_least - 1},{within - 1}}}{mark}'])}){run}*"
+
+
 # The shipped rules: the one source of default_filter_specs() and DEFAULT_FILTERS_YAML.
 # Order matters: rejects run first, so a credential is refused before a redaction could hide it.
-# Lookarounds such as (?<![A-Za-z0-9]) bound a token where \b cannot (a key after "_" or ending in "-"),
-# and keep each rule linear: a token is only tried where one can start.
+# A token is bounded where \b cannot bound it (a key after "_" or ending in "-") without lookaround:
+# - before it, (?:^|[^A-Za-z0-9]) takes the character in front, so a redact rule puts the token in
+#   (?P<redact>...) and the character stays;
+# - after a token of fixed or bounded length, a reject rule takes the next character, (?:[^A-Za-z0-9]|$);
+# - after an unbounded run nothing is needed: the greedy run already took every character it could.
 _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
     (
         "PEM, OpenSSH and PGP private keys (public keys and certificates pass)",
@@ -504,7 +537,7 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "AWS access key ids: AKIA (long-lived) or ASIA (temporary) + 16",
         FilterSpec(
             "aws-access-key-id",
-            r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])",
+            r"(?:^|[^A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?:[^A-Za-z0-9]|$)",
             "reject",
         ),
     ),
@@ -512,7 +545,7 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "AWS secret access keys assigned in credentials files, env, JSON or code",
         FilterSpec(
             "aws-secret-access-key",
-            r"""aws[_-]?secret[_-]?access[_-]?key["']?\s*(?:=>?|:)\s*["']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])""",
+            r"""aws[_-]?secret[_-]?access[_-]?key["']?\s*(?:=>?|:)\s*["']?[A-Za-z0-9/+]{40}(?:[^A-Za-z0-9/+=]|$)""",
             "reject",
             ignore_case=True,
         ),
@@ -521,7 +554,7 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "GitHub personal, OAuth, user-to-server, server-to-server, refresh and fine-grained tokens",
         FilterSpec(
             "github-token",
-            r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,255})(?![A-Za-z0-9_])",
+            r"(?:^|[^A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,255})(?:[^A-Za-z0-9_]|$)",
             "reject",
         ),
     ),
@@ -529,7 +562,7 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "Slack bot, user, app, refresh and legacy tokens",
         FilterSpec(
             "slack-token",
-            r"(?<![A-Za-z0-9-])xox[abprs]-(?=[A-Za-z0-9-]{0,64}[0-9])[A-Za-z0-9-]{10,}",
+            r"(?:^|[^A-Za-z0-9-])xox[abprs]-" + _run_with("[A-Za-z0-9-]", "[0-9]", "[A-Za-z-]", at_least=10, within=65),
             "reject",
         ),
     ),
@@ -545,7 +578,7 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "Google API keys: AIza + 35",
         FilterSpec(
             "google-api-key",
-            r"(?<![A-Za-z0-9_-])AIza[A-Za-z0-9_-]{35}(?![A-Za-z0-9_-])",
+            r"(?:^|[^A-Za-z0-9_-])AIza[A-Za-z0-9_-]{35}(?:[^A-Za-z0-9_-]|$)",
             "reject",
         ),
     ),
@@ -553,7 +586,7 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "Stripe live secret and restricted keys (test keys pass)",
         FilterSpec(
             "stripe-live-key",
-            r"(?<![A-Za-z0-9])(?:sk|rk)_live_[A-Za-z0-9]{16,}(?![A-Za-z0-9])",
+            r"(?:^|[^A-Za-z0-9])(?:sk|rk)_live_[A-Za-z0-9]{16,}",
             "reject",
         ),
     ),
@@ -561,7 +594,9 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "OpenAI (sk-proj-, sk-svcacct-, sk-admin-, sk-) and Anthropic (sk-ant-) keys; a bare sk- key needs a digit",
         FilterSpec(
             "llm-api-key",
-            r"(?<![A-Za-z0-9_-])sk-(?:(?:ant|proj|svcacct|admin)-|(?=[A-Za-z0-9_-]{0,64}[0-9]))[A-Za-z0-9_-]{32,}(?![A-Za-z0-9_-])",
+            r"(?:^|[^A-Za-z0-9_-])sk-(?:(?:ant|proj|svcacct|admin)-[A-Za-z0-9_-]{32,}|"
+            + _run_with("[A-Za-z0-9_-]", "[0-9]", "[A-Za-z_-]", at_least=32, within=65)
+            + ")",
             "reject",
         ),
     ),
@@ -569,7 +604,7 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "JSON Web Tokens: header.payload.signature, header and payload starting eyJ",
         FilterSpec(
             "jwt",
-            r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}(?![A-Za-z0-9_-])",
+            r"(?:^|[^A-Za-z0-9_-])(?P<redact>eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})",
             "redact",
         ),
     ),
@@ -577,7 +612,9 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "HTTP bearer tokens (Authorization: Bearer ...)",
         FilterSpec(
             "bearer-token",
-            r"\bbearer[ \t]+(?=[A-Za-z0-9._~+/-]{0,64}[0-9])[A-Za-z0-9._~+/-]{20,}=*",
+            r"\bbearer[ \t]+"
+            + _run_with("[A-Za-z0-9._~+/-]", "[0-9]", "[A-Za-z._~+/-]", at_least=20, within=65)
+            + "=*",
             "redact",
             ignore_case=True,
         ),
@@ -595,10 +632,18 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "password, secret, api_key, access_token ... = value; after ':' only a quoted value or one with a digit or symbol",
         FilterSpec(
             "password-assignment",
-            r"(?<![A-Za-z0-9])(?:password|passwd|passphrase|(?:client[_-]?)?secret(?:[_-]?key)?|api[_-]?key"
+            r"(?:^|[^A-Za-z0-9])(?P<redact>(?:password|passwd|passphrase|(?:client[_-]?)?secret(?:[_-]?key)?|api[_-]?key"
             r"""|(?:access|auth|refresh)[_-]?token)["']?[ \t]*"""
             r"""(?:=>?[ \t]*["']?[^\s"',;]{4,}"""
-            r"""|:[ \t]*(?:["'][^"'\n]{4,}|(?=[^\s"',;]{0,32}[0-9!@#$%^&*_+=/\\|~?<>])[^\s"',;]{4,}))""",
+            r"""|:[ \t]*(?:["'][^"'\n]{4,}|"""
+            + _run_with(
+                r"""[^\s"',;]""",
+                r"[0-9!@#$%^&*_+=/\\|~?<>]",
+                r"""[^\s"',;0-9!@#$%^&*_+=/\\|~?<>]""",
+                at_least=4,
+                within=33,
+            )
+            + ")))",
             "redact",
             ignore_case=True,
         ),
@@ -607,7 +652,7 @@ _DEFAULTS: Final[tuple[tuple[str, FilterSpec], ...]] = (
         "script and HTML injection: script-capable tags, javascript:/vbscript: URLs, event-handler attributes",
         FilterSpec(
             "script-injection",
-            r"<\s*(?:script|iframe|frame|object|embed|applet)\b|\b(?:javascript|vbscript):(?=\S)|\bdata:text/html"
+            r"<\s*(?:script|iframe|frame|object|embed|applet)\b|\b(?:javascript|vbscript):\S|\bdata:text/html"
             r"|\bon(?:error|load|click|mouseover|mouseenter|focus|blur|toggle|animationstart|pointerover)\s*=",
             "quarantine",
             ignore_case=True,
@@ -646,8 +691,11 @@ def _yaml_quoted(text: str) -> str:
 def _render_yaml(rules: Sequence[tuple[str, FilterSpec]]) -> str:
     lines = [
         "filters:",
-        "  # name: unique; pattern: a regex (Python `regex` module syntax), single-quoted (write '' for ');",
+        "  # name: unique; pattern: an RE2 regular expression (linear time: no lookahead, lookbehind,",
+        "  # backreferences, atomic groups or possessive quantifiers), single-quoted (write '' for ');",
         "  # fields: any of content, tags, metadata (all three when left out); ignore_case: false when left out.",
+        "  # A redact rule replaces the whole match, or only its group named redact, (?P<redact>...),",
+        "  # when it has one: the rest of the match is context that stays, such as the character before a token.",
     ]
     for comment, spec in rules:
         options = [f"name: {spec.name}", f"action: {spec.action}"]

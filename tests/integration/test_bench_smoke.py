@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.clients import OPERATIONS
 from bench.procs import RUN_ENV
 
@@ -122,3 +124,14 @@ def test_a_short_soak_reports_memory_and_descriptors_and_leaves_nothing_running(
     for row in report["processes"].values():
         assert row["rss_mb_start"] > 0 and row["fds_end"] > 0 and row["alive_at_end"]
     assert "RSS start" in result.stdout and not processes_of_run(run)
+
+
+def test_the_filter_cost_bench_measures_every_pathological_rule_both_ways(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import filter_cost
+
+    assert filter_cost.main(["--repeat", "2", "--regex-timeout", "0.01"]) == 0
+    printed = capsys.readouterr().out
+    for rule in filter_cost.PATHOLOGICAL:
+        rows = [line for line in printed.splitlines() if line.startswith(rule.name)]
+        assert [row.split()[2] for row in rows] == ["spoiled", "matches"], printed
+    assert "worst ratio" in printed

@@ -101,7 +101,7 @@ def test_validate_diff_apply_history_rollback(tmp_path: Path) -> None:
         ("version: 1\nprofiles: {default: {operations: [store, fly]}}\n", "profiles.default.operations[1]"),
         (
             "version: 1\nprofiles: {default: {operations: [get]}}\nfilters: [{name: x, pattern: '(', action: flag}]\n",
-            "filters[0].pattern: not a valid regular expression",
+            "filters[0].pattern (rule x): not a valid regular expression",
         ),
         ("version: 1\nprofiles: {default: {operations: [get]}}\nlimits: {max_tags: lots}\n", "limits.max_tags"),
         ("version: 1\nprofiles: {default: {operations: [get]}}\ncolour: blue\n", "colour: unknown key"),
@@ -118,6 +118,45 @@ def test_a_bad_policy_is_refused_recorded_and_the_running_one_stays(text: str, m
         row = [row for row in guardian.audit_rows() if row["operation"] == "admin.policy.apply"][-1]
         assert row["decision"] == "deny"
         assert message in row["reason"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "construct"),
+    [
+        ("(?<![A-Za-z0-9])AKIA[A-Z0-9]{16}", "uses a lookbehind '(?<!'"),
+        (r"(\w+) \1", "uses a backreference '\\1'"),
+        ("(?>a+)b", "uses an atomic group '(?>'"),
+    ],
+)
+def test_a_rule_the_linear_time_engine_cannot_run_is_refused_by_validate_and_apply(
+    pattern: str, construct: str
+) -> None:
+    text = yaml.safe_dump(
+        {
+            "version": 1,
+            "profiles": {"default": {"operations": ["get"]}},
+            "filters": [
+                {"name": "plain", "pattern": "x{3}", "action": "flag"},
+                {"name": "old-rule", "pattern": pattern, "action": "reject"},
+            ],
+        }
+    )
+    expected = f"filters[1].pattern (rule old-rule): {construct}, which the linear-time engine (RE2) cannot run"
+    with running_guardian() as guardian:
+        before = version(guardian)
+        for verb in ("validate", "apply"):
+            result = guardian.ctl("policy", verb, "-", stdin=text)
+            assert result.returncode == 1, result.stdout
+            assert expected in result.stderr, result.stderr
+        assert version(guardian) == before
+        rows = [
+            row for row in guardian.audit_rows() if row["operation"] in ("admin.policy.validate", "admin.policy.apply")
+        ]
+        assert [(row["operation"], row["decision"]) for row in rows[-2:]] == [
+            ("admin.policy.validate", "deny"),
+            ("admin.policy.apply", "deny"),
+        ]
+        assert all(expected in row["reason"] for row in rows[-2:])
 
 
 def test_sighup_reloads_the_file_and_a_broken_file_changes_nothing(tmp_path: Path) -> None:
