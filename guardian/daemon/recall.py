@@ -47,6 +47,8 @@ _EMBED_BATCH: Final = 64
 #: The longest the queue of what writes left to embed is let fill before its batch is embedded (a waiting search
 #: cuts it short).
 _LINGER_S: Final = 0.01
+#: At a graceful stop, the longest the recall thread goes on embedding what is queued.
+_DRAIN_S: Final = 10.0
 _LOG_EVERY: Final = 10_000
 #: How often it looks for a partition that has grown enough to be trained (again).
 _TRAIN_CHECK_S: Final = 5.0
@@ -159,10 +161,16 @@ class RecallIndexer(Background):
                     next_training = time.monotonic() + _TRAIN_CHECK_S
                 vectors.wake.wait(_BEHIND_CHECK_S)
         finally:
+            # A graceful stop (the servers have stopped: nothing more is queued) embeds what is left, so a restart
+            # finds every vector; a kill leaves it to the start-up scan.
+            drain_until = time.monotonic() + _DRAIN_S
+            while time.monotonic() < drain_until and self.embed_queued(linger_s=0.0):
+                pass
             vectors.serve_queue(False)
 
-    def embed_queued(self) -> int:
-        """Embed one batch of what writes queued, or wait for it to fill; 0 when nothing is queued.
+    def embed_queued(self, linger_s: float = _LINGER_S) -> int:
+        """Embed one batch of what writes queued, or wait (at most linger_s) for it to fill; 0 when nothing is
+        queued.
 
         The embedder not answering sends the queue to the scan (embed_missing, when it is back).
         """
@@ -170,7 +178,7 @@ class RecallIndexer(Background):
         vectors = memories.vectors
         if vectors is None:
             return 0
-        linger_s = vectors.batch_wait_s(_EMBED_BATCH, _LINGER_S)
+        linger_s = vectors.batch_wait_s(_EMBED_BATCH, linger_s)
         if linger_s > 0:  # let the queue fill: one request to the embedder and one transaction for the batch
             vectors.wake.wait(linger_s)  # a write or a waiting search wakes it; batch_wait_s decides again
             return 1

@@ -444,6 +444,9 @@ class Pipeline:
         if draft.vector is None:
             return False
         scope = call.required_scope
+        vectors = self._core.memories.vectors
+        if vectors is not None:  # a trusted memory stored a moment ago is compared too: its vector follows it
+            vectors.wait_embedded(scope.namespaces)
         threshold = call.policy.review.similar_to_trusted
         seen: set[int] = set()
         depth = _REVIEW_NEIGHBOURS
