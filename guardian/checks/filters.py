@@ -230,11 +230,24 @@ class _Candidates:
 
     def may_match(self, position: int, field: str, text: str) -> bool:
         """Whether the rule at position can match text (in field); True when the set could not tell."""
+        possible = self._possible(field, text)
+        return possible is None or position in possible
+
+    def union(self, field: str, texts: Sequence[str]) -> frozenset[int] | None:
+        """The positions of the rules that can match any of texts (in field); None when the set could not tell."""
+        found: set[int] = set()
+        for text in texts:
+            possible = self._possible(field, text)
+            if possible is None:
+                return None
+            found |= possible
+        return frozenset(found)
+
+    def _possible(self, field: str, text: str) -> frozenset[int] | None:
         key = (field, text)
         if key not in self._known:
             self._known[key] = self._sets[field].possible(text)
-        possible = self._known[key]
-        return possible is None or position in possible
+        return self._known[key]
 
 
 def _run(rule: _Rule, field: str, form: ScanForm) -> tuple[ScanForm, int]:
@@ -344,11 +357,15 @@ class FilterSet:
         # One set pass per text says which rules can match it; the rules still run in policy order, rule by
         # rule over the fields, so the first reject in the policy decides and a redaction is what later
         # rules see (its new text gets a pass of its own).
+        # A rule the passes rule out for every text of a field costs one set lookup there (the usual case).
         candidates = _Candidates(self._sets)
         hits: list[FilterHit] = []
+        scanned = [field for field in ("content", "tags", "metadata") if field in fields]
+        if not any(forms.may_match(field, None, candidates) for field in scanned):
+            return FilterOutcome(forms.filtered(draft), (), False)  # no rule can match any text
         for position, rule in enumerate(self._rules):
             for field in ("content", "tags", "metadata"):
-                if field in fields and field in rule.spec.fields:
+                if field in fields and field in rule.spec.fields and forms.may_match(field, position, candidates):
                     hits += forms.apply(field, position, rule, candidates)
         return FilterOutcome(forms.filtered(draft), tuple(hits), any(hit.action == "quarantine" for hit in hits))
 
@@ -356,7 +373,7 @@ class FilterSet:
 class _Fields:
     """The scan forms of one draft's fields being filtered, as the rules so far changed them."""
 
-    __slots__ = ("content", "has_metadata", "metadata", "metadata_texts", "tags")
+    __slots__ = ("_possible", "content", "has_metadata", "metadata", "metadata_texts", "tags")
 
     def __init__(
         self, content: ScanForm | None, tags: list[tuple[int, ScanForm]] | None, has_metadata: bool, metadata: Any
@@ -370,6 +387,8 @@ class _Fields:
         self.metadata = metadata
         #: The scan forms of every string in metadata, or None when not worked out since metadata last changed.
         self.metadata_texts: list[str] | None = None
+        #: Per field, the positions of the rules that can match some text of it as it is now (None: any may).
+        self._possible: dict[str, frozenset[int] | None] = {}
 
     @classmethod
     def read(cls, draft: Draft, fields: frozenset[str]) -> _Fields:
@@ -399,6 +418,24 @@ class _Fields:
                 raise InvalidArgument("metadata: expected a JSON object") from None
         return cls(content, tags, "metadata" in fields, metadata)
 
+    def may_match(self, field: str, position: int | None, candidates: _Candidates) -> bool:
+        """Whether the rule at position (None: any rule) can match some text of field as the rules so far left
+        it."""
+        if field not in self._possible:
+            self._possible[field] = candidates.union(field, self._texts(field))
+        possible = self._possible[field]
+        return possible is None or (bool(possible) if position is None else position in possible)
+
+    def _texts(self, field: str) -> list[str]:
+        """field's texts to scan, as the rules so far left them."""
+        if field == "content":
+            return [self.content.text] if self.content is not None else []
+        if field == "tags":
+            return [form.text for _, form in self.tags or ()]
+        if self.metadata_texts is None:
+            self.metadata_texts = [ScanForm.of(text).text for text in _strings(self.metadata)]
+        return self.metadata_texts
+
     def apply(self, field: str, position: int, rule: _Rule, candidates: _Candidates) -> list[FilterHit]:
         """Run rule (at position in the policy) over field, where the set says it can match; its hits.
 
@@ -417,30 +454,35 @@ class _Fields:
                     after, count = _run(rule, field, form)
                     self.tags[slot] = (index, after)
                     hits += [FilterHit(spec.name, spec.action, f"tags[{index}]", count)] if count else []
-        elif field == "metadata" and self.has_metadata:
-            if self.metadata_texts is None:
-                self.metadata_texts = [ScanForm.of(text).text for text in _strings(self.metadata)]
-            if any(candidates.may_match(position, field, text) for text in self.metadata_texts):
-                counted = [0]
-                collision = f"metadata: two keys are the same once filter {spec.name} redacts them; rename them"
-                self.metadata = _map_strings(
-                    self.metadata, _on_original(rule, position, candidates, counted), collision
-                )
-                if counted[0]:
-                    hits.append(FilterHit(spec.name, spec.action, field, counted[0]))
-                    self.metadata_texts = None  # a redaction may have changed some
+        elif (
+            field == "metadata"
+            and self.has_metadata
+            and any(candidates.may_match(position, field, text) for text in self._texts(field))
+        ):
+            counted = [0]
+            collision = f"metadata: two keys are the same once filter {spec.name} redacts them; rename them"
+            self.metadata = _map_strings(self.metadata, _on_original(rule, position, candidates, counted), collision)
+            if counted[0]:
+                hits.append(FilterHit(spec.name, spec.action, field, counted[0]))
+                self.metadata_texts = None  # a redaction may have changed some
+        if hits and spec.action == "redact":  # the field's texts changed: the next rules look at them anew
+            self._possible.pop(field, None)
         return hits
 
     def filtered(self, draft: Draft) -> Draft:
         """draft with its filtered fields as the rules left them (as sent, but for redactions)."""
-        if self.content is not None:
-            draft = replace(draft, content=self.content.original)
+        changes: dict[str, Any] = {}
+        if self.content is not None and self.content.original != draft.content:
+            changes["content"] = self.content.original
         if self.tags is not None:
-            # Tags stay distinct after redaction.
-            draft = replace(draft, tags=tuple(dict.fromkeys(form.original for _, form in self.tags)))
+            tags = tuple(dict.fromkeys(form.original for _, form in self.tags))  # distinct after redaction too
+            if tags != draft.tags:
+                changes["tags"] = tags
         if self.has_metadata:
-            draft = replace(draft, metadata_json=canonical_json(self.metadata))
-        return draft
+            metadata_json = canonical_json(self.metadata)
+            if metadata_json != draft.metadata_json:
+                changes["metadata_json"] = metadata_json
+        return replace(draft, **changes) if changes else draft
 
 
 def _on_original(rule: _Rule, position: int, candidates: _Candidates, counted: list[int]) -> Callable[[str], str]:
