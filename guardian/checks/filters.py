@@ -343,7 +343,8 @@ class FilterSet:
     def scan(self, draft: Draft, changed: frozenset[str] | None = None) -> FilterOutcome:
         """Filter draft's fields (for an update, only those in changed) as their scan forms.
 
-        What is returned is the draft as sent, but for redactions; tags stay distinct
+        What is returned is the draft as sent, but for redactions (the very draft given when no
+        rule changed any of its fields); tags stay distinct
         after redaction, and metadata is re-serialised canonically.
 
         Raises:

@@ -352,7 +352,8 @@ class Pipeline:
                 filter_hits=tuple(dict.fromkeys(draft.filter_hits + tuple(hit.rule for hit in outcome.hits))),
                 redacted_by=outcome.redacted_by,
             )
-            _check_stored_sizes(call, checked.changed, stored)
+            if outcome.draft is not draft:  # redacted (else it is exactly what the shape stage checked)
+                _check_stored_sizes(call, checked.changed, stored)
             filtered.append(stored)
         if hits:
             noted.append("filter_hits")

@@ -112,6 +112,15 @@ def test_scan_keeps_the_text_as_sent() -> None:
     assert outcome.hits == () and not outcome.quarantine and outcome.redacted_by == ()
 
 
+def test_a_draft_no_rule_changed_is_returned_as_it_came() -> None:
+    # The pipeline checks the stored form's sizes again only when a rule changed it (else the shape stage did).
+    clean = Draft(content="plain note", tags=("a",), metadata_json='{"k":"v"}')  # canonical, as shape leaves it
+    assert DEFAULTS.scan(clean).draft is clean
+    assert one_rule("note", "flag").scan(clean).draft is clean
+    redacted = one_rule("note", "redact").scan(clean).draft
+    assert redacted is not clean and redacted.content == "plain [redacted:rule]"
+
+
 @pytest.mark.parametrize("content", ["\u200b", "\u200b\u200d\x07", "\ufeff\u2060 ", "\x01\x02"])
 def test_content_empty_once_invisible_characters_are_removed_is_an_invalid_argument(content: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
