@@ -1193,9 +1193,15 @@ def test_the_oauth_key_fetcher_waits_for_an_issuer_and_runs_as_its_own_user(
     system.run(["install", "-m", "0600", "/dev/null", f"{ETC}/oauth.env"])
     d.host_path(f"{ETC}/oauth.env").write_text("ISSUER=https://issuer.invalid\n")
     try:
+        # The timer (OnBootSec=1min) may start the service on its own while this test runs: stopped meanwhile,
+        # so what is read below is this start's run.
+        system.systemctl("stop", "agent-guardian-oauth-keys.timer")
         started = system.systemctl("start", "agent-guardian-oauth-keys.service", check=False)
         assert started.returncode != 0
-        assert system.show("agent-guardian-oauth-keys.service", "ExecMainStatus") == "3"  # not reached: exit 3
+        status = system.show("agent-guardian-oauth-keys.service", "ExecMainStatus")
+        if status != "3":  # not reached: exit 3
+            shown = system.systemctl("status", "agent-guardian-oauth-keys.service", check=False).stdout
+            pytest.fail(f"ExecMainStatus {status}, not 3 (unreachable issuer):\n{shown}")
         assert system.show("agent-guardian-oauth-keys.service", "User") == "agent-oauth"
         log = system.run(["journalctl", "-u", "agent-guardian-oauth-keys.service", "--no-pager", "-o", "cat"]).stdout
         assert "the issuer's keys were not fetched: cannot reach" in log, log
@@ -1206,6 +1212,7 @@ def test_the_oauth_key_fetcher_waits_for_an_issuer_and_runs_as_its_own_user(
     finally:
         system.run(["rm", "-f", f"{ETC}/oauth.env"])
         system.systemctl("reset-failed", "agent-guardian-oauth-keys.service", check=False)
+        system.systemctl("start", "agent-guardian-oauth-keys.timer")
     config = yaml.safe_load(d.host_path(f"{ETC}/config.yaml").read_text())
     assert config["oauth_keys"] == keys
     report(capsys, "oauth keys: the fetcher runs only once an issuer is named, as agent-oauth; unreachable: exit 3")
