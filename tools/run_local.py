@@ -20,14 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from guardian.access.key_file import KeyFileSigner  # noqa: E402
+from guardian.ctl.connection import call_signed  # noqa: E402
+from guardian.ctl.signing import LOCAL_KEY_FILE  # noqa: E402
 from guardian.state.config import EmbedderService, load_config  # noqa: E402
 from guardian.state.statedir import init_state_dir  # noqa: E402
-from shared.rpc.guardian.v1 import admin_pb2, admin_pb2_grpc  # noqa: E402
+from shared.rpc.guardian.v1 import admin_pb2  # noqa: E402
 
 
 def _wait_for(check: object, what: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
@@ -50,11 +51,12 @@ def _local_token(state_dir: Path, admin_socket: Path) -> str:
     token_file = state_dir / "local-agent.token"
     if token_file.exists():
         return token_file.read_text().strip()
-    with grpc.insecure_channel(f"unix:{admin_socket}") as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
-        names = {agent.name for agent in stub.ListAgents(admin_pb2.ListAgentsRequest(), timeout=10).agents}
-        name = "local" if "local" not in names else f"local-{int(time.time())}"
-        token = stub.AddAgent(admin_pb2.AddAgentRequest(name=name), timeout=10).token
+    # Signed, as every admin request must be, by the state dir's own admin key (made and enrolled by init).
+    signer = KeyFileSigner(state_dir / LOCAL_KEY_FILE)
+    listed = call_signed(str(admin_socket), signer, "ListAgents", admin_pb2.ListAgentsRequest())
+    names = {agent.name for agent in listed.agents}
+    name = "local" if "local" not in names else f"local-{int(time.time())}"
+    token = str(call_signed(str(admin_socket), signer, "AddAgent", admin_pb2.AddAgentRequest(name=name)).token)
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
