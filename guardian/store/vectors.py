@@ -4,8 +4,10 @@ Table ``memory_vectors`` holds one row per active memory that has been embedded:
 the model that made it, the packed vector (guardian/recall/vectors.py) and an
 HMAC over the memory's id, the model and the vector, with a key derived from the
 memory key ring (key id kept, so a rotation leaves older vectors verifiable). A
-row is written or dropped in the same transaction as its memory; the in-memory
-:class:`~guardian.recall.index.VectorIndex` follows once that transaction has
+row is dropped in the same transaction as its memory's change, and written either
+there (when the write's review needed the vector first) or in a transaction of its
+own that re-reads and verifies the memory (see below); the in-memory
+:class:`~guardian.recall.index.VectorIndex` follows once a transaction has
 committed (:meth:`Database.after_commit`), so it never holds what was not
 committed. A quarantined memory has no vector until it is released.
 
@@ -15,9 +17,9 @@ it first (guardian/service/pipeline.py): once the write has committed, the memor
 embeds what is queued in batches, a few milliseconds later, writing each vector in a
 transaction that checks its memory is still as it was read. So the embedder's time is
 not on the write's path, and its client's work is shared by a batch. A search waits
-(:meth:`MemoryVectors.wait_embedded`, at most :data:`FRESH_WAIT_S`) until nothing of
-the caller's own namespaces is still queued, so an agent finds by meaning what it has
-just stored; what other agents queue never delays it. The queue is in memory only: a
+(:meth:`MemoryVectors.wait_embedded`, at most :data:`FRESH_WAIT_S`) until nothing in
+the namespaces its caller reads is still queued, so an agent finds by meaning what it
+has just stored; writes to namespaces it cannot read never delay it. The queue is in memory only: a
 crash loses it, and the start-up scan embeds what has no vector.
 
 A memory whose vector is missing, of another model, or fails its HMAC (dropped
