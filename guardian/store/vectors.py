@@ -122,6 +122,10 @@ class MemoryVectors:
         #: When the oldest memory still queued was queued (monotonic seconds); searches waiting for the queue now.
         self._queued_since = 0.0
         self._searches_waiting = 0
+        #: Rowids handed out by :meth:`queued` and not yet :meth:`embedded`, and those of them queued again meanwhile
+        #: (an update while its older content was being embedded: the new content must still be).
+        self._taken: set[int] = set()
+        self._queued_again: set[int] = set()
         self._after_commit = after_commit
         self.use_ring(ring)
 
@@ -145,6 +149,8 @@ class MemoryVectors:
                 if not self._queued:
                     self._queued_since = time.monotonic()
                 self._queued.setdefault(namespace, set()).add(rowid)
+                if rowid in self._taken:
+                    self._queued_again.add(rowid)
             self.wake.set()
 
         self._after_commit(enqueue)
@@ -156,6 +162,7 @@ class MemoryVectors:
             self._queue_served = serving
             if not serving and self._queued:
                 self._queued.clear()
+                self._queued_again.clear()
                 self.behind.set()
             self._queue_changed.notify_all()
 
@@ -177,12 +184,16 @@ class MemoryVectors:
                 found += list(rowids)[: limit - len(found)]
                 if len(found) >= limit:
                     break
+            self._taken.update(found)
             return found
 
     def embedded(self, rowids: Sequence[int]) -> None:
-        """These rowids are no longer queued (embedded, or gone); wake the searches waiting for them."""
-        done = set(rowids)
+        """These rowids are no longer queued (embedded, or gone), but for those queued again since :meth:`queued`
+        handed them out; wake the searches waiting for them."""
         with self._queue_changed:
+            done = set(rowids) - self._queued_again
+            self._queued_again -= set(rowids)
+            self._taken -= set(rowids)
             for namespace in list(self._queued):
                 self._queued[namespace] -= done
                 if not self._queued[namespace]:

@@ -127,3 +127,17 @@ def test_the_queue_fills_for_a_moment_unless_it_is_full_or_a_search_waits(
     vectors.embedded([1])
     waiter.join(timeout=5)
     assert not waiter.is_alive()
+
+
+def test_a_memory_queued_again_while_its_batch_is_embedded_stays_queued(
+    database: Database, vectors: MemoryVectors
+) -> None:
+    # An update commits while the recall thread embeds the memory's older content: that batch's vector is not
+    # attached (the content changed), so the memory must still be queued for its new content.
+    database.submit(lambda connection: vectors.queue("alice", 7))
+    assert vectors.queued(10) == [7]
+    database.submit(lambda connection: vectors.queue("alice", 7))  # the update, mid-batch
+    vectors.embedded([7])
+    assert vectors.queued(10) == [7]
+    vectors.embedded([7])  # the next batch: done
+    assert vectors.queued(10) == []
