@@ -33,7 +33,7 @@ SECURITY_LOGGER: Final = "agent_guardian.security"
 #: A new log file's mode: the owner writes, its group (the security team) reads.
 _LOG_FILE_MODE: Final = 0o640
 #: How long lines keep going to a renamed log file before the handler creates the path itself.
-_RECREATE_AFTER_S: Final = 1.0
+_RECREATE_AFTER_S: Final = 5.0
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _STANDARD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -69,24 +69,34 @@ class _LogFile(logging.handlers.WatchedFileHandler):
         self._missing_since: float | None = None
 
     def reopenIfNeeded(self) -> None:
-        """Reopen when the path names another file; wait up to a second for logrotate to create it.
+        """Reopen when the path names another file; wait a few seconds for logrotate to create it.
 
         Between logrotate's rename and its create the path is missing. Creating it first
-        would make logrotate move ours aside (NAME-YYYYMMDDHH.backup) and fail, so while
-        the open file still exists under its new name, lines keep going there briefly.
+        would make logrotate move ours aside (NAME-YYYYMMDDHH.backup), so while the open
+        file still exists under its new name, lines keep going there for up to
+        _RECREATE_AFTER_S. The path is stat'ed once: were it stat'ed again before the
+        reopen, a rename in between would have the handler create the path at once.
         """
         try:
-            os.stat(self.baseFilename)
+            named = os.stat(self.baseFilename)
         except FileNotFoundError:
-            stream = self.stream
-            if stream is not None and os.fstat(stream.fileno()).st_nlink > 0:
-                now = time.monotonic()
-                if self._missing_since is None:
-                    self._missing_since = now
-                if now - self._missing_since < _RECREATE_AFTER_S:
-                    return
+            named = None
+        if named is not None and (named.st_dev, named.st_ino) == (self.dev, self.ino):
+            self._missing_since = None
+            return
+        if named is None and self.stream is not None and os.fstat(self.stream.fileno()).st_nlink > 0:
+            now = time.monotonic()
+            if self._missing_since is None:
+                self._missing_since = now
+            if now - self._missing_since < _RECREATE_AFTER_S:
+                return
         self._missing_since = None
-        super().reopenIfNeeded()
+        if self.stream is not None:
+            self.stream.flush()
+            self.stream.close()
+            self.stream = None  # as the standard library does: _open may fail
+        self.stream = self._open()
+        self._statstream()
 
     def _open(self) -> io.TextIOWrapper:
         flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC

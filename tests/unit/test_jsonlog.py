@@ -59,7 +59,7 @@ def events(path: Path) -> list[str]:
 
 @pytest.fixture
 def no_recreate_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Create a missing log path at once instead of leaving logrotate a second to create it."""
+    """Create a missing log path at once instead of leaving logrotate a few seconds to create it."""
     monkeypatch.setattr(jsonlog, "_RECREATE_AFTER_S", 0.0)
 
 
@@ -92,6 +92,33 @@ def test_a_renamed_file_keeps_its_lines_and_the_next_line_goes_to_a_new_file(tmp
     main_log.info("and the next", extra={"event": "third"})
     assert events(path) == ["second", "third"]
     assert events(rotated) == ["first"]
+
+
+def test_a_rename_just_after_the_check_does_not_make_the_handler_create_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # logrotate renames the file in the instant after the handler stat'ed the path: the line goes to
+    # the renamed file and the path is left for logrotate's create (a handler that stat'ed the path a
+    # second time would create it, and logrotate would move that file aside as NAME-DATE.backup).
+    path = tmp_path / "guardian.log"
+    rotated = tmp_path / "guardian.log.1"
+    configure_logging("info", log_file=path)
+    main_log.info("before the rotation", extra={"event": "first"})
+    real_stat = os.stat
+    renamed: list[bool] = []
+
+    def stat_then_rename(target: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        result = real_stat(target, *args, **kwargs)
+        if str(target) == str(path) and not renamed:
+            renamed.append(True)
+            os.rename(path, rotated)
+        return result
+
+    monkeypatch.setattr(os, "stat", stat_then_rename)
+    main_log.info("in the instant of the rename", extra={"event": "second"})
+    monkeypatch.setattr(os, "stat", real_stat)
+    assert not path.exists(), "the handler created the path logrotate is about to create"
+    assert events(rotated) == ["first", "second"]
 
 
 def test_the_new_file_is_the_one_logrotate_created_when_it_exists(tmp_path: Path) -> None:
