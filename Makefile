@@ -30,9 +30,10 @@ $(OAUTH_AS_STAMP): $(OAUTH_AS)/package-lock.json
 run: $(STAMP)
 	$(PY) tools/run_local.py --state-dir var
 
-## test: lint, type-check, then the whole suite
+## test: lint, type-check, then the whole suite on two workers (pytest-xdist), each test file on one of them
+## (a file's tests share module fixtures, and the system tests' throwaway root is one at a time)
 test: $(STAMP) $(OAUTH_AS_STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 ## fuzz-long: the property-based fuzzers of tests/fuzz with thousands of inputs each (about 10 minutes);
 ## prints the inputs tried per property and in total, also written to tests/fuzz/.last-run.json
