@@ -64,6 +64,10 @@ _MOVE_STEP: Final = 1024
 _SAMPLE_PER_LIST: Final = 32
 _KMEANS_ROUNDS: Final = 8
 _INITIAL_ROWS: Final = 16
+#: A list's last chunk grows by this fraction of itself (1/_GROWTH), so it holds at most an eighth more than it needs.
+_GROWTH: Final = 8
+#: Lists sized ahead at load for this share of the vectors their sample share promises.
+_RESERVE_SHARE: Final = 1.05
 
 Floats = npt.NDArray[np.float32]
 _Item = TypeVar("_Item", bound=np.generic)
@@ -184,14 +188,18 @@ class _Block:
         return out
 
     def trim(self) -> None:
-        """Give back the room grown ahead in a list of one chunk (after a partition's vectors all moved in)."""
-        if len(self.packed) == 1:
-            rows = max(self.size, min(_INITIAL_ROWS, _CHUNK_ROWS))
-            self.packed[0], self.steps[0], self.rowids[0] = (
-                self.packed[0][:rows].copy(),
-                self.steps[0][:rows].copy(),
-                self.rowids[0][:rows].copy(),
-            )
+        """Give back the room grown ahead in the last chunk (once loading or a move to new lists is done).
+
+        In place (numpy's resize, a realloc that shrinks): a copy would take new pages for every list
+        before the old ones went back. No view of a chunk outlives the lock it was made under.
+        """
+        if not self.packed:
+            return
+        rows = max(self.size - (len(self.packed) - 1) * _CHUNK_ROWS, min(_INITIAL_ROWS, _CHUNK_ROWS))
+        if rows < len(self.packed[-1]):
+            self.packed[-1].resize((rows, self.dims // 2), refcheck=False)
+            self.steps[-1].resize(rows, refcheck=False)
+            self.rowids[-1].resize(rows, refcheck=False)
 
     def reserve(self, rows: int) -> None:
         """Make room for rows rows before they come (an empty list that knows about how many it will hold)."""
@@ -205,13 +213,16 @@ class _Block:
         return (len(self.packed) - 1) * _CHUNK_ROWS + len(self.packed[-1]) if self.packed else 0
 
     def _grow(self) -> None:
-        if len(self.packed) == 1 and len(self.packed[0]) < _CHUNK_ROWS:
-            rows = min(_CHUNK_ROWS, max(len(self.packed[0]) + _INITIAL_ROWS, len(self.packed[0]) * 5 // 4))
-            self.packed[0] = _resized(self.packed[0], rows)
-            self.steps[0] = _resized(self.steps[0], rows)
-            self.rowids[0] = _resized(self.rowids[0], rows)
+        """Room for one more row: the last chunk grown by an eighth (at least _INITIAL_ROWS rows) up to
+        _CHUNK_ROWS, or a new chunk of _INITIAL_ROWS rows; each grows by copying at most one chunk."""
+        last = len(self.packed[-1]) if self.packed else _CHUNK_ROWS
+        if last < _CHUNK_ROWS:
+            rows = min(_CHUNK_ROWS, last + max(_INITIAL_ROWS, last // _GROWTH))
+            self.packed[-1] = _resized(self.packed[-1], rows)
+            self.steps[-1] = _resized(self.steps[-1], rows)
+            self.rowids[-1] = _resized(self.rowids[-1], rows)
             return
-        rows = min(_INITIAL_ROWS, _CHUNK_ROWS) if not self.packed else _CHUNK_ROWS
+        rows = min(_INITIAL_ROWS, _CHUNK_ROWS)
         self.packed.append(np.zeros((rows, self.dims // 2), dtype=np.int8))
         self.steps.append(np.zeros(rows, dtype=np.float32))
         self.rowids.append(np.zeros(rows, dtype=np.int64))
@@ -429,7 +440,7 @@ class VectorIndex:
             partition.begin_training(centroids, count)
             if partition.next is None:  # it was empty: these are its lists now
                 for block, share in zip(partition.current.blocks, shares, strict=True):
-                    block.reserve(int(share * count * 1.05) + _INITIAL_ROWS)
+                    block.reserve(int(share * count * _RESERVE_SHARE) + _INITIAL_ROWS)
 
     def load_many(self, vectors: Sequence[tuple[str, int, Quantized]]) -> None:
         """Add stored vectors while loading at start, except those of memories a commit has changed since."""
@@ -447,9 +458,13 @@ class VectorIndex:
                 self._count += len(fresh)
 
     def loaded(self) -> None:
-        """Loading at start is done."""
+        """Loading at start is done: the room its lists grew ahead is given back."""
         with self._lock:
             self._touched = None
+            for partition in self._numbered:
+                for lists in (partition.current, partition.next):
+                    for block in lists.blocks if lists is not None else ():
+                        block.trim()
 
     def put(self, namespace: str, rowid: int, vector: Quantized) -> None:
         """Add (or replace) the vector of memory rowid in namespace."""

@@ -284,6 +284,24 @@ def test_a_list_grows_and_shrinks_by_chunks_and_finds_every_vector_it_holds(monk
         assert (found[0][0] != rowid) if rowid in removed else (found[0][0] == rowid), rowid
 
 
+def test_once_loaded_a_list_keeps_no_room_ahead_and_still_grows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "_CHUNK_ROWS", 64)
+    index = VectorIndex(16)
+    vectors = {rowid: _unit(rowid) for rowid in range(1, 121)}
+    for rowid in range(1, 101):  # as the load at start puts them
+        index.put("alice", rowid, quantize(vectors[rowid]))
+    block = index._partitions["alice"].current.blocks[0]
+    assert [len(chunk) for chunk in block.packed] == [64, 48]  # the last chunk grown ahead by steps
+    index.loaded()
+    assert [len(chunk) for chunk in block.packed] == [64, 36] and block.size == 100
+    assert [len(chunk) for chunk in block.steps] == [64, 36] and [len(chunk) for chunk in block.rowids] == [64, 36]
+    for rowid in range(101, 121):
+        index.put("alice", rowid, quantize(vectors[rowid]))
+    assert block.size == 120 and [len(chunk) for chunk in block.packed] == [64, 64]
+    for rowid, vector in vectors.items():
+        assert index.search(["alice"], vector, 1)[0][0] == rowid
+
+
 def test_a_large_namespace_is_loaded_straight_into_the_lists_learnt_from_a_sample(
     database: Database, model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
