@@ -26,8 +26,7 @@ from types import FrameType
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
-from guardian.daemon.allocator import map_large_blocks  # noqa: E402 - after the BLAS setting
-from guardian.daemon.maintenance import Maintenance  # noqa: E402
+from guardian.daemon.maintenance import Maintenance  # noqa: E402 - after the BLAS setting
 from guardian.daemon.recall import RecallIndexer  # noqa: E402
 from guardian.daemon.server import GuardianServer  # noqa: E402
 from guardian.state.config import load_config  # noqa: E402
@@ -109,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging("info")
     os.umask(0o077)
-    map_large_blocks()  # before any thread starts: the vector index's arrays are mappings (allocator.py)
     try:
         config = load_config(args.config)
         configure_logging(config.log_level, log_file=config.log_file, security_file=config.security_log_file)

@@ -26,12 +26,13 @@ a later one resumes (the embedder's client fails fast for 3 s after a failure).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import time
 from collections.abc import Callable
 from typing import Final
 
-from guardian.daemon.allocator import give_back_freed_memory
 from guardian.daemon.background import Background
 from guardian.recall.remote import RETRY_AFTER_S
 from guardian.state.core import GuardianCore
@@ -82,7 +83,7 @@ class RecallIndexer(Background):
 
         def progress(loaded: int) -> None:
             report(loaded)
-            give_back_freed_memory()  # after each batch: its temporaries would otherwise pile up in the heap
+            _give_back_freed_memory()  # after each batch: its temporaries would otherwise pile up in the heap
 
         with self._core.database.read() as reader:
             loaded, failed = vectors.load(reader, progress)
@@ -216,3 +217,11 @@ class RecallIndexer(Background):
                 log.info("recall indexing in progress", extra={"event": event, field: done})
 
         return report
+
+
+def _give_back_freed_memory() -> None:
+    """Hand the heap pages freed by the load's last batch back to the system: glibc keeps them otherwise,
+    and at a million vectors they piled up to 40 MB over the index's own (measured in process: peak RSS
+    325 MB against 366); nothing where the C library has no malloc_trim."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)

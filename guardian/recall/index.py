@@ -37,6 +37,7 @@ from typing import Any, Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from guardian.recall import pages
 from guardian.recall.vectors import Nibbles, Quantized, nibble_scores, nibble_values, to_nibbles
 
 __all__ = ["IVF_MIN", "MIN_COSINE", "NPROBE", "TRAINING_SAMPLE", "VectorIndex"]
@@ -64,9 +65,9 @@ _MOVE_STEP: Final = 1024
 _SAMPLE_PER_LIST: Final = 32
 _KMEANS_ROUNDS: Final = 8
 _INITIAL_ROWS: Final = 16
-#: A list's last chunk grows by this fraction of itself (1/_GROWTH), so it holds at most an eighth more than it needs.
+#: A list's last chunk, and the slots, grow by 1/_GROWTH of themselves: at most an eighth more than needed.
 _GROWTH: Final = 8
-#: Lists sized ahead at load for this share of the vectors their sample share promises.
+#: At load, each list is sized ahead for this much of the vectors its share of the sample promises.
 _RESERVE_SHARE: Final = 1.05
 
 Floats = npt.NDArray[np.float32]
@@ -78,7 +79,7 @@ class _Slots:
     """Where each memory's vector is, by rowid: its partition, list and row there (-1: nowhere).
 
     numpy arrays indexed by rowid (SQLite's rowids are dense), grown as rowids grow: about
-    10 bytes a rowid, where dicts would take some 300 bytes a vector at a million of them.
+    10 bytes a rowid (and an eighth more ahead), where dicts would take some 300 bytes a vector at a million.
     """
 
     def __init__(self) -> None:
@@ -89,7 +90,7 @@ class _Slots:
     def reserve(self, rowid: int) -> None:
         """Room for rowid."""
         if rowid >= len(self.row):
-            size = max(rowid + 1, len(self.row) * 3 // 2)
+            size = max(rowid + 1, len(self.row) + len(self.row) // _GROWTH)
             self.partition = _grown(self.partition, size)
             self.list = _grown(self.list, size)
             self.row = _grown(self.row, size)
@@ -110,7 +111,8 @@ class _Slots:
 
 
 def _grown(array: npt.NDArray[np.signedinteger[Any]], size: int) -> npt.NDArray[np.signedinteger[Any]]:
-    grown = np.full(size, _NONE, dtype=array.dtype)
+    grown: npt.NDArray[np.signedinteger[Any]] = pages.zeros((size,), array.dtype.type)
+    grown.fill(_NONE)
     grown[: len(array)] = array
     return grown
 
@@ -119,17 +121,21 @@ def _grown(array: npt.NDArray[np.signedinteger[Any]], size: int) -> npt.NDArray[
 class _Block:
     """One list's vectors (4-bit, guardian/recall/vectors.py), their steps and rowids, in chunks of rows.
 
-    Row r is in chunk r // _CHUNK_ROWS. The first chunk grows by a quarter at a time up to
-    _CHUNK_ROWS, then whole chunks are added; a chunk left empty by removals is let go. So a
-    list holds at most a quarter (or one chunk) more than it needs, and never copies more
-    than a chunk to grow: a million vectors in one list do not briefly take twice their room.
+    Row r is in chunk r // _CHUNK_ROWS. The last chunk grows by an eighth at a time up to
+    _CHUNK_ROWS, then a new one is begun; a chunk left empty by removals is let go, and once
+    the load at start is done the room grown ahead is given back (trim). So a list holds at
+    most an eighth (or _INITIAL_ROWS rows) more than it needs, and never copies more than a
+    chunk to grow: a million vectors in one list do not briefly take twice their room. A
+    chunk of some 340 rows or more is pages of its own (guardian/recall/pages.py), so a
+    grown list leaves no hole behind and room not yet written is not resident.
     """
 
     dims: int
     slots: _Slots
     packed: list[npt.NDArray[np.int8]] = field(default_factory=list)
     steps: list[Floats] = field(default_factory=list)
-    rowids: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    #: int32, as the slots' rows: a rowid past 2**31 could not have slots (and numpy refuses to store it).
+    rowids: list[npt.NDArray[np.int32]] = field(default_factory=list)
     size: int = 0
 
     def append(self, rowid: int, vector: Nibbles) -> int:
@@ -188,26 +194,22 @@ class _Block:
         return out
 
     def trim(self) -> None:
-        """Give back the room grown ahead in the last chunk (once loading or a move to new lists is done).
-
-        In place (numpy's resize, a realloc that shrinks): a copy would take new pages for every list
-        before the old ones went back. No view of a chunk outlives the lock it was made under.
-        """
+        """Give back the room grown ahead in the last chunk (once loading or a move to new lists is done)."""
         if not self.packed:
             return
         rows = max(self.size - (len(self.packed) - 1) * _CHUNK_ROWS, min(_INITIAL_ROWS, _CHUNK_ROWS))
         if rows < len(self.packed[-1]):
-            self.packed[-1].resize((rows, self.dims // 2), refcheck=False)
-            self.steps[-1].resize(rows, refcheck=False)
-            self.rowids[-1].resize(rows, refcheck=False)
+            self.packed[-1] = _resized(self.packed[-1], rows)
+            self.steps[-1] = _resized(self.steps[-1], rows)
+            self.rowids[-1] = _resized(self.rowids[-1], rows)
 
     def reserve(self, rows: int) -> None:
         """Make room for rows rows before they come (an empty list that knows about how many it will hold)."""
         if not self.packed and rows > 0:
             first = min(rows, _CHUNK_ROWS)
-            self.packed.append(np.zeros((first, self.dims // 2), dtype=np.int8))
-            self.steps.append(np.zeros(first, dtype=np.float32))
-            self.rowids.append(np.zeros(first, dtype=np.int64))
+            self.packed.append(pages.zeros((first, self.dims // 2), np.int8))
+            self.steps.append(pages.zeros((first,), np.float32))
+            self.rowids.append(pages.zeros((first,), np.int32))
 
     def _capacity(self) -> int:
         return (len(self.packed) - 1) * _CHUNK_ROWS + len(self.packed[-1]) if self.packed else 0
@@ -223,14 +225,14 @@ class _Block:
             self.rowids[-1] = _resized(self.rowids[-1], rows)
             return
         rows = min(_INITIAL_ROWS, _CHUNK_ROWS)
-        self.packed.append(np.zeros((rows, self.dims // 2), dtype=np.int8))
-        self.steps.append(np.zeros(rows, dtype=np.float32))
-        self.rowids.append(np.zeros(rows, dtype=np.int64))
+        self.packed.append(pages.zeros((rows, self.dims // 2), np.int8))
+        self.steps.append(pages.zeros((rows,), np.float32))
+        self.rowids.append(pages.zeros((rows,), np.int32))
 
 
 def _resized(array: npt.NDArray[_Item], rows: int) -> npt.NDArray[_Item]:
-    """array with rows rows: its first rows kept, the rest zero."""
-    resized = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
+    """array with rows rows: its first rows kept, the rest zero (a copy: the old array goes with its last reference)."""
+    resized: npt.NDArray[_Item] = pages.zeros((rows, *array.shape[1:]), array.dtype.type)
     kept = min(rows, len(array))
     resized[:kept] = array[:kept]
     return resized

@@ -53,7 +53,8 @@ __all__ = ["FRESH_WAIT_S", "EmbeddingProgress", "MemoryVectors", "vector_keys", 
 security_log = logging.getLogger("agent_guardian.security")
 
 _KEY_LABEL: Final = b"agent-guardian/vector-key/v1"
-_LOAD_BATCH: Final = 5000
+#: Stored vectors read per step of the load at start (its rows and their copies are a load's passing memory).
+_LOAD_BATCH: Final = 1000
 #: The longest a search waits for its own namespaces' queued memories to be embedded.
 FRESH_WAIT_S: Final = 2.0
 
