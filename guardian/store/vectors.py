@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
-import numpy.typing as npt
 
 from guardian.keys.ring import KeyRing
 from guardian.recall.index import IVF_MIN, TRAINING_SAMPLE, VectorIndex
@@ -292,40 +291,20 @@ class MemoryVectors:
             (self.model.id, IVF_MIN),
         ).fetchall()
         for namespace, count in large:
-            sample = self._training_sample(connection, namespace)
-            if len(sample):
-                self.index.train_for_load(namespace, sample, int(count))
-
-    def _training_sample(self, connection: Connection, namespace: str) -> npt.NDArray[np.float32]:
-        """Up to TRAINING_SAMPLE of namespace's stored vectors, drawn at random and verified, as float32 rows.
-
-        The draw sorts rowids alone; the vectors are then read a batch at a time straight into
-        the sample: the rows of a sort that carried the vectors, and lists of them, were tens of
-        MB of passing memory at a million vectors, and left the heap that much larger.
-        """
-        picked = [
-            int(row[0])
-            for row in connection.execute(
-                "SELECT v.rowid FROM memory_vectors AS v JOIN memories AS m ON m.rowid = v.rowid"
-                " WHERE m.namespace = ? AND v.model = ? AND m.status = 'active' ORDER BY random() LIMIT ?",
-                (namespace, self.model.id, TRAINING_SAMPLE),
-            )
-        ]
-        sample = np.empty((len(picked), self.model.dims), dtype=np.float32)
-        taken = 0
-        for at in range(0, len(picked), _LOAD_BATCH):
-            batch = picked[at : at + _LOAD_BATCH]
             rows = connection.execute(
-                "SELECT m.id, v.vector, v.key_id, v.mac FROM memory_vectors AS v JOIN memories AS m"  # noqa: S608
-                f" ON m.rowid = v.rowid WHERE v.rowid IN ({', '.join('?' for _ in batch)})",
-                batch,
+                "SELECT m.id, v.vector, v.key_id, v.mac FROM memory_vectors AS v JOIN memories AS m"
+                " ON m.rowid = v.rowid WHERE m.namespace = ? AND v.model = ? AND m.status = 'active'"
+                " ORDER BY random() LIMIT ?",
+                (namespace, self.model.id, TRAINING_SAMPLE),
             ).fetchall()
-            for memory_id, blob, key_id, mac in rows:
-                if self._verifies(memory_id, blob, key_id, mac):
-                    values, scale = unpack(blob, self.model.dims)
-                    sample[taken] = values.astype(np.float32) * np.float32(scale)
-                    taken += 1
-        return sample[:taken]
+            sample = [
+                unpack(blob, self.model.dims)
+                for memory_id, blob, key_id, mac in rows
+                if self._verifies(memory_id, blob, key_id, mac)
+            ]
+            if sample:
+                floats = np.stack([values.astype(np.float32) * np.float32(scale) for values, scale in sample])
+                self.index.train_for_load(namespace, floats, int(count))
 
     def resign_batch(self, connection: Connection, after_rowid: int, limit: int) -> tuple[int, int, int]:
         """MAC again with the primary key up to limit vectors after after_rowid that another key MACed.
