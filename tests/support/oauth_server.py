@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import tempfile
 import urllib.error
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,6 +56,7 @@ class AuthorizationServer:
     port: int = 0
     issuer: str = ""
     process: subprocess.Popen[str] | None = None
+    log_file: IO[str] | None = None
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ag-as-")))
 
     def start(self) -> None:
@@ -66,7 +68,7 @@ class AuthorizationServer:
             ["node", str(HERE / "server.mjs"), str(config)],
             cwd=HERE,
             stdout=subprocess.PIPE,
-            stderr=(self.directory / "server.log").open("a"),
+            stderr=self._log(),
             text=True,
         )
         assert self.process.stdout is not None
@@ -76,11 +78,19 @@ class AuthorizationServer:
         self.issuer = json.loads(line)["issuer"]
         self.port = int(urllib.parse.urlsplit(self.issuer).port or 0)
 
+    def _log(self) -> IO[str]:
+        """server.log, opened for the node process's stderr (closed again by stop)."""
+        self.log_file = (self.directory / "server.log").open("a")
+        return self.log_file
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
 
     def restart(self, keys: list[dict[str, Any]]) -> None:
         """The same issuer (port), other signing keys: the first signs."""
@@ -117,3 +127,4 @@ def running_authorization_server(
         yield server
     finally:
         server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)  # its config and log
