@@ -199,17 +199,12 @@ class _Block:
             return
         rows = max(self.size - (len(self.packed) - 1) * _CHUNK_ROWS, min(_INITIAL_ROWS, _CHUNK_ROWS))
         if rows < len(self.packed[-1]):
-            self.packed[-1] = _resized(self.packed[-1], rows)
-            self.steps[-1] = _resized(self.steps[-1], rows)
-            self.rowids[-1] = _resized(self.rowids[-1], rows)
+            self._resize_last(rows)
 
     def reserve(self, rows: int) -> None:
         """Make room for rows rows before they come (an empty list that knows about how many it will hold)."""
         if not self.packed and rows > 0:
-            first = min(rows, _CHUNK_ROWS)
-            self.packed.append(pages.zeros((first, self.dims // 2), np.int8))
-            self.steps.append(pages.zeros((first,), np.float32))
-            self.rowids.append(pages.zeros((first,), np.int32))
+            self._new_chunk(min(rows, _CHUNK_ROWS))
 
     def _capacity(self) -> int:
         return (len(self.packed) - 1) * _CHUNK_ROWS + len(self.packed[-1]) if self.packed else 0
@@ -219,15 +214,21 @@ class _Block:
         _CHUNK_ROWS, or a new chunk of _INITIAL_ROWS rows; each grows by copying at most one chunk."""
         last = len(self.packed[-1]) if self.packed else _CHUNK_ROWS
         if last < _CHUNK_ROWS:
-            rows = min(_CHUNK_ROWS, last + max(_INITIAL_ROWS, last // _GROWTH))
-            self.packed[-1] = _resized(self.packed[-1], rows)
-            self.steps[-1] = _resized(self.steps[-1], rows)
-            self.rowids[-1] = _resized(self.rowids[-1], rows)
-            return
-        rows = min(_INITIAL_ROWS, _CHUNK_ROWS)
+            self._resize_last(min(_CHUNK_ROWS, last + max(_INITIAL_ROWS, last // _GROWTH)))
+        else:
+            self._new_chunk(min(_INITIAL_ROWS, _CHUNK_ROWS))
+
+    def _new_chunk(self, rows: int) -> None:
+        """A chunk of rows empty rows after the last."""
         self.packed.append(pages.zeros((rows, self.dims // 2), np.int8))
         self.steps.append(pages.zeros((rows,), np.float32))
         self.rowids.append(pages.zeros((rows,), np.int32))
+
+    def _resize_last(self, rows: int) -> None:
+        """The last chunk with rows rows (a copy: the rows past its size are zero)."""
+        self.packed[-1] = _resized(self.packed[-1], rows)
+        self.steps[-1] = _resized(self.steps[-1], rows)
+        self.rowids[-1] = _resized(self.rowids[-1], rows)
 
 
 def _resized(array: npt.NDArray[_Item], rows: int) -> npt.NDArray[_Item]:
