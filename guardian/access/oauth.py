@@ -16,7 +16,8 @@ OpenSession. Here it is checked against the policy's ``oauth`` section (:class:`
 
 The keys are trusted while the file is fresher than ``keys_max_age``: if the issuer is
 unreachable, the keys already fetched keep working until then, and after that every
-token is refused as Unavailable, saying why. PyJWT does the JOSE work.
+token is refused as Unavailable, saying why. PyJWT does the JOSE work; it is imported
+only when a key file is read or a token verified, so a guardian without OAuth never loads it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
-
-import jwt
+from typing import TYPE_CHECKING, Any, Final
 
 from shared.errors import ConfigError, Unauthenticated, Unavailable
 from shared.formats import looks_like_jwt
+
+if TYPE_CHECKING:
+    import jwt
 
 __all__ = [
     "DEFAULT_SCOPES",
@@ -117,6 +119,8 @@ class IssuerKeys:
 
 
 def _read_key_file(path: Path) -> _KeySet:
+    import jwt  # noqa: PLC0415 - only OAuth needs it (see above)
+
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as handle:
@@ -137,6 +141,8 @@ def write_key_file(path: Path, issuer: str, jwks: Mapping[str, Any], fetched_at_
 
     ConfigError when jwks holds no usable key with a ``kid``.
     """
+    import jwt  # noqa: PLC0415
+
     listed = jwks.get("keys")
     public = {
         "keys": [
@@ -164,6 +170,8 @@ def write_key_file(path: Path, issuer: str, jwks: Mapping[str, Any], fetched_at_
 
 def verify_access_token(token: str, rules: OAuthRules, keys: IssuerKeys, now_ms: int) -> OAuthGrant:
     """What token grants; Unauthenticated saying what is wrong with it, Unavailable when the keys are too old."""
+    import jwt  # noqa: PLC0415
+
     if not looks_like_jwt(token):
         raise Unauthenticated("the token is neither an agent token nor a JWT access token")
     key_set = keys.current()
