@@ -71,6 +71,7 @@ _GROWTH: Final = 8
 _RESERVE_SHARE: Final = 1.05
 
 Floats = npt.NDArray[np.float32]
+Halves = npt.NDArray[np.float16]
 _Item = TypeVar("_Item", bound=np.generic)
 _NONE: Final = -1
 
@@ -133,7 +134,8 @@ class _Block:
     dims: int
     slots: _Slots
     packed: list[npt.NDArray[np.int8]] = field(default_factory=list)
-    steps: list[Floats] = field(default_factory=list)
+    #: float16: a step's relative error (at most 2**-11) moves a score by as little, against 4-bit values.
+    steps: list[Halves] = field(default_factory=list)
     #: int32, as the slots' rows: a rowid past 2**31 could not have slots (and numpy refuses to store it).
     rowids: list[npt.NDArray[np.int32]] = field(default_factory=list)
     size: int = 0
@@ -221,7 +223,7 @@ class _Block:
     def _new_chunk(self, rows: int) -> None:
         """A chunk of rows empty rows after the last."""
         self.packed.append(pages.zeros((rows, self.dims // 2), np.int8))
-        self.steps.append(pages.zeros((rows,), np.float32))
+        self.steps.append(pages.zeros((rows,), np.float16))
         self.rowids.append(pages.zeros((rows,), np.int32))
 
     def _resize_last(self, rows: int) -> None:

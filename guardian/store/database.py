@@ -77,8 +77,10 @@ T = TypeVar("T")
 _MAX_GROUP: Final = 64
 #: The writer's page cache (KiB): every request runs on the writer, so the index pages a search
 #: reads stay decrypted here between requests (the default is 2 MiB). At a million memories 24 MiB
-#: was measured no faster than 8 (one bench run each) and held 20 MiB more of the guardian's RSS.
-_WRITER_CACHE_KIB: Final = 8 * 1024
+#: was measured no faster than 8 (one bench run each) and held 20 MiB more of the guardian's RSS;
+#: 4 MiB held 5 MiB less than 8, searching by meaning as fast and by words about a tenth slower
+#: (two runs each of 15 s, within their noise), which keeps the guardian's peak at 1M under 350 MB.
+_WRITER_CACHE_KIB: Final = 4 * 1024
 
 #: SQLite's primary result codes that mean the storage failed, not the statement.
 _STORAGE_FAULTS: Final[dict[int, str]] = {
