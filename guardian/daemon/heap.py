@@ -1,11 +1,18 @@
-"""The C library's heap, tuned for a daemon that holds a large index: two calls into glibc's malloc.
+"""The C library's heap, tuned for a daemon that holds a large index: a few calls into glibc's malloc.
 
-- :func:`use_few_arenas`, first thing at start: glibc gives each thread that allocates an
-  arena of its own (up to eight a core), and each keeps what its thread freed. The
-  guardian's worker threads take turns on requests, so each arena grew to hold the
-  temporaries of the largest request it had run: at a million memories the peak RSS was
-  2-3 MiB higher with them than with two arenas shared by all threads (four runs of
-  the same mixed load).
+- :func:`tune_heap`, first thing at start:
+  - glibc gives each thread that allocates an arena of its own (up to eight a core), and
+    each keeps what its thread freed. The guardian's worker threads take turns on
+    requests, so each arena grew to hold the temporaries of the largest request it had
+    run: at a million memories the peak RSS was 2-3 MiB higher with them than with two
+    arenas shared by all threads (four runs of the same mixed load).
+  - Blocks of 1 MiB or more are mappings of their own, always. glibc's threshold moves
+    otherwise: each large block freed raises it (up to 32 MiB), so the load's large
+    temporaries came from the heap and left it holes that later requests' temporaries
+    brought back into RSS (at 1M, 15 s of searches: a peak 3-4 MiB higher, two runs each).
+    A search's temporaries stay under it (guardian/recall/index.py scores 1024 rows at a
+    time), so it is never an mmap and a page fault a row (a lower threshold made a search
+    at 1M take 30 ms instead of 11).
 - :func:`give_back_freed_memory`, after each batch of the vector index's load and once
   it is done: the heap pages its batches freed go back to the system instead of staying
   resident (at a million vectors they piled up to 40 MB over the index's own: in process,
@@ -20,10 +27,13 @@ import contextlib
 import ctypes
 from typing import Final
 
-__all__ = ["give_back_freed_memory", "use_few_arenas"]
+__all__ = ["MMAP_THRESHOLD_BYTES", "give_back_freed_memory", "tune_heap"]
 
-#: glibc's M_ARENA_MAX (malloc.h).
+#: glibc's M_ARENA_MAX and M_MMAP_THRESHOLD (malloc.h).
 _M_ARENA_MAX: Final = -8
+_M_MMAP_THRESHOLD: Final = -3
+#: Blocks at least this large are mapped on their own (and unmapped when freed).
+MMAP_THRESHOLD_BYTES: Final = 1024 * 1024
 #: Arenas shared by every thread: the cores of the machines the bench measures on; Python's
 #: GIL keeps the threads from contending for them much.
 _ARENAS: Final = 2
@@ -33,10 +43,13 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None)
 
 
-def use_few_arenas() -> None:
-    """Have every thread share :data:`_ARENAS` heap arenas; call before the first thread starts."""
+def tune_heap() -> None:
+    """Every thread shares :data:`_ARENAS` heap arenas, and blocks of :data:`MMAP_THRESHOLD_BYTES` or more are
+    mappings of their own; call before the first thread starts."""
     with contextlib.suppress(OSError, AttributeError):
-        _libc().mallopt(_M_ARENA_MAX, _ARENAS)
+        libc = _libc()
+        libc.mallopt(_M_ARENA_MAX, _ARENAS)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def give_back_freed_memory() -> None:

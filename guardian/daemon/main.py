@@ -26,7 +26,7 @@ from types import FrameType
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
-from guardian.daemon.heap import use_few_arenas  # noqa: E402 - after the BLAS setting
+from guardian.daemon.heap import tune_heap  # noqa: E402 - after the BLAS setting
 from guardian.daemon.maintenance import Maintenance  # noqa: E402
 from guardian.daemon.recall import RecallIndexer  # noqa: E402
 from guardian.daemon.server import GuardianServer  # noqa: E402
@@ -106,7 +106,7 @@ def _serve_until_stopped(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``agent-guardian``."""
-    use_few_arenas()  # before any thread starts (guardian/daemon/heap.py)
+    tune_heap()  # before any thread starts (guardian/daemon/heap.py)
     args = _parser().parse_args(argv)
     configure_logging("info")
     os.umask(0o077)

@@ -67,6 +67,9 @@ _KMEANS_ROUNDS: Final = 8
 _INITIAL_ROWS: Final = 16
 #: A list's last chunk, and the slots, grow by 1/_GROWTH of themselves: at most an eighth more than needed.
 _GROWTH: Final = 8
+#: The most bytes of each float32 temporary of a search's scoring: under the heap's mmap threshold
+#: (guardian/daemon/heap.py), so that a search's temporaries are reused heap, never fresh mappings.
+_SCORE_BYTES: Final = 768 * 1024
 #: At load, each list is sized ahead for this much of the vectors its share of the sample promises.
 _RESERVE_SHARE: Final = 1.05
 
@@ -186,13 +189,15 @@ class _Block:
         return out
 
     def scores(self, query: Floats) -> Floats:
-        """Every row's score with query, in row order."""
+        """Every row's score with query, in row order, a few hundred rows at a time (_SCORE_BYTES)."""
         out = np.empty(self.size, dtype=np.float32)
+        rows = max(1, _SCORE_BYTES // (self.dims // 2 * 4))
         for chunk, packed in enumerate(self.packed):
-            start = chunk * _CHUNK_ROWS
-            stop = min(start + len(packed), self.size)
-            if stop > start:
-                out[start:stop] = nibble_scores(packed[: stop - start], self.steps[chunk][: stop - start], query)
+            first = chunk * _CHUNK_ROWS
+            used = max(0, min(len(packed), self.size - first))
+            for at in range(0, used, rows):
+                end = min(at + rows, used)
+                out[first + at : first + end] = nibble_scores(packed[at:end], self.steps[chunk][at:end], query)
         return out
 
     def trim(self) -> None:

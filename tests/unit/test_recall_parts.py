@@ -284,6 +284,20 @@ def test_a_list_grows_and_shrinks_by_chunks_and_finds_every_vector_it_holds(monk
         assert (found[0][0] != rowid) if rowid in removed else (found[0][0] == rowid), rowid
 
 
+def test_a_list_is_scored_a_few_rows_at_a_time_as_in_one_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "_CHUNK_ROWS", 64)
+    monkeypatch.setattr(index_module, "_SCORE_BYTES", 5 * 8 * 4)  # 16 dims: 5 rows a slice, chunks of 64
+    index = VectorIndex(16)
+    for rowid in range(1, 151):
+        index.put("alice", rowid, quantize(_unit(rowid)))
+    block = index._partitions["alice"].current.blocks[0]
+    assert len(block.packed) == 3 and block.size == 150
+    query = _unit(1000)
+    packed = np.concatenate(block.packed)[: block.size]
+    steps = np.concatenate(block.steps)[: block.size]
+    np.testing.assert_allclose(block.scores(query), nibble_scores(packed, steps, query), rtol=1e-5, atol=1e-7)
+
+
 def test_once_loaded_a_list_keeps_no_room_ahead_and_still_grows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(index_module, "_CHUNK_ROWS", 64)
     index = VectorIndex(16)
