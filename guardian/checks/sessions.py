@@ -11,11 +11,12 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from shared.errors import Unauthenticated
 from shared.formats import SESSION_ID_RE
 
-__all__ = ["Session", "SessionTable"]
+__all__ = ["REMEMBER_ENDED_MS", "Session", "SessionTable"]
 
 
 @dataclass
@@ -31,6 +32,11 @@ class Session:
     #: The operations an OAuth access token's scopes grant (guardian/access/oauth.py); None: an agent token's
     #: session, which may do what the agent's profile grants.
     operations: frozenset[str] | None = None
+
+
+#: How long a session that expired is remembered: its caller is told it expired, not that it is unknown (a
+#: sweep that forgot it at once made the answer depend on whether the housekeeping tick came in between).
+REMEMBER_ENDED_MS: Final = 60_000
 
 
 class SessionTable:
@@ -134,9 +140,9 @@ class SessionTable:
         return max(1, min(ends, default=now_ms + 1) - now_ms)
 
     def sweep(self, now_ms: int) -> int:
-        """Forget expired sessions; how many."""
+        """Forget the sessions that ended over :data:`REMEMBER_ENDED_MS` ago; how many."""
         with self._lock:
-            expired = [sid for sid, s in self._sessions.items() if not _live(s, now_ms)]
+            expired = [sid for sid, s in self._sessions.items() if not _live(s, now_ms - REMEMBER_ENDED_MS)]
             for sid in expired:
                 del self._sessions[sid]
         return len(expired)
