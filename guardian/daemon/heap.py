@@ -10,15 +10,15 @@
     otherwise: each large block freed raises it (up to 32 MiB), so the load's large
     temporaries came from the heap and left it holes that later requests' temporaries
     brought back into RSS (at 1M, 15 s of searches: a peak 3-4 MiB higher, two runs each).
-    A search's temporaries stay under it (guardian/recall/index.py scores 1024 rows at a
-    time), so it is never an mmap and a page fault a row (a lower threshold made a search
-    at 1M take 30 ms instead of 11).
+    A search's temporaries stay under it (guardian/recall/index.py scores 768 KiB of
+    float32 at a time), so they are reused heap, never fresh mappings faulted in page by
+    page (a lower threshold made a search at 1M take 30 ms instead of 11).
 - :func:`give_back_freed_memory`, after each batch of the vector index's load and once
   it is done: the heap pages its batches freed go back to the system instead of staying
   resident (at a million vectors they piled up to 40 MB over the index's own: in process,
   a peak RSS of 325 MB against 366).
 
-Both do nothing where the C library is not glibc (no ``mallopt`` or ``malloc_trim``).
+Each does nothing where the C library is not glibc (no ``mallopt`` or ``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import contextlib
 import ctypes
 from typing import Final
 
-__all__ = ["MMAP_THRESHOLD_BYTES", "give_back_freed_memory", "tune_heap"]
+__all__ = ["give_back_freed_memory", "tune_heap"]
 
 #: glibc's M_ARENA_MAX and M_MMAP_THRESHOLD (malloc.h).
 _M_ARENA_MAX: Final = -8
 _M_MMAP_THRESHOLD: Final = -3
 #: Blocks at least this large are mapped on their own (and unmapped when freed).
-MMAP_THRESHOLD_BYTES: Final = 1024 * 1024
+_MMAP_THRESHOLD_BYTES: Final = 1024 * 1024
 #: Arenas shared by every thread: the cores of the machines the bench measures on; Python's
 #: GIL keeps the threads from contending for them much.
 _ARENAS: Final = 2
@@ -44,12 +44,12 @@ def _libc() -> ctypes.CDLL:
 
 
 def tune_heap() -> None:
-    """Every thread shares :data:`_ARENAS` heap arenas, and blocks of :data:`MMAP_THRESHOLD_BYTES` or more are
+    """Every thread shares :data:`_ARENAS` heap arenas, and blocks of :data:`_MMAP_THRESHOLD_BYTES` or more are
     mappings of their own; call before the first thread starts."""
     with contextlib.suppress(OSError, AttributeError):
         libc = _libc()
         libc.mallopt(_M_ARENA_MAX, _ARENAS)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 def give_back_freed_memory() -> None:
