@@ -110,11 +110,11 @@ class SessionTable:
             ]
         return sorted(found, key=lambda session: session.created_at_ms)
 
-    def end_matching(self, ref: str, ref_of: Callable[[str], str]) -> Session | None:
-        """End the session whose reference (ref_of its id) is ref; the session, or None if none matched."""
+    def end_matching(self, ref: str, ref_of: Callable[[str], str], now_ms: int) -> Session | None:
+        """End the live session whose reference (ref_of its id) is ref; the session, or None if none matched."""
         with self._lock:
             for session_id, session in self._sessions.items():
-                if ref_of(session_id) == ref:
+                if ref_of(session_id) == ref and _live(session, now_ms):
                     del self._sessions[session_id]
                     return session
         return None
@@ -135,7 +135,7 @@ class SessionTable:
             ends = [
                 min(s.expires_at_ms, s.last_used_ms + s.idle_timeout_ms)
                 for s in self._sessions.values()
-                if s.agent == agent
+                if s.agent == agent and _live(s, now_ms)
             ]
         return max(1, min(ends, default=now_ms + 1) - now_ms)
 

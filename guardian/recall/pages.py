@@ -3,16 +3,17 @@
 The vector index keeps each list's vectors in an array of a few hundred KiB that is
 copied into a larger one as the list grows (guardian/recall/index.py). From glibc's
 heap, every such copy left the old array behind as a hole that later arrays seldom
-fit, and glibc maps a block of its own only below a threshold that rises as soon as
-mapped blocks are freed; at a million vectors the holes and the room reserved ahead
-came to some 30 MB of resident memory over the vectors' own (measured in process).
-An array of :data:`MAPPED_MIN_BYTES` or more made here is an anonymous mapping of its
-own: unmapped when the array is collected, and its pages resident only once written,
-so room reserved ahead costs nothing until used. Smaller ones come from numpy as usual
-(a mapping per small list would use up the process's map count with many namespaces).
-Only the index's long-lived arrays are made here: a search's temporaries stay in the
-heap, where they reuse warm pages (a mapping per temporary cost a search at a million
-vectors 3 times its time in page faults, measured).
+fit, and glibc maps a block of its own only above a threshold that rises as soon as
+mapped blocks are freed (guardian/daemon/heap.py now fixes it at 1 MiB); at a million
+vectors the holes and the room reserved ahead came to some 30 MB of resident memory
+over the vectors' own (measured in process). An array of :data:`MAPPED_MIN_BYTES` or
+more made here is an anonymous mapping of its own: unmapped when the array is
+collected, and its pages resident only once written, so room reserved ahead costs
+nothing until used. Smaller ones come from numpy as usual (a mapping per small list
+would use up the process's map count with many namespaces). Only the index's
+long-lived arrays are made here: a search's temporaries stay in the heap, where they
+reuse warm pages (a mapping per temporary cost a search at a million vectors 3 times
+its time in page faults, measured).
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def revoke_session(
 ) -> pb.RevokeSessionResponse:
     """End the session with that reference."""
     call.object_id = request.ref
-    session = core.sessions.end_matching(request.ref, session_ref)
+    session = core.sessions.end_matching(request.ref, session_ref, call.now_ms)
     if session is None:
         raise NotFound("no open session with that reference (see guardianctl sessions list)")
     core.rates.forget_session(session.id)

@@ -27,3 +27,15 @@ def test_an_ended_session_is_refused_as_expired_until_the_sweep_forgets_it(idle_
     with pytest.raises(Unauthenticated, match="unknown session"):
         table.resolve(again.id, gone + REMEMBER_ENDED_MS)
     assert table.resolve(live.id, gone + REMEMBER_ENDED_MS).agent == "bob"
+
+
+def test_an_ended_session_still_remembered_is_neither_revoked_nor_waited_for() -> None:
+    table = SessionTable()
+    ended = table.open("alice", T0, 60_000, 1_000)
+    table.open("alice", T0, 60_000, 10_000)
+    later = T0 + 2_000  # the first has ended, the second ends at T0 + 10 s
+
+    assert table.next_expiry_ms("alice", later) == 8_000  # the live one's end, not 1 ms for the ended one
+    assert table.end_matching(ended.id, str, later) is None  # nothing open to revoke
+    with pytest.raises(Unauthenticated, match="the session expired"):
+        table.resolve(ended.id, later)
