@@ -47,6 +47,7 @@ __all__ = [
     "index",
     "lexical_plan",
     "match_query",
+    "optimize",
     "query_terms",
     "rebuild",
     "terms",
@@ -221,8 +222,24 @@ def coverage(terms: Sequence[QueryTerm], text: str) -> float:
     return found / len(terms)
 
 
+def optimize(connection: Any) -> None:
+    """Merge the whole index into one segment (FTS5's 'optimize'), in the caller's transaction.
+
+    FTS5 writes each transaction's terms as a new segment and merges segments a few pages
+    at a time as later writes come. A bulk write (the index rebuilt on an upgrade, or
+    thousands of memories a transaction) leaves many large segments, which each later
+    write then pays for: on bare SQLCipher with this table, a single-memory insert takes
+    654 us of CPU at 1M memories after a fill of 10,000 a transaction, and 328 us once the
+    index is optimized (327 us at 1k). At 200k: 669 us after a bulk fill, 362 us optimized,
+    409 us for a table grown one memory a transaction. FTS5's positive 'merge' command does
+    not help there: it finds no level with enough segments to merge (one step, no change).
+    At 1M memories it takes about 3 s.
+    """
+    connection.execute("INSERT INTO memory_terms (memory_terms) VALUES ('optimize')")
+
+
 def rebuild(connection: Any) -> int:
-    """Index every active memory again from scratch (schema migration 5); how many."""
+    """Index every active memory again from scratch (schema migration 5), optimized; how many."""
     connection.execute("DELETE FROM memory_terms")
     after, total = -1, 0
     while True:
@@ -232,6 +249,7 @@ def rebuild(connection: Any) -> int:
             (after, _REBUILD_BATCH),
         ).fetchall()
         if not rows:
+            optimize(connection)
             return total
         for rowid, namespace, content, tags_json in rows:
             index(connection, rowid, namespace, content, _stored_tags(tags_json))

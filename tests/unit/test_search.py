@@ -173,3 +173,43 @@ def test_a_term_most_memories_hold_is_left_out_so_the_cost_follows_the_rare_ones
 @settings(max_examples=300, deadline=None)
 def test_the_ascii_shortcut_finds_the_same_words_as_the_full_path(text: str) -> None:
     assert search_index.words(text) == search_index.unicode_words(text)
+
+
+def owes_merges(connection: Connection) -> bool:
+    """Whether FTS5 has segments left to merge: one 'merge' step then changes 2 rows or more (it does the step)."""
+    before = int(connection.execute("SELECT total_changes()").fetchone()[0])
+    connection.execute("INSERT INTO memory_terms (memory_terms, rank) VALUES ('merge', 16)")
+    return int(connection.execute("SELECT total_changes()").fetchone()[0]) - before >= 2
+
+
+def bulk_write(db: Database, agent: str, transactions: int, per_transaction: int) -> list[str]:
+    """Memories written many a transaction with FTS5's merging held back: the segments a bulk write leaves."""
+    with db.write() as connection:
+        connection.execute("INSERT INTO memory_terms (memory_terms, rank) VALUES ('automerge', 0)")
+    ids = []
+    for first in range(0, transactions * per_transaction, per_transaction):
+        with db.write() as connection:
+            ids += [
+                put(connection, agent, f"field note {n} on topic{n % 7}") for n in range(first, first + per_transaction)
+            ]
+    with db.write() as connection:
+        connection.execute("INSERT INTO memory_terms (memory_terms, rank) VALUES ('automerge', 4)")  # the default
+    return ids
+
+
+def test_optimize_merges_the_segments_a_bulk_write_left_and_every_memory_is_still_found(db: Database) -> None:
+    ids = bulk_write(db, "alice", transactions=12, per_transaction=20)
+    found = {memory.id for memory, _ in search(db, scope("alice"), "topic3", 100)}
+    assert found == set(ids[3::7])
+    with db.write() as connection:
+        search_index.optimize(connection)
+        assert not owes_merges(connection)
+    assert {memory.id for memory, _ in search(db, scope("alice"), "topic3", 100)} == found
+
+
+def test_a_rebuilt_index_leaves_no_merging_to_the_next_writes(db: Database) -> None:
+    ids = bulk_write(db, "alice", transactions=12, per_transaction=20)
+    with db.write() as connection:
+        assert search_index.rebuild(connection) == len(ids)
+        assert not owes_merges(connection)
+    assert {memory.id for memory, _ in search(db, scope("alice"), "topic3", 100)} == set(ids[3::7])
