@@ -14,10 +14,11 @@ the vectors it keeps of the written memories (real embeddings, where the
 prefill's are random) would be every query's nearest neighbours, each
 skipped at a cost (a search by meaning at 16 clients took 23 ms of the
 guardian's CPU at 1k, against 4.6 at 1 client, when it came after the
-1-client writes). At the end of a size it checks that the audit trail holds one allow row
-per acknowledged store and batch. A measurement whose calls failed (e.g. a
-gateway deadline) is followed by a wait until the guardian is idle again, so
-the work its clients gave up on does not land on the next measurement.
+1-client writes). At the end of a size it checks that the audit trail holds
+one allow row per acknowledged store and batch. A measurement whose calls
+failed (e.g. a gateway deadline) is followed by a wait until the guardian is
+idle again, so the work its clients gave up on does not land on the next
+measurement.
 
 Every process is stopped by its PID when its size ends, whatever happens.
 """
@@ -167,7 +168,7 @@ class _SizeRun:
 async def _measure_floor(
     run: _SizeRun, name: str, transport: str, calls: Sequence[AsyncCall], server_pids: list[int]
 ) -> Floor:
-    """Time a floor's calls (and its server's CPU), and add it to the report; measured once a pass of the size."""
+    """Time a floor's calls (and its server's CPU) and add it to the report, once a size (the writes reuse it)."""
     key = (name, transport, len(calls))
     if key in run.floors:
         return run.floors[key]
