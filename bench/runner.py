@@ -168,13 +168,11 @@ class _SizeRun:
 async def _measure_floor(
     run: _SizeRun, name: str, transport: str, calls: Sequence[AsyncCall], server_pids: list[int]
 ) -> Floor:
-    """Time a floor's calls (and its server's CPU) and add it to the report, once a size (the writes reuse it)."""
-    key = (name, transport, len(calls))
-    if key in run.floors:
-        return run.floors[key]
+    """Time a floor's calls (and its server's CPU) and add it to the report, for the writes pass to reuse."""
     meter = CpuMeter({"server": server_pids})
     measurement = await measure(calls, run.options.budget, meter)
-    floor = run.floors[key] = Floor(name, transport, run.size, measurement, meter.per_op_ms(measurement.ops))
+    floor = Floor(name, transport, run.size, measurement, meter.per_op_ms(measurement.ops))
+    run.floors[name, transport, len(calls)] = floor
     run.report.floors.append(floor)
     return floor
 
@@ -297,8 +295,10 @@ def _grpc_noop(run: _SizeRun) -> tuple[Spawned, Path]:
 async def _grpc_transport(run: _SizeRun) -> None:
     noop, noop_socket = _grpc_noop(run)
     for count in run.options.clients:
-        async with grpc_noop_calls(noop_socket, count) as calls:
-            floor = await _measure_floor(run, "grpc-noop", "grpc", calls, [noop.pid])
+        floor = run.floors.get(("grpc-noop", "grpc", count))
+        if floor is None:  # the reads pass: measure it
+            async with grpc_noop_calls(noop_socket, count) as calls:
+                floor = await _measure_floor(run, "grpc-noop", "grpc", calls, [noop.pid])
         acks = Acks()
         async with grpc_agent_clients(run.guardian.agent_socket, run.token, count, run.corpus, acks) as clients:
             await _measure_operations(run, "grpc", clients, acks, floor, gateway_pids=[])
@@ -327,11 +327,15 @@ def _peak_of_pid_files(files: Sequence[Path]) -> int:
 async def _stdio_transport(run: _SizeRun) -> None:
     grpc_noop, grpc_socket = _grpc_noop(run)
     for count in run.options.clients:
-        noop_pids = _pid_files(run, "noop-stdio", count)
-        openers = [stdio_opener("noop", pid, run.root / "noop-stdio.log", socket_path=grpc_socket) for pid in noop_pids]
-        async with mcp_clients(openers) as sessions:
-            calls = [mcp_noop_call(session) for session in sessions]
-            floor = await _measure_floor(run, MCP_FLOOR, "stdio", calls, [*_pids_in(noop_pids), grpc_noop.pid])
+        floor = run.floors.get((MCP_FLOOR, "stdio", count))
+        if floor is None:  # the reads pass: measure it
+            noop_pids = _pid_files(run, "noop-stdio", count)
+            openers = [
+                stdio_opener("noop", pid, run.root / "noop-stdio.log", socket_path=grpc_socket) for pid in noop_pids
+            ]
+            async with mcp_clients(openers) as sessions:
+                calls = [mcp_noop_call(session) for session in sessions]
+                floor = await _measure_floor(run, MCP_FLOOR, "stdio", calls, [*_pids_in(noop_pids), grpc_noop.pid])
         gateway_pids = _pid_files(run, "gateway-stdio", count)
         openers = [
             stdio_opener(
@@ -374,9 +378,11 @@ async def _http_transport(run: _SizeRun) -> None:
         _http_server(run, "gateway-http", gateway_argv) as (gateway, gateway_url),
     ):
         for count in run.options.clients:
-            async with mcp_clients([http_client_opener(noop_url)] * count) as sessions:
-                calls = [mcp_noop_call(session) for session in sessions]
-                floor = await _measure_floor(run, MCP_FLOOR, "http", calls, [noop.pid, grpc_noop.pid])
+            floor = run.floors.get((MCP_FLOOR, "http", count))
+            if floor is None:  # the reads pass: measure it
+                async with mcp_clients([http_client_opener(noop_url)] * count) as sessions:
+                    calls = [mcp_noop_call(session) for session in sessions]
+                    floor = await _measure_floor(run, MCP_FLOOR, "http", calls, [noop.pid, grpc_noop.pid])
             acks = Acks()
             async with mcp_clients([http_client_opener(gateway_url, run.token)] * count) as sessions:
                 clients = [McpAgentClient(s, run.corpus, acks) for s in sessions]
