@@ -66,11 +66,15 @@ def _transports(text: str) -> tuple[str, ...]:
 
 _EPILOG: Final = """\
 floors (beside every figure, measured in the same run, same client code and concurrency):
-  grpc-noop      a no-op unary call on a Unix socket, the guardian's server settings (grpc figures)
+  grpc-noop      a no-op unary call on a Unix socket, grpcio's synchronous server (grpc figures)
+  grpc-aio-noop  the same no-op in the guardian's server model (grpc.aio, stream-unary, a worker hop):
+                 divides no figure, bounds them
   mcp+grpc-noop  an MCP tool on the same SDK and transport that makes one no-op gRPC call over a
                  Unix socket to another process (stdio and http figures)
   sqlcipher-*    the operation's bare SQL on a SQLCipher table of the same size (db ratio)
   ratio = figure ops/s / floor ops/s; CPU ms per call of each process is in the table and the JSON.
+  A target may print "at best X here": the best its figure could be on this stack, from the floors
+  of the same run (which ones, it says); "out of reach" when X itself misses the target.
 
 output: the table and the targets (issues 5, 15, 19) on stdout, progress on stderr, every figure in the JSON.
 exit status: 0 every call succeeded and every check held; 1 otherwise (e.g. calls past a deadline);

@@ -7,12 +7,21 @@ Every figure names the floor it is divided by, measured in the same run:
   this design imposes; same client code and number of clients (for ``stdio`` and
   ``http`` figures);
 - ``grpc-noop``: the no-op unary call on the same kind of socket, same client
-  library and number of clients (for ``grpc`` figures);
+  library and number of clients, served by grpcio's synchronous server, the
+  cheapest a Python process has (for ``grpc`` figures);
+- ``grpc-aio-noop``: the same no-op in the guardian's own server model
+  (bench/noop_grpc.py); no figure is divided by it, it bounds them;
 - ``sqlcipher-*``: the bare SQLCipher statement of the operation on a table of
   the same size, one caller (beside every figure, as a second ratio).
 
 ratio = figure ops/s / floor ops/s: 1.0 would mean the operation costs nothing
 beyond its floor.
+
+Some targets also get a *bound* from the same run's floors: the best figure
+anything built on this stack could reach here (e.g. the guardian's CPU per store
+is at least what grpcio's cheapest server spends on a call plus what the bare
+durable insert costs). A target past its bound cannot be met on this stack;
+the bound says which floors it adds up.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,7 +43,24 @@ from typing import Any, Final
 
 from bench.load import Measurement
 
-__all__ = ["Figure", "Floor", "Report", "Target", "evaluate_targets", "measure_and_print"]
+__all__ = [
+    "GRPC_FLOOR",
+    "GRPC_MODEL_FLOOR",
+    "MCP_FLOOR",
+    "Figure",
+    "Floor",
+    "Report",
+    "Target",
+    "evaluate_targets",
+    "measure_and_print",
+]
+
+#: The gRPC figures' floor: a no-op on grpcio's synchronous server (bench/noop_grpc.py, model sync).
+GRPC_FLOOR: Final = "grpc-noop"
+#: The same no-op in the guardian's server model (bench/noop_grpc.py, model guardian).
+GRPC_MODEL_FLOOR: Final = "grpc-aio-noop"
+#: The stdio and HTTP figures' floor: an MCP no-op tool that makes one no-op gRPC call (bench/noop_server.py).
+MCP_FLOOR: Final = "mcp+grpc-noop"
 
 ONE_K: Final = 1_000
 HUNDRED_K: Final = 100_000
@@ -132,6 +158,16 @@ class Target:
     comparison: str
     met: bool | None
     detail: str
+    #: The best value this run's floors allow on this stack (None: no bound), and the floors it adds up.
+    bound: float | None = None
+    bound_detail: str = ""
+
+    @property
+    def out_of_reach(self) -> bool:
+        """Whether the bound itself misses the threshold: no code on this stack could meet it here."""
+        if self.bound is None:
+            return False
+        return self.bound < self.threshold if self.comparison == ">=" else self.bound > self.threshold
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -142,6 +178,9 @@ class Target:
             "threshold": self.threshold,
             "met": self.met,
             "detail": self.detail,
+            "bound": _rounded(self.bound),
+            "bound_detail": self.bound_detail,
+            "out_of_reach": self.out_of_reach,
         }
 
 
@@ -187,6 +226,13 @@ class Report:
                 return figure
         return None
 
+    def floor(self, name: str, transport: str, clients: int, size: int) -> Floor | None:
+        """The floor measured for these, if any."""
+        for floor in self.floors:
+            if (floor.name, floor.transport, floor.measurement.clients, floor.size) == (name, transport, clients, size):
+                return floor
+        return None
+
     def to_json(self, targets: list[Target]) -> dict[str, Any]:
         """The whole run, JSON-ready."""
         return {
@@ -219,7 +265,7 @@ class Report:
         head = (
             f"{'operation':<12} {'transport':<9} {'clients':>7} {'size':>8} {'ops/s':>9} {'p50 ms':>8} "
             f"{'p99 ms':>8} {'floor':<9} {'floor/s':>9} {'ratio':>6} {'db floor':<22} {'db/s':>9} {'db ratio':>8} "
-            f"{'cpu ms/op guardian/gateway/client'}"
+            f"{'cpu ms/op guardian/embedder/gateway/client'}"
         )
         lines = [head, "-" * len(head)]
         for figure in sorted(self.figures, key=_figure_order):
@@ -228,7 +274,7 @@ class Report:
                 f"{figure.operation:<12} {figure.transport:<9} {m.clients:>7} {figure.size:>8} {m.ops_per_s:>9.1f} "
                 f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {_floor_name(figure.floor):<9} {_floor_rate(figure.floor):>9} "
                 f"{_fmt(figure.ratio):>6} {_floor_name(figure.db_floor):<22} {_floor_rate(figure.db_floor):>9} "
-                f"{_fmt(figure.db_ratio):>8} {_cpu(figure.cpu_ms_per_op, ('guardian', 'gateway', 'client'))}"
+                f"{_fmt(figure.db_ratio):>8} {_cpu(figure.cpu_ms_per_op, _PROCESSES)}"
                 + (f"  ({m.errors} errors)" if m.errors else "")
             )
         lines += ["", "floors (same run):", f"{'floor':<26} {'transport':<9} {'clients':>7} {'size':>8} "
@@ -245,6 +291,10 @@ class Report:
             parts = ", ".join(f"{name} {kib / 1000 * 1.024:.1f} MB" for name, kib in entry["kib"].items() if kib)
             lines.append(f"  size {entry['size']}: {parts}")
         return "\n".join(lines)
+
+
+#: The processes whose CPU a figure's table row shows, in its order.
+_PROCESSES: Final = ("guardian", "embedder", "gateway", "client")
 
 
 def _stage_lines(figures: list[Figure]) -> list[str]:
@@ -308,41 +358,39 @@ def evaluate_targets(report: Report) -> list[Target]:
     sizes = sorted({figure.size for figure in report.figures})
     for size in sizes:
         figure = report.figure("store", "stdio", 1, size)
-        targets.append(
-            _target(
-                f"store via gateway stdio, 1 client, at {size}: ratio to the MCP+gRPC no-op floor",
-                figure.ratio if figure else None,
-                ">=",
-                0.75,
-                "memory_store over stdio / no-op tool (one no-op gRPC call) over stdio, serial",
-            )
+        insert = report.floor("sqlcipher-insert", "sqlcipher", 1, size)
+        target = _target(
+            f"store via gateway stdio, 1 client, at {size}: ratio to the MCP+gRPC no-op floor",
+            figure.ratio if figure else None,
+            ">=",
+            0.75,
+            "memory_store over stdio / no-op tool (one no-op gRPC call) over stdio, serial",
         )
+        targets.append(_bounded(target, _serial_bound(figure, {"sqlcipher-insert": _cpu_of(insert, "client")})))
     for size, threshold in ((HUNDRED_K, 0.6), (ONE_M, 0.4)):
         for transport in ("stdio", "http"):
             for clients in sorted({f.measurement.clients for f in report.figures}) or [1]:
                 figure = report.figure("search", transport, clients, size)
-                targets.append(
-                    _target(
-                        f"search via gateway {transport}, {clients} client(s), at {size}: ratio to the MCP+gRPC"
-                        " no-op floor",
-                        figure.ratio if figure else None,
-                        ">=",
-                        threshold,
-                        f"memory_search over {transport} / no-op tool (one no-op gRPC call) over {transport}",
-                    )
+                target = _target(
+                    f"search via gateway {transport}, {clients} client(s), at {size}: ratio to the MCP+gRPC"
+                    " no-op floor",
+                    figure.ratio if figure else None,
+                    ">=",
+                    threshold,
+                    f"memory_search over {transport} / no-op tool (one no-op gRPC call) over {transport}",
                 )
+                targets.append(_bounded(target, _search_bound(figure)))
     for size, threshold in ((HUNDRED_K, 0.5), (ONE_M, 0.35)):  # issue 15: a search's cost bounded by k
         figure = report.figure("search_common", "stdio", 1, size)
-        targets.append(
-            _target(
-                f"search for words every memory holds, via gateway stdio, 1 client, at {size}: ratio to the MCP"
-                " no-op floor",
-                figure.ratio if figure else None,
-                ">=",
-                threshold,
-                "memory_search 'project memo' over stdio / no-op tool (one no-op gRPC call) over stdio, serial",
-            )
+        target = _target(
+            f"search for words every memory holds, via gateway stdio, 1 client, at {size}: ratio to the MCP"
+            " no-op floor",
+            figure.ratio if figure else None,
+            ">=",
+            threshold,
+            "memory_search 'project memo' over stdio / no-op tool (one no-op gRPC call) over stdio, serial",
         )
+        targets.append(_bounded(target, _search_bound(figure)))
     for size in sizes:
         figure = report.figure("store", "grpc", 16, size)
         check = next((c for c in report.checks if c["size"] == size), None)
@@ -359,7 +407,7 @@ def evaluate_targets(report: Report) -> list[Target]:
         )
         if target.met and not verified:
             target = Target(target.name, target.measured, target.threshold, ">=", False, detail)
-        targets.append(target)
+        targets.append(_bounded(target, _server_model_bound(report, 16, size)))
     for transport in ("grpc", "stdio", "http"):
         for clients in sorted({f.measurement.clients for f in report.figures}) or [1]:
             small = report.figure("store", transport, clients, ONE_K)
@@ -393,26 +441,24 @@ def evaluate_targets(report: Report) -> list[Target]:
 def _write_path_targets(report: Report) -> list[Target]:
     """Issue 19's: the guardian's CPU per store, stores at 16 clients, the store rate at 1M against 1k."""
     store = report.figure("store", "grpc", 1, HUNDRED_K)
-    targets = [
-        _target(
-            "guardian CPU per store at 100k, direct gRPC, 1 client (ms)",
-            store.cpu_ms_per_op.get("guardian") if store else None,
-            "<=",
-            0.5,
-            "the guardian process's CPU (all threads) over the timed stores, per store; filters on, as shipped",
-        )
-    ]
+    cpu = _target(
+        "guardian CPU per store at 100k, direct gRPC, 1 client (ms)",
+        store.cpu_ms_per_op.get("guardian") if store else None,
+        "<=",
+        0.5,
+        "the guardian process's CPU (all threads) over the timed stores, per store; filters on, as shipped",
+    )
+    targets = [_bounded(cpu, _store_cpu_bound(report, HUNDRED_K))]
     for size in sorted({figure.size for figure in report.figures}):
         figure = report.figure("store", "grpc", 16, size)
-        targets.append(
-            _target(
-                f"16 concurrent direct gRPC stores at {size}, durable and audited: ratio to the gRPC no-op floor at 16",
-                figure.ratio if figure else None,
-                ">=",
-                0.4,
-                "Store over the agent socket / gRPC no-op, 16 clients each (the audit check below covers them)",
-            )
+        target = _target(
+            f"16 concurrent direct gRPC stores at {size}, durable and audited: ratio to the gRPC no-op floor at 16",
+            figure.ratio if figure else None,
+            ">=",
+            0.4,
+            "Store over the agent socket / gRPC no-op, 16 clients each (the audit check below covers them)",
         )
+        targets.append(_bounded(target, _server_model_bound(report, 16, size)))
     small, large = report.figure("store", "grpc", 1, ONE_K), report.figure("store", "grpc", 1, ONE_M)
     targets.append(
         _target(
@@ -428,6 +474,65 @@ def _write_path_targets(report: Report) -> list[Target]:
     return targets
 
 
+# -- bounds: the best a target's figure could be on this stack, from the same run's floors ------------------
+
+Bound = tuple[float, str]
+
+
+def _bounded(target: Target, bound: Bound | None) -> Target:
+    return target if bound is None else replace(target, bound=bound[0], bound_detail=bound[1])
+
+
+def _cpu_of(floor: Floor | None, process: str) -> float | None:
+    return None if floor is None else floor.cpu_ms_per_op.get(process)
+
+
+def _store_cpu_bound(report: Report, size: int) -> Bound | None:
+    """A store's guardian CPU is at least a call on grpcio's cheapest server plus the bare durable insert."""
+    server = _cpu_of(report.floor(GRPC_FLOOR, "grpc", 1, size), "server")
+    insert = _cpu_of(report.floor("sqlcipher-insert", "sqlcipher", 1, size), "client")
+    if server is None or insert is None:
+        return None
+    return server + insert, (
+        f"{GRPC_FLOOR} server CPU {server:.3f} + sqlcipher-insert CPU {insert:.3f} ms: grpcio's cheapest server "
+        "doing nothing, then the memory and its search terms inserted and committed (no audit row, no HMAC)"
+    )
+
+
+def _server_model_bound(report: Report, clients: int, size: int) -> Bound | None:
+    """Calls at this concurrency go no faster than the guardian's server model doing nothing."""
+    model = report.floor(GRPC_MODEL_FLOOR, "grpc", clients, size)
+    ratio = _ratio(model.measurement, report.floor(GRPC_FLOOR, "grpc", clients, size)) if model else None
+    if ratio is None:
+        return None
+    return ratio, (
+        f"{GRPC_MODEL_FLOOR} / {GRPC_FLOOR} at {clients} clients: the guardian's server model doing nothing (the "
+        "model in which a call without a message is audited and a stalled stream holds no worker thread)"
+    )
+
+
+def _search_bound(figure: Figure | None) -> Bound | None:
+    """A search through the gateway also embeds its query, in the embedder, before it ranks anything. (Not the
+    bare SQL floor of its words' ranking: the guardian leaves out of the ranking words most memories hold, so its
+    lexical leg can cost less than that floor.)"""
+    if figure is None:
+        return None
+    return _serial_bound(figure, {"embedder": figure.cpu_ms_per_op.get("embedder")})
+
+
+def _serial_bound(figure: Figure | None, extra: dict[str, float | None]) -> Bound | None:
+    """One serial client: a call lasts at least the floor's call plus the extra CPU ms named, each spent on the
+    call's path, one after another."""
+    if figure is None or figure.floor is None or figure.measurement.clients != 1:
+        return None
+    if figure.floor.measurement.ops_per_s <= 0 or any(ms is None for ms in extra.values()):
+        return None
+    spent = {name: ms for name, ms in extra.items() if ms is not None}
+    floor_ms = 1000 / figure.floor.measurement.ops_per_s
+    parts = " + ".join(f"{name} {ms:.2f}" for name, ms in spent.items())
+    return floor_ms / (floor_ms + sum(spent.values())), f"{figure.floor.name} {floor_ms:.2f} ms a call + CPU ms {parts}"
+
+
 def render_targets(targets: list[Target]) -> str:
     """The targets as lines: met / NOT MET / not measured."""
     lines = ["targets (issues 5, 15, 19):"]
@@ -435,6 +540,9 @@ def render_targets(targets: list[Target]) -> str:
         state = "not measured" if target.met is None else ("met" if target.met else "NOT MET")
         measured = "-" if target.measured is None else f"{target.measured:.3f}"
         lines.append(f"  [{state:^12}] {target.name}: {measured} (needs {target.comparison} {target.threshold})")
+        if target.bound is not None:
+            reach = "out of reach on this stack" if target.out_of_reach else "within reach"
+            lines.append(f"  {'':14} at best {target.bound:.3f} here ({reach}): {target.bound_detail}")
     return "\n".join(lines)
 
 

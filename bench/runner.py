@@ -66,7 +66,7 @@ from bench.procs import (
     wait_for_socket,
     wait_idle,
 )
-from bench.report import Figure, Floor, Report
+from bench.report import GRPC_FLOOR, GRPC_MODEL_FLOOR, MCP_FLOOR, Figure, Floor, Report
 from bench.sqlfloor import FLOOR_OF, SqlFloor
 from bench.stage_profile import StageMeter
 from guardian.store import search_index
@@ -74,8 +74,6 @@ from guardian.store import search_index
 __all__ = ["AGENT", "log", "run_sizes"]
 
 AGENT: Final = "bench"
-#: The stdio and HTTP figures' floor: an MCP no-op tool that makes one no-op gRPC call (bench/noop_server.py).
-MCP_FLOOR: Final = "mcp+grpc-noop"
 #: The two passes over every transport and number of clients: the reads (which see exactly the prefilled
 #: memories), then the writes.
 _READS: Final = ("get", "search", "search_common", "list")
@@ -148,8 +146,8 @@ class _SizeRun:
     acks_total: Acks | None = None
     prefill_batches: int = 0
     gateway_peak_kib: dict[str, int] | None = None
-    #: The gRPC floor's server (_grpc_noop), once started.
-    grpc_noop: Spawned | None = None
+    #: The gRPC floors' servers (_grpc_noop) by model, once started.
+    grpc_noops: dict[str, Spawned] = field(default_factory=dict)
     #: The operations of the pass under way (_READS or _WRITES).
     operations: tuple[str, ...] = _READS
     #: The floors the reads pass measured, which the writes pass reuses: (name, transport, clients) -> floor.
@@ -188,10 +186,15 @@ async def _measure_operations(
 ) -> None:
     """The pass's operations; after writes, check and remove what they stored (acks counts them)."""
     guardian_pid = run.guardian.spawned.pid if run.guardian.spawned is not None else -1
+    processes = {"guardian": [guardian_pid]}
+    if run.guardian.embedder is not None:  # a search's query is embedded there, on the search's path
+        processes["embedder"] = [run.guardian.embedder.pid]
+    if gateway_pids:
+        processes["gateway"] = gateway_pids
     for operation in run.operations:
         rows = run.table_rows()
         calls: list[AsyncCall] = [getattr(client, operation) for client in clients]
-        meter = CpuMeter({"guardian": [guardian_pid], **({"gateway": gateway_pids} if gateway_pids else {})})
+        meter = CpuMeter(processes)
         stages = StageMeter(meter, run.guardian.ops_port) if run.options.profile else None
         measurement = await measure(calls, run.options.budget, stages or meter)
         stages_us = stages.per_call_us(_AUDIT_OPERATION[operation], measurement.ops) if stages else {}
@@ -281,24 +284,31 @@ def _audit_check(run: _SizeRun) -> dict[str, Any]:
     }
 
 
-def _grpc_noop(run: _SizeRun) -> tuple[Spawned, Path]:
-    """The gRPC floor's server (bench/noop_grpc.py) of this size's run, started at its first use: the gRPC
-    floor calls it, and so does the MCP floors' tool."""
-    if run.grpc_noop is None or not run.grpc_noop.alive():
-        socket_path = run.root / "noop.sock"
-        argv = [sys.executable, "-m", "bench.noop_grpc", "--socket", str(socket_path)]
-        run.grpc_noop = run.procs.add(spawn("grpc-noop", argv, run.root / "noop-grpc.log"))
-        wait_for_socket(run.grpc_noop, socket_path)
-    return run.grpc_noop, run.root / "noop.sock"
+def _grpc_noop(run: _SizeRun, model: str = "sync") -> tuple[Spawned, Path]:
+    """A gRPC floor's server (bench/noop_grpc.py) of this size's run, started at its first use. The sync one
+    is the gRPC figures' floor, and the MCP floors' tool calls it; the guardian model's is a reference."""
+    socket_path = run.root / f"noop-{model}.sock"
+    server = run.grpc_noops.get(model)
+    if server is None or not server.alive():
+        argv = [sys.executable, "-m", "bench.noop_grpc", "--socket", str(socket_path), "--model", model]
+        server = run.procs.add(spawn(f"grpc-noop-{model}", argv, run.root / f"noop-{model}.log"))
+        run.grpc_noops[model] = server
+        wait_for_socket(server, socket_path)
+    return server, socket_path
+
+
+async def _grpc_floor(run: _SizeRun, name: str, model: str, count: int) -> Floor:
+    noop, noop_socket = _grpc_noop(run, model)
+    async with grpc_noop_calls(noop_socket, count) as calls:
+        return await _measure_floor(run, name, "grpc", calls, [noop.pid])
 
 
 async def _grpc_transport(run: _SizeRun) -> None:
-    noop, noop_socket = _grpc_noop(run)
     for count in run.options.clients:
-        floor = run.floors.get(("grpc-noop", "grpc", count))
-        if floor is None:  # the reads pass: measure it
-            async with grpc_noop_calls(noop_socket, count) as calls:
-                floor = await _measure_floor(run, "grpc-noop", "grpc", calls, [noop.pid])
+        floor = run.floors.get((GRPC_FLOOR, "grpc", count))
+        if floor is None:  # the reads pass: measure it, and beside it the guardian's server model doing nothing
+            floor = await _grpc_floor(run, GRPC_FLOOR, "sync", count)
+            await _grpc_floor(run, GRPC_MODEL_FLOOR, "guardian", count)
         acks = Acks()
         async with grpc_agent_clients(run.guardian.agent_socket, run.token, count, run.corpus, acks) as clients:
             await _measure_operations(run, "grpc", clients, acks, floor, gateway_pids=[])

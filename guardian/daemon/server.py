@@ -53,7 +53,16 @@ from shared.errors import GuardianError, InternalError
 from shared.rpc.guardian.v1 import admin_pb2, agent_pb2
 from shared.unix_socket import remove_stale_socket
 
-__all__ = ["ARRIVAL_TIMEOUT_S", "MAX_REQUEST_BYTES", "TRANSPORT_LIMIT_BYTES", "GuardianServer"]
+__all__ = [
+    "ARRIVAL_TIMEOUT_S",
+    "MAX_CONCURRENT_RPCS",
+    "MAX_REQUEST_BYTES",
+    "SERVER_OPTIONS",
+    "TRANSPORT_LIMIT_BYTES",
+    "WORKERS",
+    "GuardianServer",
+    "arrived_request",
+]
 
 log = logging.getLogger("agent_guardian")
 
@@ -64,8 +73,17 @@ TRANSPORT_LIMIT_BYTES: Final = MAX_REQUEST_BYTES + 4 * 1024 * 1024
 #: How long a request's message may take to arrive once its call has begun.
 ARRIVAL_TIMEOUT_S: Final = 10.0
 HANDSHAKE_TIMEOUT_MS: Final = 10_000
+#: Each server's channel options.
+SERVER_OPTIONS: Final = (
+    ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES),
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_concurrent_streams", 128),
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+)
+#: Calls a server holds at once (each waiting for its message holds no thread).
+MAX_CONCURRENT_RPCS: Final = 4096
 #: Worker threads running the pipeline, per socket.
-_WORKERS: Final = {"agent": 8, "admin": 4}
+WORKERS: Final = {"agent": 8, "admin": 4}
 _START_TIMEOUT_S: Final = 30.0
 
 T = TypeVar("T")
@@ -95,7 +113,8 @@ async def _one_message(requests: AsyncIterator[bytes]) -> bytes | Malformed:
     return messages[0]
 
 
-async def _arrived(requests: AsyncIterator[bytes]) -> bytes | Malformed:
+async def arrived_request(requests: AsyncIterator[bytes]) -> bytes | Malformed:
+    """The call's one message, read within ARRIVAL_TIMEOUT_S, else Malformed saying what was wrong."""
     try:
         async with asyncio.timeout(ARRIVAL_TIMEOUT_S):  # no task of its own, unlike wait_for
             return await _one_message(requests)
@@ -144,7 +163,7 @@ class GuardianServer:
                 raise InternalError(f"the dispatch table of {socket.service_name} does not match the proto")
         self._pools = {
             kind: ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{kind}-worker")
-            for kind, workers in _WORKERS.items()
+            for kind, workers in WORKERS.items()
         }
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
@@ -177,15 +196,7 @@ class GuardianServer:
         try:
             for socket in self._sockets:
                 remove_stale_socket(socket.config.path, "guardian")
-                server = grpc.aio.server(
-                    options=[
-                        ("grpc.max_receive_message_length", TRANSPORT_LIMIT_BYTES),
-                        ("grpc.so_reuseport", 0),
-                        ("grpc.max_concurrent_streams", 128),
-                        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-                    ],
-                    maximum_concurrent_rpcs=4096,
-                )
+                server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
                 server.add_generic_rpc_handlers((self._service_handler(socket),))
                 health = health_aio.HealthServicer()
                 health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -218,7 +229,7 @@ class GuardianServer:
                 request_class: type[Message] = request_class,
                 response_class: type[Message] = response_class,
             ) -> Message:
-                arrived = await _arrived(requests)
+                arrived = await arrived_request(requests)
                 request = _parse(request_class, arrived)
                 data = arrived.data if isinstance(arrived, Malformed) else arrived
                 metadata = tuple(context.invocation_metadata() or ())
@@ -281,7 +292,7 @@ class _RefuseUnknown(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         method = str(handler_call_details.method)
 
         async def refuse(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            arrived = await _arrived(requests)
+            arrived = await arrived_request(requests)
             data = arrived.data if isinstance(arrived, Malformed) else arrived
             try:
                 await _in_pool(self._pool, functools.partial(self._pipeline.refuse_unknown, method, data[:4096]))

@@ -88,6 +88,7 @@ def test_quick_bench_writes_every_figure_and_leaves_nothing_running(tmp_path: Pa
     for size in sizes:
         for count in clients:
             assert ("grpc-noop", "grpc", count, size) in floors
+            assert ("grpc-aio-noop", "grpc", count, size) in floors
             assert ("mcp+grpc-noop", "stdio", count, size) in floors
             assert ("mcp+grpc-noop", "http", count, size) in floors
         for name in ("insert", "insert_batch", "get", "fts", "list"):
@@ -98,6 +99,12 @@ def test_quick_bench_writes_every_figure_and_leaves_nothing_running(tmp_path: Pa
     for entry in data["peak_rss"]:
         assert entry["kib"]["guardian"] > 0 and entry["kib"]["gateway_stdio"] > 0 and entry["kib"]["gateway_http"] > 0
     assert data["targets"] and all({"target", "measured", "threshold", "met"} <= set(t) for t in data["targets"])
+    # The stdio store's bound comes from this run's floors (MCP no-op, bare insert); the embedder's CPU is metered.
+    bounded = {t["target"].split(":")[0]: t for t in data["targets"] if t["bound"] is not None}
+    for size in sizes:
+        assert 0 < bounded[f"store via gateway stdio, 1 client, at {size}"]["bound"] <= 1
+    for entry in data["results"]:
+        assert {"guardian", "embedder", "client"} <= set(entry["cpu_ms_per_op"]), entry
 
 
 def test_a_short_soak_reports_memory_and_descriptors_and_leaves_nothing_running(tmp_path: Path) -> None:
