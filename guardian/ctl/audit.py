@@ -21,7 +21,9 @@ import argparse
 import datetime
 import json
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,18 +142,20 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
     if not args.follow:
         return 0
     after = rows[-1].seq if rows else response.head_seq
+    # Ctrl-C sets stop, which the call in progress looks at while it waits: a KeyboardInterrupt raised
+    # wherever the signal lands (inside gRPC's code, or a channel closing) could leave the process hanging.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
     try:
-        while True:
-            response = call(
-                args,
-                "QueryAudit",
-                _query(args, after_seq=after, limit=_PAGE, wait_ms=_FOLLOW_WAIT_MS, exclude_audit_reads=True),
-            )
-            if response.rows:
+        while not stop.is_set():
+            query = _query(args, after_seq=after, limit=_PAGE, wait_ms=_FOLLOW_WAIT_MS, exclude_audit_reads=True)
+            response = call(args, "QueryAudit", query, stop=stop)
+            if response is not None and response.rows:
                 _print_rows(list(response.rows), args.json)
                 after = response.rows[-1].seq
-    except KeyboardInterrupt:
-        return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
 
 
 def cmd_audit_query(args: argparse.Namespace) -> int:

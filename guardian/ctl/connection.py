@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ __all__ = ["DEFAULT_ADMIN_SOCKET", "Proposed", "admin_socket", "call", "call_sig
 
 DEFAULT_ADMIN_SOCKET = "/run/agent-guardian/admin.sock"
 _TIMEOUT_S = 15.0
+#: How often a call that may be stopped looks whether it should be.
+_STOP_POLL_S = 0.05
 _SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 
 
@@ -45,20 +48,43 @@ def admin_socket(args: argparse.Namespace) -> str:
     return os.environ.get("AGENT_GUARDIAN_ADMIN_SOCKET", DEFAULT_ADMIN_SOCKET)
 
 
-def call_signed(socket: str, signer: Signer, method: str, request: Message, timeout_s: float = _TIMEOUT_S) -> Any:
-    """Call one AdminService method on socket, signed by signer over the exact bytes sent; its response."""
+def call_signed(
+    socket: str,
+    signer: Signer,
+    method: str,
+    request: Message,
+    timeout_s: float = _TIMEOUT_S,
+    *,
+    stop: threading.Event | None = None,
+) -> Any:
+    """Call one AdminService method on socket, signed by signer over the exact bytes sent; its response.
+
+    With stop: the call is cancelled as soon as stop is set (e.g. by a SIGINT handler), and None is returned.
+    The wait for the answer then happens here, in Python, so a signal is handled at once and never lands
+    inside gRPC's own code.
+    """
     response_class = getattr(admin_pb2, _SERVICE.methods_by_name[method].output_type.name)
     path = f"/guardian.v1.AdminService/{method}"
     data = request.SerializeToString()
     with grpc.insecure_channel(f"unix:{socket}") as channel:
         send = channel.unary_unary(path, request_serializer=None, response_deserializer=response_class.FromString)
-        return send(data, timeout=timeout_s, metadata=signed_metadata(signer, path, data))
+        if stop is None:
+            return send(data, timeout=timeout_s, metadata=signed_metadata(signer, path, data))
+        answer = send.future(data, timeout=timeout_s, metadata=signed_metadata(signer, path, data))
+        while not answer.done():
+            if stop.wait(_STOP_POLL_S):
+                answer.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+                return None
+        return answer.result()
 
 
-def call(args: argparse.Namespace, method: str, request: Message) -> Any:
-    """Call one AdminService method as this command's admin; with --propose, raise Proposed instead."""
+def call(args: argparse.Namespace, method: str, request: Message, *, stop: threading.Event | None = None) -> Any:
+    """Call one AdminService method as this command's admin; with --propose, raise Proposed instead.
+
+    stop: as for call_signed (None returned when it was set before the answer came).
+    """
     signer = signer_for(args)
     if getattr(args, "propose", False):
         proposal = admin_pb2.ProposeRequest(method=method, request=request.SerializeToString())
         raise Proposed(call_signed(admin_socket(args), signer, "Propose", proposal))
-    return call_signed(admin_socket(args), signer, method, request)
+    return call_signed(admin_socket(args), signer, method, request, stop=stop)

@@ -308,10 +308,36 @@ def test_tail_follow_prints_new_rows_and_not_its_own_reads(busy: Guardian) -> No
         assert (seen["operation"], seen["object_id"]) == ("admin.agent.add", "followed")
     finally:
         follower.send_signal(signal.SIGINT)
-        follower.wait(timeout=10)
+        ended = follower.wait(timeout=10)
+    assert ended == 0, "Ctrl-C is how following ends: exit status 0"
     time.sleep(0.2)
     own_reads = [r for r in busy.audit_rows() if r["operation"] == "admin.audit.query" and r["seq"] > seen["seq"]]
     assert len(own_reads) <= 3, "following waits on the guardian instead of polling it"
+
+
+def test_ctrl_c_ends_following_at_once_while_it_waits_for_rows(busy: Guardian) -> None:
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "guardian.ctl.main", "--config", str(busy.config), "audit", "tail", "-n", "1", "-f"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        follower.stdout.readline()  # started, and now waiting on the guardian for the next rows (up to 5 s a call)
+        time.sleep(1.0)
+        follower.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        assert follower.wait(timeout=10) == 0
+        waited_s = time.monotonic() - sent
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    # Not the rest of the guardian's 5 s wait: the call in progress is cancelled (a generous bound for slow CI).
+    assert waited_s < 3.0, f"Ctrl-C took {waited_s:.1f} s to end following"
+    assert follower.stderr is not None and "Traceback" not in follower.stderr.read()
 
 
 def test_export_writes_every_row_as_json_lines_and_refuses_to_overwrite(busy: Guardian, tmp_path: Path) -> None:
