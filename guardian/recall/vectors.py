@@ -7,9 +7,10 @@ little-endian) followed by the dims int8 values.
 In memory (guardian/recall/index.py): 4 bits a dimension, ``c = round(v / t)``
 clipped to [-7, 7], with the step ``t`` set so that 7 steps span 2.5 standard
 deviations of the vector's values (the rare larger values are clipped). Two
-dimensions a byte: the first half of the dimensions in the high nibbles, the
-second half in the low ones, so a score is two products with the halves of the
-query and no interleaving. At a million 384-dimension vectors that is 192 MB
+dimensions a byte: the first half of the dimensions in the high nibbles (signed),
+the second half in the low ones (plus 8, so 1..15), so a byte read as int8 is
+``16 * high + low + 8``, and a score is two products of the bytes with the query,
+no interleaving (:func:`nibble_scores`). At a million 384-dimension vectors that is 192 MB
 where int8 would be 384. On the eval set of bench/recall_eval, hybrid recall@5
 on questions in other words is 0.835 with it, 0.839 with int8 (one question of
 230); scored alone, the three forms rank the same.
@@ -70,7 +71,7 @@ def to_nibbles(vector: Quantized) -> Nibbles:
         return np.zeros(half, dtype=np.int8), 0.0
     step = _NIBBLE_SPAN * spread / 7.0
     codes = np.clip(np.rint(floats / np.float32(step)), -7, 7).astype(np.int8)
-    packed: npt.NDArray[np.int8] = ((codes[:half] << 4) | (codes[half:] & 0x0F)).astype(np.int8)
+    packed: npt.NDArray[np.int8] = (codes[:half].astype(np.int16) * 16 + codes[half:] + 8).astype(np.int8)
     return packed, step
 
 
@@ -80,24 +81,28 @@ def nibble_values(packed: npt.NDArray[np.int8]) -> npt.NDArray[np.float32]:
 
 
 def _high(packed: npt.NDArray[np.int8]) -> npt.NDArray[np.int8]:
-    """The high nibbles, signed (an arithmetic shift)."""
+    """The high nibbles, signed: an arithmetic shift (the low nibble, 1..15, never carries into them)."""
     return packed >> 4
 
 
 def _low(packed: npt.NDArray[np.int8]) -> npt.NDArray[np.int8]:
-    """The low nibbles, sign-extended: ``(b & 15) ^ 8) - 8`` maps 0..7 to itself and 8..15 to -8..-1.
-
-    (numpy's left shift of int8 rows, the other way to write it, took three times as long.)
-    """
-    return ((packed & 0x0F) ^ 8) - 8
+    """The low nibbles, signed (stored plus 8)."""
+    return (packed & 0x0F) - 8
 
 
 def nibble_scores(
     packed: npt.NDArray[np.int8], steps: npt.NDArray[np.floating[Any]], query: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]:
-    """Each packed row's dot product with query (float32, whatever the steps' precision)."""
+    """Each packed row's dot product with query (float32, whatever the steps' precision).
+
+    With ``b = 16 * high + low + 8`` (the byte read as int8) and the query's halves ``qh`` and ``ql``:
+    ``high.qh + low.ql = b.ql + high.(qh - 16 ql) - 8 sum(ql)``. The bytes are unpacked by one shift and
+    two conversions, where the low nibbles alone took three operations more (16% of a scan's time).
+    """
     half = packed.shape[1]
-    high = _high(packed).astype(np.float32) @ query[:half]
-    low = _low(packed).astype(np.float32) @ query[half:]
-    scores: npt.NDArray[np.float32] = (high + low) * steps
+    low_query = query[half:]
+    high_query = query[:half] - np.float32(16) * low_query
+    offset = np.float32(8) * low_query.sum(dtype=np.float32)
+    products = packed.astype(np.float32) @ low_query + _high(packed).astype(np.float32) @ high_query
+    scores: npt.NDArray[np.float32] = (products - offset) * steps
     return scores

@@ -295,7 +295,8 @@ def test_a_list_is_scored_a_few_rows_at_a_time_as_in_one_product(monkeypatch: py
     query = _unit(1000)
     packed = np.concatenate(block.packed)[: block.size]
     steps = np.concatenate(block.steps)[: block.size]
-    np.testing.assert_allclose(block.scores(query), nibble_scores(packed, steps, query), rtol=1e-5, atol=1e-7)
+    # The same products summed in another order: float32 rounding apart (a cosine off by under 1e-6).
+    np.testing.assert_allclose(block.scores(query), nibble_scores(packed, steps, query), rtol=1e-5, atol=1e-6)
 
 
 def test_once_loaded_a_list_keeps_no_room_ahead_and_still_grows(monkeypatch: pytest.MonkeyPatch) -> None:
