@@ -68,9 +68,10 @@ def call_signed(
     data = request.SerializeToString()
     with grpc.insecure_channel(f"unix:{socket}") as channel:
         send = channel.unary_unary(path, request_serializer=None, response_deserializer=response_class.FromString)
+        metadata = signed_metadata(signer, path, data)
         if stop is None:
-            return send(data, timeout=timeout_s, metadata=signed_metadata(signer, path, data))
-        answer = send.future(data, timeout=timeout_s, metadata=signed_metadata(signer, path, data))
+            return send(data, timeout=timeout_s, metadata=metadata)
+        answer = send.future(data, timeout=timeout_s, metadata=metadata)
         while not answer.done():
             if stop.wait(_STOP_POLL_S):
                 answer.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
